@@ -1,0 +1,73 @@
+"""The RWKV world vocabulary: the original text file and llama.cpp's escaped GGUF form.
+
+Both describe the same 65529 byte strings (ids 1..65529); id 0 is end-of-text.
+GGUF files store each token as Python's ``bytes`` repr without the ``b'`` and
+closing quote; ``unescape_gguf_token`` undoes that exactly as llama.cpp does.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+from .errors import ModelFileError
+
+WORLD_VOCAB_SIZE = 65536  # 65529 tokens + id 0 + 6 padding ids
+
+
+def load_world_vocab(path: str | os.PathLike) -> dict[int, bytes]:
+    """Read ``rwkv_vocab_v20230424.txt``: lines ``<id> <python literal> <byte length>``."""
+    vocab: dict[int, bytes] = {}
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelFileError(path, f"cannot read vocabulary ({e})") from None
+    for n, line in enumerate(lines, 1):
+        try:
+            idx = int(line[: line.index(" ")])
+            literal = ast.literal_eval(line[line.index(" ") : line.rindex(" ")])
+            token = literal.encode("utf-8") if isinstance(literal, str) else bytes(literal)
+            if len(token) != int(line[line.rindex(" ") :]):
+                raise ValueError("byte length does not match")
+        except (ValueError, SyntaxError, TypeError) as e:
+            raise ModelFileError(path, f"line {n}: not a vocabulary entry ({e})") from None
+        vocab[idx] = token
+    return vocab
+
+
+def escape_gguf_token(token: bytes) -> str:
+    """llama.cpp's converter form: ``repr(token)`` without ``b'`` and the closing quote."""
+    return repr(token)[2:-1]
+
+
+def unescape_gguf_token(text: str) -> bytes:
+    """Inverse of ``escape_gguf_token`` (llama.cpp ``llama_unescape_rwkv_token``)."""
+    out = bytearray()
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n:
+            e = text[i + 1]
+            if e == "t":
+                out.append(9)
+            elif e == "n":
+                out.append(10)
+            elif e == "r":
+                out.append(13)
+            elif e == "x" and _is_hex(text[i + 2 : i + 4]):
+                out.append(int(text[i + 2 : i + 4], 16))
+                i += 4
+                continue
+            else:
+                out += e.encode("utf-8")
+            i += 2
+            continue
+        out += c.encode("utf-8")
+        i += 1
+    return bytes(out)
+
+
+def _is_hex(s: str) -> bool:
+    return len(s) == 2 and all(ch in "0123456789abcdefABCDEF" for ch in s)
