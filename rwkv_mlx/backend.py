@@ -1,0 +1,34 @@
+"""Which MLX backend arrays run on: Apple GPU (Metal), NVIDIA GPU (CUDA) or CPU."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def active_backend() -> str:
+    """'metal', 'cuda' or 'cpu', for the current default device."""
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def device_name() -> str:
+    """A human-readable name of the device computing now (for benchmark logs)."""
+    backend = active_backend()
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        name = info.get("device_name") or info.get("architecture")
+        if name and backend != "cpu":
+            return str(name)
+    except Exception:
+        pass
+    if backend == "cpu":
+        import platform
+
+        return f"CPU ({platform.processor() or platform.machine()})"
+    return backend.upper()

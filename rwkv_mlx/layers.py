@@ -1,0 +1,117 @@
+"""Matrix layers in the three forms a GGUF tensor can take in MLX.
+
+* ``dense``  -- a float array (float32/float16/bfloat16), for F32/F16/BF16 files
+  or block types dequantized at load time;
+* ``affine`` -- MLX affine quantization at group 32 (``mx.quantized_matmul``),
+  the exact image of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, IQ4_*;
+* ``ggml``   -- the GGUF blocks as stored (uint8), for block types MLX cannot
+  express (Q6_K, Q3_K, Q2_K, ...), multiplied by our own kernels on a GPU.
+
+Activations arrive in float32 and leave in float32; each layer casts to the
+dtype its weights need only for the product, so the residual stream, norms
+and the WKV state stay float32 everywhere (llama.cpp does the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import quants
+
+GROUP_SIZE = 32  # ggml sub-blocks are 32 (or 16) elements: only group 32 follows them
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How one matrix is stored: saved in config.json of converted models."""
+
+    kind: str  # "dense" | "affine" | "ggml"
+    dtype: str = "float32"  # dense: weight dtype; affine: scale/bias dtype
+    bits: int = 0  # affine code width
+    group_size: int = GROUP_SIZE
+    ggml_type: int = -1  # ggml: block type id (gguf.GGMLQuantizationType)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (0, -1)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WeightFormat":
+        return cls(**d)
+
+    @property
+    def mx_dtype(self) -> mx.Dtype:
+        return getattr(mx, self.dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W.T with W dense (out, in)."""
+
+    def __init__(self, in_dims: int, out_dims: int, fmt: WeightFormat):
+        super().__init__()
+        self.weight = mx.zeros((out_dims, in_dims), dtype=fmt.mx_dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self.weight
+        return (x.astype(w.dtype) @ w.T).astype(x.dtype)
+
+    def rows(self, ids: mx.array) -> mx.array:
+        """Rows of W (an embedding lookup), float32."""
+        return self.weight[ids].astype(mx.float32)
+
+
+class AffineLinear(nn.Module):
+    """y = x @ dequantize(W).T, W affine-quantized along its rows in groups of 32."""
+
+    def __init__(self, in_dims: int, out_dims: int, fmt: WeightFormat):
+        super().__init__()
+        self.group_size, self.bits = fmt.group_size, fmt.bits
+        self.weight = mx.zeros((out_dims, in_dims * fmt.bits // 32), dtype=mx.uint32)
+        self.scales = mx.zeros((out_dims, in_dims // fmt.group_size), dtype=fmt.mx_dtype)
+        self.biases = mx.zeros((out_dims, in_dims // fmt.group_size), dtype=fmt.mx_dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.quantized_matmul(
+            x.astype(self.scales.dtype), self.weight, self.scales, self.biases,
+            transpose=True, group_size=self.group_size, bits=self.bits,
+        )
+        return y.astype(x.dtype)
+
+    def rows(self, ids: mx.array) -> mx.array:
+        """Dequantized rows (an embedding lookup), float32."""
+        return mx.dequantize(
+            self.weight[ids], self.scales[ids], self.biases[ids],
+            group_size=self.group_size, bits=self.bits,
+        ).astype(mx.float32)
+
+
+class GGMLLinear(nn.Module):
+    """y = x @ W.T with W kept as GGUF blocks; custom kernel where one exists."""
+
+    def __init__(self, in_dims: int, out_dims: int, fmt: WeightFormat):
+        super().__init__()
+        block = quants.BLOCK_TYPES[fmt.ggml_type]
+        self.ggml_type = fmt.ggml_type
+        self.in_dims = in_dims
+        self.weight = mx.zeros((out_dims, in_dims // block.block_elems * block.block_bytes), dtype=mx.uint8)
+
+    def dequantized(self) -> mx.array:
+        return quants.dequantize(self.weight, self.ggml_type, xp=mx)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        from .kernels import ggml_matmul  # kernels pick a backend at call time
+
+        return ggml_matmul(x, self.weight, self.ggml_type, self.in_dims, fallback=self.dequantized)
+
+    def rows(self, ids: mx.array) -> mx.array:
+        return quants.dequantize(self.weight[ids], self.ggml_type, xp=mx)
+
+
+_LINEARS = {"dense": Linear, "affine": AffineLinear, "ggml": GGMLLinear}
+
+
+def make_linear(in_dims: int, out_dims: int, fmt: WeightFormat) -> nn.Module:
+    """The layer class for a storage format; all share ``__call__`` and ``rows``."""
+    return _LINEARS[fmt.kind](in_dims, out_dims, fmt)

@@ -1,0 +1,284 @@
+"""RWKV-7 ("x070") as mlx.nn modules: hyper-parameters, GGUF names, and the forward pass.
+
+The math follows ../shared/spec/rwkv7.md section 1; the sequence path (T tokens)
+and the one-token path are the same code with T = 1.  Module names follow
+BlinkDL's checkpoints (``blocks.N.att.key``), so state-tuning files and .pth
+weights map onto them directly; ``sanitize`` is the only place that knows
+llama.cpp's GGUF names.
+"""
+
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import ModelFileError
+from .layers import WeightFormat, make_linear
+from .state import State
+from .wkv import wkv7_sequential
+
+DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(z)): decays in (0.545, 1)
+GROUP_NORM_EPS = 64e-5  # head_size * 1e-5, hard-coded in every reference
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    ffn_dim: int
+    decay_rank: int
+    iclr_rank: int
+    value_rank: int
+    gate_rank: int
+    head_size: int = 64
+    norm_eps: float = 1e-5
+
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // self.head_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# The matrices stored as layers (quantizable); everything else is a small float array.
+MATRIX_MODULES = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+
+_GGUF_GLOBAL = {
+    "token_embd.weight": "emb.weight",
+    "token_embd_norm.weight": "ln0.weight",
+    "token_embd_norm.bias": "ln0.bias",
+    "output_norm.weight": "ln_out.weight",
+    "output_norm.bias": "ln_out.bias",
+    "output.weight": "head.weight",
+}
+_GGUF_BLOCK = {
+    "attn_norm.weight": "ln1.weight",
+    "attn_norm.bias": "ln1.bias",
+    "attn_norm_2.weight": "ln2.weight",
+    "attn_norm_2.bias": "ln2.bias",
+    "time_mix_lerp_fused.weight": "att.x_lerp",
+    "time_mix_receptance.weight": "att.receptance.weight",
+    "time_mix_key.weight": "att.key.weight",
+    "time_mix_value.weight": "att.value.weight",
+    "time_mix_output.weight": "att.output.weight",
+    "time_mix_ln.weight": "att.ln_x.weight",
+    "time_mix_ln.bias": "att.ln_x.bias",
+    "channel_mix_lerp_k.weight": "ffn.x_k",
+    "channel_mix_key.weight": "ffn.key.weight",
+    "channel_mix_value.weight": "ffn.value.weight",
+    **{f"time_mix_{p}.weight": f"att.{p}" for p in
+       ("w0", "w1", "w2", "a0", "a1", "a2", "v0", "v1", "v2", "g1", "g2", "k_k", "k_a", "r_k")},
+}
+
+
+_LAYER0_DUMMIES = {"time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight"}
+
+
+def gguf_to_module_name(name: str) -> str | None:
+    """Module path for a GGUF tensor name; None for tensors the model ignores."""
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_BLOCK:
+        layer, rest = int(parts[1]), parts[2]
+        if layer == 0 and rest in _LAYER0_DUMMIES:
+            return None  # layer 0's v0/v1/v2 are converter dummies (copies of a0/a1/a2)
+        return f"blocks.{layer}.{_GGUF_BLOCK[rest]}"
+    raise KeyError(name)
+
+
+def gguf_tensor_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor an rwkv7 GGUF must hold, with its numpy shape (reversed GGUF dims)."""
+    C, V, F = args.n_embd, args.vocab_size, args.ffn_dim
+    shapes = {
+        "token_embd.weight": (V, C), "output.weight": (V, C),
+        "token_embd_norm.weight": (C,), "token_embd_norm.bias": (C,),
+        "output_norm.weight": (C,), "output_norm.bias": (C,),
+    }
+    for i in range(args.n_layer):
+        dv = args.iclr_rank if i == 0 else args.value_rank
+        per_layer = {
+            "attn_norm.weight": (C,), "attn_norm.bias": (C,),
+            "attn_norm_2.weight": (C,), "attn_norm_2.bias": (C,),
+            "time_mix_lerp_fused.weight": (6, 1, 1, C),
+            "time_mix_w0.weight": (C,), "time_mix_w1.weight": (args.decay_rank, C), "time_mix_w2.weight": (C, args.decay_rank),
+            "time_mix_a0.weight": (C,), "time_mix_a1.weight": (args.iclr_rank, C), "time_mix_a2.weight": (C, args.iclr_rank),
+            "time_mix_v0.weight": (C,), "time_mix_v1.weight": (dv, C), "time_mix_v2.weight": (C, dv),
+            "time_mix_g1.weight": (args.gate_rank, C), "time_mix_g2.weight": (C, args.gate_rank),
+            "time_mix_k_k.weight": (C,), "time_mix_k_a.weight": (C,), "time_mix_r_k.weight": (C,),
+            "time_mix_receptance.weight": (C, C), "time_mix_key.weight": (C, C),
+            "time_mix_value.weight": (C, C), "time_mix_output.weight": (C, C),
+            "time_mix_ln.weight": (C,), "time_mix_ln.bias": (C,),
+            "channel_mix_lerp_k.weight": (C,), "channel_mix_key.weight": (F, C), "channel_mix_value.weight": (C, F),
+        }
+        shapes.update({f"blk.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+def _mm(x: mx.array, w: mx.array) -> mx.array:
+    """x @ w.T in w's dtype (LoRA matrices may be float16), result float32."""
+    return (x.astype(w.dtype) @ w.T).astype(mx.float32)
+
+
+def token_shift(x: mx.array, prev: mx.array) -> mx.array:
+    """The previous token's vector for each position; ``prev`` [B, C] precedes x[:, 0]."""
+    if x.shape[1] == 1:
+        return prev[:, None]
+    return mx.concatenate([prev[:, None], x[:, :-1]], axis=1)
+
+
+class TimeMix(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, formats: dict[str, WeightFormat], lora_dtype: mx.Dtype):
+        super().__init__()
+        C, H, N = args.n_embd, args.n_head, args.head_size
+        self.layer = layer
+        self.n_head, self.head_size = H, N
+
+        def vec():
+            return mx.zeros((C,))
+
+        def lora(rank):
+            return mx.zeros((rank, C), dtype=lora_dtype), mx.zeros((C, rank), dtype=lora_dtype)
+
+        self.x_lerp = mx.zeros((6, C))  # r, w, k, v, a, g
+        self.w0, self.a0, self.k_k, self.k_a, self.r_k = vec(), vec(), vec(), vec(), vec()
+        self.w1, self.w2 = mx.zeros((args.decay_rank, C)), mx.zeros((C, args.decay_rank))  # float32 in every file
+        self.a1, self.a2 = lora(args.iclr_rank)
+        if layer > 0:
+            self.v0 = vec()
+            self.v1, self.v2 = lora(args.value_rank)
+        self.g1, self.g2 = lora(args.gate_rank)
+        prefix = f"blocks.{layer}.att."
+        for name in ("receptance", "key", "value", "output"):
+            setattr(self, name, make_linear(C, C, formats[prefix + name]))
+        self.ln_x = nn.LayerNorm(C)  # only its weight/bias; the per-head norm is below
+
+    def __call__(self, xn, shift, wkv_state, v_first):
+        B, T, C = xn.shape
+        H, N = self.n_head, self.head_size
+        d = token_shift(xn, shift) - xn
+        xr, xw, xk, xv, xa, xg = (xn + d * self.x_lerp[i] for i in range(6))
+
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        log_w = -DECAY_SCALE * mx.sigmoid(self.w0 + _mm(mx.tanh(_mm(xw, self.w1)), self.w2))
+        iclr = mx.sigmoid(self.a0 + _mm(_mm(xa, self.a1), self.a2))
+        if self.layer == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * mx.sigmoid(self.v0 + _mm(_mm(xv, self.v1), self.v2))
+        g = _mm(mx.sigmoid(_mm(xg, self.g1)), self.g2)
+
+        heads = (B, T, H, N)
+        kk = (k * self.k_k).reshape(heads)
+        kk = kk / mx.maximum(mx.linalg.norm(kk, axis=-1, keepdims=True), 1e-12)
+        k = k * (1 + (iclr - 1) * self.k_a)
+
+        r4, k4, v4 = r.reshape(heads), k.reshape(heads), v.reshape(heads)
+        y, wkv_state = wkv7_sequential(
+            r4, log_w.reshape(heads), k4, v4, -kk, kk * iclr.reshape(heads), wkv_state)
+
+        y = mx.fast.layer_norm(y, None, None, GROUP_NORM_EPS).reshape(B, T, C)
+        y = y * self.ln_x.weight + self.ln_x.bias
+        bonus = (r4 * k4 * self.r_k.reshape(H, N)).sum(axis=-1, keepdims=True) * v4
+        y = y + bonus.reshape(B, T, C)
+        return self.output(y * g), wkv_state, v_first
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, formats: dict[str, WeightFormat]):
+        super().__init__()
+        C, F = args.n_embd, args.ffn_dim
+        self.x_k = mx.zeros((C,))
+        self.key = make_linear(C, F, formats[f"blocks.{layer}.ffn.key"])
+        self.value = make_linear(F, C, formats[f"blocks.{layer}.ffn.value"])
+
+    def __call__(self, xf, shift):
+        xk = xf + (token_shift(xf, shift) - xf) * self.x_k
+        return self.value(mx.square(nn.relu(self.key(xk))))
+
+
+class Block(nn.Module):
+    def __init__(self, args, layer, formats, lora_dtype):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(args.n_embd, eps=args.norm_eps)
+        self.ln2 = nn.LayerNorm(args.n_embd, eps=args.norm_eps)
+        self.att = TimeMix(args, layer, formats, lora_dtype)
+        self.ffn = ChannelMix(args, layer, formats)
+
+    def __call__(self, x, att_shift, ffn_shift, wkv_state, v_first):
+        xn = self.ln1(x)
+        dx, wkv_state, v_first = self.att(xn, att_shift, wkv_state, v_first)
+        x = x + dx
+        xf = self.ln2(x)
+        x = x + self.ffn(xf, ffn_shift)
+        return x, xn[:, -1], xf[:, -1], wkv_state, v_first
+
+
+def default_formats(args: ModelArgs, dtype: str = "float32") -> dict[str, WeightFormat]:
+    """Every matrix dense in ``dtype``: the layout of a freshly initialised model."""
+    dense = WeightFormat("dense", dtype)
+    names = ["emb", "head"] + [f"blocks.{i}.{m}" for i in range(args.n_layer) for m in MATRIX_MODULES]
+    return {n: dense for n in names}
+
+
+class Model(nn.Module):
+    """RWKV-7. ``model(tokens, state) -> (logits, state)``; state is never mutated in place."""
+
+    def __init__(self, args: ModelArgs, formats: dict[str, WeightFormat] | None = None,
+                 lora_dtype: mx.Dtype = mx.float32):
+        super().__init__()
+        formats = formats or default_formats(args)
+        self.args = args
+        self.emb = make_linear(args.n_embd, args.vocab_size, formats["emb"])
+        self.ln0 = nn.LayerNorm(args.n_embd, eps=args.norm_eps)
+        self.blocks = [Block(args, i, formats, lora_dtype) for i in range(args.n_layer)]
+        self.ln_out = nn.LayerNorm(args.n_embd, eps=args.norm_eps)
+        self.head = make_linear(args.n_embd, args.vocab_size, formats["head"])
+        self.formats = MappingProxyType(dict(formats))  # not a dict: kept out of the parameter tree
+        self.fingerprint = ""
+
+    def initial_state(self, batch_size: int = 1) -> State:
+        return State.zeros(self.args, batch_size)
+
+    def __call__(self, tokens: mx.array, state: State | None = None,
+                 logits: Literal["all", "last", "none"] = "all"):
+        """tokens: int array [B, T] (or [T]); returns (logits [B, T|1, V] float32 or None, new state)."""
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if state is None:
+            state = self.initial_state(tokens.shape[0])
+        x = self.ln0(self.emb.rows(tokens))
+        v_first = None
+        att_x, ffn_x, wkv = [], [], []
+        for i, block in enumerate(self.blocks):
+            x, a, f, s, v_first = block(x, state.att_x[i], state.ffn_x[i], state.wkv[i], v_first)
+            att_x.append(a)
+            ffn_x.append(f)
+            wkv.append(s)
+        new_state = State(att_x, ffn_x, wkv)
+        if logits == "none":
+            return None, new_state
+        if logits == "last":
+            x = x[:, -1:]
+        return self.head(self.ln_out(x)).astype(mx.float32), new_state
+
+
+def check_model_file_args(path, args: ModelArgs) -> None:
+    """Refuse shapes the math cannot run (caught before any tensor is read)."""
+    if args.head_size <= 0 or args.n_embd % args.head_size:
+        raise ModelFileError(path, f"embedding length {args.n_embd} is not a multiple of head size {args.head_size}")
+    for name in ("vocab_size", "n_embd", "n_layer", "ffn_dim", "decay_rank", "iclr_rank", "value_rank", "gate_rank"):
+        if getattr(args, name) <= 0:
+            raise ModelFileError(path, f"{name} must be positive, got {getattr(args, name)}")
