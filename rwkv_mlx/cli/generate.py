@@ -1,0 +1,98 @@
+"""``rwkv-mlx generate``: stream a completion or a chat answer to stdout, statistics to stderr."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app
+from ..chat import TURN_END, format_chat_prompt, unescape_cli_text
+from ..errors import InvalidArgumentError
+from ..sample import SamplingParams
+from .common import load_for_cli, print_table, select_device
+
+
+class ThinkOption(str, Enum):
+    off = "off"
+    think = "think"
+    fast = "fast"
+
+
+@app.command(help="Generate text from a prompt (or chat with --chat). With no --model, runs the bundled "
+                  "demo model: a 6-layer RWKV-7 trained here on Tiny Shakespeare (see README).")
+def generate(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="GGUF file or converted MLX directory; default: the bundled demo model."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' or omitted: read stdin). Escapes like \\n are processed unless --no-escape."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "--temp", help="Applied after top-p/top-k (RWKV semantics); 0 = greedy."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus cutoff (default 0.85, chat 0.3); 0 = greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help="Keep tokens with p >= min_p * p_max (0 = off)."),
+    presence_penalty: Optional[float] = typer.Option(None, "--presence-penalty", help="Subtracted once from every token already generated (default 0.2, chat 0.5)."),
+    frequency_penalty: Optional[float] = typer.Option(None, "--frequency-penalty", help="Subtracted per (decayed) occurrence (default 0.2, chat 0.5)."),
+    penalty_decay: Optional[float] = typer.Option(None, "--penalty-decay", help="Occurrence counts are multiplied by this each step (default 0.996)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed reproduces a run."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token, no penalties."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as 'User: ...\\n\\nAssistant:', stop at a blank line, ban end-of-text."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (chat mode)."),
+    think: ThinkOption = typer.Option(ThinkOption.off, "--think", help="Chat: 'think' opens a <think block, 'fast' an empty one."),
+    stop: List[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
+    escape: bool = typer.Option(True, "--escape/--no-escape", help="Process \\n, \\t, \\\\ in --prompt/--system/--stop."),
+    echo: bool = typer.Option(False, "--echo", help="Print the prompt before the output."),
+    device: str = typer.Option("auto", "--device", help="auto, gpu or cpu."),
+    scale_dtype: str = typer.Option("float32", "--scale-dtype", help="Affine scale dtype: float32 (exact) or float16 (1 bit/weight smaller)."),
+    stats: bool = typer.Option(True, "--stats/--no-stats", help="Print load time, speeds and peak memory to stderr."),
+) -> None:
+    select_device(device)
+    if prompt is None or prompt == "-":
+        prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    elif escape:
+        prompt = unescape_cli_text(prompt)
+    if escape:
+        system = unescape_cli_text(system) if system else system
+        stop = [unescape_cli_text(s) for s in stop]
+    if not prompt:
+        raise InvalidArgumentError("no prompt: pass --prompt TEXT or pipe text on stdin")
+
+    if chat:
+        sampling = SamplingParams.chat()
+        prompt = format_chat_prompt(prompt, system=system, think=think.value)
+        stop = [*stop, TURN_END]
+    else:
+        sampling = SamplingParams()
+        if system:
+            raise InvalidArgumentError("--system needs --chat")
+    if greedy:
+        sampling = SamplingParams.greedy(banned_tokens=sampling.banned_tokens)
+    knobs = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
+                 frequency_penalty=frequency_penalty, penalty_decay=penalty_decay, seed=seed)
+    sampling = sampling.replace(**{k: v for k, v in knobs.items() if v is not None}).validate()
+
+    loaded, tokenizer, info = load_for_cli(model, scale_dtype=scale_dtype, quiet=not stats)
+    from ..generate import stream_generate
+    from ..progress import Progress
+
+    prompt_ids = tokenizer.encode(prompt)
+    bar = Progress("prefill", len(prompt_ids), " tok", enabled=stats and len(prompt_ids) > 2048)
+    if echo:
+        sys.stdout.write(prompt)
+    last = None
+    for last in stream_generate(loaded, tokenizer, prompt_ids, max_tokens=max_tokens, sampling=sampling, stop=stop,
+                                prefill_progress=bar.update):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats and last is not None:
+        print_table([
+            ("model", info.path.name),
+            ("load", f"{info.seconds * 1000:.0f} ms"),
+            ("prefill", f"{last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s"),
+            ("generation", f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s ({last.finish_reason})"),
+            ("peak memory", f"{last.peak_memory_gb:.3f} GB"),
+            ("seed", str(sampling.seed) if sampling.seed is not None else "random"),
+        ], stream=sys.stderr)
