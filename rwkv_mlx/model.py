@@ -20,7 +20,7 @@ import mlx.nn as nn
 from .errors import ModelFileError
 from .layers import WeightFormat, make_linear
 from .state import State
-from .wkv import wkv7_sequential
+from .wkv import wkv7
 
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(z)): decays in (0.545, 1)
 GROUP_NORM_EPS = 64e-5  # head_size * 1e-5, hard-coded in every reference
@@ -186,8 +186,8 @@ class TimeMix(nn.Module):
         k = k * (1 + (iclr - 1) * self.k_a)
 
         r4, k4, v4 = r.reshape(heads), k.reshape(heads), v.reshape(heads)
-        y, wkv_state = wkv7_sequential(
-            r4, log_w.reshape(heads), k4, v4, -kk, kk * iclr.reshape(heads), wkv_state)
+        y, wkv_state = wkv7(r4, log_w.reshape(heads), k4, v4, -kk, kk * iclr.reshape(heads), wkv_state,
+                            differentiable=self.training)
 
         y = mx.fast.layer_norm(y, None, None, GROUP_NORM_EPS).reshape(B, T, C)
         y = y * self.ln_x.weight + self.ln_x.bias
@@ -248,6 +248,7 @@ class Model(nn.Module):
         self.head = make_linear(args.n_embd, args.vocab_size, formats["head"])
         self.formats = MappingProxyType(dict(formats))  # not a dict: kept out of the parameter tree
         self.fingerprint = ""
+        self.train(False)  # inference unless a trainer says otherwise
 
     def initial_state(self, batch_size: int = 1) -> State:
         return State.zeros(self.args, batch_size)

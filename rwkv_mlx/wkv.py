@@ -1,4 +1,4 @@
-"""The RWKV-7 WKV recurrence in plain MLX ops: the reference every kernel is tested against.
+"""The RWKV-7 WKV recurrence: the pure-MLX reference, and the one place that picks an implementation.
 
 Per head, with S[i, j] indexed (value i, key j) and vectors of length N:
 
@@ -7,7 +7,7 @@ Per head, with S[i, j] indexed (value i, key j) and vectors of length N:
     y    = S' @ r
 
 ``a = -kk`` and ``b = kk * iclr`` (spec 1.2).  The decay arrives in log form
-(``log_w = -e^-0.5 * sigmoid(z)`` in (-0.6065, 0)) and is exponentiated here in
+(``log_w = -e^-0.5 * sigmoid(z)`` in (-0.6065, 0)) and is exponentiated in
 float32, never stored rounded: fp16 cannot hold 0.9999.
 """
 
@@ -30,3 +30,11 @@ def wkv7_sequential(r, log_w, k, v, a, b, state):
         y, state = wkv7_step(r[:, t], log_w[:, t], k[:, t], v[:, t], a[:, t], b[:, t], state)
         ys.append(y)
     return mx.stack(ys, axis=1), state
+
+
+def wkv7(r, log_w, k, v, a, b, state, *, differentiable: bool = False):
+    """The WKV recurrence by the best implementation for this backend and length.
+
+    ``differentiable`` asks for a path MLX can take gradients through (training).
+    """
+    return wkv7_sequential(r, log_w, k, v, a, b, state)

@@ -28,7 +28,17 @@ def _root() -> None:
     """RWKV-7 world models on MLX: generate, convert, benchmark."""
 
 
-from . import generate as _generate  # noqa: E402,F401  (registers its command)
+def _register_commands() -> None:
+    """Each module of this package defines its sub-command(s) with ``@app.command``."""
+    import importlib
+    import pkgutil
+
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        if module != "common":
+            importlib.import_module(f"{__name__}.{module}")
+
+
+_register_commands()
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import mlx.core as mx
 from ..errors import InvalidArgumentError, ModelFileError
 from ..progress import Progress
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "rwkv7-demo-shakespeare-Q8_0.gguf"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "rwkv7-demo-shakespeare.gguf"
 
 
 def select_device(device: str) -> None:
