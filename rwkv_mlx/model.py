@@ -9,7 +9,6 @@ llama.cpp's GGUF names.
 
 from __future__ import annotations
 
-import math
 from types import MappingProxyType
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
@@ -20,10 +19,8 @@ import mlx.nn as nn
 from .errors import ModelFileError
 from .layers import WeightFormat, make_linear
 from .state import State
-from .wkv import wkv7
+from .wkv import time_mix_core
 
-DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(z)): decays in (0.545, 1)
-GROUP_NORM_EPS = 64e-5  # head_size * 1e-5, hard-coded in every reference
 
 
 @dataclass
@@ -142,9 +139,9 @@ def token_shift(x: mx.array, prev: mx.array) -> mx.array:
 class TimeMix(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, formats: dict[str, WeightFormat], lora_dtype: mx.Dtype):
         super().__init__()
-        C, H, N = args.n_embd, args.n_head, args.head_size
+        C, N = args.n_embd, args.head_size
         self.layer = layer
-        self.n_head, self.head_size = H, N
+        self.head_size = N
 
         def vec():
             return mx.zeros((C,))
@@ -163,37 +160,24 @@ class TimeMix(nn.Module):
         prefix = f"blocks.{layer}.att."
         for name in ("receptance", "key", "value", "output"):
             setattr(self, name, make_linear(C, C, formats[prefix + name]))
-        self.ln_x = nn.LayerNorm(C)  # only its weight/bias; the per-head norm is below
+        self.ln_x = nn.LayerNorm(C)  # its weight/bias scale the per-head GroupNorm in time_mix_core
 
     def __call__(self, xn, shift, wkv_state, v_first):
-        B, T, C = xn.shape
-        H, N = self.n_head, self.head_size
         d = token_shift(xn, shift) - xn
         xr, xw, xk, xv, xa, xg = (xn + d * self.x_lerp[i] for i in range(6))
 
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
-        log_w = -DECAY_SCALE * mx.sigmoid(self.w0 + _mm(mx.tanh(_mm(xw, self.w1)), self.w2))
-        iclr = mx.sigmoid(self.a0 + _mm(_mm(xa, self.a1), self.a2))
         if self.layer == 0:
             v_first = v
         else:
             v = v + (v_first - v) * mx.sigmoid(self.v0 + _mm(_mm(xv, self.v1), self.v2))
+        w_raw = self.w0 + _mm(mx.tanh(_mm(xw, self.w1)), self.w2)  # decay, before sigmoid
+        a_raw = self.a0 + _mm(_mm(xa, self.a1), self.a2)  # in-context learning rate, before sigmoid
         g = _mm(mx.sigmoid(_mm(xg, self.g1)), self.g2)
-
-        heads = (B, T, H, N)
-        kk = (k * self.k_k).reshape(heads)
-        kk = kk / mx.maximum(mx.linalg.norm(kk, axis=-1, keepdims=True), 1e-12)
-        k = k * (1 + (iclr - 1) * self.k_a)
-
-        r4, k4, v4 = r.reshape(heads), k.reshape(heads), v.reshape(heads)
-        y, wkv_state = wkv7(r4, log_w.reshape(heads), k4, v4, -kk, kk * iclr.reshape(heads), wkv_state,
-                            differentiable=self.training)
-
-        y = mx.fast.layer_norm(y, None, None, GROUP_NORM_EPS).reshape(B, T, C)
-        y = y * self.ln_x.weight + self.ln_x.bias
-        bonus = (r4 * k4 * self.r_k.reshape(H, N)).sum(axis=-1, keepdims=True) * v4
-        y = y + bonus.reshape(B, T, C)
-        return self.output(y * g), wkv_state, v_first
+        y, wkv_state = time_mix_core(
+            r, k, v, w_raw, a_raw, g, self.k_k, self.k_a, self.r_k, self.ln_x.weight, self.ln_x.bias,
+            wkv_state, self.head_size, differentiable=self.training)
+        return self.output(y), wkv_state, v_first
 
 
 class ChannelMix(nn.Module):
