@@ -19,6 +19,7 @@ import mlx.nn as nn
 from .errors import ModelFileError
 from .layers import WeightFormat, make_linear
 from .state import State
+from .kernels import fused_block_step, fused_head
 from .wkv import time_mix_core
 
 
@@ -202,6 +203,10 @@ class Block(nn.Module):
         self.ffn = ChannelMix(args, layer, formats)
 
     def __call__(self, x, att_shift, ffn_shift, wkv_state, v_first):
+        if x.shape[1] == 1 and not self.training:
+            fused = fused_block_step(self, x, att_shift, ffn_shift, wkv_state, v_first)
+            if fused is not None:
+                return fused
         xn = self.ln1(x)
         dx, wkv_state, v_first = self.att(xn, att_shift, wkv_state, v_first)
         x = x + dx
@@ -235,7 +240,7 @@ class Model(nn.Module):
         self.train(False)  # inference unless a trainer says otherwise
 
     def initial_state(self, batch_size: int = 1) -> State:
-        return State.zeros(self.args, batch_size)
+        return State.zeros(self.args, batch_size).owned_by(self)
 
     def __call__(self, tokens: mx.array, state: State | None = None,
                  logits: Literal["all", "last", "none"] = "all"):
@@ -252,12 +257,15 @@ class Model(nn.Module):
             att_x.append(a)
             ffn_x.append(f)
             wkv.append(s)
-        new_state = State(att_x, ffn_x, wkv)
+        new_state = State(att_x, ffn_x, wkv, state.model_id)
         if logits == "none":
             return None, new_state
         if logits == "last":
             x = x[:, -1:]
-        return self.head(self.ln_out(x)).astype(mx.float32), new_state
+        out = fused_head(self.ln_out, self.head, x) if x.shape[1] == 1 else None
+        if out is None:
+            out = self.head(self.ln_out(x))
+        return out.astype(mx.float32), new_state
 
 
 def check_model_file_args(path, args: ModelArgs) -> None:

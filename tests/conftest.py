@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+os.environ.setdefault("MLX_ENABLE_TF32", "0")  # full float32 matmuls on GPUs, before MLX starts
+
 import numpy as np
 import pytest
 

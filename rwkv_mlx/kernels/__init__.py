@@ -48,8 +48,12 @@ def ggml_matmul(x: mx.array, blocks: mx.array, ggml_type: int, in_dims: int,
     return (x.astype(mx.float32) @ w.T).astype(x.dtype)
 
 
-def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, head_size: int):
-    """The fused WKV-7 kernel (see custom_kernels/wkv7.kern), or None where it does not run."""
+def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, head_size: int,
+                   v_first=None, v_raw=None):
+    """The fused WKV-7 kernel (custom_kernels/wkv7.kern), or None where it does not run.
+
+    With ``v_first`` and ``v_raw`` the value-residual mix happens inside the kernel.
+    """
     backend = kernel_backend()
     if backend is None or head_size % 32:
         return None
@@ -57,13 +61,38 @@ def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, h
 
     B, T, C = r.shape
     N, H = head_size, C // head_size
-    f32 = [x.astype(mx.float32) for x in (r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state)]
+    mix = v_first is not None
+    if not mix:
+        v_first = v_raw = v
+    inputs = [a.astype(mx.float32) for a in (r, k, v, v_first, v_raw, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state)]
     y, state_out, _ = build("wkv7", backend)(
-        inputs=f32,
-        template=[("H", H), ("N", N)],
+        inputs=inputs,
+        template=[("H", H), ("N", N), ("MIX_V", int(mix))],
         grid=(B * H * 4 * N, 1, 1),
         threadgroup=(4 * N, 1, 1),
         output_shapes=[(B, T, C), (B, H, N, N), (B * H * T * 6 * N,)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
     )
     return y, state_out
+
+
+def fused_block_step(block, x, att_shift, ffn_shift, wkv_state, v_first):
+    """One token through ``block`` by the decode kernels (kernels/decode.py), or None."""
+    backend = kernel_backend()
+    if backend is None:
+        return None
+    from .decode import block_step
+
+    return block_step(block, x, att_shift, ffn_shift, wkv_state, v_first, backend)
+
+
+def fused_head(ln_out, head, x):
+    """logits = head(LayerNorm(x)) for one token in one launch, or None."""
+    backend = kernel_backend()
+    if backend is None:
+        return None
+    from .matvec import Segment, matvec
+
+    B, _, C = x.shape
+    out = matvec(x.reshape(B, C), [Segment(head, mode=-1)], prologue=1, ln=ln_out, eps=ln_out.eps, backend=backend)
+    return None if out is None else out[0].reshape(B, 1, -1)

@@ -187,8 +187,12 @@ class Rendered:
     template: tuple[str, ...]
 
 
-def render(src: KernelSource | str, backend: str) -> Rendered:
-    """The (header, body) MLX needs for ``backend``, includes resolved in order."""
+def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = ()) -> Rendered:
+    """The (header, body) MLX needs for ``backend``, includes resolved in order.
+
+    ``defines`` become ``#define NAME 1`` lines ahead of the header: a variant of
+    one source (a weight format, say) without a second copy of the text.
+    """
     if isinstance(src, str):
         src = load_kern(src)
     if backend not in BACKENDS:
@@ -202,18 +206,21 @@ def render(src: KernelSource | str, backend: str) -> Rendered:
                 seen.append(inc)
 
     collect(src)
-    header = _PRELUDES[backend] + "\n".join(substitute(load_kern(i).header, backend) for i in seen)
+    header = "".join(f"#define {d} 1\n" for d in defines) + _PRELUDES[backend]
+    header += "\n".join(substitute(load_kern(i).header, backend) for i in seen)
     header += "\n" + substitute(src.header, backend)
-    return Rendered(src.name, backend, header, substitute(src.body, backend),
+    name = "_".join([src.name, *(d.lower() for d in defines)])
+    return Rendered(name, backend, header, substitute(src.body, backend),
                     tuple(src.inputs), tuple(src.outputs), tuple(src.template))
 
 
 @functools.lru_cache(maxsize=None)
-def build(name: str, backend: str):
-    """The MLX kernel object for a .kern file (compiled lazily by MLX at first call)."""
+def build(name: str, backend: str, defines: tuple[str, ...] = ()):
+    """The MLX kernel object for a .kern file and variant (compiled lazily by MLX at first call)."""
     import mlx.core as mx
 
-    r = render(name, backend)
+    r = render(name, backend, defines)
     make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    # The name keys MLX's cache of compiled kernels, so each variant gets its own.
     return make(name=f"rwkv_{r.name}", input_names=list(r.inputs), output_names=list(r.outputs),
                 source=r.body, header=r.header)
