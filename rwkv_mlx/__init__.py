@@ -2,14 +2,25 @@
 
     model, tokenizer = rwkv_mlx.load("rwkv7-g1b-2.9b-Q4_K_M.gguf")
     print(rwkv_mlx.generate(model, tokenizer, "User: hi\\n\\nAssistant:", max_tokens=64))
+    system = rwkv_mlx.cache_prompt(model, tokenizer, "System: be brief.\\n\\n")  # read once (docs/api.md)
+    print(rwkv_mlx.generate(model, tokenizer, "User: hi\\n\\nAssistant:", state=system, max_tokens=64))
 """
 
+import os as _os
+
+# MLX's CUDA backend runs float32 matmuls in TF32 (about 1e-3 relative error per product)
+# unless told otherwise. rwkv-mlx promises float32 where it says float32; set
+# MLX_ENABLE_TF32=1 yourself to trade that for speed.
+_os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
 from .errors import InvalidArgumentError, ModelFileError, RwkvMlxError, UnsupportedModelError
-from .generate import GenerationResponse, generate, prefill, stream_generate
+from .chat import ChatSession
+from .generate import (GenerationResponse, batch_generate, cache_prompt, generate, prefill, stream_batch_generate,
+                       stream_generate)
 from .loader import load
 from .model import Model, ModelArgs
-from .sample import Sampler, SamplingParams
-from .state import State
+from .sample import Sampler, SamplingParams, make_logits_processors, make_sampler
+from .state import ModelIdentity, State
 from .tokenizer import Tokenizer
 from .weights import LoadOptions
 
@@ -17,6 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load", "generate", "stream_generate", "prefill", "GenerationResponse",
-    "Model", "ModelArgs", "State", "Tokenizer", "Sampler", "SamplingParams", "LoadOptions",
+    "cache_prompt", "batch_generate", "stream_batch_generate", "ChatSession",
+    "Model", "ModelArgs", "State", "ModelIdentity", "Tokenizer",
+    "Sampler", "SamplingParams", "make_sampler", "make_logits_processors", "LoadOptions",
     "RwkvMlxError", "ModelFileError", "UnsupportedModelError", "InvalidArgumentError",
 ]

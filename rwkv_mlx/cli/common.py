@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
 import mlx.core as mx
+import typer
 
 from ..errors import InvalidArgumentError, ModelFileError
 from ..progress import Progress
+from ..sample import SamplingParams
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "rwkv7-demo-shakespeare.gguf"
 
@@ -57,3 +60,32 @@ def print_table(rows: Sequence[tuple[str, str]], stream=None, header: tuple[str,
     for a, b in rows:
         stream.write(f"| {a:<{w0}} | {b:<{w1}} |\n")
     stream.flush()
+
+
+class ThinkOption(str, Enum):
+    off = "off"
+    think = "think"
+    fast = "fast"
+
+
+# --- options shared by generate and chat --------------------------------------------------
+
+MODEL_OPTION = typer.Option(None, "--model", "-m", help="GGUF file or converted MLX directory; default: the bundled demo model.")
+TEMPERATURE_OPTION = typer.Option(None, "--temperature", "--temp", help="Applied after top-p/top-k (RWKV semantics); 0 = greedy.")
+TOP_P_OPTION = typer.Option(None, "--top-p", help="Nucleus cutoff (default 0.85, chat 0.3); 0 = greedy.")
+TOP_K_OPTION = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off).")
+MIN_P_OPTION = typer.Option(None, "--min-p", help="Keep tokens with p >= min_p * p_max (0 = off).")
+PRESENCE_OPTION = typer.Option(None, "--presence-penalty", help="Subtracted once from every token already generated (default 0.2, chat 0.5).")
+FREQUENCY_OPTION = typer.Option(None, "--frequency-penalty", help="Subtracted per (decayed) occurrence (default 0.2, chat 0.5).")
+DECAY_OPTION = typer.Option(None, "--penalty-decay", help="Occurrence counts are multiplied by this each step (default 0.996).")
+SEED_OPTION = typer.Option(None, "--seed", help="Random seed; the same seed reproduces a run.")
+GREEDY_OPTION = typer.Option(False, "--greedy", help="Always take the most likely token, no penalties.")
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto, gpu or cpu.")
+SCALE_DTYPE_OPTION = typer.Option("float32", "--scale-dtype", help="Affine scale dtype: float32 (exact) or float16 (1 bit/weight smaller).")
+
+
+def sampling_from_options(base: SamplingParams, *, greedy: bool = False, **knobs) -> SamplingParams:
+    """``base`` (or greedy decoding, keeping its bans) with the knobs the user gave (None = not given)."""
+    if greedy:
+        base = SamplingParams.greedy(banned_tokens=base.banned_tokens)
+    return base.replace(**{k: v for k, v in knobs.items() if v is not None}).validate()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,38 +12,36 @@ from . import app
 from ..chat import TURN_END, format_chat_prompt, unescape_cli_text
 from ..errors import InvalidArgumentError
 from ..sample import SamplingParams
-from .common import load_for_cli, print_table, select_device
-
-
-class ThinkOption(str, Enum):
-    off = "off"
-    think = "think"
-    fast = "fast"
+from .common import (
+    DECAY_OPTION, DEVICE_OPTION, FREQUENCY_OPTION, GREEDY_OPTION, MIN_P_OPTION, MODEL_OPTION, PRESENCE_OPTION,
+    SCALE_DTYPE_OPTION, SEED_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, ThinkOption, load_for_cli,
+    print_table, sampling_from_options, select_device,
+)
 
 
 @app.command(help="Generate text from a prompt (or chat with --chat). With no --model, runs the bundled "
                   "demo model: a 6-layer RWKV-7 trained here on Tiny Shakespeare (see README).")
 def generate(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="GGUF file or converted MLX directory; default: the bundled demo model."),
+    model: Optional[Path] = MODEL_OPTION,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' or omitted: read stdin). Escapes like \\n are processed unless --no-escape."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "--temp", help="Applied after top-p/top-k (RWKV semantics); 0 = greedy."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus cutoff (default 0.85, chat 0.3); 0 = greedy."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off)."),
-    min_p: Optional[float] = typer.Option(None, "--min-p", help="Keep tokens with p >= min_p * p_max (0 = off)."),
-    presence_penalty: Optional[float] = typer.Option(None, "--presence-penalty", help="Subtracted once from every token already generated (default 0.2, chat 0.5)."),
-    frequency_penalty: Optional[float] = typer.Option(None, "--frequency-penalty", help="Subtracted per (decayed) occurrence (default 0.2, chat 0.5)."),
-    penalty_decay: Optional[float] = typer.Option(None, "--penalty-decay", help="Occurrence counts are multiplied by this each step (default 0.996)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed reproduces a run."),
-    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token, no penalties."),
+    temperature: Optional[float] = TEMPERATURE_OPTION,
+    top_p: Optional[float] = TOP_P_OPTION,
+    top_k: Optional[int] = TOP_K_OPTION,
+    min_p: Optional[float] = MIN_P_OPTION,
+    presence_penalty: Optional[float] = PRESENCE_OPTION,
+    frequency_penalty: Optional[float] = FREQUENCY_OPTION,
+    penalty_decay: Optional[float] = DECAY_OPTION,
+    seed: Optional[int] = SEED_OPTION,
+    greedy: bool = GREEDY_OPTION,
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as 'User: ...\\n\\nAssistant:', stop at a blank line, ban end-of-text."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (chat mode)."),
     think: ThinkOption = typer.Option(ThinkOption.off, "--think", help="Chat: 'think' opens a <think block, 'fast' an empty one."),
     stop: List[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
     escape: bool = typer.Option(True, "--escape/--no-escape", help="Process \\n, \\t, \\\\ in --prompt/--system/--stop."),
     echo: bool = typer.Option(False, "--echo", help="Print the prompt before the output."),
-    device: str = typer.Option("auto", "--device", help="auto, gpu or cpu."),
-    scale_dtype: str = typer.Option("float32", "--scale-dtype", help="Affine scale dtype: float32 (exact) or float16 (1 bit/weight smaller)."),
+    device: str = DEVICE_OPTION,
+    scale_dtype: str = SCALE_DTYPE_OPTION,
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print load time, speeds and peak memory to stderr."),
 ) -> None:
     select_device(device)
@@ -66,11 +63,9 @@ def generate(
         sampling = SamplingParams()
         if system:
             raise InvalidArgumentError("--system needs --chat")
-    if greedy:
-        sampling = SamplingParams.greedy(banned_tokens=sampling.banned_tokens)
-    knobs = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
-                 frequency_penalty=frequency_penalty, penalty_decay=penalty_decay, seed=seed)
-    sampling = sampling.replace(**{k: v for k, v in knobs.items() if v is not None}).validate()
+    sampling = sampling_from_options(sampling, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
+                                     min_p=min_p, presence_penalty=presence_penalty,
+                                     frequency_penalty=frequency_penalty, penalty_decay=penalty_decay, seed=seed)
 
     loaded, tokenizer, info = load_for_cli(model, scale_dtype=scale_dtype, quiet=not stats)
     from ..generate import stream_generate

@@ -1,0 +1,192 @@
+"""Generation from cached states, the state after generation, streamed statistics, and batches.
+
+Judges: the float64 reference (greedy choices), direct model calls written out here
+(the state after prompt + generated tokens), and one-at-a-time generation for batches.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from test_state import TEXT, reference, split_at_turn, tiny_model, to_np
+
+import rwkv_mlx
+from rwkv_mlx import SamplingParams, State
+from rwkv_mlx.errors import InvalidArgumentError
+
+GREEDY = SamplingParams.greedy()
+
+
+def test_greedy_generation_follows_float64_reference():
+    model, tokenizer = tiny_model()
+    ids = tokenizer.encode(TEXT)
+    tokens = [r.token for r in rwkv_mlx.stream_generate(model, tokenizer, ids, max_tokens=12, sampling=GREEDY,
+                                                       stop_at_end_of_text=False)]
+    ref = reference()
+    logits, state = ref.run(ids)
+    logits = logits[-1]
+    for i, token in enumerate(tokens):
+        top2 = np.sort(logits)[-2:]
+        if top2[1] - top2[0] > 1e-3:
+            assert token == int(logits.argmax()), f"step {i}"
+        logits, state = ref.step(token, state)
+
+
+def test_generate_from_cached_prompt_equals_whole_prompt():
+    model, tokenizer = tiny_model()
+    prefix, rest = split_at_turn(tokenizer, TEXT)
+    whole = rwkv_mlx.generate(model, tokenizer, prefix + rest, max_tokens=16, sampling=GREEDY)
+    cached = rwkv_mlx.cache_prompt(model, tokenizer, prefix)
+    assert rwkv_mlx.generate(model, tokenizer, rest, state=cached, max_tokens=16, sampling=GREEDY) == whole
+    # the cached state is a value: using it twice gives the same answer
+    assert rwkv_mlx.generate(model, tokenizer, rest, state=cached, max_tokens=16, sampling=GREEDY) == whole
+    seeded = dict(max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    assert (rwkv_mlx.generate(model, tokenizer, rest, state=cached, **seeded)
+            == rwkv_mlx.generate(model, tokenizer, prefix + rest, **seeded))
+
+
+def _state_by_hand(model, ids: list[int]) -> State:
+    state = None
+    for t in ids:  # one token at a time: a different path from prefill's single call
+        _, state = model(mx.array([[t]]), state, logits="none")
+    return state
+
+
+@pytest.mark.parametrize("finish", ["length", "stop"])
+def test_returned_state_includes_every_generated_token(finish):
+    model, tokenizer = tiny_model()
+    ids = tokenizer.encode("User: tell me a story\n\nAssistant:")
+    first = list(rwkv_mlx.stream_generate(model, tokenizer, ids, max_tokens=10, sampling=GREEDY))
+    if finish == "stop":  # stop inside the run: the pipelined next step already read the last token
+        stop = [tokenizer.decode([first[4].token])]
+        assert stop[0], "need a token with text to stop on"
+    else:
+        stop = []
+    responses = list(rwkv_mlx.stream_generate(model, tokenizer, ids, max_tokens=10, sampling=GREEDY, stop=stop,
+                                              return_state=True))
+    last = responses[-1]
+    assert last.finish_reason == finish
+    assert len(responses) == 10 if finish == "length" else len(responses) <= 5
+    assert [r.token for r in responses] == [r.token for r in first[: len(responses)]]
+    assert all(r.state is None for r in responses[:-1])
+    generated = [r.token for r in responses]
+    want = _state_by_hand(model, ids + generated)
+    for a, b in zip(last.state.arrays(), want.arrays()):
+        assert np.abs(to_np(a) - to_np(b)).max() < 1e-4
+    assert last.state.model_id.fingerprint == model.fingerprint
+
+
+def test_stream_pieces_carry_tokens_logprobs_and_seed():
+    model, tokenizer = tiny_model()
+    ids = tokenizer.encode("ROMEO:")
+    pieces = list(rwkv_mlx.stream_generate(model, tokenizer, ids, max_tokens=6, sampling=SamplingParams(seed=123),
+                                           stop_at_end_of_text=False))
+    assert [p.generation_tokens for p in pieces] == list(range(1, 7))
+    assert all(p.seed == 123 and p.prompt_tokens == len(ids) for p in pieces)
+    assert "".join(p.text for p in pieces) == tokenizer.decode([p.token for p in pieces])
+    # log-probabilities under the raw softmax, recomputed from float64 logits
+    logits, state = reference().run(ids)
+    for p in pieces:
+        x = logits[-1]
+        logp = x - x.max() - np.log(np.exp(x - x.max()).sum())
+        assert abs(p.logprob - logp[p.token]) < 1e-3
+        logits, state = reference().step(p.token, state)
+        logits = logits[None]
+    # a random seed is reported, and reproduces the run
+    random = list(rwkv_mlx.stream_generate(model, tokenizer, ids, max_tokens=6, sampling=SamplingParams()))
+    again = rwkv_mlx.generate(model, tokenizer, ids, max_tokens=6, sampling=SamplingParams(seed=random[0].seed))
+    assert again == "".join(p.text for p in random)
+
+
+# --------------------------------------------------------------------------------------
+# batches
+
+
+PROMPTS = ["a", "User: what is the weather like today?\n\nAssistant:", "ROMEO: But soft"]
+
+
+def test_one_batched_step_equals_separate_steps():
+    model, tokenizer = tiny_model()
+    states = [rwkv_mlx.cache_prompt(model, tokenizer, p) for p in PROMPTS]
+    tokens = [17, 300, 4000]
+    logits, after = model(mx.array([[t] for t in tokens]), State.stack(states))
+    assert logits.shape == (3, 1, model.args.vocab_size)
+    for i, (t, s) in enumerate(zip(tokens, states)):
+        one, one_after = model(mx.array([[t]]), s)
+        assert np.abs(to_np(logits[i]) - to_np(one[0])).max() < 1e-5
+        for a, b in zip(after[i].arrays(), one_after.arrays()):
+            assert np.abs(to_np(a) - to_np(b)).max() < 1e-5
+
+
+def test_batch_equals_one_at_a_time():
+    """Different prompt lengths, sampling, limits and stop strings per row: token for token."""
+    model, tokenizer = tiny_model()
+    samplings = [GREEDY, SamplingParams(temperature=1.0, top_p=0.9, seed=5), GREEDY.replace(presence_penalty=0.5)]
+    limits = [9, 14, 5]
+    free_run = rwkv_mlx.generate(model, tokenizer, PROMPTS[1], sampling=samplings[1], max_tokens=14)
+    stops = [[], [free_run[3:6]], ["no such text"]]  # row 1 stops early, inside its own text
+
+    def alone(i):
+        return list(rwkv_mlx.stream_generate(model, tokenizer, PROMPTS[i], sampling=samplings[i],
+                                             max_tokens=limits[i], stop=stops[i]))
+
+    expected = [alone(i) for i in range(3)]
+    assert len(expected[1]) < 14 and expected[1][-1].finish_reason == "stop"
+    responses = list(rwkv_mlx.stream_batch_generate(model, tokenizer, PROMPTS, samplings=samplings,
+                                                    max_tokens=limits, stop=stops))
+    for i in range(3):
+        rows = [r for r in responses if r.row == i]
+        assert [r.token for r in rows] == [r.token for r in expected[i]]
+        assert [r.text for r in rows] == [r.text for r in expected[i]]
+        assert rows[-1].finish_reason == expected[i][-1].finish_reason
+        assert all(r.finish_reason is None for r in rows[:-1])
+        assert np.allclose([r.logprob for r in rows], [r.logprob for r in expected[i]], atol=1e-4)
+    assert rwkv_mlx.batch_generate(model, tokenizer, PROMPTS, samplings=samplings, max_tokens=limits,
+                                   stop=stops) == ["".join(r.text for r in e) for e in expected]
+
+
+def test_batch_returns_each_rows_state():
+    model, tokenizer = tiny_model()
+    limits = [3, 7, 7]  # row 0 ends while the batch goes on, rows 1 and 2 at the last step
+    responses = list(rwkv_mlx.stream_batch_generate(model, tokenizer, PROMPTS, samplings=GREEDY, max_tokens=limits,
+                                                    return_state=True))
+    for i, prompt in enumerate(PROMPTS):
+        rows = [r for r in responses if r.row == i]
+        assert len(rows) == limits[i] and rows[-1].state.batch_size == 1
+        want = _state_by_hand(model, tokenizer.encode(prompt) + [r.token for r in rows])
+        for a, b in zip(rows[-1].state.arrays(), want.arrays()):
+            assert np.abs(to_np(a) - to_np(b)).max() < 1e-4
+
+
+def test_batch_shares_a_sampler_for_equal_params_and_knobs_apply_to_all():
+    model, tokenizer = tiny_model()
+    greedy_alone = [rwkv_mlx.generate(model, tokenizer, p, sampling=GREEDY, max_tokens=6) for p in PROMPTS]
+    assert rwkv_mlx.batch_generate(model, tokenizer, PROMPTS, samplings=GREEDY, max_tokens=6) == greedy_alone
+    assert rwkv_mlx.batch_generate(model, tokenizer, PROMPTS, temperature=0, presence_penalty=0,
+                                   frequency_penalty=0, max_tokens=6) == greedy_alone
+    texts = rwkv_mlx.batch_generate(model, tokenizer, PROMPTS, max_tokens=4, stop_at_end_of_text=False)
+    assert len(texts) == 3
+
+
+def test_batch_from_cached_states():
+    model, tokenizer = tiny_model()
+    prefix, rest = split_at_turn(tokenizer, TEXT)
+    cached = rwkv_mlx.cache_prompt(model, tokenizer, prefix)
+    batched = rwkv_mlx.batch_generate(model, tokenizer, [rest, "ROMEO:"], states=[cached, None],
+                                      samplings=GREEDY, max_tokens=8)
+    assert batched == [rwkv_mlx.generate(model, tokenizer, prefix + rest, sampling=GREEDY, max_tokens=8),
+                       rwkv_mlx.generate(model, tokenizer, "ROMEO:", sampling=GREEDY, max_tokens=8)]
+
+
+def test_bad_batch_arguments():
+    model, tokenizer = tiny_model()
+    with pytest.raises(InvalidArgumentError, match="2 values for 3 prompts"):
+        rwkv_mlx.batch_generate(model, tokenizer, PROMPTS, max_tokens=[1, 2])
+    with pytest.raises(InvalidArgumentError, match="non-empty"):
+        rwkv_mlx.batch_generate(model, tokenizer, [])
+    with pytest.raises(InvalidArgumentError, match="max_tokens"):
+        rwkv_mlx.batch_generate(model, tokenizer, PROMPTS, max_tokens=0)
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        rwkv_mlx.batch_generate(model, tokenizer, ["a", ""])
