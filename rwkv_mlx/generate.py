@@ -339,8 +339,8 @@ def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], samplings:
     state = State.stack([r[1] for r in rows])
 
     def step(token, state):
-        logits, state = model(token[:, None], state, logits="last")
-        return (*sample(logits[:, -1]), state)
+        logits, state = model.step(token, state)
+        return (*sample(logits), state)
 
     token, logprob = sample(logits)
     mx.async_eval(token, logprob, *sample.state)

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from .errors import ModelFileError
 from .layers import WeightFormat, make_linear
 from .state import State
-from .kernels import fused_block_step, fused_head
+from .kernels import compiled_decode_step, fused_block_step, fused_head
 from .wkv import time_mix_core
 
 
@@ -241,6 +241,19 @@ class Model(nn.Module):
 
     def initial_state(self, batch_size: int = 1) -> State:
         return State.zeros(self.args, batch_size).owned_by(self)
+
+    def step(self, tokens: mx.array, state: State) -> tuple[mx.array, State]:
+        """One token per row (tokens [B]): (logits [B, V] float32, next state).
+
+        The decode loop's call: one compiled graph of fused kernels on GPUs,
+        ``self(tokens[:, None], state, logits="last")`` elsewhere.
+        """
+        compiled = compiled_decode_step(self, tokens.shape[0])
+        if compiled is None:
+            logits, state = self(tokens[:, None], state, logits="last")
+            return logits[:, -1], state
+        logits, *arrays = compiled(tokens, *state.arrays())
+        return logits, State.from_arrays(arrays, state.model_id)
 
     def __call__(self, tokens: mx.array, state: State | None = None,
                  logits: Literal["all", "last", "none"] = "all"):

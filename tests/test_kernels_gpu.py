@@ -76,15 +76,25 @@ def test_wkv7_kernel_state_carries_across_calls():
 
 
 def test_wkv7_kernel_mixes_value_inside():
+    """MIX_V: the kernel mixes v with v_first itself, reading r|k|v and w|a|v_raw|g packed per row."""
+    from rwkv_mlx.kernels.dialect import build
+
     rng = np.random.default_rng(11)
-    seq, chan, state = wkv_inputs(rng, 2, 1, 4)
-    v_first, v_raw = (mx.array(rng.standard_normal((2, 1, 256)).astype(np.float32)) for _ in range(2))
-    y, s = fused_time_mix(seq["r"], seq["k"], seq["v"], seq["w_raw"], seq["a_raw"], seq["g"], chan["k_k"],
-                          chan["k_a"], chan["r_k"], chan["ln_w"], chan["ln_b"], state, 64, v_first=v_first, v_raw=v_raw)
+    B, H, N = 2, 4, 64
+    C = H * N
+    seq, chan, state = wkv_inputs(rng, B, 1, H)
+    v_first, v_raw = (mx.array(rng.standard_normal((B, 1, C)).astype(np.float32)) for _ in range(2))
+    rkv = mx.concatenate([seq["r"], seq["k"], seq["v"]], axis=-1).reshape(B, 3 * C)
+    pre = mx.concatenate([seq["w_raw"], seq["a_raw"], v_raw, seq["g"]], axis=-1).reshape(B, 4 * C)
+    y, s, _ = build("wkv7", BACKEND)(
+        inputs=[rkv, pre, v_first.reshape(B, C), chan["k_k"], chan["k_a"], chan["r_k"], chan["ln_w"], chan["ln_b"],
+                state],
+        template=[("H", H), ("N", N), ("MIX_V", 1)], grid=(B * H * 4 * N, 1, 1), threadgroup=(4 * N, 1, 1),
+        output_shapes=[(B, C), (B, H, N, N), (B * H * 6 * N,)], output_dtypes=[mx.float32] * 3)
     mixed = dict(seq, v=seq["v"] + (v_first - seq["v"]) * mx.sigmoid(v_raw))
     with kernels_disabled():
         y_ref, s_ref = run_core(time_mix_core_reference, mixed, chan, state)
-    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    assert rel_err(y, y_ref.reshape(B, C)) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
 # ---- matvec: every weight format, prologue and epilogue ------------------------------------

@@ -48,11 +48,11 @@ def ggml_matmul(x: mx.array, blocks: mx.array, ggml_type: int, in_dims: int,
     return (x.astype(mx.float32) @ w.T).astype(x.dtype)
 
 
-def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, head_size: int,
-                   v_first=None, v_raw=None):
-    """The fused WKV-7 kernel (custom_kernels/wkv7.kern), or None where it does not run.
+def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, head_size: int):
+    """``wkv.time_mix_core_reference`` by the fused WKV-7 kernel (custom_kernels/wkv7.kern), or None.
 
-    With ``v_first`` and ``v_raw`` the value-residual mix happens inside the kernel.
+    Inputs [B, T, C]; the kernel reads them packed per token, as the decode
+    launches write them, so they are concatenated here (prefill only).
     """
     backend = kernel_backend()
     if backend is None or head_size % 32:
@@ -61,13 +61,13 @@ def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, h
 
     B, T, C = r.shape
     N, H = head_size, C // head_size
-    mix = v_first is not None
-    if not mix:
-        v_first = v_raw = v
-    inputs = [a.astype(mx.float32) for a in (r, k, v, v_first, v_raw, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state)]
+    rows = B * T
+    rkv = mx.concatenate([r, k, v], axis=-1).reshape(rows, 3 * C).astype(mx.float32)
+    pre = mx.concatenate([w_raw, a_raw, g], axis=-1).reshape(rows, 3 * C).astype(mx.float32)
+    channel = [a.astype(mx.float32) for a in (k_k, k_a, r_k, ln_w, ln_b)]
     y, state_out, _ = build("wkv7", backend)(
-        inputs=inputs,
-        template=[("H", H), ("N", N), ("MIX_V", int(mix))],
+        inputs=[rkv, pre, rkv, *channel, state.astype(mx.float32)],
+        template=[("H", H), ("N", N), ("MIX_V", 0)],
         grid=(B * H * 4 * N, 1, 1),
         threadgroup=(4 * N, 1, 1),
         output_shapes=[(B, T, C), (B, H, N, N), (B * H * T * 6 * N,)],
@@ -91,8 +91,38 @@ def fused_head(ln_out, head, x):
     backend = kernel_backend()
     if backend is None:
         return None
-    from .matvec import Segment, matvec
+    from .matvec import MatvecPlan, Segment
 
-    B, _, C = x.shape
-    out = matvec(x.reshape(B, C), [Segment(head, mode=-1)], prologue=1, ln=ln_out, eps=ln_out.eps, backend=backend)
-    return None if out is None else out[0].reshape(B, 1, -1)
+    B = x.shape[0]
+    plans = head.__dict__.setdefault("_head_plans", {})  # a cache, not a parameter
+    plan = plans.get(B)
+    if plan is None:
+        rows = head.weight.shape[0]
+        plan = plans[B] = MatvecPlan([Segment(head, mode=-1)], B, backend=backend, prologue=1, ln=ln_out,
+                                     out_shape=(B, 1, rows))
+    return plan(x)[0] if plan.ok else None
+
+
+def compiled_decode_step(model, batch: int):
+    """``(tokens [B], *state arrays) -> (logits [B, V], *state arrays)`` as one compiled graph, or None.
+
+    Replaying a compiled graph spares the host rebuilding ~250 launches per token
+    in Python. The launch plans hold evaluated constants, so they are built by an
+    eager warm-up call before tracing. The weights are captured: a model whose
+    weights change must drop ``model._compiled_steps``.
+    """
+    if kernel_backend() is None:
+        return None
+    cache = model.__dict__.setdefault("_compiled_steps", {})  # a cache, not a parameter
+    step = cache.get(batch)
+    if step is None:
+        from ..state import State
+
+        model(mx.zeros((batch, 1), dtype=mx.uint32), model.initial_state(batch), logits="last")
+
+        def one_token(tokens, *arrays):
+            logits, state = model(tokens[:, None], State.from_arrays(list(arrays)), logits="last")
+            return (logits[:, -1], *state.arrays())
+
+        step = cache[batch] = mx.compile(one_token)
+    return step

@@ -30,7 +30,8 @@ def _matvec(scales: str, defines: tuple[str, ...], **template) -> KernelInstance
 
 
 KERNEL_INSTANCES: list[KernelInstance] = [
-    KernelInstance("wkv7", ("float32",) * 14, ("float32",) * 3, {"H": 40, "N": 64, "MIX_V": 1}),
+    KernelInstance("wkv7", ("float32",) * 9, ("float32",) * 3, {"H": 40, "N": 64, "MIX_V": 1}),
+    KernelInstance("wkv7", ("float32",) * 9, ("float32",) * 3, {"H": 2, "N": 64, "MIX_V": 0}),
     _matvec("float32", ("FMT_DENSE",), PRO=1, RPW=1),
     _matvec("float32", ("FMT_DENSE",), PRO=0, EPI=2, NB=2),
     _matvec("float32", ("FMT_DENSE",), HAS_BIAS=1),

@@ -1,9 +1,13 @@
 """One-token matrix-vector products by the segmented kernel (custom_kernels/matvec.kern).
 
 A launch multiplies up to four weight matrices, each by its own input vector,
-with optional LayerNorm + token-shift prologue and relu^2 / residual epilogues.
-Layers of every storage form (rwkv_mlx/layers.py) take part: dense, affine
-(MLX's packed codes), and GGUF Q6_K blocks as stored.
+with an optional LayerNorm + token-shift prologue and relu^2 / residual
+epilogues. Layers of every storage form (rwkv_mlx/layers.py) take part:
+dense, affine (MLX's packed codes), and GGUF Q6_K blocks as stored.
+
+A ``MatvecPlan`` holds everything about a launch that does not change from
+token to token (weight byte views, the segment table, constants), built and
+evaluated once, so a decoded token adds the kernel call and nothing else.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ Q6_K = 14
 WARPS = 8
 SHARED_FLOATS = 11_900  # 48 KB of static shared memory, less the reduction scratch
 _DENSE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
+_DEFINES = {"dense": ("FMT_DENSE",), "affine": ("FMT_AFFINE",), "q6_k": ("FMT_Q6_K",)}
 
 
 @dataclass
@@ -27,25 +32,33 @@ class Segment:
 
     weight: nn.Module | mx.array
     x_offset: int = 0
-    mode: int = 0  # PRO 0: 1 tanh, 2 sigmoid on the input; PRO 1: lerp row (-1: none)
+    mode: int = 0  # prologue 0: 1 tanh, 2 sigmoid on the input; prologue 1: lerp row (-1: none)
 
-    def arrays(self):
-        """(bytes, scales, offsets) of the weight, plus its format key, rows and columns."""
-        w = self.weight
-        if isinstance(w, mx.array):
-            return w.view(mx.uint8), None, None, ("dense", 0), w.shape[0], w.shape[1], _DENSE_CODES[w.dtype]
-        if isinstance(w, AffineLinear):
-            rows, k = w.scales.shape[0], w.scales.shape[1] * w.group_size
-            if w.group_size != 32:
-                return None
-            return w.weight.view(mx.uint8), w.scales, w.biases, ("affine", w.bits), rows, k, 0
-        if isinstance(w, GGMLLinear):
-            if w.ggml_type != Q6_K:
-                return None
-            return w.weight.view(mx.uint8), None, None, ("q6_k", 0), w.weight.shape[0], w.in_dims, 0
-        if isinstance(w, Linear):
-            return self.__class__(w.weight, self.x_offset, self.mode).arrays()
-        return None
+
+@dataclass(frozen=True)
+class _Weights:
+    """A matrix as the kernel reads it."""
+
+    data: mx.array  # bytes
+    scales: mx.array | None
+    offsets: mx.array | None
+    fmt: tuple[str, int]  # (kind, bits)
+    rows: int
+    k: int
+    wtype: int
+
+
+def _weights(w) -> _Weights | None:
+    if isinstance(w, mx.array):
+        return _Weights(w.view(mx.uint8), None, None, ("dense", 0), w.shape[0], w.shape[1], _DENSE_CODES[w.dtype])
+    if isinstance(w, Linear):
+        return _weights(w.weight)
+    if isinstance(w, AffineLinear) and w.group_size == 32:
+        rows, k = w.scales.shape[0], w.scales.shape[1] * 32
+        return _Weights(w.weight.view(mx.uint8), w.scales, w.biases, ("affine", w.bits), rows, k, 0)
+    if isinstance(w, GGMLLinear) and w.ggml_type == Q6_K and w.in_dims % 256 == 0:
+        return _Weights(w.weight.view(mx.uint8), None, None, ("q6_k", 0), w.weight.shape[0], w.in_dims, 0)
+    return None
 
 
 def _rows_per_warp(segment_rows: list[int]) -> int | None:
@@ -56,66 +69,83 @@ def _rows_per_warp(segment_rows: list[int]) -> int | None:
     return None
 
 
-def matvec(x: mx.array, segments: list[Segment], *, prologue: int = 0, epilogue: int = 0,
-           bias: mx.array | None = None, residual: mx.array | None = None, prev: mx.array | None = None,
-           ln: nn.LayerNorm | None = None, mix: mx.array | None = None, eps: float = 1e-5,
-           backend: str = "cuda"):
-    """y [B, rows] = concat_s(W_s @ x_s) (+ bias, epilogue), or None if these weights don't fit the kernel.
+class MatvecPlan:
+    """y [B, rows] = concat_s(W_s @ x_s) (+ bias, epilogue) for a fixed batch size B.
 
-    prologue 1 normalizes x [B, K] with ``ln`` and lerps towards ``prev`` by ``mix[mode]``;
-    its second result is the normalized x (the next token-shift state).
+    prologue 1 normalizes x (K values per row) with ``ln`` and lerps towards
+    ``prev`` by ``mix[mode]``; the call then also returns the normalized x
+    (the next token-shift state). ``ok`` is False when these weights do not fit
+    the kernel; callers then use plain MLX ops.
     """
-    from .dialect import build
 
-    parts = [s.arrays() for s in segments]
-    if any(p is None for p in parts) or len({p[3] for p in parts}) != 1:
-        return None
-    kind, bits = parts[0][3]
-    B = x.shape[0]
-    rows = [p[4] for p in parts]
-    ks = [p[5] for p in parts]
-    rpw = _rows_per_warp(rows)
-    kmax = -(-max(ks) // 32) * 32
-    if rpw is None or any(k % 32 for k in ks) or B * kmax * 33 // 32 > SHARED_FLOATS:
-        return None
-    if kind == "q6_k" and any(k % 256 for k in ks):
-        return None
+    def __init__(self, segments: list[Segment], batch: int, *, backend: str, prologue: int = 0, epilogue: int = 0,
+                 bias: mx.array | None = None, ln: nn.LayerNorm | None = None, mix: mx.array | None = None,
+                 x_stride: int | None = None, out_shape: tuple[int, ...] | None = None):
+        weights = [_weights(s.weight) for s in segments]
+        self.ok = all(w is not None for w in weights) and len({w.fmt for w in weights}) == 1
+        if not self.ok:
+            return
+        rows, ks = [w.rows for w in weights], [w.k for w in weights]
+        rpw = _rows_per_warp(rows)
+        kmax = -(-max(ks) // 32) * 32
+        self.ok = rpw is not None and all(k % 32 == 0 for k in ks) and batch * kmax * 33 // 32 <= SHARED_FLOATS
+        if not self.ok:
+            return
+        from .dialect import build
 
-    starts, table = 0, []
-    for seg, p in zip(segments, parts):
-        table.append([starts, p[5], seg.x_offset, seg.mode, p[6]])
-        starts += p[4]
-    table.append([starts, 0, 0, 0, 0])
-    dummy = mx.zeros((1,), dtype=mx.float32)
-    scale_dtype = parts[0][1].dtype if parts[0][1] is not None else mx.float32
+        total = sum(rows)
+        x_stride = x_stride or ks[0]
+        table, start = [], 0
+        for seg, w in zip(segments, weights):
+            table.append([start, w.k, seg.x_offset, seg.mode, w.wtype])
+            start += w.rows
+        table.append([total, x_stride, 0, 0, 0])
+        kind, bits = weights[0].fmt
+        scale_dtype = weights[0].scales.dtype if weights[0].scales is not None else mx.float32
+        self.dummy = mx.zeros((1,), dtype=mx.float32)
+        dummy_scales = mx.zeros((1,), dtype=scale_dtype)
 
-    def four(i, fill):
-        vals = [p[i] if p[i] is not None else fill for p in parts]
-        return vals + [vals[-1]] * (4 - len(vals))
+        def four(values):
+            return values + [values[-1]] * (4 - len(values))
 
-    k_ln = x.shape[1]
-    inputs = [
-        x.astype(mx.float32),
-        (prev if prev is not None else dummy).astype(mx.float32),
-        ln.weight if ln is not None else dummy,
-        ln.bias if ln is not None else dummy,
-        (mix if mix is not None else dummy).astype(mx.float32),
-        mx.array([eps], dtype=mx.float32),
-        mx.array(table, dtype=mx.int32),
-        bias if bias is not None else dummy,
-        residual.astype(mx.float32) if residual is not None else dummy,
-        *four(0, None),
-        *four(1, dummy.astype(scale_dtype)),
-        *four(2, dummy.astype(scale_dtype)),
-    ]
-    defines = {"dense": ("FMT_DENSE",), "affine": ("FMT_AFFINE",), "q6_k": ("FMT_Q6_K",)}[kind]
-    y, xn = build("matvec", backend, defines)(
-        inputs=inputs,
-        template=[("NB", B), ("RPW", rpw), ("KMAX", kmax), ("PRO", prologue), ("EPI", epilogue),
-                  ("BITS", bits), ("HAS_BIAS", int(bias is not None))],
-        grid=(starts // rpw * 32, 1, 1),
-        threadgroup=(32 * WARPS, 1, 1),
-        output_shapes=[(B, starts), (B, k_ln) if prologue == 1 else (1,)],
-        output_dtypes=[mx.float32, mx.float32],
-    )
-    return (y, xn) if prologue == 1 else y
+        self.head = [
+            ln.weight if ln is not None else self.dummy,
+            ln.bias if ln is not None else self.dummy,
+            mix.astype(mx.float32) if mix is not None else self.dummy,
+            mx.array([ln.eps if ln is not None else 0.0], dtype=mx.float32),
+            mx.array(table, dtype=mx.int32),
+            bias.astype(mx.float32) if bias is not None else self.dummy,
+        ]
+        self.tail = (four([w.data for w in weights])
+                     + four([w.scales if w.scales is not None else dummy_scales for w in weights])
+                     + four([w.offsets if w.offsets is not None else dummy_scales for w in weights]))
+        mx.eval(*self.head, *self.tail)
+        self.kernel = build("matvec", backend, _DEFINES[kind])
+        self.template = [("NB", batch), ("RPW", rpw), ("KMAX", kmax), ("PRO", prologue), ("EPI", epilogue),
+                         ("BITS", bits), ("HAS_BIAS", int(bias is not None))]
+        self.grid = (total // rpw * 32, 1, 1)
+        self.prologue = prologue
+        self.out_shapes = [out_shape or (batch, total), (batch, ks[0]) if prologue == 1 else (1,)]
+
+    def __call__(self, x: mx.array, prev: mx.array | None = None, residual: mx.array | None = None):
+        y, xn = self.kernel(
+            inputs=[x, prev if prev is not None else self.dummy, *self.head[:5],
+                    self.head[5], residual if residual is not None else self.dummy, *self.tail],
+            template=self.template,
+            grid=self.grid,
+            threadgroup=(32 * WARPS, 1, 1),
+            output_shapes=self.out_shapes,
+            output_dtypes=[mx.float32, mx.float32],
+        )
+        return (y, xn) if self.prologue == 1 else y
+
+
+def matvec(x: mx.array, segments: list[Segment], *, backend: str, **options):
+    """A one-off launch (tests, experiments): plans and runs; None if the weights don't fit."""
+    prev, residual = options.pop("prev", None), options.pop("residual", None)
+    eps = options.pop("eps", None)
+    ln = options.get("ln")
+    if ln is not None and eps is not None and ln.eps != eps:
+        raise ValueError("eps comes from the LayerNorm")
+    plan = MatvecPlan(segments, x.shape[0], backend=backend, x_stride=x.shape[-1], **options)
+    return plan(x, prev, residual) if plan.ok else None

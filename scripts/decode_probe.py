@@ -1,0 +1,103 @@
+"""Quick decode probe: tok/s and graph primitives per decoded token, kernels on and off.
+
+    python scripts/decode_probe.py MODEL.gguf [--tokens 64] [--prompt 16]
+
+A development aid for kernel work; the numbers that count come from
+`rwkv-mlx benchmark`, which also checks the output tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import re
+import time
+
+import mlx.core as mx
+
+import rwkv_mlx
+from rwkv_mlx.kernels import kernels_disabled
+
+
+def primitives(outputs) -> collections.Counter:
+    """Operation nodes in the graph that computes ``outputs`` (MLX's DOT export)."""
+    f = io.StringIO()
+    mx.export_to_dot(f, *outputs)
+    return collections.Counter(re.findall(r'label ="([^"]+)", shape=rectangle', f.getvalue()))
+
+
+def decode(model, n_prompt: int, n_tokens: int):
+    tokens = mx.array([[(7 * i + 3) % model.args.vocab_size for i in range(n_prompt)]])
+    logits, state = model(tokens, logits="last")
+    mx.eval(logits, *state.arrays())
+    token = mx.argmax(logits[:, -1], axis=-1)
+    step_logits, step_state = model(token[:, None], state, logits="last")
+    ops = primitives([step_logits, *step_state.arrays()])
+    out = []
+    tic = time.perf_counter()
+    for _ in range(n_tokens):
+        logits, state = model.step(token, state)
+        token = mx.argmax(logits, axis=-1)
+        mx.async_eval(token, *state.arrays())
+        out.append(token)
+    mx.eval(out)
+    seconds = time.perf_counter() - tic
+    return [int(t.item()) for t in out], n_tokens / seconds, ops
+
+
+def launch_times(model, repeats: int = 50) -> None:
+    """Each decode launch of block 0 alone: microseconds per launch and the bandwidth it reaches."""
+    block = model.blocks[min(1, len(model.blocks) - 1)]
+    plan = getattr(block, "_decode_plans", {}).get(1)
+    if plan is None or not plan.ok:
+        print("no decode plan for block 1")
+        return
+    C = plan.C
+    x = mx.random.normal((1, 1, C))
+    shift = mx.random.normal((1, C))
+    hidden = mx.random.normal((1, block.ffn.key.weight.shape[0]))
+    rkv, _ = plan.rkv(x, shift)
+    down = plan.down(x, shift)[0]
+    mx.eval(x, shift, hidden, rkv, down)
+    cases = {"rkv": lambda: plan.rkv(x, shift)[0], "lora down": lambda: plan.down(x, shift)[0],
+             "lora up": lambda: plan.up(down), "out": lambda: plan.out(x[:, 0], residual=x),
+             "ffn key": lambda: plan.key(x, shift)[0], "ffn value": lambda: plan.value(hidden, residual=x)}
+    for name, fn in cases.items():
+        p = {"rkv": plan.rkv, "lora down": plan.down, "lora up": plan.up, "out": plan.out, "ffn key": plan.key,
+             "ffn value": plan.value}[name]
+        nbytes = sum({id(a): a.nbytes for a in p.tail if a.size > 1}.values())
+        mx.eval(fn())
+        tic = time.perf_counter()
+        mx.eval([fn() for _ in range(repeats)])
+        us = (time.perf_counter() - tic) / repeats * 1e6
+        print(f"  {name:10s} {us:8.1f} us  {nbytes / 1e6:7.2f} MB  {nbytes / us / 1e3:7.0f} GB/s")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--launches", action="store_true", help="time each decode launch of one block")
+    args = ap.parse_args()
+    t = time.perf_counter()
+    model, _ = rwkv_mlx.load(args.model)
+    print(f"load {time.perf_counter() - t:.2f} s  {args.model}")
+    decode(model, args.prompt, 4)  # compile kernels
+    toks, tps, ops = decode(model, args.prompt, args.tokens)
+    print(f"kernels : {tps:8.1f} tok/s  primitives/token {sum(ops.values())}  first tokens {toks[:8]}")
+    print("   ", dict(ops.most_common(12)))
+    if args.launches:
+        launch_times(model)
+    if not args.no_reference:
+        with kernels_disabled():
+            decode(model, args.prompt, 2)
+            ref, rtps, rops = decode(model, args.prompt, args.tokens)
+        agree = sum(a == b for a, b in zip(toks, ref))
+        print(f"mlx ops : {rtps:8.1f} tok/s  primitives/token {sum(rops.values())}  agree {agree}/{len(ref)}")
+
+
+if __name__ == "__main__":
+    main()

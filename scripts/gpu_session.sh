@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Steps run on the lent GPU machine (see ../shared/device/README.md); each is one `run` call.
+#   install  : join the MLX CUDA wheel (carried in three parts: .mlx-cuda-3/{a,b,c}; a and b copied
+#              to /tmp by the two calls before) and install it into /tmp/mlxsite
+#   synth    : write the 2.9B-shaped synthetic models into /tmp/synth in the background
+#   tests    : the GPU kernel tests against the carried oracle subset
+#   probe    : decode probe on each synthetic model that is ready
+set -uo pipefail
+export PYTHONPATH=/tmp/mlxsite:$PWD PYTHONUNBUFFERED=1 MLX_ENABLE_TF32=0
+OUT=${OUT:-/tmp/out}
+step=$1; shift
+case $step in
+  install)
+    bash .mlx-cuda-3/c/install.sh && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv ;;
+  synth)
+    mkdir -p /tmp/synth
+    for t in "$@"; do
+      [ -f /tmp/synth/$t.gguf ] || setsid nohup python3 scripts/make_synthetic_model.py --out /tmp/synth/$t.gguf --type $t --quiet \
+        > /tmp/synth/$t.log 2>&1 < /dev/null &
+    done
+    sleep 2; ls -la /tmp/synth ;;
+  tests)
+    RWKV_MLX_ORACLE=$PWD/.oracle-subset python3 -m pytest -q -x -p no:cacheprovider "$@" 2>&1 | tee $OUT/tests.log | tail -40 ;;
+  all)  # install, models in the background, tests meanwhile, then the probe
+    bash "$0" install || exit 1
+    bash "$0" synth F16 Q8_0 Q4_K_M
+    bash "$0" tests tests/test_kernels_gpu.py tests/test_oracle.py --maxfail=30 -q
+    for t in F16 Q8_0 Q4_K_M; do
+      while pgrep -f "synth/$t.gguf" > /dev/null; do sleep 3; done
+      tail -2 /tmp/synth/$t.log
+    done
+    bash "$0" probe /tmp/synth/Q4_K_M.gguf /tmp/synth/Q8_0.gguf /tmp/synth/F16.gguf ;;
+  probe)
+    for f in "$@"; do python3 scripts/decode_probe.py --launches "$f" 2>&1 | tee -a $OUT/probe.log; done ;;
+  *) echo "unknown step $step"; exit 2 ;;
+esac
