@@ -18,6 +18,7 @@ import math
 import mlx.core as mx
 
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(z)): decays in (0.545, 1)
+GROUP_NORM_EPS = 64e-5  # fixed in llama.cpp and BlinkDL's code (head size 64 x 1e-5), whatever the head size
 
 
 def wkv7_step(r, log_w, k, v, a, b, state):
@@ -69,7 +70,7 @@ def time_mix_core_reference(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b,
     r4, k4, v4 = r.reshape(heads), k.reshape(heads), v.reshape(heads)
     y, state = wkv7(r4, log_w.reshape(heads), k4, v4, -kk, kk * iclr.reshape(heads), state,
                     differentiable=differentiable)
-    y = mx.fast.layer_norm(y, None, None, N * 1e-5).reshape(B, T, C) * ln_w + ln_b
+    y = mx.fast.layer_norm(y, None, None, GROUP_NORM_EPS).reshape(B, T, C) * ln_w + ln_b
     bonus = (r4 * k4 * r_k.reshape(-1, N)).sum(axis=-1, keepdims=True) * v4
     return (y + bonus.reshape(B, T, C)) * g, state
 

@@ -47,7 +47,7 @@ def decode(model, n_prompt: int, n_tokens: int):
 
 
 def launch_times(model, repeats: int = 50) -> None:
-    """Each decode launch of block 0 alone: microseconds per launch and the bandwidth it reaches."""
+    """Each decode launch of block 1 alone: microseconds per launch and the bandwidth it reaches."""
     block = model.blocks[min(1, len(model.blocks) - 1)]
     plan = getattr(block, "_decode_plans", {}).get(1)
     if plan is None or not plan.ok:
@@ -57,21 +57,22 @@ def launch_times(model, repeats: int = 50) -> None:
     x = mx.random.normal((1, 1, C))
     shift = mx.random.normal((1, C))
     hidden = mx.random.normal((1, block.ffn.key.weight.shape[0]))
-    rkv, _ = plan.rkv(x, shift)
-    down = plan.down(x, shift)[0]
-    mx.eval(x, shift, hidden, rkv, down)
-    cases = {"rkv": lambda: plan.rkv(x, shift)[0], "lora down": lambda: plan.down(x, shift)[0],
-             "lora up": lambda: plan.up(down), "out": lambda: plan.out(x[:, 0], residual=x),
-             "ffn key": lambda: plan.key(x, shift)[0], "ffn value": lambda: plan.value(hidden, residual=x)}
-    for name, fn in cases.items():
-        p = {"rkv": plan.rkv, "lora down": plan.down, "lora up": plan.up, "out": plan.out, "ffn key": plan.key,
-             "ffn value": plan.value}[name]
-        nbytes = sum({id(a): a.nbytes for a in p.tail if a.size > 1}.values())
+    y = mx.random.normal((1, C))
+    state = mx.zeros((1, plan.H, plan.N, plan.N))
+    mx.eval(x, shift, hidden, y, state)
+    cases = [("proj", plan.proj, lambda: plan.proj(x, shift)[0]),
+             ("out", plan.out, lambda: plan.out(y, residual=x)),
+             ("ffn key", plan.key, lambda: plan.key(x, shift)[0]),
+             ("ffn value", plan.value, lambda: plan.value(hidden, residual=x)),
+             ("block", None, lambda: plan(x, shift, shift, state, x)[0])]
+    for name, p, fn in cases:
+        nbytes = sum({id(a): a.nbytes for a in p.tail if a.size > 1}.values()) if p else 0
         mx.eval(fn())
         tic = time.perf_counter()
         mx.eval([fn() for _ in range(repeats)])
         us = (time.perf_counter() - tic) / repeats * 1e6
-        print(f"  {name:10s} {us:8.1f} us  {nbytes / 1e6:7.2f} MB  {nbytes / us / 1e3:7.0f} GB/s")
+        rate = f"{nbytes / us / 1e3:7.0f} GB/s" if nbytes else ""
+        print(f"  {name:10s} {us:8.1f} us  {nbytes / 1e6:7.2f} MB  {rate}")
 
 
 def main():

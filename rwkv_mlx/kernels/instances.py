@@ -22,21 +22,27 @@ class KernelInstance:
         return "-".join([self.kernel, *self.defines, *(f"{k}{v}" for k, v in self.template.items())])
 
 
-def _matvec(scales: str, defines: tuple[str, ...], **template) -> KernelInstance:
-    # x prev ln_w ln_b mix eps | seg | bias residual | w0..w3 | s0..s3 | z0..z3
-    inputs = ("float32",) * 6 + ("int32",) + ("float32",) * 2 + ("uint8",) * 4 + (scales,) * 8
+def _matvec(scales: str, **template) -> KernelInstance:
+    # x prev ln_w ln_b mix eps | seg | bias residual | w0..w7 | s0..s7 | z0..z7
+    inputs = ("float32",) * 6 + ("int32",) + ("float32",) * 2 + ("uint8",) * 8 + (scales,) * 16
     t = {"NB": 1, "RPW": 4, "KMAX": 2560, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0, **template}
-    return KernelInstance("matvec", inputs, ("float32", "float32"), t, defines)
+    return KernelInstance("matvec", inputs, ("float32", "float32"), t)
+
+
+def _wkv7(**template) -> KernelInstance:
+    # proj pre v_first | up_info | w_up a_up v_up g_up | bias0 k_k k_a r_k ln_w ln_b state_in
+    inputs = ("float32",) * 3 + ("int32",) + ("uint8",) * 4 + ("float32",) * 7
+    return KernelInstance("wkv7", inputs, ("float32",) * 3, {"H": 40, "N": 64, "UP": 1, "MIX_V": 1, **template})
 
 
 KERNEL_INSTANCES: list[KernelInstance] = [
-    KernelInstance("wkv7", ("float32",) * 9, ("float32",) * 3, {"H": 40, "N": 64, "MIX_V": 1}),
-    KernelInstance("wkv7", ("float32",) * 9, ("float32",) * 3, {"H": 2, "N": 64, "MIX_V": 0}),
-    _matvec("float32", ("FMT_DENSE",), PRO=1, RPW=1),
-    _matvec("float32", ("FMT_DENSE",), PRO=0, EPI=2, NB=2),
-    _matvec("float32", ("FMT_DENSE",), HAS_BIAS=1),
-    _matvec("float32", ("FMT_AFFINE",), BITS=4, PRO=1),
-    _matvec("float16", ("FMT_AFFINE",), BITS=8, EPI=1),
-    _matvec("float32", ("FMT_AFFINE",), BITS=5, EPI=2, KMAX=10240),
-    _matvec("float32", ("FMT_Q6_K",), PRO=1, KMAX=2560),
+    _wkv7(),
+    _wkv7(H=2, UP=0, MIX_V=0),
+    _matvec("float32", PRO=1, RPW=1),
+    _matvec("float32", PRO=0, EPI=2, NB=2),
+    _matvec("float32", HAS_BIAS=1),
+    _matvec("float32", BITS=4, PRO=1),
+    _matvec("float16", BITS=8, EPI=1),
+    _matvec("bfloat16", BITS=5, EPI=2, KMAX=10240),
+    _matvec("float32", BITS=6, PRO=1, NB=3, RPW=2),
 ]

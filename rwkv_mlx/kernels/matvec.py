@@ -1,6 +1,6 @@
 """One-token matrix-vector products by the segmented kernel (custom_kernels/matvec.kern).
 
-A launch multiplies up to four weight matrices, each by its own input vector,
+A launch multiplies up to eight weight matrices, each by its own input vector,
 with an optional LayerNorm + token-shift prologue and relu^2 / residual
 epilogues. Layers of every storage form (rwkv_mlx/layers.py) take part:
 dense, affine (MLX's packed codes), and GGUF Q6_K blocks as stored.
@@ -23,7 +23,8 @@ Q6_K = 14
 WARPS = 8
 SHARED_FLOATS = 11_900  # 48 KB of static shared memory, less the reduction scratch
 _DENSE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
-_DEFINES = {"dense": ("FMT_DENSE",), "affine": ("FMT_AFFINE",), "q6_k": ("FMT_Q6_K",)}
+_KINDS = {"dense": 0, "affine": 1, "q6_k": 2}
+MAX_SEGMENTS = 8
 
 
 @dataclass
@@ -82,7 +83,12 @@ class MatvecPlan:
                  bias: mx.array | None = None, ln: nn.LayerNorm | None = None, mix: mx.array | None = None,
                  x_stride: int | None = None, out_shape: tuple[int, ...] | None = None):
         weights = [_weights(s.weight) for s in segments]
-        self.ok = all(w is not None for w in weights) and len({w.fmt for w in weights}) == 1
+        self.ok = all(w is not None for w in weights) and len(weights) <= MAX_SEGMENTS
+        if not self.ok:
+            return
+        affine = [w for w in weights if w.fmt[0] == "affine"]
+        # one launch takes one affine bit width and one scale dtype
+        self.ok = len({w.fmt for w in affine}) <= 1 and len({w.scales.dtype for w in affine}) <= 1
         if not self.ok:
             return
         rows, ks = [w.rows for w in weights], [w.k for w in weights]
@@ -97,16 +103,16 @@ class MatvecPlan:
         x_stride = x_stride or ks[0]
         table, start = [], 0
         for seg, w in zip(segments, weights):
-            table.append([start, w.k, seg.x_offset, seg.mode, w.wtype])
+            table.append([start, w.k, seg.x_offset, seg.mode, w.wtype, _KINDS[w.fmt[0]]])
             start += w.rows
-        table.append([total, x_stride, 0, 0, 0])
-        kind, bits = weights[0].fmt
-        scale_dtype = weights[0].scales.dtype if weights[0].scales is not None else mx.float32
+        table.append([total, x_stride, 0, 0, 0, 0])
+        bits = affine[0].fmt[1] if affine else 0
+        scale_dtype = affine[0].scales.dtype if affine else mx.float32
         self.dummy = mx.zeros((1,), dtype=mx.float32)
         dummy_scales = mx.zeros((1,), dtype=scale_dtype)
 
-        def four(values):
-            return values + [values[-1]] * (4 - len(values))
+        def eight(values):
+            return values + [values[-1]] * (MAX_SEGMENTS - len(values))
 
         self.head = [
             ln.weight if ln is not None else self.dummy,
@@ -116,11 +122,11 @@ class MatvecPlan:
             mx.array(table, dtype=mx.int32),
             bias.astype(mx.float32) if bias is not None else self.dummy,
         ]
-        self.tail = (four([w.data for w in weights])
-                     + four([w.scales if w.scales is not None else dummy_scales for w in weights])
-                     + four([w.offsets if w.offsets is not None else dummy_scales for w in weights]))
+        self.tail = (eight([w.data for w in weights])
+                     + eight([w.scales if w.scales is not None else dummy_scales for w in weights])
+                     + eight([w.offsets if w.offsets is not None else dummy_scales for w in weights]))
         mx.eval(*self.head, *self.tail)
-        self.kernel = build("matvec", backend, _DEFINES[kind])
+        self.kernel = build("matvec", backend)
         self.template = [("NB", batch), ("RPW", rpw), ("KMAX", kmax), ("PRO", prologue), ("EPI", epilogue),
                          ("BITS", bits), ("HAS_BIAS", int(bias is not None))]
         self.grid = (total // rpw * 32, 1, 1)
