@@ -21,16 +21,34 @@ case $step in
     sleep 2; ls -la /tmp/synth ;;
   tests)
     RWKV_MLX_ORACLE=$PWD/.oracle-subset python3 -m pytest -q -x -p no:cacheprovider "$@" 2>&1 | tee $OUT/tests.log | tail -40 ;;
-  all)  # install, models in the background, tests meanwhile, then the probe
+  all)  # install, models in the background, kernel tests meanwhile, then a decode probe
     bash "$0" install || exit 1
     bash "$0" synth F16 Q8_0 Q4_K_M
-    bash "$0" tests tests/test_kernels_gpu.py tests/test_oracle.py --maxfail=30 -q
-    for t in F16 Q8_0 Q4_K_M; do
+    bash "$0" tests tests/test_kernels_gpu.py tests/test_oracle.py -k "not batch_matches" --maxfail=30 -q
+    bash "$0" wait Q4_K_M
+    bash "$0" probe /tmp/synth/Q4_K_M.gguf ;;
+  wait)
+    for t in "$@"; do
       while pgrep -f "synth/$t.gguf" > /dev/null; do sleep 3; done
       tail -2 /tmp/synth/$t.log
-    done
-    bash "$0" probe /tmp/synth/Q4_K_M.gguf /tmp/synth/Q8_0.gguf /tmp/synth/F16.gguf ;;
+    done ;;
   probe)
     for f in "$@"; do python3 scripts/decode_probe.py --launches "$f" 2>&1 | tee -a $OUT/probe.log; done ;;
+  train)  # the demo model (scripts/train_demo_model.py); .gpu-train carries Tiny Shakespeare
+    mkdir -p $OUT/demo
+    python3 scripts/train_demo_model.py --data .gpu-train/tinyshakespeare.txt --out $OUT/demo --work /tmp/demo-work \
+      --max-seconds "${1:-240}" --quant-quality --split-mib 15 2>&1 | tee $OUT/train.log | grep -v '^step [0-9]*/' ;;
+  bench)  # the benchmark log entries for the 2.9B-shaped models, ours and mlx-lm's
+    bash "$0" wait F16 Q8_0 Q4_K_M
+    mkdir -p $OUT/results
+    cp results/BENCHMARKS.md results/benchmarks.jsonl $OUT/results/ 2>/dev/null
+    for t in Q4_K_M Q8_0 F16; do
+      python3 -c "from rwkv_mlx.cli import main; main()" benchmark --model /tmp/synth/$t.gguf --title "$TITLE" \
+        --change "$CHANGE ($t)" --device gpu --results-dir $OUT/results --quiet 2>&1 | tail -30
+    done
+    for pair in 4bit:Q4_K_M float16:F16; do
+      python3 scripts/bench_peers.py --model /tmp/synth/${pair#*:}.gguf --mode ${pair%%:*} --ours log \
+        --results-dir $OUT/results --title "$TITLE" 2>&1 | tail -20
+    done ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
