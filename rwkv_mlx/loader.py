@@ -8,6 +8,7 @@ costs milliseconds and yields one clear ``ModelFileError``.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .errors import ModelFileError, UnsupportedModelError
+from .errors import InvalidArgumentError, ModelFileError, UnsupportedModelError
 from .gguf_file import GGUFFile, open_gguf
 from .model import MATRIX_MODULES, Model, ModelArgs, check_model_file_args, gguf_tensor_shapes, gguf_to_module_name
 from .tokenizer import Tokenizer
@@ -44,10 +45,10 @@ def _meta(g: GGUFFile, key: str, kind=int, required: bool = True, default=None):
         return default
     value = g.metadata[key]
     try:
-        if isinstance(value, (list, np.ndarray)):
+        if isinstance(value, (list, np.ndarray, str)):
             raise TypeError
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ModelFileError(g.path, f"metadata {key} has an unusable value {value!r}") from None
 
 
@@ -56,6 +57,8 @@ def model_args_from_gguf(g: GGUFFile) -> ModelArgs:
     arch = g.metadata.get("general.architecture")
     if arch is None:
         raise ModelFileError(g.path, "no general.architecture: not a model file")
+    if not isinstance(arch, str):
+        raise ModelFileError(g.path, f"general.architecture is {arch!r}, not a name")
     if arch != ARCHITECTURE:
         raise UnsupportedModelError(g.path, f"architecture {arch!r} is not supported (rwkv-mlx runs {ARCHITECTURE!r} only)")
     p = ARCHITECTURE
@@ -64,6 +67,12 @@ def model_args_from_gguf(g: GGUFFile) -> ModelArgs:
     N = _meta(g, f"{p}.wkv.head_size")
     F = _meta(g, f"{p}.feed_forward_length")
     eps = _meta(g, f"{p}.attention.layer_norm_epsilon", float, required=False, default=1e-5)
+    if not (math.isfinite(eps) and eps > 0):
+        raise ModelFileError(g.path, f"metadata {p}.attention.layer_norm_epsilon = {eps} is not a positive number")
+    # bound the layer count by the file before anything loops over layers
+    layers = {name.split(".", 2)[1] for name in g.tensors if name.startswith("blk.")}
+    if L > len(layers):
+        raise ModelFileError(g.path, f"metadata {p}.block_count = {L} but the file has tensors for {len(layers)} layers")
 
     def rows_of(name: str) -> int:
         if name not in g.tensors:
@@ -107,10 +116,14 @@ def tokenizer_from_gguf(g: GGUFFile, vocab_size: int) -> Tokenizer:
     if len(tokens) > vocab_size:
         raise ModelFileError(g.path, f"{len(tokens)} tokens but the embedding has {vocab_size} rows")
     types = g.metadata.get("tokenizer.ggml.token_type")
+    if types is not None and not (isinstance(types, np.ndarray) and types.dtype.kind in "iu"):
+        raise ModelFileError(g.path, "tokenizer.ggml.token_type is not an array of integers")
     eot = g.metadata.get("tokenizer.ggml.eot_token_id", 261)
+    if not isinstance(eot, int) or isinstance(eot, bool):
+        raise ModelFileError(g.path, f"tokenizer.ggml.eot_token_id is {eot!r}, not a token id")
     try:
-        return Tokenizer.from_gguf(tokens, None if types is None else [int(t) for t in types], int(eot))
-    except ValueError as e:
+        return Tokenizer.from_gguf(tokens, None if types is None else types.tolist(), eot)
+    except (ValueError, InvalidArgumentError) as e:
         raise ModelFileError(g.path, f"token list unusable: {e}") from None
 
 

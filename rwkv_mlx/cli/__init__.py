@@ -41,24 +41,36 @@ def _register_commands() -> None:
 _register_commands()
 
 
+# click's error base class (typer >= 0.20 vendors its own copy of click)
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (tests call this)."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=argv, prog_name="rwkv-mlx")  # standalone: usage errors print and exit 2
+        code = app(args=args or ["--help"], prog_name="rwkv-mlx", standalone_mode=False)
+    except _ClickException as e:  # unknown option, bad value: one line, like our own errors
+        hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) else ""
+        print(f"rwkv-mlx: error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
+        return e.exit_code
+    except typer.Abort:
+        print("\nrwkv-mlx: interrupted", file=sys.stderr)
+        return 130
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except RwkvMlxError as e:
         print(f"rwkv-mlx: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # output piped into `head`: not an error
+        return 0
     except OSError as e:  # disk full, permissions, ...: the user's environment, not a bug
         print(f"rwkv-mlx: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nrwkv-mlx: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def main() -> None:

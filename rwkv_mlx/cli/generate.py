@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -10,7 +11,7 @@ import typer
 
 from . import app
 from ..chat import TURN_END, format_chat_prompt, unescape_cli_text
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ModelFileError
 from ..sample import SamplingParams
 from .common import (
     DECAY_OPTION, DEVICE_OPTION, FREQUENCY_OPTION, GREEDY_OPTION, MIN_P_OPTION, MODEL_OPTION, PRESENCE_OPTION,
@@ -23,7 +24,7 @@ from .common import (
                   "demo model: a 6-layer RWKV-7 trained here on Tiny Shakespeare (see README).")
 def generate(
     model: Optional[Path] = MODEL_OPTION,
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' or omitted: read stdin). Escapes like \\n are processed unless --no-escape."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' or omitted: read stdin, as raw bytes). Escapes like \\n are processed unless --no-escape."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
     temperature: Optional[float] = TEMPERATURE_OPTION,
     top_p: Optional[float] = TOP_P_OPTION,
@@ -43,10 +44,13 @@ def generate(
     device: str = DEVICE_OPTION,
     scale_dtype: str = SCALE_DTYPE_OPTION,
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print load time, speeds and peak memory to stderr."),
+    check_finite: bool = typer.Option(False, "--check-finite", help="If the logits turn NaN or infinite, stop with an error naming the first layer that produced them."),
 ) -> None:
     select_device(device)
     if prompt is None or prompt == "-":
-        prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+        # bytes, not text: invalid UTF-8 and NULs reach the tokenizer unchanged (as PEP 383 escapes until then)
+        data = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+        prompt = data.decode("utf-8", "surrogateescape")
     elif escape:
         prompt = unescape_cli_text(prompt)
     if escape:
@@ -71,13 +75,18 @@ def generate(
     from ..generate import stream_generate
     from ..progress import Progress
 
-    prompt_ids = tokenizer.encode(prompt)
+    prompt_bytes = as_given(prompt)
+    prompt_ids = tokenizer.encode(prompt_bytes)
     bar = Progress("prefill", len(prompt_ids), " tok", enabled=stats and len(prompt_ids) > 2048)
     if echo:
-        sys.stdout.write(prompt)
-    last = None
+        sys.stdout.flush()
+        sys.stdout.buffer.write(prompt_bytes if isinstance(prompt_bytes, bytes) else prompt.encode("utf-8", "replace"))
+    last, fed = None, list(prompt_ids)
     for last in stream_generate(loaded, tokenizer, prompt_ids, max_tokens=max_tokens, sampling=sampling, stop=stop,
                                 prefill_progress=bar.update):
+        if check_finite and not math.isfinite(last.logprob):
+            raise_nonfinite(loaded, info.path, fed)
+        fed.append(last.token)
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -91,3 +100,21 @@ def generate(
             ("peak memory", f"{last.peak_memory_gb:.3f} GB"),
             ("seed", str(sampling.seed) if sampling.seed is not None else "random"),
         ], stream=sys.stderr)
+
+
+def as_given(text: str) -> bytes | str:
+    """The bytes the user gave: argv and stdin bytes that are not UTF-8 arrive as surrogate
+    escapes (PEP 383) and go back to exactly those bytes; other lone surrogates stay text."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text
+
+
+def raise_nonfinite(model, path, tokens: list[int]) -> None:
+    """One error line naming the first module output that holds NaN or inf for ``tokens``."""
+    from ..debug import find_first_nonfinite
+
+    where = find_first_nonfinite(model, tokens)
+    found = f"first non-finite output: {where}" if where else "a layer-by-layer rerun found every output finite"
+    raise ModelFileError(path, f"logits are NaN or infinite after {len(tokens)} tokens; {found}")
