@@ -1,0 +1,267 @@
+"""``rwkv-mlx benchmark``: the log format, the primitive count, and the quality gate.
+
+The gate's reference tokens are checked against the independent float64 model
+(tests/reference_rwkv7.py); the gate is shown to reject a deliberately broken
+compute path on the *same* file (the realistic failure: a fast kernel that
+computes garbage) and a model that emits one token.  Speeds are never
+asserted, only that they are recorded in the right shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import ORACLE, REPO
+from reference_rwkv7 import ReferenceRWKV7
+
+import rwkv_mlx
+import rwkv_mlx.wkv
+from rwkv_mlx import benchmark as bench
+from rwkv_mlx.backend import device_name
+from rwkv_mlx.cli import run
+from rwkv_mlx.gguf_writer import write_rwkv7_gguf
+from rwkv_mlx.kernels import kernels_enabled
+
+FIXA_Q4 = ORACLE / "models" / "fixa-Q4_K_M.gguf"
+SMALL = ["--prompt-tokens", "24", "--gen-tokens", "16", "--runs", "2", "--warmup", "0", "--device", "cpu", "-q"]
+
+
+def _synth():
+    spec = importlib.util.spec_from_file_location("make_synthetic_model", REPO / "scripts" / "make_synthetic_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """A small seeded RWKV-7 in llama.cpp's layout (Q8_0), written here."""
+    synth = _synth()
+    path = tmp_path_factory.mktemp("models") / "synthetic-L2-C128-Q8_0.gguf"
+    synth.make_synthetic_model(path, "Q8_0", synth.synthetic_hparams(2, 128, 256, (16, 16, 16, 32)), n_vocab=1024, seed=7)
+    return path
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("RWKV_MLX_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "results"
+
+
+def benchmark(model: Path, results: Path, *extra: str, title: str = "T", change: str = "c") -> int:
+    return run(["benchmark", "--model", str(model), "--title", title, "--change", change,
+                "--results-dir", str(results), *SMALL, *extra])
+
+
+def parse_log(text: str) -> dict[str, list[dict]]:
+    """{title: [entry]}, entry = {heading, date, change, rows, tokens}, read back from BENCHMARKS.md."""
+    sections: dict[str, list[dict]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = sections.setdefault(line[3:], [])
+        elif line.startswith("### "):
+            m = re.fullmatch(r"### (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) - (.*)", line)
+            assert m, line
+            current.append({"date": m[1], "change": m[2], "rows": {}, "table": []})
+        elif line.startswith("| ") and current:
+            current[-1]["table"].append(line)
+            key, value = re.fullmatch(r"\| (.+?) \| (.+?) \|", line).groups()
+            current[-1]["rows"][key] = value
+        elif line.startswith("<details>"):
+            m = re.fullmatch(r"<details><summary>Quality tokens \(first 16\)</summary> \[(.*)\] </details>", line)
+            current[-1]["tokens"] = [int(t) for t in m[1].split(", ")]
+    return sections
+
+
+def check_entry(entry: dict, model: Path, args) -> None:
+    rows = entry["rows"]
+    assert entry["table"][:2] == ["| Metric | Value |", "| Model | " + model.name + " |"]
+    assert rows["Version"] == "V7" and rows["Layers"] == str(args.n_layer) and rows["Embedding"] == str(args.n_embd)
+    assert rows["GPU"] == device_name() and rows["Backend"].startswith("cpu")
+    for key in ("**Load Time**", "**Prefill**", "**Generation**"):
+        assert re.fullmatch(r"\*\*\d+\.\d\d (ms|tok/s)\*\*", rows[key]), rows[key]
+    assert len(entry["tokens"]) == 16
+    expected = hashlib.sha256(",".join(map(str, entry["tokens"])).encode()).hexdigest()[:16]
+    assert rows["Quality Hash"] == f"`{expected}`"
+
+
+def greedy_float64(path: Path, prompt: list[int], n: int = 16) -> list[int]:
+    ref = ReferenceRWKV7(path)
+    logits, state = ref.run(prompt)
+    logits, tokens = logits[-1], []
+    for _ in range(n):
+        tokens.append(int(np.argmax(logits)))
+        logits, state = ref.step(tokens[-1], state)
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------
+# pieces
+
+
+def test_quality_hash_is_sha256_of_comma_joined_ids():
+    assert bench.quality_hash([33, 3319, 153]) == hashlib.sha256(b"33,3319,153").hexdigest()[:16]
+
+
+def test_degenerate_and_verdict():
+    assert "one token (5)" in bench.degenerate_reason([5] * 16)
+    assert "2 distinct" in bench.degenerate_reason([1, 2] * 8)
+    assert bench.degenerate_reason([1, 2, 3] + [1] * 13) is None
+    good = list(range(100, 116))
+    ref = bench.Reference(good, [0.5] * 15 + [0.001], "cached")
+    assert bench.quality_verdict([good, good], ref) is None
+    assert "run 2" in bench.quality_verdict([good, good[:-1] + [0]], ref)
+    reason = bench.quality_verdict([good[:-1] + [7]], ref)
+    assert "position 15" in reason and "gap there is 0.001" in reason
+    assert "degenerate" in bench.quality_verdict([[4] * 16], ref)
+
+
+def test_insert_entry_groups_by_title_newest_last():
+    doc = bench.MARKDOWN_HEADER
+    doc = bench.insert_entry(doc, "A", "### a1\n")
+    doc = bench.insert_entry(doc, "B", "### b1\n")
+    doc = bench.insert_entry(doc, "A", "### a2\n")
+    lines = [l for l in doc.splitlines() if l.startswith("#")]
+    assert lines[1:] == ["## A", "### a1", "### a2", "## B", "### b1"]
+
+
+def test_count_primitives_plain_and_compiled():
+    a, b, c = mx.array([1.0, 2.0]), mx.array([3.0, 4.0]), mx.array([5.0, 6.0])
+    mx.eval(a, b, c)
+    assert bench.count_primitives([(a + b) * c]) == {"Add": 1, "Multiply": 1}
+    assert bench.count_primitives([a]) == {}  # evaluated arrays are leaves
+    fused = mx.compile(lambda x, y, z: mx.exp((x + y) * z))
+    names = bench.count_primitives([fused(a, b, c)])
+    assert sum(names.values()) == 1 and next(iter(names)).startswith("Compiled")  # one fused kernel
+
+
+def test_prompt_is_exactly_n_tokens(synthetic):
+    _, tokenizer = rwkv_mlx.load(synthetic)
+    passage = tokenizer.encode(bench.PROMPT_FILE.read_text())
+    assert bench.benchmark_prompt(tokenizer, 10) == passage[:10]
+    long = bench.benchmark_prompt(tokenizer, 2 * len(passage) + 3)
+    assert len(long) == 2 * len(passage) + 3 and long[len(passage):2 * len(passage)] == passage
+
+
+def test_decode_step_counts_every_matrix(require_oracle):
+    model, _ = rwkv_mlx.load(FIXA_Q4)
+    count = bench.decode_step_primitives(model)
+    # fixa-Q4_K_M: the six block matrices of both layers are Q4_K -> affine; the Q6_K head is dense on CPU
+    assert count.by_name["QuantizedMatmul"] == 12
+    assert count.n_layer == 2 and 0 < count.kernels < count.primitives == sum(count.by_name.values())
+
+
+# ---------------------------------------------------------------------------------------
+# whole runs
+
+
+def test_oracle_entry_and_reference_match_float64(require_oracle, results, capsys):
+    assert benchmark(FIXA_Q4, results, title="Oracle", change="first entry") == 0
+    out = capsys.readouterr().out
+    assert "tok/s" in out
+    log = parse_log((results / "BENCHMARKS.md").read_text())
+    [entry] = log["Oracle"]
+    model, tokenizer = rwkv_mlx.load(FIXA_Q4)
+    check_entry(entry, FIXA_Q4, model.args)
+    assert entry["change"] == "first entry"
+    [line] = [json.loads(l) for l in (results / "benchmarks.jsonl").read_text().splitlines()]
+    assert line["title"] == "Oracle" and line["quality_tokens"] == entry["tokens"] and line["device"] == device_name()
+    assert line["prefill_tps"] > 0 and line["generation_tps"] > 0 and line["runs"] == 2
+    assert line["prefill_tps_min"] <= line["prefill_tps"] <= line["prefill_tps_max"]
+    # the gate's reference is right: the independent float64 model gives the same greedy tokens
+    prompt = bench.benchmark_prompt(tokenizer, 24)
+    assert line["reference"]["tokens"] == greedy_float64(FIXA_Q4, prompt)
+
+
+def test_synthetic_entries_compare_and_plot(synthetic, results, capsys, tmp_path):
+    assert benchmark(synthetic, results, title="Synthetic", change="one") == 0
+    assert benchmark(synthetic, results, title="Synthetic", change="two") == 0
+    entries = parse_log((results / "BENCHMARKS.md").read_text())["Synthetic"]
+    assert [e["change"] for e in entries] == ["one", "two"]
+    model, _ = rwkv_mlx.load(synthetic)
+    for entry in entries:
+        check_entry(entry, synthetic, model.args)
+    lines = [json.loads(l) for l in (results / "benchmarks.jsonl").read_text().splitlines()]
+    assert lines[1]["reference"]["source"] == "cached" and lines[0]["reference"]["source"] == "computed"
+    capsys.readouterr()
+    assert run(["benchmark", "--compare", "Synthetic", "--results-dir", str(results)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 4 and "(1.00x)" in table[2] and "| two " in table[3]
+
+    pytest.importorskip("matplotlib", reason="matplotlib draws the plot")
+    png = tmp_path / "plot.png"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_benchmarks.py"), "--title", "Synthetic",
+                           "--results-dir", str(results), "--out", str(png)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gate_rejects_a_broken_fast_path_on_the_same_file(synthetic, results, capsys, monkeypatch):
+    assert benchmark(synthetic, results, change="clean") == 0
+    clean = json.loads((results / "benchmarks.jsonl").read_text().splitlines()[-1])
+    log_before = (results / "BENCHMARKS.md").read_text()
+    original = rwkv_mlx.wkv.wkv7
+
+    def forgets_decay(r, log_w, k, v, a, b, state, **kw):
+        # a "kernel" that drops the decay; the reference path (kernels disabled) stays exact
+        return original(r, log_w * 0 if kernels_enabled() else log_w, k, v, a, b, state, **kw)
+
+    monkeypatch.setattr(rwkv_mlx.wkv, "wkv7", forgets_decay)
+    capsys.readouterr()
+    assert benchmark(synthetic, results, change="broken kernel") == bench.QualityGateError.exit_code
+    out, err = capsys.readouterr()
+    assert "tok/s" not in out
+    [message] = [l for l in err.splitlines() if "error" in l]
+    assert "quality gate" in message and "differ from the float32 reference" in message
+    assert (results / "BENCHMARKS.md").read_text() == log_before
+    rejected = json.loads((results / "benchmarks.jsonl").read_text().splitlines()[-1])
+    assert "rejected" in rejected and not any("tps" in k for k in rejected)
+    assert rejected["reference"]["tokens"] == clean["quality_tokens"] != rejected["quality_tokens"]
+
+
+def test_gate_rejects_a_model_that_emits_one_token(tmp_path, results, capsys):
+    synth = _synth()
+    hp = synth.synthetic_hparams(1, 64, 128, (8, 8, 8, 8))
+    tensors = synth.synthetic_tensors(hp, 512, seed=1)
+    head = np.zeros((512, 64), np.float32)
+    head[77] = 1.0  # the normed output is all ones (weight 0, bias 1): logit 64 for token 77, 0 elsewhere
+    tensors.update({"output.weight": head, "output_norm.weight": np.zeros(64, np.float32),
+                    "output_norm.bias": np.ones(64, np.float32)})
+    path = tmp_path / "one-token.gguf"
+    write_rwkv7_gguf(path, dict(hp, vocab_size=512), tensors, "F32")
+    assert benchmark(path, results) == bench.QualityGateError.exit_code
+    out, err = capsys.readouterr()
+    assert "tok/s" not in out and "one token (77) repeated 16 times" in err
+    assert not (results / "BENCHMARKS.md").exists()
+
+
+def test_refuses_fewer_than_16_generated_tokens(synthetic, results, capsys):
+    assert run(["benchmark", "--model", str(synthetic), "--no-record", "--gen-tokens", "8", "--device", "cpu"]) == 2
+    assert "--gen-tokens must be >= 16" in capsys.readouterr().err
+
+
+def test_peers_mlx_lm_agrees_on_the_float32_oracle(require_oracle, results, capsys):
+    """mlx-lm's own RWKV-7, fed our mapping of the GGUF weights, decodes the reference tokens (mlx-lm is optional)."""
+    pytest.importorskip("mlx_lm", reason="mlx-lm is the optional peer (pip install 'rwkv-mlx[peers]')")
+    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "scripts" / "bench_peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    model = ORACLE / "models" / "fixa-f32.gguf"
+    argv = ["--model", str(model), "--mode", "float32", "--prompt-tokens", "24", "--gen-tokens", "16", "--runs", "1",
+            "--warmup", "0", "--device", "cpu", "--results-dir", str(results)]
+    assert peers.main(argv) == 0
+    line = json.loads((results / "benchmarks.jsonl").read_text().splitlines()[-1])
+    assert line["engine"] == "mlx-lm" and line["agreement_with_reference"] == 16
+    assert line["quality_hash"] == line["ours"]["quality_hash"]
+    assert "rwkv-mlx / mlx-lm" in (results / "peers.md").read_text()
