@@ -75,25 +75,44 @@ def test_wkv7_kernel_state_carries_across_calls():
     assert rel_err(s_k, s_r) < 1e-5
 
 
-def test_wkv7_kernel_mixes_value_inside():
-    """MIX_V: the kernel mixes v with v_first itself, reading r|k|v and w|a|v_raw|g packed per row."""
+def test_wkv7_kernel_up_projections_and_value_mix():
+    """Decode mode: the kernel computes the LoRA up-projections from the down outputs written after
+    r|k|v (tanh for w, sigmoid for g, float32 and float16 matrices) and mixes v with v_first."""
     from rwkv_mlx.kernels.dialect import build
 
     rng = np.random.default_rng(11)
     B, H, N = 2, 4, 64
     C = H * N
     seq, chan, state = wkv_inputs(rng, B, 1, H)
-    v_first, v_raw = (mx.array(rng.standard_normal((B, 1, C)).astype(np.float32)) for _ in range(2))
-    rkv = mx.concatenate([seq["r"], seq["k"], seq["v"]], axis=-1).reshape(B, 3 * C)
-    pre = mx.concatenate([seq["w_raw"], seq["a_raw"], v_raw, seq["g"]], axis=-1).reshape(B, 4 * C)
+    ranks = {"w": 32, "a": 32, "v": 16, "g": 64}
+    dtypes = {"w": mx.float32, "a": mx.float16, "v": mx.float16, "g": mx.bfloat16}
+    down = {n: mx.array(rng.standard_normal((B, 1, r)).astype(np.float32)) for n, r in ranks.items()}
+    up = {n: mx.array((rng.standard_normal((C, r)) / np.sqrt(r)).astype(np.float32)).astype(dtypes[n])
+          for n, r in ranks.items()}
+    bias = {n: mx.array(rng.standard_normal(C).astype(np.float32)) for n in ("w", "a", "v")}
+    v_first = mx.array(rng.standard_normal((B, 1, C)).astype(np.float32))
+    proj = mx.concatenate([seq["r"], seq["k"], seq["v"], *down.values()], axis=-1).reshape(B, -1)
+    codes = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
+    info, col = [], 0
+    for n, r in ranks.items():
+        info.append([r, col, codes[dtypes[n]]])
+        col += r
+    bias0 = mx.concatenate([bias["w"], bias["a"], bias["v"], mx.zeros((C,))])
     y, s, _ = build("wkv7", BACKEND)(
-        inputs=[rkv, pre, v_first.reshape(B, C), chan["k_k"], chan["k_a"], chan["r_k"], chan["ln_w"], chan["ln_b"],
-                state],
-        template=[("H", H), ("N", N), ("MIX_V", 1)], grid=(B * H * 4 * N, 1, 1), threadgroup=(4 * N, 1, 1),
-        output_shapes=[(B, C), (B, H, N, N), (B * H * 6 * N,)], output_dtypes=[mx.float32] * 3)
-    mixed = dict(seq, v=seq["v"] + (v_first - seq["v"]) * mx.sigmoid(v_raw))
+        inputs=[proj, mx.zeros((1,)), v_first.reshape(B, C), mx.array(info, dtype=mx.int32),
+                *(up[n].view(mx.uint8) for n in ranks), bias0, chan["k_k"], chan["k_a"], chan["r_k"], chan["ln_w"],
+                chan["ln_b"], state],
+        template=[("H", H), ("N", N), ("UP", 1), ("MIX_V", 1)], grid=(B * H * 4 * N, 1, 1),
+        threadgroup=(4 * N, 1, 1), output_shapes=[(B, C), (B, H, N, N), (B * H * 10 * N,)],
+        output_dtypes=[mx.float32] * 3)
+    mm = lambda x, w: x @ w.astype(mx.float32).T
+    w_raw = bias["w"] + mm(mx.tanh(down["w"]), up["w"])
+    a_raw = bias["a"] + mm(down["a"], up["a"])
+    v_mix = mx.sigmoid(bias["v"] + mm(down["v"], up["v"]))
+    g = mm(mx.sigmoid(down["g"]), up["g"])
+    ref_in = dict(seq, w_raw=w_raw, a_raw=a_raw, g=g, v=seq["v"] + (v_first - seq["v"]) * v_mix)
     with kernels_disabled():
-        y_ref, s_ref = run_core(time_mix_core_reference, mixed, chan, state)
+        y_ref, s_ref = run_core(time_mix_core_reference, ref_in, chan, state)
     assert rel_err(y, y_ref.reshape(B, C)) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
