@@ -31,6 +31,7 @@ import mlx.core as mx
 from .layers import WeightFormat
 from .mlx_dir import SHARD_BYTES, ConvertedTensor, ShardWriter, TokenList
 from .model import ModelArgs
+from .tokenizer import byte_trie, trie_pattern
 
 END_OF_TEXT = "<|endoftext|>"
 _LERP = ("r", "w", "k", "v", "a", "g")
@@ -117,7 +118,6 @@ def _byte_chars() -> list[str]:
 
 
 _BYTE_CHARS = _byte_chars()
-_TOKEN_END = 256
 
 
 def _regex_literal(data: bytes) -> str:
@@ -126,42 +126,13 @@ def _regex_literal(data: bytes) -> str:
 
 
 def trie_regex(tokens: Iterable[bytes]) -> str:
-    """An Oniguruma regex over ByteLevel characters whose leftmost match is the longest token.
+    """An Oniguruma regex over ByteLevel characters whose leftmost match is the longest token
+    (the tokenizer's own trie alternation, written in this dialect)."""
 
-    The trie's siblings differ in their first character, so one branch at most can
-    match; a node that ends a token makes its subtree optional, so the engine backs
-    off to the shorter token when the longer one fails.
-    """
-    root: dict = {}
-    for token in tokens:
-        node = root
-        for byte in token:
-            node = node.setdefault(byte, {})
-        node[_TOKEN_END] = True
+    def byte_class(values: list[int]) -> str:
+        return _regex_literal(bytes(values)) if len(values) == 1 else "[" + _regex_literal(bytes(values)) + "]"
 
-    def alternatives(node: dict) -> str:
-        branches: list[str] = []
-        single: list[int] = []
-        for byte in sorted(k for k in node if k != _TOKEN_END):
-            child, literal = node[byte], bytearray([byte])
-            while len(child) == 1 and _TOKEN_END not in child:  # a chain without tokens: one literal
-                (nxt, child), = child.items()
-                literal.append(nxt)
-            if all(k == _TOKEN_END for k in child):  # a leaf
-                if len(literal) == 1:
-                    single.append(byte)
-                else:
-                    branches.append(_regex_literal(bytes(literal)))
-                continue
-            optional = "?" if _TOKEN_END in child else ""
-            branches.append(_regex_literal(bytes(literal)) + "(?:" + alternatives(child) + ")" + optional)
-        if len(single) > 1:
-            branches.append("[" + _regex_literal(bytes(single)) + "]")
-        elif single:
-            branches.append(_regex_literal(bytes(single)))
-        return "|".join(branches)
-
-    return alternatives(root)
+    return trie_pattern(byte_trie(tokens), _regex_literal, byte_class)
 
 
 def tokenizer_json(tokens: TokenList) -> dict:

@@ -30,7 +30,7 @@ import importlib.resources
 import operator
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .errors import InvalidArgumentError
 from .vocab import WORLD_VOCAB_SIZE, load_world_vocab, unescape_gguf_token
@@ -284,52 +284,64 @@ def _text_to_bytes(text: str | bytes) -> bytes:
     raise InvalidArgumentError(f"text to encode must be str or bytes, got {type(text).__name__}")
 
 
-def _compile_matcher(id_by_bytes: Mapping[bytes, int]) -> re.Pattern[bytes]:
-    """One regex whose leftmost match at any position is the longest token there.
-
-    Siblings in the trie differ in their first byte, so at most one branch of each
-    alternation can match; a token node's subtree is an optional group, so when
-    the deeper branch fails the engine backs off to the token itself.
-    """
+def byte_trie(tokens: Iterable[bytes]) -> dict:
+    """Nested dicts keyed by byte; ``_TOKEN_END`` marks a node where a token ends."""
     root: dict = {}
-    for token in id_by_bytes:
+    for token in tokens:
         node = root
         for byte in token:
             node = node.setdefault(byte, {})
         node[_TOKEN_END] = True
-    if not root:
-        return re.compile(b"(?!)")  # matches nothing: every byte of any input is unmatched
-    return re.compile(_children_pattern(root, 0), re.DOTALL)
+    return root
 
 
-def _children_pattern(node: dict, depth: int) -> bytes:
-    if depth >= MAX_PATTERN_NESTING:
-        return _flat_pattern(node)
-    branches = []
-    single_bytes = []
+def trie_pattern(node: dict, literal: Callable[[bytes], str], byte_class: Callable[[list[int]], str], *,
+                 max_depth: int | None = None, flat: Callable[[dict], str] | None = None, depth: int = 0) -> str:
+    """A regex alternation whose leftmost match at any position is the longest token there.
+
+    Siblings in the trie differ in their first byte, so at most one branch of each
+    alternation can match; a token node's subtree is an optional group, so when
+    the deeper branch fails the engine backs off to the token itself. ``literal``
+    and ``byte_class`` write bytes in the target regex dialect (Python's ``re``
+    here, Oniguruma for the mlx-lm tokenizer.json); below ``max_depth``, ``flat``
+    writes the rest of the subtrie (``re`` refuses deeper nesting).
+    """
+    if max_depth is not None and depth >= max_depth:
+        return flat(node)
+    branches, single_bytes = [], []
     for byte in sorted(k for k in node if k != _TOKEN_END):
-        child = node[byte]
-        literal = bytearray([byte])
+        child, chain = node[byte], bytearray([byte])
         while len(child) == 1 and _TOKEN_END not in child:  # chain with no token on it: one literal
             (next_byte, child), = child.items()
-            literal.append(next_byte)
-        rest = [k for k in child if k != _TOKEN_END]
-        if not rest:
-            if len(literal) == 1:
+            chain.append(next_byte)
+        if all(k == _TOKEN_END for k in child):  # a leaf
+            if len(chain) == 1:
                 single_bytes.append(byte)
             else:
-                branches.append(re.escape(bytes(literal)))
+                branches.append(literal(bytes(chain)))
             continue
-        optional = b"?" if _TOKEN_END in child else b""
-        branches.append(
-            re.escape(bytes(literal)) + b"(?:" + _children_pattern(child, depth + 1) + b")" + optional
-        )
+        optional = "?" if _TOKEN_END in child else ""
+        inner = trie_pattern(child, literal, byte_class, max_depth=max_depth, flat=flat, depth=depth + 1)
+        branches.append(literal(bytes(chain)) + "(?:" + inner + ")" + optional)
     if single_bytes:
-        branches.append(_byte_class(single_bytes))
-    return b"|".join(branches)
+        branches.append(byte_class(single_bytes))
+    return "|".join(branches)
 
 
-def _flat_pattern(node: dict) -> bytes:
+def _compile_matcher(id_by_bytes: Mapping[bytes, int]) -> re.Pattern[bytes]:
+    """The tokenizer's matcher: the trie as one bytes regex (latin-1 maps each byte to one character)."""
+    root = byte_trie(id_by_bytes)
+    if not root:
+        return re.compile(b"(?!)")  # matches nothing: every byte of any input is unmatched
+    pattern = trie_pattern(root, _re_literal, _byte_class, max_depth=MAX_PATTERN_NESTING, flat=_flat_pattern)
+    return re.compile(pattern.encode("latin-1"), re.DOTALL)
+
+
+def _re_literal(data: bytes) -> str:
+    return re.escape(data.decode("latin-1"))
+
+
+def _flat_pattern(node: dict) -> str:
     """The subtrie as plain alternatives, longest first (``re`` takes the first that matches)."""
     suffixes = []
     stack = [(node, b"")]
@@ -342,10 +354,10 @@ def _flat_pattern(node: dict) -> bytes:
             else:
                 stack.append((child, prefix + bytes([key])))
     suffixes.sort(key=lambda s: (-len(s), s))
-    return b"|".join(re.escape(s) for s in suffixes)
+    return "|".join(_re_literal(s) for s in suffixes)
 
 
-def _byte_class(byte_values: list[int]) -> bytes:
+def _byte_class(byte_values: list[int]) -> str:
     if len(byte_values) == 1:
-        return re.escape(bytes(byte_values))
-    return b"[" + b"".join(b"\\x%02x" % b for b in byte_values) + b"]"
+        return _re_literal(bytes(byte_values))
+    return "[" + "".join("\\x%02x" % b for b in byte_values) + "]"

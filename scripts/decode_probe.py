@@ -9,22 +9,13 @@ A development aid for kernel work; the numbers that count come from
 from __future__ import annotations
 
 import argparse
-import collections
-import io
-import re
 import time
 
 import mlx.core as mx
 
 import rwkv_mlx
+from rwkv_mlx.benchmark import count_primitives
 from rwkv_mlx.kernels import kernels_disabled
-
-
-def primitives(outputs) -> collections.Counter:
-    """Operation nodes in the graph that computes ``outputs`` (MLX's DOT export)."""
-    f = io.StringIO()
-    mx.export_to_dot(f, *outputs)
-    return collections.Counter(re.findall(r'label ="([^"]+)", shape=rectangle', f.getvalue()))
 
 
 def decode(model, n_prompt: int, n_tokens: int):
@@ -33,7 +24,7 @@ def decode(model, n_prompt: int, n_tokens: int):
     mx.eval(logits, *state.arrays())
     token = mx.argmax(logits[:, -1], axis=-1)
     step_logits, step_state = model(token[:, None], state, logits="last")
-    ops = primitives([step_logits, *step_state.arrays()])
+    ops = count_primitives([step_logits, *step_state.arrays()])
     out = []
     tic = time.perf_counter()
     for _ in range(n_tokens):
