@@ -190,3 +190,21 @@ def test_bad_batch_arguments():
         rwkv_mlx.batch_generate(model, tokenizer, PROMPTS, max_tokens=0)
     with pytest.raises(InvalidArgumentError, match="empty"):
         rwkv_mlx.batch_generate(model, tokenizer, ["a", ""])
+
+
+def test_cli_generate_from_a_saved_state_equals_the_whole_prompt(tmp_path, capsys):
+    """`rwkv-mlx generate --state FILE`: the saved prefix plus the prompt is the whole text."""
+    from test_state import tiny_model_path
+
+    from rwkv_mlx.cli import run
+
+    model, tokenizer = tiny_model()
+    cut = TEXT.rindex("\n\n") + 2
+    state_file = tmp_path / "prefix.state"
+    rwkv_mlx.cache_prompt(model, tokenizer, TEXT[:cut]).save(state_file)
+    common = ["generate", "-m", str(tiny_model_path()), "--greedy", "-n", "12", "--no-stats", "--device", "cpu"]
+
+    assert run(common + ["-p", TEXT, "--no-escape"]) == 0
+    whole = capsys.readouterr().out
+    assert run(common + ["-p", TEXT[cut:], "--no-escape", "--state", str(state_file)]) == 0
+    assert capsys.readouterr().out == whole

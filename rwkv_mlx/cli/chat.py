@@ -19,8 +19,8 @@ from ..errors import InvalidArgumentError, RwkvMlxError
 from ..sample import SamplingParams
 from .common import (
     DECAY_OPTION, DEVICE_OPTION, FREQUENCY_OPTION, GREEDY_OPTION, MIN_P_OPTION, MODEL_OPTION, PRESENCE_OPTION,
-    SCALE_DTYPE_OPTION, SEED_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, ThinkOption, load_for_cli,
-    sampling_from_options, select_device,
+    SCALE_DTYPE_OPTION, SEED_OPTION, STATE_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, ThinkOption,
+    load_for_cli, load_state_option, sampling_from_options, select_device,
 )
 
 # --- the chat loop ------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def chat(
     model: Optional[Path] = MODEL_OPTION,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt, read once at the start (escapes like \\n processed)."),
     think: ThinkOption = typer.Option(ThinkOption.off, "--think", help="'think' opens a <think block, 'fast' an empty one."),
-    state: Optional[Path] = typer.Option(None, "--state", help="Start from a saved state (/save, State.save) or a BlinkDL state-tuning .pth file."),
+    state: Optional[Path] = STATE_OPTION,
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Most tokens per answer."),
     temperature: Optional[float] = TEMPERATURE_OPTION,
     top_p: Optional[float] = TOP_P_OPTION,
@@ -123,11 +123,7 @@ def chat(
         SamplingParams.chat(), greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, penalty_decay=penalty_decay, seed=seed)
     loaded, tokenizer, _ = load_for_cli(model, scale_dtype=scale_dtype)
-    from ..state import State
-
-    initial = None
-    if state is not None:
-        initial = State.from_state_tuning(state, loaded) if state.suffix == ".pth" else State.load(state, loaded)
+    initial = load_state_option(state, loaded)
     session = ChatSession(loaded, tokenizer, system=unescape_cli_text(system) if system else None, sampling=sampling,
                           think=think.value, max_tokens=max_tokens, state=initial)
     _enable_line_editing()

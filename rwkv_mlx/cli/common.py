@@ -50,6 +50,18 @@ def load_for_cli(path: Path | None, *, scale_dtype: str = "float32", quiet: bool
     return model, tokenizer, info
 
 
+STATE_OPTION = typer.Option(None, "--state", help="Start from a saved state (State.save, chat's /save) or a BlinkDL state-tuning .pth file.")
+
+
+def load_state_option(path: Path | None, model):
+    """The starting state a --state option names (None: a zero state)."""
+    if path is None:
+        return None
+    from ..state import State
+
+    return State.from_state_tuning(path, model) if path.suffix == ".pth" else State.load(path, model)
+
+
 def print_table(rows: Sequence[tuple[str, str]], stream=None, header: tuple[str, str] | None = None) -> None:
     """A two-column table; markdown-compatible so it can be pasted into results/."""
     stream = stream or sys.stdout

@@ -15,8 +15,8 @@ from ..errors import InvalidArgumentError, ModelFileError
 from ..sample import SamplingParams
 from .common import (
     DECAY_OPTION, DEVICE_OPTION, FREQUENCY_OPTION, GREEDY_OPTION, MIN_P_OPTION, MODEL_OPTION, PRESENCE_OPTION,
-    SCALE_DTYPE_OPTION, SEED_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, ThinkOption, load_for_cli,
-    print_table, sampling_from_options, select_device,
+    SCALE_DTYPE_OPTION, SEED_OPTION, STATE_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, ThinkOption, load_for_cli,
+    load_state_option, print_table, sampling_from_options, select_device,
 )
 
 
@@ -44,6 +44,7 @@ def generate(
     device: str = DEVICE_OPTION,
     scale_dtype: str = SCALE_DTYPE_OPTION,
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print load time, speeds and peak memory to stderr."),
+    state: Optional[Path] = STATE_OPTION,
     check_finite: bool = typer.Option(False, "--check-finite", help="If the logits turn NaN or infinite, stop with an error naming the first layer that produced them."),
 ) -> None:
     select_device(device)
@@ -82,8 +83,9 @@ def generate(
         sys.stdout.flush()
         sys.stdout.buffer.write(prompt_bytes if isinstance(prompt_bytes, bytes) else prompt.encode("utf-8", "replace"))
     last, fed = None, list(prompt_ids)
+    initial = load_state_option(state, loaded)
     for last in stream_generate(loaded, tokenizer, prompt_ids, max_tokens=max_tokens, sampling=sampling, stop=stop,
-                                prefill_progress=bar.update):
+                                state=initial, prefill_progress=bar.update):
         if check_finite and not math.isfinite(last.logprob):
             raise_nonfinite(loaded, info.path, fed)
         fed.append(last.token)
