@@ -5,7 +5,8 @@
 * ``affine`` -- MLX affine quantization at group 32 (``mx.quantized_matmul``),
   the exact image of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, IQ4_*;
 * ``ggml``   -- the GGUF blocks as stored (uint8), for block types MLX cannot
-  express (Q6_K, Q3_K, Q2_K, ...), multiplied by our own kernels on a GPU.
+  express (Q6_K, Q3_K, Q2_K, ...): our decode kernels read Q6_K blocks as stored;
+  otherwise the blocks are dequantized when used.
 
 Activations arrive in float32 and leave in float32; each layer casts to the
 dtype its weights need only for the product, so the residual stream, norms
@@ -101,9 +102,9 @@ class GGMLLinear(nn.Module):
         return quants.dequantize(self.weight, self.ggml_type, xp=mx)
 
     def __call__(self, x: mx.array) -> mx.array:
-        from .kernels import ggml_matmul  # kernels pick a backend at call time
-
-        return ggml_matmul(x, self.weight, self.ggml_type, self.in_dims, fallback=self.dequantized)
+        # Decoded tokens reach these blocks through the matvec kernel (kernels/decode.py),
+        # which reads them as stored; here (prefill, CPU) they are dequantized for the product.
+        return (x.astype(mx.float32) @ self.dequantized().T).astype(x.dtype)
 
     def rows(self, ids: mx.array) -> mx.array:
         return quants.dequantize(self.weight[ids], self.ggml_type, xp=mx)

@@ -9,7 +9,7 @@ path runs instead.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import mlx.core as mx
 
@@ -39,13 +39,6 @@ def kernels_disabled() -> Iterator[None]:
         yield
     finally:
         _enabled = saved
-
-
-def ggml_matmul(x: mx.array, blocks: mx.array, ggml_type: int, in_dims: int,
-                fallback: Callable[[], mx.array]) -> mx.array:
-    """x @ W.T for W stored as GGUF blocks (rows of ``blocks``)."""
-    w = fallback()
-    return (x.astype(mx.float32) @ w.T).astype(x.dtype)
 
 
 def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, head_size: int):
