@@ -5,7 +5,9 @@
 #   .oracle-subset/      the oracle files the GPU tests read (models + ref64 + token lists, about 26 MB)
 #   .gpu-train/          Tiny Shakespeare for scripts/train_demo_model.py
 # Then: call 1 carries .mlx-cuda-3/a (`cp .mlx-cuda-3/a/* /tmp/`), call 2 .mlx-cuda-3/b (the same), call 3
-# (each within 30 s of the last) .mlx-cuda-3/c plus what the step needs: `bash scripts/gpu_session.sh all`.
+# .mlx-cuda-3/c (`bash scripts/gpu_session.sh install`), each within 30 s of the last; later calls carry
+# .oracle-subset or .gpu-train for their step. The checkout itself travels every time (the bundled demo
+# model is about 25 MB of it), so one call cannot take part c and the oracle subset together.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel); cd "$root"
 shared=${SHARED:-$root/../shared}
