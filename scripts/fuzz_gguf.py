@@ -578,7 +578,9 @@ def _misbehave(how: str | None):
     elif how == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
     elif how == "memory":
-        return bytearray(RSS_BOUND + (64 << 20))  # zero-filled: every page touched
+        # bytearray(n) is calloc'd from untouched zero pages and never reaches RSS; filling it
+        # with a non-zero byte writes every page, so the spike is real wherever it runs.
+        return b"\x01" * (RSS_BOUND + (64 << 20))
     return None
 
 
