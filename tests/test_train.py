@@ -225,6 +225,10 @@ def test_resume_after_interruption_continues_the_loss_curve(corpus, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "val_loss" in e] == [3, 6]
 
+    again = train(cfg, resume=True, quiet=True)  # complete: nothing runs, nothing is logged twice
+    assert again.losses == [] and again.steps == 6 and again.best_val_loss == resumed.best_val_loss
+    assert (tmp_path / "b" / "log.jsonl").read_text().splitlines() == [json.dumps(e) for e in log]
+
 
 # -- export ------------------------------------------------------------------------------
 

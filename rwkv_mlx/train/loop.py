@@ -470,11 +470,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int, flo
             say(f"interrupted: checkpoint saved at step {step}; continue with --resume")
         log.close()
         raise
-    if last_eval != step:
+    if last_eval != step and step > start:  # a resumed run that was already complete was evaluated then
         val_loss = evaluate(step)
     checkpoint(step)
     log.close()
-    bar.close(f"{step} steps, loss {loss:.4f}")
+    bar.close(f"{step} steps, loss {loss:.4f}" if losses else f"{step} steps: the run was already complete")
     return TrainResult(step, tokens_seen, elapsed, loss, val_loss, best, best_step, out, files, losses)
 
 
