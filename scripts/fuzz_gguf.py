@@ -25,7 +25,7 @@ Case families:
 
 Cases run in a worker process (one import of MLX for many cases); the parent enforces a
 per-case timeout and restarts the worker after a crash or a hang.  The worker reports its
-peak RSS (getrusage) and MLX's peak memory for every case.
+peak RSS (VmHWM, or getrusage) and MLX's peak memory for every case.
 
     python scripts/fuzz_gguf.py --minutes 10               # oracle files + tiny models
     python scripts/fuzz_gguf.py --minutes 1 --base my.gguf --seed 7
@@ -566,10 +566,26 @@ def worker_main() -> None:
                        where=traceback.format_exc(limit=-3)[-600:])
         res["seconds"] = time.perf_counter() - start
         res["mlx_peak"] = mx.get_peak_memory()
-        res["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        res["maxrss"] = peak_rss()
         if req.get("crosscheck"):
             res["crosscheck"] = crosscheck(path)
         print(json.dumps(res), file=out)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes.
+
+    On Linux ``ru_maxrss`` keeps the parent's RSS at fork across exec, so a worker started by
+    a big process (a long test session) would measure against the parent's peak and miss its
+    own spikes; ``VmHWM`` counts this process image only.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _misbehave(how: str | None):

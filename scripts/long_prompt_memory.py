@@ -9,7 +9,7 @@ Each length runs in its own subprocess: load the model, take exactly N prompt to
 peak RSS (Linux ``/proc/self/clear_refs``; elsewhere the peak includes loading), prefill
 with ``rwkv_mlx.generate.prefill`` (chunks of 512 tokens, each evaluated before the next
 is built) and sample nothing.  Reported per length: seconds, tokens/s, the process's
-peak RSS during the prefill (``ru_maxrss``), its peak RSS while loading, and MLX's peak
+peak RSS during the prefill (``VmHWM``, reset after the load), its peak RSS while loading, and MLX's peak
 memory during the prefill (``mx.get_peak_memory`` after ``mx.reset_peak_memory``).
 Memory is flat when the prefill peaks of the longest prompt are within ``--tolerance``
 of the second length's.
@@ -25,19 +25,15 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_synthetic_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_synthetic_model, fuzz_gguf
 
-
-def peak_rss() -> int:
-    ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024
+from fuzz_gguf import peak_rss  # noqa: E402 -- VmHWM: this process's own peak, not its parent's
 
 
 def reset_peak_rss() -> bool:
