@@ -6,7 +6,7 @@
 The recipe is the one the shipped file was made with: a 4-layer RWKV-7
 (n_embd 256, FFN 1024, LoRA ranks 32/32/32/64, head size 64, the full
 65536-token world vocabulary) trained from scratch on Tiny Shakespeare with the
-last 10% of its tokens held out: 420 AdamW steps of 8 x 256 tokens (about 2.8
+last 10% of its tokens held out: 420 AdamW steps of 8 x 256 tokens (about 2.9
 passes), warm-up 20, cosine to 10%, evaluation every 60 steps.  It is exactly
 
     rwkv-mlx train --data tinyshakespeare.txt --out RUN --shape 4x256 --ranks 32,32,32,64 \
