@@ -125,6 +125,57 @@ def test_degenerate_and_verdict():
     reason = bench.quality_verdict([good[:-1] + [7]], ref)
     assert "position 15" in reason and "gap there is 0.001" in reason
     assert "degenerate" in bench.quality_verdict([[4] * 16], ref)
+    # off the reference's path: judged token by token along that path
+    assert bench.quality_verdict([good[:-1] + [7]], ref, gaps=[0.0] * 15 + [bench.NEAR_TIE]) is None
+    reason = bench.quality_verdict([good[:-1] + [7]], ref, gaps=[0.0] * 15 + [0.5])
+    assert "token 15 (7) is 0.5 logits below the reference's choice" in reason
+
+
+def _tied_model(tmp_path) -> tuple[Path, list[int], int, int, int]:
+    """A model whose head has two identical rows, A and B > A, with A among its greedy tokens.
+
+    Returns (file, prompt, k, A, B): the reference picks A at position k, where B ties it exactly.
+    """
+    synth = _synth()
+    hp = synth.synthetic_hparams(1, 64, 128, (8, 8, 8, 8))
+    tensors = synth.synthetic_tensors(hp, 512, seed=3)
+    path, prompt = tmp_path / "plain.gguf", list(range(20, 44))
+    write_rwkv7_gguf(path, dict(hp, vocab_size=512), tensors, "F32")
+    tokens = bench.compute_reference(path, prompt).tokens
+    k, a = next((i, t) for i, t in enumerate(tokens) if i >= 2 and t < 511 and t not in tokens[:i])
+    head = np.array(tensors["output.weight"](), np.float32)  # the synthetic tensors are made on demand
+    head[511] = head[a]  # token 511 now ties A everywhere
+    tensors["output.weight"] = head
+    tied = tmp_path / "tied.gguf"
+    write_rwkv7_gguf(tied, dict(hp, vocab_size=512), tensors, "F32")
+    assert bench.compute_reference(tied, prompt).tokens == tokens  # argmax keeps the first of equals
+    return tied, prompt, k, a, 511
+
+
+def test_gate_judges_each_token_along_its_own_path(tmp_path):
+    """A flipped exact tie passes (with a note); a flipped clear choice is rejected, at its real gap."""
+    path, prompt, k, a, b = _tied_model(tmp_path)
+    reference = bench.compute_reference(path, prompt)
+    assert bench.path_gaps(path, prompt, reference.tokens) == [0.0] * 16  # greedy tokens: the reference's choice
+
+    # another engine takes B at position k, then continues greedily from there
+    flipped = reference.tokens[:k] + [b]
+    flipped += bench.compute_reference(path, prompt + flipped, n=16 - len(flipped)).tokens
+    gaps = bench.path_gaps(path, prompt, flipped)
+    assert max(gaps) == 0.0, gaps
+    assert bench.quality_verdict([flipped, flipped], reference, gaps) is None
+    assert f"near tie at token {k}" in bench.tie_note(flipped, reference, gaps)
+
+    # taking the runner-up where the reference sees a clear gap is a wrong token, measured at its real gap
+    j = next(i for i in range(16) if i != k and reference.margins[i] > 0.1)
+    logits, _ = ReferenceRWKV7(path).run(prompt + reference.tokens[:j])  # float64, independent of rwkv_mlx
+    order = np.argsort(logits[-1])
+    wrong = reference.tokens[:j] + [int(order[-2])] + reference.tokens[j + 1:]
+    gaps = bench.path_gaps(path, prompt, wrong)
+    assert gaps[:j] == [0.0] * j
+    np.testing.assert_allclose(gaps[j], logits[-1][order[-1]] - logits[-1][order[-2]], rtol=1e-4, atol=1e-5)
+    reason = bench.quality_verdict([wrong], reference, gaps)
+    assert f"from position {j}" in reason and "along their own path" in reason
 
 
 def test_insert_entry_groups_by_title_newest_last():
