@@ -572,10 +572,10 @@ def run_benchmark(
     gaps = None
     if result.tokens != reference.tokens and consistency_reason(runs_tokens) is None:
         gaps = path_gaps(path, prompt, result.tokens)  # consistent tokens off the reference's path: check each one
-    result.quality_note = tie_note(result.tokens, reference, gaps)
     reason = quality_verdict(runs_tokens, reference, gaps)
     if reason is not None:
         raise QualityGateError(reason, rejected_record(result, reason))
+    result.quality_note = tie_note(result.tokens, reference, gaps)
     return result
 
 
