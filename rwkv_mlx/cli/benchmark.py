@@ -12,7 +12,7 @@ import typer
 from . import app
 from ..errors import InvalidArgumentError
 from ..progress import Progress
-from .common import load_for_cli, print_table, resolve_model, select_device
+from .common import DEVICE_OPTION, MODEL_OPTION, load_for_cli, print_table, resolve_model, select_device
 
 
 @app.command(help="Benchmark a model: load time, prefill and generation tok/s (median of --runs), peak memory and "
@@ -20,14 +20,14 @@ from .common import load_for_cli, print_table, resolve_model, select_device
                   "differ from the float32 reference. Appends to RESULTS_DIR/BENCHMARKS.md and benchmarks.jsonl. "
                   "--compare TITLE prints a title's entries side by side instead.")
 def benchmark(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="GGUF file or converted MLX directory; default: the bundled demo model."),
+    model: Optional[Path] = MODEL_OPTION,
     title: Optional[str] = typer.Option(None, "--title", help="Section of the log this entry belongs to (e.g. 'Fused WKV Kernel')."),
     change: Optional[str] = typer.Option(None, "--change", help="What changed since the previous entry (one line)."),
     prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Prompt length in tokens (the bundled passage, repeated)."),
     gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens to decode greedily (>= 16, the gate's length)."),
     runs: int = typer.Option(3, "--runs", help="Timed runs; the median and min-max are reported."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs first (compilation, caches)."),
-    device: str = typer.Option("auto", "--device", help="auto, gpu or cpu."),
+    device: str = DEVICE_OPTION,
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="Where BENCHMARKS.md and benchmarks.jsonl live (relative to the current directory)."),
     no_record: bool = typer.Option(False, "--no-record", help="Print the figures; write nothing to the results directory."),
     compare: Optional[str] = typer.Option(None, "--compare", help="Print the entries of this title side by side (ratios to the first) and exit."),

@@ -21,7 +21,7 @@ from .common import (
 
 
 @app.command(help="Generate text from a prompt (or chat with --chat). With no --model, runs the bundled "
-                  "demo model: a 6-layer RWKV-7 trained here on Tiny Shakespeare (see README).")
+                  "demo model: a 4-layer RWKV-7 trained here on Tiny Shakespeare (see README).")
 def generate(
     model: Optional[Path] = MODEL_OPTION,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' or omitted: read stdin, as raw bytes). Escapes like \\n are processed unless --no-escape."),

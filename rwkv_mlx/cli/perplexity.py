@@ -11,13 +11,13 @@ import typer
 from . import app
 from ..errors import InvalidArgumentError
 from ..progress import Progress
-from .common import load_for_cli, print_table, select_device
+from .common import DEVICE_OPTION, MODEL_OPTION, load_for_cli, print_table, select_device
 
 
 @app.command(help="Perplexity of a model on a text file: the text is read as one stream (state carried between "
                   "pieces of --seq-len tokens), every token predicted from all the text before it.")
 def perplexity(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="GGUF file or MLX folder; default: the demo model."),
+    model: Optional[Path] = MODEL_OPTION,
     text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
     max_tokens: int = typer.Option(0, "--max-tokens", help="Score at most this many tokens (0: all)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per forward pass (the state carries across)."),
@@ -25,7 +25,7 @@ def perplexity(
     tail: float = typer.Option(1.0, "--tail", help="Score only the last fraction of the tokens (0.1: the held-out split of rwkv-mlx train)."),
     state: Optional[Path] = typer.Option(None, "--state", help="Start from a saved state (e.g. a state-tuned file)."),
     chunked: bool = typer.Option(False, "--chunked", help="Use the chunked WKV form (fast on GPUs without the fused kernel)."),
-    device: str = typer.Option("auto", "--device", help="auto, gpu or cpu."),
+    device: str = DEVICE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     from ..state import State

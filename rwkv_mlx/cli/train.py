@@ -9,7 +9,7 @@ import typer
 
 from . import app
 from ..errors import InvalidArgumentError
-from .common import print_table, select_device
+from .common import DEVICE_OPTION, print_table, select_device
 
 
 def parse_shape(shape: str, ffn: Optional[int], ranks: Optional[str], vocab_size: int, head_size: int) -> dict:
@@ -70,7 +70,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Initialisation, adapters and batch order."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="mx.compile the training step."),
-    device: str = typer.Option("auto", "--device", help="auto, gpu or cpu."),
+    device: str = DEVICE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     from ..train import TrainConfig
