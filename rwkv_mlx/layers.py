@@ -17,12 +17,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import quants
+from .backend import active_backend
 
 GROUP_SIZE = 32  # ggml sub-blocks are 32 (or 16) elements: only group 32 follows them
+
+# MLX's CUDA quantized matmul is built for few rows: for a prompt chunk, expanding the
+# weights (exactly, in the scales' dtype) and calling the dense GEMM is faster
+# (results/kernel_log.md, step 4). 0 turns this off.
+CUDA_DEQUANT_MIN_ROWS = int(os.environ.get("RWKV_MLX_CUDA_DEQUANT_MIN_ROWS", "64"))
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,10 @@ class AffineLinear(nn.Module):
         self.biases = mx.zeros((out_dims, in_dims // fmt.group_size), dtype=fmt.mx_dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if 0 < CUDA_DEQUANT_MIN_ROWS <= rows and active_backend() == "cuda":
+            w = mx.dequantize(self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+            return (x.astype(w.dtype) @ w.T).astype(x.dtype)
         y = mx.quantized_matmul(
             x.astype(self.scales.dtype), self.weight, self.scales, self.biases,
             transpose=True, group_size=self.group_size, bits=self.bits,

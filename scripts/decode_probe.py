@@ -14,8 +14,11 @@ import time
 import mlx.core as mx
 
 import rwkv_mlx
+from rwkv_mlx import layers
 from rwkv_mlx.benchmark import count_primitives
-from rwkv_mlx.kernels import kernels_disabled
+from rwkv_mlx.generate import prefill, stream_generate
+from rwkv_mlx.kernels import fused_time_mix, kernels_disabled
+from rwkv_mlx.sample import SamplingParams
 
 
 def decode(model, n_prompt: int, n_tokens: int):
@@ -66,6 +69,49 @@ def launch_times(model, repeats: int = 50) -> None:
         print(f"  {name:10s} {us:8.1f} us  {nbytes / 1e6:7.2f} MB  {rate}")
 
 
+def _median_seconds(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: kernel compilation, allocator
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return sorted(times)[len(times) // 2]
+
+
+def prefill_times(model, n_tokens: int) -> None:
+    """Prompt tok/s with the quantized matmul and with dequantize + GEMM, and the WKV kernel's share."""
+    ids = [(7 * i + 3) % model.args.vocab_size for i in range(n_tokens)]
+    saved = layers.CUDA_DEQUANT_MIN_ROWS
+    for label, rows in (("quantized matmul", 0), ("dequantize + GEMM", 1)):
+        layers.CUDA_DEQUANT_MIN_ROWS = rows
+        s = _median_seconds(lambda: mx.eval(prefill(model, ids)[0]))
+        print(f"  prefill {n_tokens} ({label:18s}) {n_tokens / s:9.1f} tok/s  {s * 1e3:8.1f} ms")
+    layers.CUDA_DEQUANT_MIN_ROWS = saved
+    C, N = model.args.n_embd, model.args.head_size
+    H = C // N
+    r, k, v, w, a, g = (mx.random.normal((1, n_tokens, C)) * 0.5 for _ in range(6))
+    ch = [mx.random.normal((C,)) * 0.1 for _ in range(5)]
+    st = mx.zeros((1, H, N, N))
+    mx.eval(r, k, v, w, a, g, *ch, st)
+    if fused_time_mix(r, k, v, w, a, g, *ch, st, N) is None:
+        print("  no WKV kernel on this backend")
+        return
+    s = _median_seconds(lambda: mx.eval(*fused_time_mix(r, k, v, w, a, g, *ch, st, N)))
+    print(f"  WKV kernel alone, T={n_tokens}, H={H}: {s * 1e3:.2f} ms per layer, "
+          f"{s * model.args.n_layer * 1e3:.1f} ms for {model.args.n_layer} layers")
+
+
+def stream_rate(model, tokenizer, n_prompt: int, n_tokens: int) -> None:
+    """What the benchmark times: stream_generate's own decode rate (sampler, log-probs, host sync included)."""
+    ids = [(7 * i + 3) % model.args.vocab_size for i in range(n_prompt)]
+    for _ in range(2):
+        for last in stream_generate(model, tokenizer, ids, max_tokens=n_tokens, sampling=SamplingParams.greedy(),
+                                    stop_at_end_of_text=False):
+            pass
+    print(f"stream  : {last.generation_tps:8.1f} tok/s decode, {last.prompt_tps:8.1f} tok/s prompt ({n_prompt})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -73,9 +119,11 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--launches", action="store_true", help="time each decode launch of one block")
+    ap.add_argument("--prefill", type=int, default=0, help="also time a prompt of this many tokens")
+    ap.add_argument("--stream", action="store_true", help="also time stream_generate (what the benchmark times)")
     args = ap.parse_args()
     t = time.perf_counter()
-    model, _ = rwkv_mlx.load(args.model)
+    model, tokenizer = rwkv_mlx.load(args.model)
     print(f"load {time.perf_counter() - t:.2f} s  {args.model}")
     decode(model, args.prompt, 4)  # compile kernels
     toks, tps, ops = decode(model, args.prompt, args.tokens)
@@ -83,6 +131,10 @@ def main():
     print("   ", dict(ops.most_common(12)))
     if args.launches:
         launch_times(model)
+    if args.stream:
+        stream_rate(model, tokenizer, 512, 128)
+    if args.prefill:
+        prefill_times(model, args.prefill)
     if not args.no_reference:
         with kernels_disabled():
             decode(model, args.prompt, 2)

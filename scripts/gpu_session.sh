@@ -51,5 +51,19 @@ case $step in
       python3 scripts/bench_peers.py --model /tmp/synth/${pair#*:}.gguf --mode ${pair%%:*} --ours log \
         --results-dir $OUT/results --title "$TITLE" 2>&1 | tail -20
     done ;;
+  explore)  # decode probe per MLX_MAX_OPS_PER_BUFFER (kernels per CUDA graph), prefill routes, WKV share
+    bash "$0" wait "$@"
+    for t in "$@"; do
+      python3 scripts/decode_probe.py /tmp/synth/$t.gguf --no-reference --launches --stream --prefill 512 2>&1 \
+        | tee -a $OUT/explore.log
+    done
+    for ops in 60 120 240; do
+      echo "== MLX_MAX_OPS_PER_BUFFER=$ops" | tee -a $OUT/explore.log
+      MLX_MAX_OPS_PER_BUFFER=$ops python3 scripts/decode_probe.py /tmp/synth/$1.gguf --no-reference --stream 2>&1 \
+        | tee -a $OUT/explore.log
+    done
+    echo "== MLX_USE_CUDA_GRAPHS=0" | tee -a $OUT/explore.log
+    MLX_USE_CUDA_GRAPHS=0 python3 scripts/decode_probe.py /tmp/synth/$1.gguf --no-reference --stream 2>&1 \
+      | tee -a $OUT/explore.log ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

@@ -321,3 +321,24 @@ def test_own_encoders_as_good_as_llama_cpp(ftype):
     assert sums
     for qtype, (theirs, ours, norm) in sums.items():
         assert np.sqrt(ours / norm) <= 1.02 * np.sqrt(theirs / norm), qtype.name
+
+
+@pytest.mark.parametrize("rows", [1, 70])
+def test_affine_layer_prompt_rows_take_the_dequantized_gemm_on_cuda(monkeypatch, rows):
+    """On CUDA a prompt chunk multiplies by the expanded weights; both routes give the exact product."""
+    from rwkv_mlx import layers
+
+    raw = random_blocks(T.Q4_K, rows=6, n_blocks=2, seed=5)
+    aw = Q.to_affine(raw, T.Q4_K)
+    layer = layers.AffineLinear(aw.codes.shape[1], 6, layers.WeightFormat("affine", "float32", bits=aw.bits))
+    layer.weight = mx.array(Q.pack_affine_codes(aw.codes, aw.bits))
+    layer.scales, layer.biases = mx.array(aw.scales), mx.array(aw.biases)
+    x = mx.array(np.random.default_rng(2).standard_normal((1, rows, aw.codes.shape[1])).astype(np.float32))
+    y_ref = np.array(x, dtype=np.float64) @ gguf.quants.dequantize(raw, T.Q4_K).astype(np.float64).T
+    calls = []
+    real_dequantize = mx.dequantize
+    monkeypatch.setattr(layers.mx, "dequantize", lambda *a, **k: calls.append(1) or real_dequantize(*a, **k))
+    monkeypatch.setattr(layers, "active_backend", lambda: "cuda")
+    y = np.array(layer(x))
+    assert bool(calls) == (rows >= layers.CUDA_DEQUANT_MIN_ROWS)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
