@@ -5,6 +5,8 @@
 #   synth    : write the 2.9B-shaped synthetic models into /tmp/synth in the background
 #   tests    : the GPU kernel tests against the carried oracle subset
 #   probe    : decode probe on each synthetic model that is ready
+#   costs    : host and device time per launch, prefill routes (development aids)
+#   bench    : the benchmark log entries, ours and mlx-lm's (needs $TITLE and $CHANGE)
 set -uo pipefail
 export PYTHONPATH=/tmp/mlxsite:$PWD PYTHONUNBUFFERED=1 MLX_ENABLE_TF32=0
 OUT=${OUT:-/tmp/out}
@@ -47,9 +49,15 @@ case $step in
       python3 -c "from rwkv_mlx.cli import main; main()" benchmark --model /tmp/synth/$t.gguf --title "$TITLE" \
         --change "$CHANGE ($t)" --device gpu --results-dir $OUT/results --quiet 2>&1 | tail -30
     done
-    for pair in 4bit:Q4_K_M float16:F16; do
+    for pair in 4bit:Q4_K_M 8bit:Q8_0 float16:F16; do
       python3 scripts/bench_peers.py --model /tmp/synth/${pair#*:}.gguf --mode ${pair%%:*} --ours log \
         --results-dir $OUT/results --title "$TITLE" 2>&1 | tail -20
+    done ;;
+  costs)  # host and device time per launch (scripts/launch_cost.py), prefill routes and the WKV share
+    bash "$0" wait "$@"
+    python3 scripts/launch_cost.py /tmp/synth/$1.gguf 2>&1 | tee -a $OUT/costs.log
+    for t in "$@"; do
+      python3 scripts/decode_probe.py /tmp/synth/$t.gguf --no-reference --tokens 32 --prefill 512 2>&1 | tee -a $OUT/costs.log
     done ;;
   explore)  # decode probe per MLX_MAX_OPS_PER_BUFFER (kernels per CUDA graph), prefill routes, WKV share
     bash "$0" wait "$@"

@@ -2,7 +2,7 @@
 # Builds the folders scripts/gpu_session.sh carries to the lent GPU machine (all git-ignored):
 #   .mlx-cuda-3/{a,b,c}  MLX's CUDA wheel in three parts of about 31 MB, so that part c, the install
 #                        script, gguf and mlx-lm fit in one call beside the oracle subset (64 MiB a call)
-#   .oracle-subset/      the oracle files the GPU tests read (models + ref64 + token lists, about 26 MB)
+#   .oracle-subset/      the oracle files the GPU tests read (models, ref64 and llama.cpp batch logits, token lists: about 31 MB)
 #   .gpu-train/          Tiny Shakespeare for scripts/train_demo_model.py
 # Then: call 1 carries .mlx-cuda-3/a (`cp .mlx-cuda-3/a/* /tmp/`), call 2 .mlx-cuda-3/b (the same), call 3
 # .mlx-cuda-3/c (`bash scripts/gpu_session.sh install`), each within 30 s of the last; later calls carry
@@ -38,7 +38,7 @@ INNER
 rm -rf .oracle-subset && mkdir -p .oracle-subset/models .oracle-subset/logits
 for n in fixa-Q4_K_M fixa-Q6_K fixa-Q2_K fixa-IQ4_XS fixb-f16 fixb-Q8_0 fixb-Q4_0 fixb-Q4_K_M fixb-Q5_K_M fixb-Q6_K; do
   cp "$shared/oracle/models/$n.gguf" .oracle-subset/models/
-  cp "$shared/oracle/logits/$n".{ref64,batch,seq}.npy .oracle-subset/logits/
+  cp "$shared/oracle/logits/$n".{ref64,batch}.npy .oracle-subset/logits/
 done
 cp "$shared"/oracle/logits/*.tokens.txt .oracle-subset/logits/
 mkdir -p .gpu-train && cp "$shared/data/tinyshakespeare.txt" .gpu-train/

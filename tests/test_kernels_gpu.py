@@ -61,6 +61,17 @@ def test_wkv7_kernel_matches_reference(B, T, H):
     assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5, (rel_err(y, y_ref), rel_err(s, s_ref))
 
 
+@pytest.mark.parametrize("N", [32, 128])
+def test_wkv7_kernel_other_head_sizes(N):
+    """Head sizes other than RWKV-7's 64 change the group size and the shared-memory staging."""
+    rng = np.random.default_rng(N)
+    seq, chan, state = wkv_inputs(rng, 2, 37, 3, N)
+    y, s = run_core(fused_time_mix, seq, chan, state, N)
+    with kernels_disabled():
+        y_ref, s_ref = run_core(time_mix_core_reference, seq, chan, state, N)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5, (rel_err(y, y_ref), rel_err(s, s_ref))
+
+
 def test_wkv7_kernel_state_carries_across_calls():
     rng = np.random.default_rng(7)
     seq, chan, state = wkv_inputs(rng, 2, 71, 4)

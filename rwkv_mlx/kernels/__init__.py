@@ -49,7 +49,7 @@ def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, h
     LoRA up-projections were MLX matmuls, so the kernel copies them in).
     """
     backend = kernel_backend()
-    if backend is None or head_size % 32:
+    if backend is None or head_size % 32 or head_size > 128:  # group of 4N threads, staging in 48 KB
         return None
     from .dialect import build
 

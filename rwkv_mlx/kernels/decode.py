@@ -43,7 +43,7 @@ class BlockPlan:
         self.key = MatvecPlan([Segment(ffn.key)], B, backend=backend, prologue=1, epilogue=1, ln=block.ln2,
                               mix=ffn.x_k.reshape(1, -1))
         self.value = MatvecPlan([Segment(ffn.value)], B, backend=backend, epilogue=2, out_shape=(B, 1, C))
-        self.ok = N % 32 == 0 and all(p.ok for p in (self.proj, self.out, self.key, self.value))
+        self.ok = N % 32 == 0 and N <= 128 and all(p.ok for p in (self.proj, self.out, self.key, self.value))
 
         # The time-mix kernel reads the LoRA down outputs where launch 1 wrote them (after r|k|v).
         info, column = [], 0

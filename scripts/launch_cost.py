@@ -1,0 +1,113 @@
+"""What one kernel launch costs on this backend, split into host (encoding) and device time.
+
+    python scripts/launch_cost.py [MODEL.gguf]
+
+A development aid for kernel work (results/kernel_log.md): it times chains of
+dependent launches -- a null custom kernel with 1 to 33 inputs, a small MLX
+op, and, given a model, each decode launch of one block -- and prints, per
+launch, how long the host spent encoding it and how long the whole chain took.
+When the two are close, the host, not the GPU, sets the pace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import mlx.core as mx
+
+CHAIN = 200
+
+
+def timed_chain(launch, x0) -> tuple[float, float]:
+    """(host us, total us) per launch of a chain of CHAIN dependent launches."""
+    mx.eval(launch(x0))  # compile, allocate
+    best = (float("inf"), float("inf"))
+    for _ in range(3):
+        mx.synchronize()
+        tic = time.perf_counter()
+        x = x0
+        for _ in range(CHAIN):
+            x = launch(x)
+        mx.async_eval(x)
+        host = time.perf_counter() - tic
+        mx.eval(x)
+        total = time.perf_counter() - tic
+        best = min(best, (host, total), key=lambda t: t[1])
+    return best[0] / CHAIN * 1e6, best[1] / CHAIN * 1e6
+
+
+def null_kernel(n_inputs: int):
+    names = [f"in{i}" for i in range(n_inputs)]
+    body = ("if (threadIdx.x == 0 && blockIdx.x == 0) { float s = 0.0f; "
+            + " ".join(f"s += {n}[0];" for n in names) + " out[0] = s; }")
+    kernel = mx.fast.cuda_kernel(name=f"null_{n_inputs}", input_names=names, output_names=["out"], source=body)
+    extra = [mx.zeros((16,)) for _ in range(n_inputs - 1)]
+    mx.eval(extra)
+
+    def launch(x):
+        return kernel(inputs=[x, *extra], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(16,)],
+                      output_dtypes=[mx.float32])[0]
+
+    return launch
+
+
+def row(name: str, host: float, total: float) -> None:
+    print(f"| {name} | {host:.1f} | {total:.1f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?")
+    args = ap.parse_args()
+    print("| launch | host us | total us |\n|---|---|---|")
+    x0 = mx.zeros((16,))
+    row("mx.add (16 floats)", *timed_chain(lambda x: x + 1.0, x0))
+    if mx.cuda.is_available():
+        for n in (1, 3, 9, 17, 33):
+            row(f"null custom kernel, {n} inputs", *timed_chain(null_kernel(n), x0))
+    from rwkv_mlx.kernels import kernel_backend
+
+    if not args.model or kernel_backend() is None:
+        return
+    import rwkv_mlx
+
+    model, _ = rwkv_mlx.load(args.model)
+    model(mx.zeros((1, 1), dtype=mx.uint32), model.initial_state(1), logits="last")  # builds the decode plans
+    plan = model.blocks[1]._decode_plans[1]
+    C = plan.C
+    x = mx.random.normal((1, 1, C))
+    shift = mx.random.normal((1, C))
+    state = mx.zeros((1, plan.H, plan.N, plan.N))
+    mx.eval(x, shift, state)
+    # each launch takes the previous one's output as its input, so the chain is serial
+    row("proj (r, k, v, LoRA down)", *timed_chain(lambda v: plan.proj(v, shift)[0][:, :C].reshape(1, 1, C), x))
+    row("out (W_o + residual)", *timed_chain(lambda v: plan.out(v.reshape(1, C), residual=v), x))
+    row("ffn key", *timed_chain(lambda v: plan.key(v, shift)[0][:, :C].reshape(1, 1, C), x))
+    hidden = mx.random.normal((1, model.blocks[1].ffn.key.weight.shape[0]))
+    row("ffn value", *timed_chain(lambda v: plan.value(hidden, residual=v), x))
+    row("block (5 launches)", *timed_chain(lambda v: plan(v, shift, shift, state, v)[0], x))
+    step_tokens = mx.array([1], dtype=mx.uint32)
+    st = model.initial_state(1)
+
+    def step(s_arrays):
+        logits, *arrays = model._compiled_steps[1](step_tokens, *s_arrays)
+        return arrays
+
+    model.step(step_tokens, st)
+    arrays = st.arrays()
+    mx.eval(arrays)
+    tic = time.perf_counter()
+    host = 0.0
+    for _ in range(20):
+        t = time.perf_counter()
+        arrays = step(arrays)
+        mx.async_eval(arrays)
+        host += time.perf_counter() - t
+    mx.eval(arrays)
+    total = time.perf_counter() - tic
+    row(f"whole decode step ({len(model.blocks)} blocks + head)", host / 20 * 1e6, total / 20 * 1e6)
+
+
+if __name__ == "__main__":
+    main()
