@@ -439,7 +439,13 @@ def environment() -> dict:
 
 
 def git_commit() -> tuple[str | None, bool | None]:
-    """(short commit of this package's checkout, whether tracked files differ); $RWKV_MLX_COMMIT elsewhere."""
+    """(short commit of this package's checkout, whether tracked files differ).
+
+    ``$RWKV_MLX_COMMIT`` wins when set: a copy of the tree on another machine may carry a
+    stale ``.git`` that names the wrong commit.
+    """
+    if os.environ.get("RWKV_MLX_COMMIT"):
+        return os.environ["RWKV_MLX_COMMIT"], None
     repo = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .backend import active_backend
 from .errors import InvalidArgumentError
 from .sample import Sampler, SamplingParams, token_logprob, whitespace_digit_weights
 from .state import State
@@ -64,10 +65,11 @@ def prefill(model, tokens: Sequence[int], state: State | None = None, *, chunk_s
         state.check_fits(model)
     tokens = list(tokens)
     logits = None
+    on_gpu = active_backend() != "cpu"  # see Model.__call__: bounds the memory queued on the device
     for start in range(0, len(tokens), chunk_size):
         piece = mx.array([tokens[start : start + chunk_size]], dtype=mx.uint32)
         last = start + chunk_size >= len(tokens)
-        logits, state = model(piece, state, logits="last" if last else "none")
+        logits, state = model(piece, state, logits="last" if last else "none", eval_each_block=on_gpu)
         mx.eval(state.arrays() if logits is None else [logits, *state.arrays()])
         if progress:
             progress(min(start + chunk_size, len(tokens)), len(tokens))

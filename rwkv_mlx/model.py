@@ -256,8 +256,13 @@ class Model(nn.Module):
         return logits, State.from_arrays(arrays, state.model_id)
 
     def __call__(self, tokens: mx.array, state: State | None = None,
-                 logits: Literal["all", "last", "none"] = "all"):
-        """tokens: int array [B, T] (or [T]); returns (logits [B, T|1, V] float32 or None, new state)."""
+                 logits: Literal["all", "last", "none"] = "all", *, eval_each_block: bool = False):
+        """tokens: int array [B, T] (or [T]); returns (logits [B, T|1, V] float32 or None, new state).
+
+        ``eval_each_block`` evaluates the graph block by block: a GPU holds every buffer
+        of the work queued ahead of it, so a prompt chunk queued whole keeps all its
+        blocks' temporaries (and, on CUDA, expanded weights) alive at once.
+        """
         if tokens.ndim == 1:
             tokens = tokens[None]
         if state is None:
@@ -267,6 +272,8 @@ class Model(nn.Module):
         att_x, ffn_x, wkv = [], [], []
         for i, block in enumerate(self.blocks):
             x, a, f, s, v_first = block(x, state.att_x[i], state.ffn_x[i], state.wkv[i], v_first)
+            if eval_each_block:
+                mx.eval(x, a, f, s, v_first)
             att_x.append(a)
             ffn_x.append(f)
             wkv.append(s)

@@ -85,8 +85,12 @@ def prefill_times(model, n_tokens: int) -> None:
     saved = layers.CUDA_DEQUANT_MIN_ROWS
     for label, rows in (("quantized matmul", 0), ("dequantize + GEMM", 1)):
         layers.CUDA_DEQUANT_MIN_ROWS = rows
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
         s = _median_seconds(lambda: mx.eval(prefill(model, ids)[0]))
-        print(f"  prefill {n_tokens} ({label:18s}) {n_tokens / s:9.1f} tok/s  {s * 1e3:8.1f} ms")
+        extra = (mx.get_peak_memory() - base) / 1e6
+        print(f"  prefill {n_tokens} ({label:18s}) {n_tokens / s:9.1f} tok/s  {s * 1e3:8.1f} ms  "
+              f"peak {extra:8.1f} MB over the weights")
     layers.CUDA_DEQUANT_MIN_ROWS = saved
     C, N = model.args.n_embd, model.args.head_size
     H = C // N

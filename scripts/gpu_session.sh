@@ -55,7 +55,8 @@ case $step in
     done ;;
   costs)  # host and device time per launch (scripts/launch_cost.py), prefill routes and the WKV share
     bash "$0" wait "$@"
-    python3 scripts/launch_cost.py /tmp/synth/$1.gguf 2>&1 | tee -a $OUT/costs.log
+    python3 scripts/launch_cost.py 2>&1 | tee -a $OUT/costs.log
+    python3 scripts/kernel_profile.py /tmp/synth/$1.gguf 2>&1 | grep -v Warning | tee -a $OUT/costs.log
     for t in "$@"; do
       python3 scripts/decode_probe.py /tmp/synth/$t.gguf --no-reference --tokens 32 --prefill 512 2>&1 | tee -a $OUT/costs.log
     done ;;

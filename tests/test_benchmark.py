@@ -316,3 +316,14 @@ def test_peers_mlx_lm_agrees_on_the_float32_oracle(require_oracle, results, caps
     assert line["engine"] == "mlx-lm" and line["agreement_with_reference"] == 16
     assert line["quality_hash"] == line["ours"]["quality_hash"]
     assert "rwkv-mlx / mlx-lm" in (results / "peers.md").read_text()
+
+
+def test_commit_from_the_environment_wins(monkeypatch):
+    """A tree copied to another machine may carry a stale .git: $RWKV_MLX_COMMIT names the real commit."""
+    monkeypatch.setenv("RWKV_MLX_COMMIT", "abc1234")
+    assert bench.git_commit() == ("abc1234", None)
+    monkeypatch.delenv("RWKV_MLX_COMMIT")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        pytest.skip("not a git checkout")
+    assert bench.git_commit()[0] == head.stdout.strip()

@@ -47,6 +47,16 @@ def test_generate_from_cached_prompt_equals_whole_prompt():
             == rwkv_mlx.generate(model, tokenizer, prefix + rest, **seeded))
 
 
+def test_block_by_block_evaluation_changes_nothing():
+    """GPU prefill evaluates block by block (to bound queued memory): same logits and state, bit for bit."""
+    model, tokenizer = tiny_model()
+    ids = mx.array([tokenizer.encode(TEXT)[:40]])
+    whole, s1 = model(ids)
+    stepped, s2 = model(ids, eval_each_block=True)
+    assert np.array_equal(to_np(whole), to_np(stepped))
+    assert all(np.array_equal(to_np(a), to_np(b)) for a, b in zip(s1.arrays(), s2.arrays()))
+
+
 def _state_by_hand(model, ids: list[int]) -> State:
     state = None
     for t in ids:  # one token at a time: a different path from prefill's single call

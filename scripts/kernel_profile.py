@@ -1,0 +1,71 @@
+"""GPU time of every kernel in decoded tokens and in a prompt chunk, read with CUPTI.
+
+    python scripts/kernel_profile.py MODEL.gguf [--tokens 16] [--prompt 512]
+
+A development aid for kernel work (results/kernel_log.md). MLX has no kernel
+profiler of its own; torch.profiler's CUPTI tracer records every kernel the
+process runs on the device, MLX's included, so this needs a CUDA build of
+torch beside MLX's CUDA backend. Prints, per kernel name, calls per token and
+GPU microseconds, and compares the GPU's busy time with the wall-clock time:
+when busy time is far below wall time, the host sets the pace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import mlx.core as mx
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import rwkv_mlx
+from rwkv_mlx.generate import prefill
+
+
+def table(prof, per: int, wall_us: float, what: str) -> None:
+    rows = [e for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda e: -e.device_time_total)
+    busy = sum(e.device_time_total for e in rows)
+    print(f"\n## {what}: GPU busy {busy / per:.1f} us per {'token' if per > 1 else 'chunk'}, "
+          f"wall {wall_us / per:.1f} us")
+    print("| kernel | calls | GPU us total | GPU us per call |\n|---|---|---|---|")
+    for e in rows[:25]:
+        print(f"| {e.key[:90]} | {e.count / per:.1f} | {e.device_time_total / per:.1f} | "
+              f"{e.device_time_total / max(e.count, 1):.1f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=512)
+    args = ap.parse_args()
+    torch.cuda.init()
+    model, _ = rwkv_mlx.load(args.model)
+    ids = [(7 * i + 3) % model.args.vocab_size for i in range(args.prompt)]
+    logits, state = prefill(model, ids[:16])
+    token = mx.argmax(logits, axis=-1)
+    for _ in range(4):  # compile the decode step
+        logits, state = model.step(token, state)
+        token = mx.argmax(logits, axis=-1)
+        mx.eval(token, *state.arrays())
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        tic = time.perf_counter()
+        for _ in range(args.tokens):
+            logits, state = model.step(token, state)
+            token = mx.argmax(logits, axis=-1)
+            mx.async_eval(token, *state.arrays())
+        mx.eval(token)
+        wall = (time.perf_counter() - tic) * 1e6
+    table(prof, args.tokens, wall, "decode")
+    mx.eval(prefill(model, ids)[0])  # warm
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        tic = time.perf_counter()
+        mx.eval(prefill(model, ids)[0])
+        wall = (time.perf_counter() - tic) * 1e6
+    table(prof, 1, wall, f"prefill of {args.prompt} tokens")
+
+
+if __name__ == "__main__":
+    main()
