@@ -180,6 +180,7 @@ def load_gguf(path: str | os.PathLike, options: LoadOptions | None = None,
     model = Model(args, formats, lora_dtype=lora_dtype)
     model.load_weights(weights, strict=True)
     mx.eval(model.parameters())
+    model.keep_tables_on_device()
     model.fingerprint = file_fingerprint(g.path)
     types: dict[str, int] = {}
     for info in g.tensors.values():

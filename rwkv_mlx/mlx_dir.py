@@ -385,6 +385,7 @@ def load_mlx_dir(path: str | os.PathLike, options: LoadOptions | None = None,
     try:
         model.load_weights(weights, strict=True)
         mx.eval(model.parameters())
+        model.keep_tables_on_device()
     except (ValueError, RuntimeError) as e:
         raise ModelFileError(path, f"weights do not fit the model in config.json ({e})") from None
     model.fingerprint = str(config.get("fingerprint", ""))

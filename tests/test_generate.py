@@ -57,6 +57,23 @@ def test_block_by_block_evaluation_changes_nothing():
     assert all(np.array_equal(to_np(a), to_np(b)) for a, b in zip(s1.arrays(), s2.arrays()))
 
 
+def test_embedding_rewritten_for_the_device_is_the_same_table(monkeypatch):
+    """On CUDA the loader has a kernel rewrite the embedding (so the GPU owns its pages): same bits."""
+    import rwkv_mlx.model as model_module
+
+    from pathlib import Path
+
+    model, _ = rwkv_mlx.load(Path(rwkv_mlx.__file__).parent / "data" / "rwkv7-demo-shakespeare.gguf")
+    before = {k: np.array(v) for k, v in model.emb.parameters().items()}
+    monkeypatch.setattr(model_module, "active_backend", lambda: "cuda")
+    model.keep_tables_on_device()
+    after = model.emb.parameters()
+    assert before.keys() == after.keys() and len(before) == 3  # affine: codes, scales, offsets
+    for k in before:
+        assert after[k].dtype == model.emb.parameters()[k].dtype
+        assert np.array_equal(before[k], np.array(after[k]))
+
+
 def _state_by_hand(model, ids: list[int]) -> State:
     state = None
     for t in ids:  # one token at a time: a different path from prefill's single call

@@ -113,7 +113,7 @@ def test_wkv7_kernel_up_projections_and_value_mix():
         inputs=[proj, mx.zeros((1,)), v_first.reshape(B, C), mx.array(info, dtype=mx.int32),
                 *(up[n].view(mx.uint8) for n in ranks), bias0, chan["k_k"], chan["k_a"], chan["r_k"], chan["ln_w"],
                 chan["ln_b"], state],
-        template=[("H", H), ("N", N), ("UP", 1), ("MIX_V", 1)], grid=(B * H * 4 * N, 1, 1),
+        template=[("H", H), ("N", N), ("UP", 1), ("MIX_V", 1), ("MAX_DOWN", col)], grid=(B * H * 4 * N, 1, 1),
         threadgroup=(4 * N, 1, 1), output_shapes=[(B, C), (B, H, N, N), (B * H * 10 * N,)],
         output_dtypes=[mx.float32] * 3)
     mm = lambda x, w: x @ w.astype(mx.float32).T

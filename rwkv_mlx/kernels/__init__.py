@@ -63,7 +63,7 @@ def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, h
     y, state_out, _ = build("wkv7", backend)(
         inputs=[proj, pre, proj, mx.zeros((4, 3), dtype=mx.int32), no_lora, no_lora, no_lora, no_lora, pre,
                 *channel, state.astype(mx.float32)],
-        template=[("H", H), ("N", N), ("UP", 0), ("MIX_V", 0)],
+        template=[("H", H), ("N", N), ("UP", 0), ("MIX_V", 0), ("MAX_DOWN", 1)],
         grid=(B * H * 4 * N, 1, 1),
         threadgroup=(4 * N, 1, 1),
         output_shapes=[(B, T, C), (B, H, N, N), (B * H * T * 10 * N,)],

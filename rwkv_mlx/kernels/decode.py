@@ -23,6 +23,7 @@ from .dialect import build
 from .matvec import _DENSE_CODES, MatvecPlan, Segment
 
 LERP_R, LERP_W, LERP_K, LERP_V, LERP_A, LERP_G = range(6)
+MAX_DOWN = 2048  # LoRA down outputs the time-mix kernel stages in shared memory (8 KB)
 
 
 class BlockPlan:
@@ -51,6 +52,8 @@ class BlockPlan:
             rank = 0 if w is None else w.shape[1]
             info.append([rank, column, 0 if w is None else _DENSE_CODES[w.dtype]])
             column += rank
+        self.max_down = column
+        self.ok = self.ok and column <= MAX_DOWN
         self.dummy = mx.zeros((1,))
         self.lora = [mx.array(info, dtype=mx.int32)] + [
             mx.zeros((1,), dtype=mx.uint8) if w is None else w.view(mx.uint8) for w in ups]
@@ -68,7 +71,7 @@ class BlockPlan:
         y, wkv_state, _ = self.wkv(
             inputs=[proj, self.dummy, v_first if self.mix_v else self.dummy, *self.lora, self.bias0, *self.channel,
                     wkv_state],
-            template=[("H", H), ("N", N), ("UP", 1), ("MIX_V", int(self.mix_v))],
+            template=[("H", H), ("N", N), ("UP", 1), ("MIX_V", int(self.mix_v)), ("MAX_DOWN", self.max_down)],
             grid=(B * H * 4 * N, 1, 1),
             threadgroup=(4 * N, 1, 1),
             output_shapes=[(B, C), (B, H, N, N), (B * H * 10 * N,)],
