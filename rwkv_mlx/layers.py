@@ -15,9 +15,8 @@ and the WKV state stay float32 everywhere (llama.cpp does the same).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import os
+from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import mlx.nn as nn

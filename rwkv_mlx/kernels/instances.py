@@ -32,7 +32,8 @@ def _matvec(scales: str, **template) -> KernelInstance:
 def _wkv7(**template) -> KernelInstance:
     # proj pre v_first | up_info | w_up a_up v_up g_up | bias0 k_k k_a r_k ln_w ln_b state_in
     inputs = ("float32",) * 3 + ("int32",) + ("uint8",) * 4 + ("float32",) * 7
-    return KernelInstance("wkv7", inputs, ("float32",) * 3, {"H": 40, "N": 64, "UP": 1, "MIX_V": 1, "MAX_DOWN": 576, **template})
+    template = {"H": 40, "N": 64, "UP": 1, "MIX_V": 1, "MAX_DOWN": 576, **template}
+    return KernelInstance("wkv7", inputs, ("float32",) * 3, template)
 
 
 KERNEL_INSTANCES: list[KernelInstance] = [
