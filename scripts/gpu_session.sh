@@ -49,6 +49,7 @@ case $step in
       python3 -c "from rwkv_mlx.cli import main; main()" benchmark --model /tmp/synth/$t.gguf --title "$TITLE" \
         --change "$CHANGE ($t)" --device gpu --results-dir $OUT/results --quiet 2>&1 | tail -30
     done
+    [ "${PEERS:-1}" = 1 ] || exit 0  # PEERS=0: ours only
     for pair in 4bit:Q4_K_M 8bit:Q8_0 float16:F16; do
       python3 scripts/bench_peers.py --model /tmp/synth/${pair#*:}.gguf --mode ${pair%%:*} --ours log \
         --results-dir $OUT/results --title "$TITLE" 2>&1 | tail -20
