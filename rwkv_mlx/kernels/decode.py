@@ -7,9 +7,9 @@
     4. h                      = relu(W_k @ lerp(LN2(x)))^2   matvec, LN prologue, relu^2
     5. x                     += W_v @ h                      matvec, residual epilogue
 
-On an H200 each launch costs about 15 us whatever it reads, so the count of
-launches, not bytes, set the decode speed of a 2.9B model: seven launches a
-block gave 229 tok/s on Q4_K_M; five remove a fifth of that time.
+Fewer launches first made decode faster (seven a block gave 229 tok/s on Q4_K_M in a probe);
+at five, a CUPTI profile showed the step GPU-bound, so the kernels' own time came next
+(results/kernel_log.md, steps 5 and 6).
 It computes what ``Block.__call__`` computes for T = 1 (tests hold it to the
 pure-MLX path); a block whose weights the kernels cannot take keeps that path.
 Everything constant is prepared once per block and batch size (``BlockPlan``).
