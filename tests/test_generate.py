@@ -6,6 +6,8 @@ Judges: the float64 reference (greedy choices), direct model calls written out h
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -61,17 +63,15 @@ def test_embedding_rewritten_for_the_device_is_the_same_table(monkeypatch):
     """On CUDA the loader has a kernel rewrite the embedding (so the GPU owns its pages): same bits."""
     import rwkv_mlx.model as model_module
 
-    from pathlib import Path
-
     model, _ = rwkv_mlx.load(Path(rwkv_mlx.__file__).parent / "data" / "rwkv7-demo-shakespeare.gguf")
-    before = {k: np.array(v) for k, v in model.emb.parameters().items()}
+    before = {k: (np.array(v), v.dtype, id(v)) for k, v in model.emb.parameters().items()}
     monkeypatch.setattr(model_module, "active_backend", lambda: "cuda")
     model.keep_tables_on_device()
     after = model.emb.parameters()
     assert before.keys() == after.keys() and len(before) == 3  # affine: codes, scales, offsets
-    for k in before:
-        assert after[k].dtype == model.emb.parameters()[k].dtype
-        assert np.array_equal(before[k], np.array(after[k]))
+    for k, (values, dtype, ident) in before.items():
+        assert id(after[k]) != ident, f"{k} was not rewritten"
+        assert after[k].dtype == dtype and np.array_equal(values, np.array(after[k]))
 
 
 def _state_by_hand(model, ids: list[int]) -> State:
