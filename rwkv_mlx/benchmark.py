@@ -487,6 +487,11 @@ def consistency_reason(runs: Sequence[Sequence[int]]) -> str | None:
     return None
 
 
+def first_difference(tokens: Sequence[int], reference: Sequence[int]) -> int:
+    """The first position where ``tokens`` leave ``reference`` (the shorter length if one is a prefix)."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+
+
 def quality_verdict(runs: Sequence[Sequence[int]], reference: Reference,
                     gaps: Sequence[float] | None = None) -> str | None:
     """Why the runs' first tokens fail the gate (None when they pass).
@@ -499,7 +504,7 @@ def quality_verdict(runs: Sequence[Sequence[int]], reference: Reference,
     reason = consistency_reason(runs)
     if reason or first == reference.tokens:
         return reason
-    at = next((i for i, (a, b) in enumerate(zip(first, reference.tokens)) if a != b), len(first))
+    at = first_difference(first, reference.tokens)
     gap = f"; the reference's top-2 logit gap there is {reference.margins[at]:.4g}" if at < len(reference.margins) else ""
     if gaps is not None:
         worst = max(range(len(gaps)), key=lambda i: gaps[i])
@@ -516,7 +521,7 @@ def tie_note(tokens: Sequence[int], reference: Reference, gaps: Sequence[float] 
     """What the entry says when its tokens passed the gate through a near tie."""
     if gaps is None or list(tokens) == reference.tokens:
         return None
-    at = next(i for i, (a, b) in enumerate(zip(tokens, reference.tokens)) if a != b)
+    at = first_difference(tokens, reference.tokens)
     return (f"near tie at token {at} (reference top-2 gap {reference.margins[at]:.2g}); every token within "
             f"{max(gaps):.2g} logits of the reference's choice along its own path")
 

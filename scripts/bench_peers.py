@@ -227,7 +227,7 @@ def run(a) -> int:
     theirs_tokens = runs[0]["tokens"][: bench.QUALITY_TOKENS]
     reference = ours["reference"]["tokens"]
     agree = sum(x == y for x, y in zip(theirs_tokens, reference))
-    prefix = next((i for i, (x, y) in enumerate(zip(theirs_tokens, reference)) if x != y), len(reference))
+    prefix = bench.first_difference(theirs_tokens, reference)
     env = bench.environment()
 
     def ratio(x, y):

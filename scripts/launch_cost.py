@@ -6,7 +6,9 @@ A development aid for kernel work (results/kernel_log.md): it times chains of
 dependent launches -- a null custom kernel with 1 to 33 inputs, a small MLX
 op, and, given a model, each decode launch of one block -- and prints, per
 launch, how long the host spent encoding it and how long the whole chain took.
-When the two are close, the host, not the GPU, sets the pace.
+When the two are close, the host, not the GPU, sets the pace. Each launch reads
+the same input, made to wait for the previous output by ``mx.depends`` (no copy
+kernel in the chain). scripts/kernel_profile.py times a whole decode step.
 """
 
 from __future__ import annotations
@@ -20,18 +22,18 @@ CHAIN = 200
 
 
 def timed_chain(launch, x0) -> tuple[float, float]:
-    """(host us, total us) per launch of a chain of CHAIN dependent launches."""
+    """(host us, total us) per launch of a chain of CHAIN dependent launches, each on input x0."""
     mx.eval(launch(x0))  # compile, allocate
     best = (float("inf"), float("inf"))
     for _ in range(3):
         mx.synchronize()
         tic = time.perf_counter()
-        x = x0
-        for _ in range(CHAIN):
-            x = launch(x)
-        mx.async_eval(x)
+        out = launch(x0)
+        for _ in range(CHAIN - 1):
+            out = launch(mx.depends(x0, out))
+        mx.async_eval(out)
         host = time.perf_counter() - tic
-        mx.eval(x)
+        mx.eval(out)
         total = time.perf_counter() - tic
         best = min(best, (host, total), key=lambda t: t[1])
     return best[0] / CHAIN * 1e6, best[1] / CHAIN * 1e6
@@ -80,33 +82,13 @@ def main():
     shift = mx.random.normal((1, C))
     state = mx.zeros((1, plan.H, plan.N, plan.N))
     mx.eval(x, shift, state)
-    # each launch takes the previous one's output as its input, so the chain is serial
-    row("proj (r, k, v, LoRA down)", *timed_chain(lambda v: plan.proj(v, shift)[0][:, :C].reshape(1, 1, C), x))
-    row("out (W_o + residual)", *timed_chain(lambda v: plan.out(v.reshape(1, C), residual=v), x))
-    row("ffn key", *timed_chain(lambda v: plan.key(v, shift)[0][:, :C].reshape(1, 1, C), x))
     hidden = mx.random.normal((1, model.blocks[1].ffn.key.weight.shape[0]))
+    mx.eval(hidden)
+    row("proj (r, k, v, LoRA down)", *timed_chain(lambda v: plan.proj(v, shift)[0], x))
+    row("out (W_o + residual)", *timed_chain(lambda v: plan.out(v.reshape(1, C), residual=v), x))
+    row("ffn key", *timed_chain(lambda v: plan.key(v, shift)[0], x))
     row("ffn value", *timed_chain(lambda v: plan.value(hidden, residual=v), x))
     row("block (5 launches)", *timed_chain(lambda v: plan(v, shift, shift, state, v)[0], x))
-    step_tokens = mx.array([1], dtype=mx.uint32)
-    st = model.initial_state(1)
-
-    def step(s_arrays):
-        logits, *arrays = model._compiled_steps[1](step_tokens, *s_arrays)
-        return arrays
-
-    model.step(step_tokens, st)
-    arrays = st.arrays()
-    mx.eval(arrays)
-    tic = time.perf_counter()
-    host = 0.0
-    for _ in range(20):
-        t = time.perf_counter()
-        arrays = step(arrays)
-        mx.async_eval(arrays)
-        host += time.perf_counter() - t
-    mx.eval(arrays)
-    total = time.perf_counter() - tic
-    row(f"whole decode step ({len(model.blocks)} blocks + head)", host / 20 * 1e6, total / 20 * 1e6)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ Judges: the float64 reference (greedy choices), direct model calls written out h
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from test_state import TEXT, reference, split_at_turn, tiny_model, to_np
 
 import rwkv_mlx
 from rwkv_mlx import SamplingParams, State
+from rwkv_mlx.cli.common import DEFAULT_MODEL
 from rwkv_mlx.errors import InvalidArgumentError
 
 GREEDY = SamplingParams.greedy()
@@ -63,7 +62,7 @@ def test_embedding_rewritten_for_the_device_is_the_same_table(monkeypatch):
     """On CUDA the loader has a kernel rewrite the embedding (so the GPU owns its pages): same bits."""
     import rwkv_mlx.model as model_module
 
-    model, _ = rwkv_mlx.load(Path(rwkv_mlx.__file__).parent / "data" / "rwkv7-demo-shakespeare.gguf")
+    model, _ = rwkv_mlx.load(DEFAULT_MODEL)
     before = {k: (np.array(v), v.dtype, id(v)) for k, v in model.emb.parameters().items()}
     monkeypatch.setattr(model_module, "active_backend", lambda: "cuda")
     model.keep_tables_on_device()
