@@ -5,8 +5,8 @@
 * ``affine`` -- MLX affine quantization at group 32 (``mx.quantized_matmul``),
   the exact image of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, IQ4_*;
 * ``ggml``   -- the GGUF blocks as stored (uint8), for block types MLX cannot
-  express (Q6_K, Q3_K, Q2_K, ...): our decode kernels read Q6_K blocks as stored;
-  otherwise the blocks are dequantized when used.
+  express (Q6_K, Q3_K, Q2_K): our decode kernels read the blocks as stored;
+  otherwise (prefill, CPU) they are dequantized when used.
 
 Activations arrive in float32 and leave in float32; each layer casts to the
 dtype its weights need only for the product, so the residual stream, norms

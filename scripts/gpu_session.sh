@@ -3,7 +3,7 @@
 #   install  : join the MLX CUDA wheel (carried in three parts: .mlx-cuda-3/{a,b,c}; a and b copied
 #              to /tmp by the two calls before) and install it into /tmp/mlxsite
 #   synth    : write the 2.9B-shaped synthetic models into /tmp/synth in the background
-#   tests    : the GPU kernel tests against the carried oracle subset
+#   tests    : the GPU tests against the carried oracle part ($ORACLE_PART, default .oracle-1)
 #   probe    : decode probe on each synthetic model that is ready
 #   costs    : host and device time per launch, prefill routes (development aids)
 #   bench    : the benchmark log entries, ours and mlx-lm's (needs $TITLE and $CHANGE)
@@ -22,13 +22,10 @@ case $step in
     done
     sleep 2; ls -la /tmp/synth ;;
   tests)
-    RWKV_MLX_ORACLE=$PWD/.oracle-subset python3 -m pytest -q -x -p no:cacheprovider "$@" 2>&1 | tee $OUT/tests.log | tail -40 ;;
-  all)  # install, models in the background, kernel tests meanwhile, then a decode probe
-    bash "$0" install || exit 1
-    bash "$0" synth F16 Q8_0 Q4_K_M
-    bash "$0" tests tests/test_kernels_gpu.py tests/test_oracle.py -k "not batch_matches" --maxfail=30 -q
-    bash "$0" wait Q4_K_M
-    bash "$0" probe /tmp/synth/Q4_K_M.gguf ;;
+    part=${ORACLE_PART:-.oracle-1}
+    RWKV_MLX_ORACLE=$PWD/$part timeout -s KILL ${TEST_LIMIT:-500} python3 -m pytest -q -p no:cacheprovider "$@" \
+      > $OUT/tests$part.log 2>&1
+    tail -40 $OUT/tests$part.log ;;
   wait)
     for t in "$@"; do
       while pgrep -f "synth/$t.gguf" > /dev/null; do sleep 3; done

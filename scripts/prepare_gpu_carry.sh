@@ -2,17 +2,17 @@
 # Builds the folders scripts/gpu_session.sh carries to the lent GPU machine (all git-ignored):
 #   .mlx-cuda-3/{a,b,c}  MLX's CUDA wheel in three parts of about 31 MB, so that part c, the install
 #                        script, gguf and mlx-lm fit in one call beside the oracle subset (64 MiB a call)
-#   .oracle-subset/      the oracle files the GPU tests read (models, ref64 and llama.cpp batch logits, token lists: about 31 MB)
+#   .oracle-1, -2, ...   every oracle file with its ref64 and llama.cpp logits, in parts of at most 36.5 MB
 #   .gpu-train/          Tiny Shakespeare for scripts/train_demo_model.py
 # Then: call 1 carries .mlx-cuda-3/a (`cp .mlx-cuda-3/a/* /tmp/`), call 2 .mlx-cuda-3/b (the same), call 3
 # .mlx-cuda-3/c (`bash scripts/gpu_session.sh install`), each within 30 s of the last; later calls carry
-# .oracle-subset or .gpu-train for their step. The checkout itself travels every time (the bundled demo
+# an .oracle-N part or .gpu-train for their step. The checkout itself travels every time (the bundled demo
 # model is about 25 MB of it), so one call cannot take part c and the oracle subset together.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel); cd "$root"
 shared=${SHARED:-$root/../shared}
-for d in .mlx-cuda-a .mlx-cuda-b .mlx-cuda-3 .oracle-subset .gpu-train .whl; do
-  grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude
+for d in .mlx-cuda-a .mlx-cuda-b .mlx-cuda-3 '.oracle-[0-9]' .gpu-train .whl; do
+  grep -qxF "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude
 done
 [ -d .mlx-cuda-a ] || bash "$shared/device/prepare-mlx-cuda.sh"
 rm -rf .mlx-cuda-3 && mkdir -p .mlx-cuda-3/a .mlx-cuda-3/b .mlx-cuda-3/c
@@ -35,11 +35,39 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 touch /tmp/mlxsite/.done
 PYTHONPATH=/tmp/mlxsite python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), 'cuda', mx.cuda.is_available())"
 INNER
-rm -rf .oracle-subset && mkdir -p .oracle-subset/models .oracle-subset/logits
-for n in fixa-Q4_K_M fixa-Q6_K fixa-Q2_K fixa-IQ4_XS fixb-f16 fixb-Q8_0 fixb-Q4_0 fixb-Q4_K_M fixb-Q5_K_M fixb-Q6_K; do
-  cp "$shared/oracle/models/$n.gguf" .oracle-subset/models/
-  cp "$shared/oracle/logits/$n".{ref64,batch}.npy .oracle-subset/logits/
-done
-cp "$shared"/oracle/logits/*.tokens.txt .oracle-subset/logits/
+# Every oracle file, packed into parts that fit one call beside the checkout (about 30 MB): the GPU
+# tests run once per part. .oracle-1 holds the files the decode-kernel tests were first run on.
+rm -rf .oracle-subset .oracle-[0-9]
+python3 - "$shared/oracle" <<'PACK'
+import shutil, sys
+from pathlib import Path
+oracle, limit = Path(sys.argv[1]), 36_500_000
+first = ["fixa-Q4_K_M", "fixa-Q6_K", "fixa-Q2_K", "fixa-Q3_K_M", "fixa-IQ4_XS", "fixb-f16", "fixb-Q8_0",
+         "fixb-Q4_0", "fixb-Q4_K_M", "fixb-Q5_K_M", "fixb-Q6_K"]
+def files(name):
+    kinds = ("ref64", "batch", "seq") if name.endswith("f32") else ("ref64", "batch")
+    return [oracle / "models" / f"{name}.gguf"] + [oracle / "logits" / f"{name}.{k}.npy" for k in kinds]
+rest = sorted((p.stem for p in (oracle / "models").glob("*.gguf") if p.stem not in first),
+              key=lambda n: -sum(f.stat().st_size for f in files(n)))
+parts = [first]
+for name in rest:  # first fit, largest first
+    size = sum(f.stat().st_size for f in files(name))
+    for part in parts[1:]:
+        if sum(f.stat().st_size for n in part for f in files(n)) + size <= limit:
+            part.append(name)
+            break
+    else:
+        parts.append([name])
+for i, part in enumerate(parts, 1):
+    out = Path(f".oracle-{i}")
+    for sub in ("models", "logits"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for name in part:
+        for f in files(name):
+            shutil.copy(f, out / f.parent.name / f.name)
+    for f in (oracle / "logits").glob("*.tokens.txt"):
+        shutil.copy(f, out / "logits" / f.name)
+    print(f".oracle-{i}: {' '.join(part)}")
+PACK
 mkdir -p .gpu-train && cp "$shared/data/tinyshakespeare.txt" .gpu-train/
-rm -rf "$tmp"; du -sh .mlx-cuda-3/* .oracle-subset .gpu-train
+rm -rf "$tmp"; du -sh .mlx-cuda-3/* .oracle-[0-9] .gpu-train

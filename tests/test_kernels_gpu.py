@@ -144,14 +144,20 @@ def make_layer(kind: str, rows: int, k: int, rng):
         layer.weight, layer.scales, layer.biases = q, s.astype(getattr(mx, scale_dtype)), b.astype(getattr(mx, scale_dtype))
         deq = mx.dequantize(q, layer.scales.astype(mx.float32), layer.biases.astype(mx.float32), group_size=32, bits=bits)
         return layer, np.array(deq, np.float64)
-    blocks = quants.quantize_q6_k(w)
-    layer = GGMLLinear(k, rows, WeightFormat("ggml", ggml_type=14))
+    ggml_type, encode = GGML_ENCODERS[kind]
+    blocks = encode(w)
+    layer = GGMLLinear(k, rows, WeightFormat("ggml", ggml_type=ggml_type))
     layer.weight = mx.array(blocks)
-    return layer, gguf_dequantize(blocks, 14).astype(np.float64).reshape(rows, k)
+    # the gguf package decodes the blocks: an implementation independent of ours and of the kernel
+    return layer, gguf_dequantize(blocks, ggml_type).astype(np.float64).reshape(rows, k)
+
+
+GGML_ENCODERS = {"q6_k": (14, quants.quantize_q6_k), "q3_k": (11, quants.quantize_q3_k),
+                 "q2_k": (10, quants.quantize_q2_k)}
 
 
 FORMATS = ["float32", "float16", "bfloat16", "affine-4-float32", "affine-4-float16", "affine-5-float32",
-           "affine-8-float32", "affine-8-bfloat16", "q6_k"]
+           "affine-8-float32", "affine-8-bfloat16", "q6_k", "q3_k", "q2_k"]
 
 
 @pytest.mark.parametrize("kind", FORMATS)
@@ -170,7 +176,7 @@ def test_matvec_segments_match_numpy(kind, B):
     assert rel_err(y, want) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "q6_k"])
+@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "q6_k", "q3_k", "q2_k"])
 def test_matvec_layernorm_lerp_prologue_and_epilogues(kind):
     rng = np.random.default_rng(5)
     C, F, B = 512, 1024, 2

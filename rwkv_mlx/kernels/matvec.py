@@ -3,7 +3,7 @@
 A launch multiplies up to eight weight matrices, each by its own input vector,
 with an optional LayerNorm + token-shift prologue and relu^2 / residual
 epilogues. Layers of every storage form (rwkv_mlx/layers.py) take part:
-dense, affine (MLX's packed codes), and GGUF Q6_K blocks as stored.
+dense, affine (MLX's packed codes), and GGUF Q6_K, Q3_K and Q2_K blocks as stored.
 
 A ``MatvecPlan`` holds everything about a launch that does not change from
 token to token (weight byte views, the segment table, constants), built and
@@ -19,11 +19,12 @@ import mlx.nn as nn
 
 from ..layers import AffineLinear, GGMLLinear, Linear
 
-Q6_K = 14
+# GGUF block types the kernel reads as stored (gguf.GGMLQuantizationType ids -> kernel kind)
+_GGML_KINDS = {14: "q6_k", 11: "q3_k", 10: "q2_k"}
 WARPS = 8
 SHARED_FLOATS = 11_900  # 48 KB of static shared memory, less the reduction scratch
 _DENSE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
-_KINDS = {"dense": 0, "affine": 1, "q6_k": 2}
+_KINDS = {"dense": 0, "affine": 1, "q6_k": 2, "q3_k": 3, "q2_k": 4}
 MAX_SEGMENTS = 8
 
 
@@ -57,8 +58,9 @@ def _weights(w) -> _Weights | None:
     if isinstance(w, AffineLinear) and w.group_size == 32:
         rows, k = w.scales.shape[0], w.scales.shape[1] * 32
         return _Weights(w.weight.view(mx.uint8), w.scales, w.biases, ("affine", w.bits), rows, k, 0)
-    if isinstance(w, GGMLLinear) and w.ggml_type == Q6_K and w.in_dims % 256 == 0:
-        return _Weights(w.weight.view(mx.uint8), None, None, ("q6_k", 0), w.weight.shape[0], w.in_dims, 0)
+    if isinstance(w, GGMLLinear) and w.ggml_type in _GGML_KINDS and w.in_dims % 256 == 0:
+        kind = _GGML_KINDS[w.ggml_type]
+        return _Weights(w.weight.view(mx.uint8), None, None, (kind, 0), w.weight.shape[0], w.in_dims, 0)
     return None
 
 
