@@ -96,7 +96,8 @@ class MatvecPlan:
         rows, ks = [w.rows for w in weights], [w.k for w in weights]
         rpw = _rows_per_warp(rows)
         kmax = -(-max(ks) // 32) * 32
-        self.ok = rpw is not None and all(k % 32 == 0 for k in ks) and batch * kmax * 33 // 32 <= SHARED_FLOATS
+        staged = batch * (kmax + kmax // 8)  # NB * PAD_K floats in matvec.kern
+        self.ok = rpw is not None and all(k % 32 == 0 for k in ks) and staged <= SHARED_FLOATS
         if not self.ok:
             return
         from .dialect import build
