@@ -38,11 +38,12 @@ case $step in
     mkdir -p $OUT/demo
     python3 scripts/train_demo_model.py --data .gpu-train/tinyshakespeare.txt --run /tmp/demo-run --out $OUT/demo \
       2>&1 | tee $OUT/train.log | grep -v '^step [0-9]*/' ;;
-  bench)  # the benchmark log entries for the 2.9B-shaped models, ours and mlx-lm's
-    bash "$0" wait F16 Q8_0 Q4_K_M
+  bench)  # the benchmark log entries for the 2.9B-shaped models ($TYPES), ours and mlx-lm's
+    types=${TYPES:-Q4_K_M Q8_0 F16}  # a type named twice is benchmarked twice, in a fresh process
+    bash "$0" wait $types
     mkdir -p $OUT/results
     cp results/BENCHMARKS.md results/benchmarks.jsonl $OUT/results/ 2>/dev/null
-    for t in Q4_K_M Q8_0 F16; do
+    for t in $types; do
       python3 -c "from rwkv_mlx.cli import main; main()" benchmark --model /tmp/synth/$t.gguf --title "$TITLE" \
         --change "$CHANGE ($t)" --device gpu --results-dir $OUT/results --quiet 2>&1 | tail -30
     done
