@@ -40,10 +40,14 @@ def test_shared_source_has_no_backend_identifiers(name):
             assert word not in code, f"{name}.kern uses the {backend}-only identifier {word!r}"
 
 
+# every kernel plain, and each declared variant (which drops inputs from the signature)
+RENDERINGS = [(n, ()) for n in KERNELS] + [(n, (d,)) for n in KERNELS for d in dialect.load_kern(n).variants]
+
+
 @pytest.mark.parametrize("backend", dialect.BACKENDS)
-@pytest.mark.parametrize("name", KERNELS)
-def test_rendered_text_is_well_formed(name, backend):
-    r = dialect.render(name, backend)
+@pytest.mark.parametrize("name,defines", RENDERINGS, ids=lambda v: "-".join(v) if isinstance(v, tuple) else v)
+def test_rendered_text_is_well_formed(name, defines, backend):
+    r = dialect.render(name, backend, defines)
     body = _strip_comments(r.body)
     for arg in (*r.inputs, *r.outputs):
         assert re.search(rf"\b{arg}\b", body), f"{name}: {arg} is never used"
@@ -68,7 +72,8 @@ def test_every_template_constant_is_bound(name):
     assert instances, f"no example instance of {name} in rwkv_mlx/kernels/instances.py"
     for inst in instances:
         assert sorted(inst.template) == sorted(src.template), f"{name}: template {inst.template} vs {src.template}"
-        assert len(inst.input_dtypes) == len(src.inputs) and len(inst.output_dtypes) == len(src.outputs)
+        inputs = dialect.render(name, "cuda", inst.defines).inputs
+        assert len(inst.input_dtypes) == len(inputs) and len(inst.output_dtypes) == len(src.outputs)
 
 
 _STAND_IN_HEADER = ("#include <cstdint>\n#include <cstddef>\n#include <cooperative_groups.h>\n"

@@ -135,6 +135,7 @@ class KernelSource:
     outputs: list[str] = field(default_factory=list)
     template: list[str] = field(default_factory=list)
     includes: list[str] = field(default_factory=list)
+    variants: dict[str, list[str]] = field(default_factory=dict)  # define -> inputs it drops
     header: str = ""
     body: str = ""
     path: Path | None = None
@@ -155,6 +156,9 @@ def parse_kern(text: str, name: str = "", path: Path | None = None) -> KernelSou
             elif key in ("inputs", "outputs", "template", "include"):
                 target = "includes" if key == "include" else key
                 getattr(src, target).extend(value.split())
+            elif key == "variant":
+                define, *dropped = value.split()
+                src.variants[define] = dropped
             else:
                 raise ValueError(f"{path or name}: unknown directive //! {key}")
             continue
@@ -191,7 +195,9 @@ def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = ())
     """The (header, body) MLX needs for ``backend``, includes resolved in order.
 
     ``defines`` become ``#define NAME 1`` lines ahead of the header: a variant of
-    one source (a weight format, say) without a second copy of the text.
+    one source (a weight format, say) without a second copy of the text. A variant
+    declared with ``//! variant: NAME inputs...`` also leaves those inputs out of the
+    signature (each input costs host time at every launch).
     """
     if isinstance(src, str):
         src = load_kern(src)
@@ -210,8 +216,9 @@ def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = ())
     header += "\n".join(substitute(load_kern(i).header, backend) for i in seen)
     header += "\n" + substitute(src.header, backend)
     name = "_".join([src.name, *(d.lower() for d in defines)])
+    dropped = {i for d in defines for i in src.variants.get(d, ())}
     return Rendered(name, backend, header, substitute(src.body, backend),
-                    tuple(src.inputs), tuple(src.outputs), tuple(src.template))
+                    tuple(i for i in src.inputs if i not in dropped), tuple(src.outputs), tuple(src.template))
 
 
 @functools.lru_cache(maxsize=None)

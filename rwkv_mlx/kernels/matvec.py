@@ -114,8 +114,11 @@ class MatvecPlan:
         self.dummy = mx.zeros((1,), dtype=mx.float32)
         dummy_scales = mx.zeros((1,), dtype=scale_dtype)
 
+        # One matrix: the ONE_SEGMENT variant, without the seven unused weight slots.
+        slots = 1 if len(weights) == 1 else MAX_SEGMENTS
+
         def eight(values):
-            return values + [values[-1]] * (MAX_SEGMENTS - len(values))
+            return values + [values[-1]] * (slots - len(values))
 
         self.head = [
             ln.weight if ln is not None else self.dummy,
@@ -129,7 +132,7 @@ class MatvecPlan:
                      + eight([w.scales if w.scales is not None else dummy_scales for w in weights])
                      + eight([w.offsets if w.offsets is not None else dummy_scales for w in weights]))
         mx.eval(*self.head, *self.tail)
-        self.kernel = build("matvec", backend)
+        self.kernel = build("matvec", backend, ("ONE_SEGMENT",) if slots == 1 else ())
         self.template = [("NB", batch), ("RPW", rpw), ("KMAX", kmax), ("PRO", prologue), ("EPI", epilogue),
                          ("BITS", bits), ("HAS_BIAS", int(bias is not None))]
         self.grid = (total // rpw * 32, 1, 1)
