@@ -26,9 +26,10 @@ case $step in
     RWKV_MLX_ORACLE=$PWD/$part timeout -s KILL ${TEST_LIMIT:-500} python3 -m pytest -q -p no:cacheprovider "$@" \
       > $OUT/tests$part.log 2>&1
     tail -40 $OUT/tests$part.log ;;
-  wait)
+  wait)  # the writer renames its temporary file at the end: the name appears when the model is whole.
+    # (pgrep -f on the path matched the calling shell whenever the call's command line named the file.)
     for t in "$@"; do
-      while pgrep -f "synth/$t.gguf" > /dev/null; do sleep 3; done
+      for _ in $(seq 200); do [ -f /tmp/synth/$t.gguf ] && break; sleep 3; done
       tail -2 /tmp/synth/$t.log
     done ;;
   probe)
