@@ -506,15 +506,15 @@ def quality_verdict(runs: Sequence[Sequence[int]], reference: Reference,
         return reason
     at = first_difference(first, reference.tokens)
     gap = f"; the reference's top-2 logit gap there is {reference.margins[at]:.4g}" if at < len(reference.margins) else ""
-    if gaps is not None:
-        worst = max(range(len(gaps)), key=lambda i: gaps[i])
-        if gaps[worst] <= NEAR_TIE:
-            return None
-        return (f"greedy tokens differ from the float32 reference from position {at}{gap}; along their own path "
-                f"token {worst} ({first[worst]}) is {gaps[worst]:.4g} logits below the reference's choice "
-                f"(got {first}, reference {reference.tokens})")
-    return (f"greedy tokens differ from the float32 reference from position {at} "
-            f"(got {first}, reference {reference.tokens}){gap}")
+    differ = f"greedy tokens differ from the float32 reference from position {at}"
+    both = f"(got {first}, reference {reference.tokens})"
+    if gaps is None:
+        return f"{differ} {both}{gap}"
+    worst = max(range(len(gaps)), key=lambda i: gaps[i])
+    if gaps[worst] <= NEAR_TIE:
+        return None
+    return (f"{differ}{gap}; along their own path token {worst} ({first[worst]}) is {gaps[worst]:.4g} logits "
+            f"below the reference's choice {both}")
 
 
 def tie_note(tokens: Sequence[int], reference: Reference, gaps: Sequence[float] | None) -> str | None:

@@ -21,8 +21,13 @@ from rwkv_mlx.kernels import fused_time_mix, kernels_disabled
 from rwkv_mlx.sample import SamplingParams
 
 
+def probe_ids(model, n: int) -> list[int]:
+    """The prompt every probe feeds: n token ids spread over the vocabulary (no tokenizer needed)."""
+    return [(7 * i + 3) % model.args.vocab_size for i in range(n)]
+
+
 def decode(model, n_prompt: int, n_tokens: int):
-    tokens = mx.array([[(7 * i + 3) % model.args.vocab_size for i in range(n_prompt)]])
+    tokens = mx.array([probe_ids(model, n_prompt)])
     logits, state = model(tokens, logits="last")
     mx.eval(logits, *state.arrays())
     token = mx.argmax(logits[:, -1], axis=-1)
@@ -81,7 +86,7 @@ def _median_seconds(fn, repeats: int = 3) -> float:
 
 def prefill_times(model, n_tokens: int) -> None:
     """Prompt tok/s with the quantized matmul and with dequantize + GEMM, and the WKV kernel's share."""
-    ids = [(7 * i + 3) % model.args.vocab_size for i in range(n_tokens)]
+    ids = probe_ids(model, n_tokens)
     saved = layers.CUDA_DEQUANT_MIN_ROWS
     for label, rows in (("quantized matmul", 0), ("dequantize + GEMM", 1)):
         layers.CUDA_DEQUANT_MIN_ROWS = rows
@@ -108,7 +113,7 @@ def prefill_times(model, n_tokens: int) -> None:
 
 def stream_rate(model, tokenizer, n_prompt: int, n_tokens: int) -> None:
     """What the benchmark times: stream_generate's own decode rate (sampler, log-probs, host sync included)."""
-    ids = [(7 * i + 3) % model.args.vocab_size for i in range(n_prompt)]
+    ids = probe_ids(model, n_prompt)
     for _ in range(2):
         for last in stream_generate(model, tokenizer, ids, max_tokens=n_tokens, sampling=SamplingParams.greedy(),
                                     stop_at_end_of_text=False):
