@@ -14,8 +14,10 @@ from typing import Iterator
 import mlx.core as mx
 
 from ..backend import active_backend
+from .dialect import hook_active
 
 _enabled = True
+_forced: str | None = None
 
 
 def kernels_enabled() -> bool:
@@ -26,8 +28,23 @@ def kernel_backend() -> str | None:
     """'cuda' or 'metal' when custom kernels should run now, else None (pure-MLX path)."""
     if not _enabled:
         return None
-    backend = active_backend()
+    backend = _forced or active_backend()
     return backend if backend in ("cuda", "metal") else None
+
+
+@contextlib.contextmanager
+def forced_backend(backend: str) -> Iterator[None]:
+    """Plan and launch kernels for ``backend`` whatever MLX runs on.
+
+    Only meaningful inside ``dialect.launch_hook``, which then receives the launches
+    (the Metal proof records and emulates them on a machine without an Apple GPU).
+    """
+    global _forced
+    saved, _forced = _forced, backend
+    try:
+        yield
+    finally:
+        _forced = saved
 
 
 @contextlib.contextmanager
@@ -107,7 +124,7 @@ def compiled_decode_step(model, batch: int):
     eager warm-up call before tracing. The weights are captured: a model whose
     weights change must drop ``model._compiled_steps``.
     """
-    if kernel_backend() is None:
+    if kernel_backend() is None or hook_active():  # a launch hook needs concrete arrays
         return None
     cache = model.__dict__.setdefault("_compiled_steps", {})  # a cache, not a parameter
     step = cache.get(batch)

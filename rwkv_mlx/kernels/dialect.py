@@ -8,12 +8,35 @@ macros.  See custom_kernels/README.md for the dialect.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 BACKENDS = ("cuda", "metal")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one thread group may use on a backend; every launch plan sizes itself by these."""
+
+    shared_bytes: int  # static shared (CUDA) / threadgroup (Metal) memory per group
+    threads: int  # threads per group
+    # MLX passes a kernel input with fewer elements than this in Metal's `constant` address
+    # space (mlx/backend/common/metal_kernel.cpp, max_constant_array_size), every other one as
+    # `device`; Metal converts no pointer between address spaces. 0: one address space (CUDA).
+    device_min_elements: int
+
+
+LIMITS = {
+    "cuda": Limits(shared_bytes=48 * 1024, threads=1024, device_min_elements=0),
+    "metal": Limits(shared_bytes=32 * 1024, threads=1024, device_min_elements=8),
+}
+# A stand-in for an absent input (an unused weight slot, a missing LoRA) is this long, so that
+# MLX gives it the `device` address space like the real inputs it stands for.
+PLACEHOLDER_ELEMENTS = max(lim.device_min_elements for lim in LIMITS.values())
 
 
 def kernel_dir() -> Path:
@@ -136,6 +159,7 @@ class KernelSource:
     template: list[str] = field(default_factory=list)
     includes: list[str] = field(default_factory=list)
     variants: dict[str, list[str]] = field(default_factory=dict)  # define -> inputs it drops
+    constants: list[str] = field(default_factory=list)  # inputs read by index only, may be tiny
     header: str = ""
     body: str = ""
     path: Path | None = None
@@ -153,8 +177,8 @@ def parse_kern(text: str, name: str = "", path: Path | None = None) -> KernelSou
                 section = key
             elif key == "kernel":
                 src.name = value
-            elif key in ("inputs", "outputs", "template", "include"):
-                target = "includes" if key == "include" else key
+            elif key in ("inputs", "outputs", "template", "include", "constant"):
+                target = {"include": "includes", "constant": "constants"}.get(key, key)
                 getattr(src, target).extend(value.split())
             elif key == "variant":
                 define, *dropped = value.split()
@@ -189,6 +213,7 @@ class Rendered:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     template: tuple[str, ...]
+    constants: tuple[str, ...] = ()
 
 
 def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = ()) -> Rendered:
@@ -218,16 +243,143 @@ def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = ())
     name = "_".join([src.name, *(d.lower() for d in defines)])
     dropped = {i for d in defines for i in src.variants.get(d, ())}
     return Rendered(name, backend, header, substitute(src.body, backend),
-                    tuple(i for i in src.inputs if i not in dropped), tuple(src.outputs), tuple(src.template))
+                    tuple(i for i in src.inputs if i not in dropped), tuple(src.outputs), tuple(src.template),
+                    tuple(src.constants))
+
+
+_SHARED_DECL = re.compile(r"\bSHARED\s+(\w+)\s+(\w+)\s*\[([^\]]+)\]\s*;")
+_CONSTEXPR = re.compile(r"\bconstexpr\s+int\s+(\w+)\s*=\s*([^;]+);")
+_TYPE_BYTES = {"float": 4, "int": 4, "u32": 4, "i32": 4, "f16": 2, "bf16": 2, "u16": 2, "u8": 1, "i8": 1}
+
+
+def _int_expr(expr: str, names: dict[str, int]) -> int:
+    """An integer C expression of names, literals, + - * / % and parentheses (no calls)."""
+    py = re.sub(r"\b(\d+)[uU]?\b", r"\1", expr).replace("/", "//")
+    if not re.fullmatch(r"[\w\s+\-*/%()]+", py):
+        raise ValueError(f"not a plain integer expression: {expr!r}")
+    return int(eval(py, {"__builtins__": {}}, dict(names)))  # noqa: S307 - checked above
 
 
 @functools.lru_cache(maxsize=None)
-def build(name: str, backend: str, defines: tuple[str, ...] = ()):
-    """The MLX kernel object for a .kern file and variant (compiled lazily by MLX at first call)."""
+def shared_bytes(name: str, defines: tuple[str, ...], template: tuple[tuple[str, int], ...]) -> int:
+    """Static shared memory a launch declares, read from the kernel text itself.
+
+    Every ``SHARED T name[EXPR];`` of the body counts, EXPR evaluated with the template
+    constants and the body's ``constexpr int`` lines, so the plans and the text can't disagree.
+    """
+    src = load_kern(name)
+    names = {k: int(v) for k, v in template}
+    for d in defines:
+        names[d] = 1
+    body = re.sub(r"//[^\n]*", "", src.body)
+    for const, expr in _CONSTEXPR.findall(body):
+        try:
+            names[const] = _int_expr(expr, names)
+        except (ValueError, NameError, SyntaxError):
+            pass  # a constexpr no array size depends on (or a float expression)
+    return sum(_TYPE_BYTES[t] * _int_expr(n, names) for t, _, n in _SHARED_DECL.findall(body))
+
+
+def placeholder(dtype=None):
+    """The stand-in for an absent input: PLACEHOLDER_ELEMENTS zeros, so Metal sees a device buffer."""
     import mlx.core as mx
 
-    r = render(name, backend, defines)
-    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
-    # The name keys MLX's cache of compiled kernels, so each variant gets its own.
-    return make(name=f"rwkv_{r.name}", input_names=list(r.inputs), output_names=list(r.outputs),
-                source=r.body, header=r.header)
+    return mx.zeros((PLACEHOLDER_ELEMENTS,), dtype=dtype if dtype is not None else mx.float32)
+
+
+class LaunchError(ValueError):
+    """A launch that breaks its backend's rules (limits, address spaces)."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, as a launch hook sees it."""
+
+    kernel: "Kernel"
+    inputs: list
+    template: list
+    grid: tuple
+    threadgroup: tuple
+    output_shapes: list
+    output_dtypes: list
+
+
+_hook: Callable[[Launch], list] | None = None
+
+
+@contextlib.contextmanager
+def launch_hook(hook: Callable[[Launch], list]) -> Iterator[None]:
+    """Route every launch to ``hook`` (which returns the outputs) instead of MLX.
+
+    Used to record what a model launches and to run the Metal texts under an
+    emulation on machines without the backend. Compiled decode steps are not
+    built meanwhile: a hook must see concrete arrays.
+    """
+    global _hook
+    saved, _hook = _hook, hook
+    try:
+        yield
+    finally:
+        _hook = saved
+
+
+def hook_active() -> bool:
+    return _hook is not None
+
+
+class Kernel:
+    """A rendered kernel and its MLX object; each call is checked against the backend's rules."""
+
+    def __init__(self, source: str, rendered: Rendered, defines: tuple[str, ...]):
+        self.source, self.rendered, self.defines = source, rendered, defines
+        self.name = f"rwkv_{rendered.name}"  # keys MLX's cache of compiled kernels: one per variant
+        self.limits = LIMITS[rendered.backend]
+        self._device_inputs = [i not in rendered.constants for i in rendered.inputs]
+        self._mlx = None
+
+    @property
+    def backend(self) -> str:
+        return self.rendered.backend
+
+    def shared_bytes(self, template) -> int:
+        return shared_bytes(self.source, self.defines, tuple((k, int(v)) for k, v in template))
+
+    def check(self, inputs, template, threadgroup) -> None:
+        """Raise LaunchError where the launch breaks a rule of its backend."""
+        r, lim = self.rendered, self.limits
+        if len(inputs) != len(r.inputs):
+            raise LaunchError(f"{self.name}: {len(inputs)} inputs for {len(r.inputs)} parameters")
+        threads = threadgroup[0] * threadgroup[1] * threadgroup[2]
+        if threads > lim.threads:
+            raise LaunchError(f"{self.name}: {threads} threads per group, {r.backend} allows {lim.threads}")
+        for name, device, a in zip(r.inputs, self._device_inputs, inputs):
+            if device and (a.ndim == 0 or a.size < lim.device_min_elements):
+                raise LaunchError(f"{self.name}: input {name} has {a.size} elements; under "
+                                  f"{lim.device_min_elements} MLX passes it in Metal's constant address space")
+        used = self.shared_bytes(template)
+        if used > lim.shared_bytes:
+            raise LaunchError(f"{self.name}: {used} bytes of shared memory, {r.backend} allows {lim.shared_bytes}")
+
+    def mlx_kernel(self):
+        if self._mlx is None:
+            import mlx.core as mx
+
+            r = self.rendered
+            make = mx.fast.cuda_kernel if r.backend == "cuda" else mx.fast.metal_kernel
+            self._mlx = make(name=self.name, input_names=list(r.inputs), output_names=list(r.outputs),
+                             source=r.body, header=r.header)
+        return self._mlx
+
+    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **extra):
+        self.check(inputs, template, threadgroup)
+        if _hook is not None:
+            return _hook(Launch(self, list(inputs), list(template), tuple(grid), tuple(threadgroup),
+                                list(output_shapes), list(output_dtypes)))
+        return self.mlx_kernel()(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
+                                 output_shapes=output_shapes, output_dtypes=output_dtypes, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def build(name: str, backend: str, defines: tuple[str, ...] = ()) -> Kernel:
+    """The kernel for a .kern file and variant (MLX compiles it lazily, at its first launch)."""
+    return Kernel(name, render(name, backend, defines), defines)
