@@ -89,7 +89,8 @@ def test_wkv7_kernel_state_carries_across_calls():
 def test_wkv7_kernel_up_projections_and_value_mix():
     """Decode mode: the kernel computes the LoRA up-projections from the down outputs written after
     r|k|v (tanh for w, sigmoid for g, float32 and float16 matrices) and mixes v with v_first."""
-    from rwkv_mlx.kernels.dialect import build
+    from rwkv_mlx.kernels import wkv7
+    from rwkv_mlx.kernels.dialect import build, placeholder
 
     rng = np.random.default_rng(11)
     B, H, N = 2, 4, 64
@@ -109,11 +110,12 @@ def test_wkv7_kernel_up_projections_and_value_mix():
         info.append([r, col, codes[dtypes[n]]])
         col += r
     bias0 = mx.concatenate([bias["w"], bias["a"], bias["v"], mx.zeros((C,))])
-    y, s, _ = build("wkv7", BACKEND)(
-        inputs=[proj, mx.zeros((1,)), v_first.reshape(B, C), mx.array(info, dtype=mx.int32),
+    kernel = build("wkv7", BACKEND)
+    y, s, _ = kernel(
+        inputs=[proj, placeholder(), v_first.reshape(B, C), mx.array(info, dtype=mx.int32),
                 *(up[n].view(mx.uint8) for n in ranks), bias0, chan["k_k"], chan["k_a"], chan["r_k"], chan["ln_w"],
                 chan["ln_b"], state],
-        template=[("H", H), ("N", N), ("UP", 1), ("MIX_V", 1), ("MAX_DOWN", col)], grid=(B * H * 4 * N, 1, 1),
+        template=wkv7.template(kernel, H, N, up=True, mix_v=True, max_down=col), grid=(B * H * 4 * N, 1, 1),
         threadgroup=(4 * N, 1, 1), output_shapes=[(B, C), (B, H, N, N), (B * H * 10 * N,)],
         output_dtypes=[mx.float32] * 3)
     mm = lambda x, w: x @ w.astype(mx.float32).T
@@ -196,6 +198,32 @@ def test_matvec_layernorm_lerp_prologue_and_epilogues(kind):
     (layer2, w2) = make_layer(kind, F, C, rng)
     y2 = matvec(mx.array(x), [Segment(layer2)], epilogue=2, residual=mx.array(res), backend=BACKEND)
     assert rel_err(y2, xd @ w2.T + res) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "affine-8-float16", "q6_k", "q3_k"])
+@pytest.mark.parametrize("B", [2, 4, 16])
+def test_matvec_long_rows_walk_tiles(kind, B):
+    """Rows longer than the shared memory holds (the 2.9B FFN's K = 10240 at B >= 2 here, at B = 1 on
+    Apple GPUs) are staged tile by tile, with the LayerNorm moments taken over the whole row first."""
+    from rwkv_mlx.kernels.matvec import MatvecPlan
+
+    rng = np.random.default_rng(B + len(kind))
+    K, F = 10240, 256
+    (layer, w) = make_layer(kind, F, K, rng)
+    x, prev = (rng.standard_normal((B, K)).astype(np.float32) for _ in range(2))
+    mix = rng.uniform(0, 1, (1, K)).astype(np.float32)
+    ln = __import__("mlx.nn", fromlist=["LayerNorm"]).LayerNorm(K)
+    ln.weight, ln.bias = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32)), mx.array(rng.standard_normal(K).astype(np.float32))
+    plan = MatvecPlan([Segment(layer, mode=0)], B, backend=BACKEND, prologue=1, ln=ln, mix=mx.array(mix))
+    assert plan.ok and dict(plan.template)["KT"] < K, plan.template
+    y, xn = plan(mx.array(x), mx.array(prev))
+    xd = x.astype(np.float64)
+    norm = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5)
+    norm = norm * np.array(ln.weight) + np.array(ln.bias)
+    assert rel_err(xn, norm) < 1e-5 and rel_err(y, (norm + (prev - norm) * mix[0]) @ w.T) < 1e-5
+    res = rng.standard_normal((B, F)).astype(np.float32)
+    y2 = matvec(mx.array(x), [Segment(layer)], epilogue=2, residual=mx.array(res), backend=BACKEND)
+    assert rel_err(y2, xd @ w.T + res) < 1e-5
 
 
 # ---- the whole model, one token at a time through the fused decode kernels -------------------

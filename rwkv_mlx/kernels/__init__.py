@@ -59,34 +59,13 @@ def kernels_disabled() -> Iterator[None]:
 
 
 def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, head_size: int):
-    """``wkv.time_mix_core_reference`` by the fused WKV-7 kernel (custom_kernels/wkv7.kern), or None.
-
-    Inputs [B, T, C]; the kernel reads them packed per token, as the decode
-    launches write them, so they are concatenated here (prefill only; the
-    LoRA up-projections were MLX matmuls, so the kernel copies them in).
-    """
+    """``wkv.time_mix_core_reference`` by the fused WKV-7 kernel (kernels/wkv7.py), or None."""
     backend = kernel_backend()
-    if backend is None or head_size % 32 or head_size > 128:  # group of 4N threads, staging in 48 KB
+    if backend is None:
         return None
-    from .dialect import build
+    from .wkv7 import prefill
 
-    B, T, C = r.shape
-    N, H = head_size, C // head_size
-    rows = B * T
-    proj = mx.concatenate([r, k, v], axis=-1).reshape(rows, 3 * C).astype(mx.float32)
-    pre = mx.concatenate([w_raw, a_raw, g], axis=-1).reshape(rows, 3 * C).astype(mx.float32)
-    channel = [a.astype(mx.float32) for a in (k_k, k_a, r_k, ln_w, ln_b)]
-    no_lora = mx.zeros((1,), dtype=mx.uint8)
-    y, state_out, _ = build("wkv7", backend)(
-        inputs=[proj, pre, proj, mx.zeros((4, 3), dtype=mx.int32), no_lora, no_lora, no_lora, no_lora, pre,
-                *channel, state.astype(mx.float32)],
-        template=[("H", H), ("N", N), ("UP", 0), ("MIX_V", 0), ("MAX_DOWN", 1)],
-        grid=(B * H * 4 * N, 1, 1),
-        threadgroup=(4 * N, 1, 1),
-        output_shapes=[(B, T, C), (B, H, N, N), (B * H * T * 10 * N,)],
-        output_dtypes=[mx.float32, mx.float32, mx.float32],
-    )
-    return y, state_out
+    return prefill(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, head_size, backend)
 
 
 def fused_block_step(block, x, att_shift, ffn_shift, wkv_state, v_first):

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .dialect import build
+from . import wkv7
+from .dialect import build, launches, placeholder
 from .matvec import _DENSE_CODES, MatvecPlan, Segment
 
 LERP_R, LERP_W, LERP_K, LERP_V, LERP_A, LERP_G = range(6)
-MAX_DOWN = 2048  # LoRA down outputs the time-mix kernel stages in shared memory (8 KB)
 
 
 class BlockPlan:
@@ -44,7 +44,7 @@ class BlockPlan:
         self.key = MatvecPlan([Segment(ffn.key)], B, backend=backend, prologue=1, epilogue=1, ln=block.ln2,
                               mix=ffn.x_k.reshape(1, -1))
         self.value = MatvecPlan([Segment(ffn.value)], B, backend=backend, epilogue=2, out_shape=(B, 1, C))
-        self.ok = N % 32 == 0 and N <= 128 and all(p.ok for p in (self.proj, self.out, self.key, self.value))
+        self.ok = wkv7.supports(N, backend) and all(p.ok for p in (self.proj, self.out, self.key, self.value))
 
         # The time-mix kernel reads the LoRA down outputs where launch 1 wrote them (after r|k|v).
         info, column = [], 0
@@ -52,31 +52,41 @@ class BlockPlan:
             rank = 0 if w is None else w.shape[1]
             info.append([rank, column, 0 if w is None else _DENSE_CODES[w.dtype]])
             column += rank
-        self.max_down = column
-        self.ok = self.ok and column <= MAX_DOWN
-        self.dummy = mx.zeros((1,))
+        self.wkv = build("wkv7", backend)
+        self.wkv_template = wkv7.template(self.wkv, self.H, N, up=True, mix_v=self.mix_v, max_down=column)
+        self.ok = self.ok and self.wkv_template is not None
+        if not self.ok:
+            return
+        self.dummy = placeholder()
         self.lora = [mx.array(info, dtype=mx.int32)] + [
-            mx.zeros((1,), dtype=mx.uint8) if w is None else w.view(mx.uint8) for w in ups]
+            placeholder(mx.uint8) if w is None else w.view(mx.uint8) for w in ups]
         zero = mx.zeros((C,))
         self.bias0 = mx.concatenate([att.w0, att.a0, att.v0 if self.mix_v else zero, zero]).astype(mx.float32)
         self.channel = [att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias]
-        self.wkv = build("wkv7", backend)
         mx.eval(self.dummy, self.bias0, *self.lora)
+        signature = (tuple(self.wkv_template), tuple(str(a.dtype) for a in self.lora))
+        self.ok = launches(self.wkv, signature, lambda: self._time_mix(
+            mx.zeros((B, self.proj.out_shapes[0][-1])), mx.zeros((B, 1, C)), mx.zeros((B, self.H, N, N))))
 
-    def __call__(self, x, att_shift, ffn_shift, wkv_state, v_first):
+    def _time_mix(self, proj, v_first, wkv_state):
         B, C, H, N = self.B, self.C, self.H, self.N
-        proj, xn = self.proj(x, att_shift)
-        if not self.mix_v:
-            v_first = proj[:, 2 * C : 3 * C].reshape(B, 1, C)
         y, wkv_state, _ = self.wkv(
             inputs=[proj, self.dummy, v_first if self.mix_v else self.dummy, *self.lora, self.bias0, *self.channel,
                     wkv_state],
-            template=[("H", H), ("N", N), ("UP", 1), ("MIX_V", int(self.mix_v)), ("MAX_DOWN", self.max_down)],
+            template=self.wkv_template,
             grid=(B * H * 4 * N, 1, 1),
             threadgroup=(4 * N, 1, 1),
             output_shapes=[(B, C), (B, H, N, N), (B * H * 10 * N,)],
             output_dtypes=[mx.float32, mx.float32, mx.float32],
         )
+        return y, wkv_state
+
+    def __call__(self, x, att_shift, ffn_shift, wkv_state, v_first):
+        B, C = self.B, self.C
+        proj, xn = self.proj(x, att_shift)
+        if not self.mix_v:
+            v_first = proj[:, 2 * C : 3 * C].reshape(B, 1, C)
+        y, wkv_state = self._time_mix(proj, v_first, wkv_state)
         x = self.out(y, residual=x)
         h, xf = self.key(x, ffn_shift)
         return self.value(h, residual=x), xn, xf, wkv_state, v_first

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -377,6 +378,33 @@ class Kernel:
                                 list(output_shapes), list(output_dtypes)))
         return self.mlx_kernel()(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
                                  output_shapes=output_shapes, output_dtypes=output_dtypes, **extra)
+
+
+_built: dict = {}
+
+
+def launches(kernel: Kernel, signature, trial: Callable[[], object]) -> bool:
+    """Whether an instantiation builds and runs here: the first plan of each ``signature`` (its
+    template and input dtypes) launches ``trial`` once and evaluates it. A kernel that fails
+    (a Metal or CUDA compiler error on a user's machine) costs its layers the speed, not the
+    answer: it is reported in one line and the callers keep the pure-MLX path.
+    """
+    if _hook is not None:  # recorded or emulated launches: the hook is the backend
+        return True
+    key = (kernel.name, signature)
+    if key not in _built:
+        import mlx.core as mx
+
+        try:
+            mx.eval(trial())
+            _built[key] = True
+        except Exception as e:  # noqa: BLE001 - MLX reports compile errors as several types
+            _built[key] = False
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            logging.getLogger("rwkv_mlx").warning(
+                "rwkv-mlx: kernel %s did not build on %s (%s); its layers use the slower pure-MLX path. "
+                "Please report this with the output of `rwkv-mlx doctor`.", kernel.name, kernel.backend, first)
+    return _built[key]
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,28 +25,28 @@ class KernelInstance:
 def _matvec(scales: str, slots: int = 8, **template) -> KernelInstance:
     # x prev ln_w ln_b mix eps | seg | bias residual | w0..w7 | s0..s7 | z0..z7 (one of each: ONE_SEGMENT)
     inputs = ("float32",) * 6 + ("int32",) + ("float32",) * 2 + ("uint8",) * slots + (scales,) * (2 * slots)
-    t = {"NB": 1, "RPW": 4, "KMAX": 2560, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0, **template}
+    t = {"NB": 1, "RPW": 4, "KT": 2560, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0, **template}
     return KernelInstance("matvec", inputs, ("float32", "float32"), t, ("ONE_SEGMENT",) if slots == 1 else ())
 
 
 def _wkv7(**template) -> KernelInstance:
     # proj pre v_first | up_info | w_up a_up v_up g_up | bias0 k_k k_a r_k ln_w ln_b state_in
     inputs = ("float32",) * 3 + ("int32",) + ("uint8",) * 4 + ("float32",) * 7
-    template = {"H": 40, "N": 64, "UP": 1, "MIX_V": 1, "MAX_DOWN": 576, **template}
+    template = {"H": 40, "N": 64, "UP": 1, "MIX_V": 1, "MAX_DOWN": 576, "TB": 16, **template}
     return KernelInstance("wkv7", inputs, ("float32",) * 3, template)
 
 
 KERNEL_INSTANCES: list[KernelInstance] = [
     _wkv7(),
     _wkv7(H=2, UP=0, MIX_V=0, MAX_DOWN=1),
-    _wkv7(H=3, N=128, UP=0, MIX_V=0, MAX_DOWN=1),
+    _wkv7(H=3, N=128, UP=0, MIX_V=0, MAX_DOWN=1, TB=8),
     _matvec("float32", PRO=1, RPW=1),
     _matvec("float32", PRO=0, EPI=2, NB=2),
     _matvec("float32", HAS_BIAS=1),
     _matvec("float32", BITS=4, PRO=1),
     _matvec("float16", BITS=8, EPI=1),
-    _matvec("bfloat16", BITS=5, EPI=2, KMAX=10240),
+    _matvec("bfloat16", BITS=5, EPI=2, KT=5120),
     _matvec("float32", BITS=6, PRO=1, NB=3, RPW=2),
     _matvec("float32", slots=1, BITS=4, PRO=1, EPI=1),
-    _matvec("float16", slots=1, EPI=2, KMAX=10240, RPW=1),
+    _matvec("float16", slots=1, EPI=2, KT=5120, RPW=1),
 ]

@@ -18,11 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..layers import AffineLinear, GGMLLinear, Linear
+from .dialect import launches
 
 # GGUF block types the kernel reads as stored (gguf.GGMLQuantizationType ids -> kernel kind)
 _GGML_KINDS = {14: "q6_k", 11: "q3_k", 10: "q2_k"}
 WARPS = 8
-SHARED_FLOATS = 11_900  # 48 KB of static shared memory, less the reduction scratch
 _DENSE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 _KINDS = {"dense": 0, "affine": 1, "q6_k": 2, "q3_k": 3, "q2_k": 4}
 MAX_SEGMENTS = 8
@@ -64,6 +64,19 @@ def _weights(w) -> _Weights | None:
     return None
 
 
+def tile_length(kernel, k_max: int, template: dict) -> int | None:
+    """The staged tile (a multiple of 32 elements) for rows of up to ``k_max``: the whole row
+    if the backend's shared memory holds it, else the fewest equal tiles that fit (10240 at
+    one activation row on Metal's 32 KB: two tiles of 5120). None: not even 32 fit."""
+    for tiles in range(1, k_max + 1):
+        kt = -(-k_max // (tiles * 32)) * 32  # ceil(k_max / tiles), rounded up to 32
+        if kernel.shared_bytes({**template, "KT": kt}.items()) <= kernel.limits.shared_bytes:
+            return kt
+        if kt <= 32:
+            return None
+    return None
+
+
 def _rows_per_warp(segment_rows: list[int]) -> int | None:
     total = sum(segment_rows)
     for rpw in (4, 2, 1):
@@ -95,12 +108,22 @@ class MatvecPlan:
             return
         rows, ks = [w.rows for w in weights], [w.k for w in weights]
         rpw = _rows_per_warp(rows)
-        kmax = -(-max(ks) // 32) * 32
-        staged = batch * (kmax + kmax // 8)  # NB * PAD_K floats in matvec.kern
-        self.ok = rpw is not None and all(k % 32 == 0 for k in ks) and staged <= SHARED_FLOATS
+        self.ok = rpw is not None and all(k % 32 == 0 for k in ks)
         if not self.ok:
             return
-        from .dialect import build
+        from .dialect import build, placeholder
+
+        # One matrix: the ONE_SEGMENT variant, without the seven unused weight slots.
+        slots = 1 if len(weights) == 1 else MAX_SEGMENTS
+        self.kernel = build("matvec", backend, ("ONE_SEGMENT",) if slots == 1 else ())
+        bits = affine[0].fmt[1] if affine else 0
+        template = {"NB": batch, "RPW": rpw, "PRO": prologue, "EPI": epilogue, "BITS": bits,
+                    "HAS_BIAS": int(bias is not None)}
+        kt = tile_length(self.kernel, max(ks), template)
+        self.ok = kt is not None
+        if not self.ok:
+            return
+        self.template = list({**template, "KT": kt}.items())
 
         total = sum(rows)
         x_stride = x_stride or ks[0]
@@ -109,13 +132,9 @@ class MatvecPlan:
             table.append([start, w.k, seg.x_offset, seg.mode, w.wtype, _KINDS[w.fmt[0]]])
             start += w.rows
         table.append([total, x_stride, 0, 0, 0, 0])
-        bits = affine[0].fmt[1] if affine else 0
         scale_dtype = affine[0].scales.dtype if affine else mx.float32
-        self.dummy = mx.zeros((1,), dtype=mx.float32)
-        dummy_scales = mx.zeros((1,), dtype=scale_dtype)
-
-        # One matrix: the ONE_SEGMENT variant, without the seven unused weight slots.
-        slots = 1 if len(weights) == 1 else MAX_SEGMENTS
+        self.dummy = placeholder()
+        dummy_scales = placeholder(scale_dtype)
 
         def eight(values):
             return values + [values[-1]] * (slots - len(values))
@@ -132,12 +151,13 @@ class MatvecPlan:
                      + eight([w.scales if w.scales is not None else dummy_scales for w in weights])
                      + eight([w.offsets if w.offsets is not None else dummy_scales for w in weights]))
         mx.eval(*self.head, *self.tail)
-        self.kernel = build("matvec", backend, ("ONE_SEGMENT",) if slots == 1 else ())
-        self.template = [("NB", batch), ("RPW", rpw), ("KMAX", kmax), ("PRO", prologue), ("EPI", epilogue),
-                         ("BITS", bits), ("HAS_BIAS", int(bias is not None))]
         self.grid = (total // rpw * 32, 1, 1)
         self.prologue = prologue
         self.out_shapes = [out_shape or (batch, total), (batch, ks[0]) if prologue == 1 else (1,)]
+        signature = (tuple(self.template), tuple(str(a.dtype) for a in self.head + self.tail))
+        self.ok = launches(self.kernel, signature, lambda: self(
+            mx.zeros((batch, x_stride)), mx.zeros((batch, ks[0])) if prologue == 1 else None,
+            mx.zeros(self.out_shapes[0]) if epilogue == 2 else None))
 
     def __call__(self, x: mx.array, prev: mx.array | None = None, residual: mx.array | None = None):
         y, xn = self.kernel(

@@ -1,0 +1,120 @@
+"""Launch plans respect each backend's limits, for the shapes people run (no GPU needed).
+
+The plans are built for Metal and for CUDA on blocks of the 2.9B and 7.2B
+shapes in every storage form, and their launches are caught by a launch hook
+instead of running: every launch passes the backend's rules (threads per group,
+shared memory counted from the kernel text, device address space for every
+input a helper may receive), and no block falls back to the pure-MLX path.
+The kernels' numbers are tested elsewhere: on a GPU (tests/test_kernels_gpu.py)
+and, for the Metal texts, under the CPU emulation.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from rwkv_mlx.kernels import dialect, forced_backend
+from rwkv_mlx.kernels.decode import BlockPlan
+from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
+from rwkv_mlx.layers import WeightFormat
+from rwkv_mlx.model import MATRIX_MODULES, Block, ModelArgs
+
+SHAPES = {  # name: (n_embd, ffn, decay, iclr, value, gate ranks), as the published g1 models
+    "2.9B": (2560, 10240, 96, 96, 64, 320),
+    "7.2B": (4096, 16384, 128, 128, 96, 480),
+}
+FORMATS = {
+    "Q4_K_M": WeightFormat("affine", "float32", bits=4),
+    "Q8_0-f16-scales": WeightFormat("affine", "float16", bits=8),
+    "Q6_K": WeightFormat("ggml", ggml_type=14),
+    "F16": WeightFormat("dense", "float16"),
+}
+
+
+def block(shape: str, fmt: WeightFormat, layer: int = 1) -> Block:
+    C, F, dr, ir, vr, gr = SHAPES[shape]
+    args = ModelArgs(vocab_size=256, n_embd=C, n_layer=layer + 1, ffn_dim=F, decay_rank=dr, iclr_rank=ir,
+                     value_rank=vr, gate_rank=gr)
+    formats = {f"blocks.{layer}.{m}": fmt for m in MATRIX_MODULES}
+    return Block(args, layer, formats, mx.float16)
+
+
+class Recorder:
+    """A launch hook: keeps each launch, returns zeros of the output shapes."""
+
+    def __init__(self):
+        self.launches: list[dialect.Launch] = []
+
+    def __call__(self, launch: dialect.Launch):
+        self.launches.append(launch)
+        return [mx.zeros(s, dtype=d) for s, d in zip(launch.output_shapes, launch.output_dtypes)]
+
+
+@pytest.mark.parametrize("backend", dialect.BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decode_plans_fit_the_backend(shape, fmt, backend):
+    blk = block(shape, FORMATS[fmt], layer=0 if fmt == "F16" else 1)  # layer 0: no value LoRA
+    C = SHAPES[shape][0]
+    rec = Recorder()
+    with dialect.launch_hook(rec), forced_backend(backend):
+        for batch in (1, 2, 4):
+            plan = BlockPlan(blk, batch, backend)
+            assert plan.ok, f"{shape} {fmt} B={batch}: a decode launch does not fit {backend}"
+            z = mx.zeros((batch, 1, C))
+            plan(z, z[:, 0], z[:, 0], mx.zeros((batch, C // 64, 64, 64)), z)
+    assert len(rec.launches) == 3 * 5
+    limits = dialect.LIMITS[backend]
+    for launch in rec.launches:  # the hook saw them after Kernel.check; say so in numbers too
+        assert launch.kernel.shared_bytes(launch.template) <= limits.shared_bytes
+        assert launch.threadgroup[0] <= limits.threads
+
+
+def test_ffn_value_row_is_tiled_on_metal_only():
+    """K = 10240 at one row needs 46,176 bytes staged whole: CUDA's 48 KB hold it, Metal's 32 KB don't."""
+    blk = block("2.9B", FORMATS["Q4_K_M"])
+    with dialect.launch_hook(Recorder()):
+        kt = {b: dict(MatvecPlan([Segment(blk.ffn.value)], 1, backend=b, epilogue=2).template)["KT"]
+              for b in dialect.BACKENDS}
+    assert kt == {"cuda": 10240, "metal": 5120}
+
+
+def test_small_input_in_a_device_slot_is_refused_on_metal():
+    """MLX would pass a 1-element array as `constant`; a helper typed for device memory can't take it."""
+    kernel = dialect.build("matvec", "metal", ("ONE_SEGMENT",))
+    inputs = [mx.zeros((8,))] * len(kernel.rendered.inputs)
+    inputs[kernel.rendered.inputs.index("s0")] = mx.zeros((1,))
+    with pytest.raises(dialect.LaunchError, match="s0 has 1 elements"):
+        kernel(inputs=inputs, template=[("NB", 1), ("RPW", 1), ("KT", 256), ("PRO", 0), ("EPI", 0), ("BITS", 0),
+                                        ("HAS_BIAS", 0)], grid=(32, 1, 1), threadgroup=(256, 1, 1),
+               output_shapes=[(1, 8), (1,)], output_dtypes=[mx.float32] * 2)
+    # eps is declared `//! constant:` (read by index only), so one element is fine there
+    inputs[kernel.rendered.inputs.index("s0")] = mx.zeros((8,))
+    inputs[kernel.rendered.inputs.index("eps")] = mx.zeros((1,))
+    kernel.check(inputs, [("NB", 1), ("RPW", 1), ("KT", 256), ("PRO", 0), ("EPI", 0), ("BITS", 0), ("HAS_BIAS", 0)],
+                 (256, 1, 1))
+
+
+def test_shared_bytes_are_read_from_the_kernel_text():
+    """Stated by hand from matvec.kern: xs[NB * (KT + KT / 8)] floats plus red[3 * 8] floats."""
+    t = [("NB", 1), ("RPW", 4), ("KT", 10240), ("PRO", 1), ("EPI", 0), ("BITS", 0), ("HAS_BIAS", 0)]
+    assert dialect.shared_bytes("matvec", (), tuple(t)) == 4 * (10240 + 1280) + 4 * 24 == 46_176
+    # wkv7: down_act[MAX_DOWN] + stage[TB * 6 * (N + 4)] floats
+    t = [("H", 40), ("N", 64), ("UP", 1), ("MIX_V", 1), ("MAX_DOWN", 2048), ("TB", 16)]
+    assert dialect.shared_bytes("wkv7", (), tuple(t)) == 4 * 2048 + 4 * 16 * 6 * 68 == 34_304
+
+
+def test_a_kernel_that_fails_to_build_leaves_its_layers_on_the_pure_path(caplog):
+    """What a Mac user sees when a kernel does not compile: one warning line, the plan not taken."""
+    kernel = dialect.build("matvec", "cuda")
+
+    def broken():
+        raise RuntimeError("error: use of undeclared identifier 'oops'\n  more compiler output")
+
+    with caplog.at_level("WARNING", logger="rwkv_mlx"):
+        assert dialect.launches(kernel, ("test-signature",), broken) is False
+        assert dialect.launches(kernel, ("test-signature",), broken) is False  # once per signature
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "rwkv_matvec" in lines[0] and "rwkv-mlx doctor" in lines[0]
+    assert "\n" not in lines[0] and "undeclared identifier" in lines[0]
