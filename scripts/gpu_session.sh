@@ -7,6 +7,7 @@
 #   probe    : decode probe on each synthetic model that is ready
 #   costs    : host and device time per launch, prefill routes (development aids)
 #   bench    : the benchmark log entries, ours and mlx-lm's (needs $TITLE and $CHANGE)
+#   compare  : decode probes of this tree and of .baseline/ (an older commit's package, carried), alternating
 set -uo pipefail
 export PYTHONPATH=/tmp/mlxsite:$PWD PYTHONUNBUFFERED=1 MLX_ENABLE_TF32=0
 OUT=${OUT:-/tmp/out}
@@ -74,5 +75,16 @@ case $step in
     echo "== MLX_USE_CUDA_GRAPHS=0" | tee -a $OUT/explore.log
     MLX_USE_CUDA_GRAPHS=0 python3 scripts/decode_probe.py /tmp/synth/$1.gguf --no-reference --stream 2>&1 \
       | tee -a $OUT/explore.log ;;
+  compare)  # side by side on one machine: .baseline (git archive of an older commit) vs this tree
+    bash "$0" wait "$@"
+    for t in "$@"; do
+      for round in 1 2; do
+        for tree in .baseline .; do
+          echo "== $t round $round tree $tree ($(cat $tree/COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null))" | tee -a $OUT/compare.log
+          PYTHONPATH=/tmp/mlxsite:$PWD/$tree python3 $tree/scripts/decode_probe.py /tmp/synth/$t.gguf --tokens 128 \
+            $([ $round = 1 ] && [ $tree = . ] || echo --no-reference) 2>&1 | grep -v Warning | tee -a $OUT/compare.log
+        done
+      done
+    done ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

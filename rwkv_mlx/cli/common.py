@@ -62,15 +62,15 @@ def load_state_option(path: Path | None, model):
     return State.from_state_tuning(path, model) if path.suffix == ".pth" else State.load(path, model)
 
 
-def print_table(rows: Sequence[tuple[str, str]], stream=None, header: tuple[str, str] | None = None) -> None:
-    """A two-column table; markdown-compatible so it can be pasted into results/."""
+def print_table(rows: Sequence[tuple[str, ...]], stream=None, header: tuple[str, ...] | None = None) -> None:
+    """A table of any number of columns; markdown-compatible so it can be pasted into results/."""
     stream = stream or sys.stdout
     header = header or ("metric", "value")
-    w0 = max(len(header[0]), *(len(r[0]) for r in rows))
-    w1 = max(len(header[1]), *(len(r[1]) for r in rows))
-    stream.write(f"| {header[0]:<{w0}} | {header[1]:<{w1}} |\n|{'-' * (w0 + 2)}|{'-' * (w1 + 2)}|\n")
-    for a, b in rows:
-        stream.write(f"| {a:<{w0}} | {b:<{w1}} |\n")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |\n"
+    stream.write(line(header) + "|" + "|".join("-" * (w + 2) for w in widths) + "|\n")
+    for r in rows:
+        stream.write(line(r))
     stream.flush()
 
 
