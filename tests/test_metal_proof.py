@@ -28,7 +28,7 @@ import rwkv_mlx
 from rwkv_mlx.kernels import kernels_disabled
 from rwkv_mlx.kernels.dialect import Kernel, Launch, parse_kern, render
 from rwkv_mlx.kernels.metal_proof import Recorder, record_launches
-from rwkv_mlx.kernels.metal_proof.compile import APPLE_THREADS_PER_GROUP, ProofError, check, check_all, prepare
+from rwkv_mlx.kernels.metal_proof.compile import APPLE_THREADS_PER_GROUP, check, check_all, prepare
 from rwkv_mlx.kernels.metal_proof.emulate import Emulator
 from rwkv_mlx.kernels.metal_proof.record import Instantiation
 from rwkv_mlx.kernels.metal_proof.render import metal_sources
@@ -123,13 +123,17 @@ def test_every_launch_within_apple_limits(compiled):
 
 # ---- negative controls: the header keeps Metal's rules ---------------------------------------
 
-def tiny_kernel(header: str, body: str, sizes: dict[str, int]) -> str:
-    """MLX's Metal source of a one-off kernel (dialect text) whose inputs have these sizes."""
-    src = parse_kern(f"//! kernel: probe\n//! inputs: {' '.join(sizes)}\n//! outputs: y\n"
+def probe_kernel(header: str, body: str, inputs: list[str]) -> Kernel:
+    """A one-off kernel in the dialect, rendered for Metal."""
+    src = parse_kern(f"//! kernel: probe\n//! inputs: {' '.join(inputs)}\n//! outputs: y\n"
                      f"//! header:\n{header}\n//! body:\n{body}\n", "probe")
-    kernel = Kernel("probe", render(src, "metal"), ())
-    inst = Instantiation(kernel, tuple((n, "float32", (s,)) for n, s in sizes.items()), (), ((32,),), ("float32",),
-                         {((32, 1, 1), (32, 1, 1))})
+    return Kernel("probe", render(src, "metal"), ())
+
+
+def tiny_kernel(header: str, body: str, sizes: dict[str, int]) -> str:
+    """MLX's Metal source of a one-off kernel whose float inputs have these sizes."""
+    inst = Instantiation(probe_kernel(header, body, list(sizes)), tuple((n, "float32", (s,)) for n, s in sizes.items()),
+                         (), ((32,),), ("float32",), {((32, 1, 1), (32, 1, 1))})
     return metal_sources([inst])[0]
 
 
@@ -184,10 +188,7 @@ def test_emulator_barriers_and_simd_operations():
   y[(GROUP_ID * 128 + i) * 4 + 1] = WARP_SUM(v);
   y[(GROUP_ID * 128 + i) * 4 + 2] = WARP_MAX(v) + warp;
   y[(GROUP_ID * 128 + i) * 4 + 3] = SHFL_XOR(v, 5) + 1000.0f * lane;"""
-    source = tiny_kernel("", body, {"a": 256})
-    src = parse_kern(f"//! kernel: probe\n//! inputs: a\n//! outputs: y\n//! body:\n{body}\n", "probe")
-    kernel = Kernel("probe", render(src, "metal"), ())
-    assert "simd_shuffle_xor" in source
+    kernel = probe_kernel("", body, ["a"])
     a = np.random.default_rng(0).standard_normal(256).astype(np.float32)
     (y,) = Emulator()(Launch(kernel, [mx.array(a)], [], (256, 1, 1), (128, 1, 1), [(256, 4)], [mx.float32]))
     y = np.array(y).reshape(2, 128, 4)
