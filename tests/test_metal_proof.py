@@ -316,3 +316,24 @@ def test_emulated_long_rows_walk_tiles(kind):
     norm = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5)
     norm = norm * np.array(ln.weight) + np.array(ln.bias)
     assert rel_err(xn, norm) < 1e-5 and rel_err(y, (norm + (prev - norm) * mix[0]) @ w.T) < 1e-5
+
+
+@needs_emulator
+def test_os_threads_agree_with_fibers(require_oracle):
+    """The fibers' fixed order hides nothing here: with an OS thread per Metal thread, all running at
+    once on pthread barriers, a prefill (WKV kernel) and a layer's r|k|v|LoRA launch give the same bits."""
+    from rwkv_mlx.kernels.decode import BlockPlan
+
+    model = load("fixb-f32", EXACT)
+    tokens = mx.array([oracle_tokens("fixb-f32")[:8]])
+    block = model.blocks[1]
+    x, prev = (mx.array(np.random.default_rng(i).standard_normal((1, 1, 128)).astype(np.float32)) for i in (1, 2))
+    runs = []
+    for os_threads in (False, True):
+        with Emulator(os_threads=os_threads).running():
+            logits, state = model(tokens)
+            proj, xn = BlockPlan(block, 1, "metal").proj(x, prev)
+            runs.append([np.array(a) for a in (logits, *state.wkv, proj, xn)])
+    for fiber, thread in zip(*runs):
+        assert np.array_equal(fiber, thread)
+    assert rel_err(runs[0][0][0], plain_logits(model, oracle_tokens("fixb-f32")[:8])) < 1e-5

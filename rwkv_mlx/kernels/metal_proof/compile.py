@@ -255,7 +255,8 @@ def emulator_unit(prepared: Prepared) -> str:
 
 // ---- emulator entry (metal_proof/compile.py) ----
 static void** g_buffers;
-static uint3 g_group, g_groups, g_tg;
+static uint3 g_groups, g_tg;
+static thread_local uint3 g_group;  // each OS thread its own (all fibers share the scheduler's)
 
 static uint3 u3(uint x, uint y, uint z) {{
   uint3 v;
@@ -265,28 +266,31 @@ static uint3 u3(uint x, uint y, uint z) {{
   return v;
 }}
 
+static void rwkv_set_group(unsigned long g) {{
+  g_group = u3((uint)(g % g_groups.x), (uint)(g / g_groups.x % g_groups.y), (uint)(g / g_groups.x / g_groups.y));
+}}
+
 static void rwkv_lane(int lane) {{
   const uint3 group = g_group, groups = g_groups, tg = g_tg;
   const uint3 tid = u3((uint)lane % tg.x, ((uint)lane / tg.x) % tg.y, (uint)lane / (tg.x * tg.y));
   {call};
 }}
 
+// dims: grid x y z, threadgroup x y z; os_threads 0 runs fibers, 1 an OS thread per Metal thread
 extern "C" __attribute__((visibility("default"))) int rwkv_emu_launch(
-    void** buffers, const unsigned* dims, char* stacks, unsigned long stack_bytes, unsigned long* tg_bytes) {{
+    void** buffers, const unsigned* dims, char* stacks, unsigned long stack_bytes, unsigned long* tg_bytes,
+    int os_threads) {{
   g_buffers = buffers;
   g_tg = u3(dims[3], dims[4], dims[5]);
   g_groups = u3(dims[0] / dims[3], dims[1] / dims[4], dims[2] / dims[5]);
   rwkv_emu::n_lanes = (int)(dims[3] * dims[4] * dims[5]);
   rwkv_emu::lane_body = rwkv_lane;
+  rwkv_emu::set_group = rwkv_set_group;
   rwkv_emu::threadgroup_bytes = 0;
-  for (uint z = 0; z < g_groups.z; ++z)
-    for (uint y = 0; y < g_groups.y; ++y)
-      for (uint x = 0; x < g_groups.x; ++x) {{
-        g_group = u3(x, y, z);
-        if (rwkv_emu::run_group(stacks, stack_bytes) != 0) return -1;
-      }}
+  const unsigned long groups = (unsigned long)g_groups.x * g_groups.y * g_groups.z;
+  const int rc = os_threads ? rwkv_emu::run_threads(groups) : rwkv_emu::run_fibers(groups, stacks, stack_bytes);
   *tg_bytes = rwkv_emu::threadgroup_bytes;
-  return 0;
+  return rc;
 }}
 """
 

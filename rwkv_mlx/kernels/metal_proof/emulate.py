@@ -59,6 +59,7 @@ class Emulator:
 
     edit: object = None
     check_metal: bool = True  # also compile each text under Metal's rules (compile.check) first
+    os_threads: bool = False  # an OS thread per Metal thread instead of fibers (slow; a cross-check)
     built: dict = field(default_factory=dict)
     launches: int = 0
     threadgroup_bytes: dict = field(default_factory=dict)  # instantiation label -> bytes measured
@@ -79,7 +80,7 @@ class Emulator:
         fn = lib.rwkv_emu_launch
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
-                       ctypes.c_ulong, ctypes.POINTER(ctypes.c_ulong)]
+                       ctypes.c_ulong, ctypes.POINTER(ctypes.c_ulong), ctypes.c_int]
         built = self.built[key] = _Built(fn, prepared.params, inst)
         return built
 
@@ -121,7 +122,10 @@ class Emulator:
         dims = (ctypes.c_uint * 6)(*launch.grid, *launch.threadgroup)
         tg_bytes = ctypes.c_ulong(0)
         stacks = (self._stacks.ctypes.data + 15) // 16 * 16
-        rc = built.fn((ctypes.c_void_p * len(ptrs))(*ptrs), dims, stacks, STACK_BYTES, ctypes.byref(tg_bytes))
+        rc = built.fn((ctypes.c_void_p * len(ptrs))(*ptrs), dims, stacks, STACK_BYTES, ctypes.byref(tg_bytes),
+                      int(self.os_threads))
+        if rc == -2:
+            raise ProofError(f"{built.inst.label}: could not start {threads} OS threads")
         if rc != 0:
             raise ProofError(f"{built.inst.label}: a barrier was not reached by every thread of a group")
         if tg_bytes.value > APPLE_THREADGROUP_BYTES:

@@ -1,21 +1,39 @@
 // A CPU runtime for Metal compute kernels (RWKV_METAL_EMULATE builds of include/metal_stdlib).
 //
-// Every thread of a threadgroup is its own execution context (a fiber: own stack and
-// registers), so a kernel's local variables and control flow are per thread as on a GPU.
-// Fibers run one at a time and switch only where Metal threads synchronize:
+// Every thread of a threadgroup is its own execution context, so a kernel's local variables and
+// control flow are per thread as on a GPU. Two ways to run them:
+//  * fibers (the default): own stack and registers, run one at a time, switching only where
+//    Metal threads synchronize (below); deterministic, and a barrier that some thread never
+//    reaches is reported (a deadlock on a GPU), not hung on;
+//  * OS threads (os_threads): one pthread per Metal thread of the group, running at once,
+//    barriers as pthread barriers (per group, per SIMD group); the threads are reused for every
+//    group of the launch. Slow on a few cores; used to cross-check the fibers.
+// Synchronization:
 //   threadgroup_barrier   waits until every thread of the group arrived;
 //   simd_* operations     each lane publishes its value in a per-thread slot, waits for the 32
 //                         lanes of its SIMD group, reads, and waits again before the slot is reused.
-// A barrier some thread never reaches is reported (a deadlock on a GPU), not hung on. Groups run
-// one after another; `threadgroup` arrays are static storage of the kernel function (the proof
-// rewrites them so), i.e. shared by the threads of the running group.
-// Real OS threads (256 per group, on CI's 2 cores) would spend the run in the kernel scheduler;
-// cooperative fibers give the same semantics for race-free kernels at a fraction of the cost.
+// Groups run one after another; `threadgroup` arrays are static storage of the kernel function
+// (the proof rewrites them so), i.e. shared by the threads of the running group.
+// No libc header is included (a -ffreestanding build): the few pthread functions are declared
+// here with glibc's x86-64 sizes and resolve against the Python process's libc when loaded.
 #pragma once
 
 #if !defined(__x86_64__)
 #error "the Metal emulator's context switch is written for x86-64"
 #endif
+
+extern "C" {
+struct alignas(8) rwkv_pthread_barrier { char bytes[32]; };  // pthread_barrier_t
+struct alignas(8) rwkv_pthread_attr { char bytes[56]; };     // pthread_attr_t
+int pthread_create(unsigned long* thread, const rwkv_pthread_attr* attr, void* (*start)(void*), void* arg);
+int pthread_join(unsigned long thread, void** result);
+int pthread_attr_init(rwkv_pthread_attr* attr);
+int pthread_attr_setstacksize(rwkv_pthread_attr* attr, unsigned long size);
+int pthread_attr_destroy(rwkv_pthread_attr* attr);
+int pthread_barrier_init(rwkv_pthread_barrier* barrier, const void* attr, unsigned count);
+int pthread_barrier_wait(rwkv_pthread_barrier* barrier);
+int pthread_barrier_destroy(rwkv_pthread_barrier* barrier);
+}
 
 namespace rwkv_emu {
 
@@ -30,11 +48,16 @@ struct Lane {
 
 inline Lane lanes[MAX_THREADS];
 inline unsigned long long slots[MAX_THREADS];
-inline int n_lanes = 0, current = 0, group_arrived = 0;
+inline int n_lanes = 0, group_arrived = 0;
+inline thread_local int current = 0;  // the Metal thread (lane of the group) running now
 inline int simd_arrived[MAX_THREADS / SIMD];
 inline void* scheduler_sp = nullptr;
 inline void (*lane_body)(int) = nullptr;
+inline void (*set_group)(unsigned long) = nullptr;
 inline unsigned long threadgroup_bytes = 0;
+inline bool os_threads = false;
+inline rwkv_pthread_barrier group_bar, simd_bar[MAX_THREADS / SIMD];
+inline unsigned long n_groups = 0;
 
 extern "C" void rwkv_emu_switch(void** save_sp, void* load_sp);
 extern "C" void rwkv_emu_start();
@@ -42,6 +65,10 @@ extern "C" void rwkv_emu_start();
 inline void yield() { rwkv_emu_switch(&lanes[current].sp, scheduler_sp); }
 
 inline void group_barrier() {
+  if (os_threads) {
+    pthread_barrier_wait(&group_bar);
+    return;
+  }
   if (++group_arrived == n_lanes) {
     group_arrived = 0;
     for (int i = 0; i < n_lanes; ++i)
@@ -54,6 +81,10 @@ inline void group_barrier() {
 
 inline void simd_barrier() {
   const int s = current / SIMD;
+  if (os_threads) {
+    pthread_barrier_wait(&simd_bar[s]);
+    return;
+  }
   if (++simd_arrived[s] == SIMD) {
     simd_arrived[s] = 0;
     for (int i = s * SIMD; i < (s + 1) * SIMD; ++i)
@@ -129,6 +160,48 @@ inline int run_group(char* stacks, unsigned long stack_bytes) {
     if (!progressed) return -1;
   }
   return 0;
+}
+
+inline int run_fibers(unsigned long groups, char* stacks, unsigned long stack_bytes) {
+  os_threads = false;
+  for (unsigned long g = 0; g < groups; ++g) {
+    set_group(g);  // fibers share the scheduler's thread, so its thread_local
+    if (run_group(stacks, stack_bytes) != 0) return -1;
+  }
+  return 0;
+}
+
+inline void* thread_main(void* lane) {
+  current = (int)(long)lane;
+  for (unsigned long g = 0; g < n_groups; ++g) {
+    set_group(g);
+    lane_body(current);
+    pthread_barrier_wait(&group_bar);  // the group is done before the next reuses threadgroup memory
+  }
+  return nullptr;
+}
+
+inline int run_threads(unsigned long groups) {
+  os_threads = true;
+  n_groups = groups;
+  pthread_barrier_init(&group_bar, nullptr, (unsigned)n_lanes);
+  for (int s = 0; s < n_lanes / SIMD; ++s) pthread_barrier_init(&simd_bar[s], nullptr, SIMD);
+  rwkv_pthread_attr attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, 256 * 1024);
+  unsigned long threads[MAX_THREADS];
+  int started = 0, rc = 0;
+  for (; started < n_lanes; ++started)
+    if (pthread_create(&threads[started], &attr, thread_main, (void*)(long)started) != 0) break;
+  if (started < n_lanes) rc = -2;  // threads that started wait at a barrier forever: a fatal setup failure
+  for (int l = 0; l < started && rc == 0; ++l) pthread_join(threads[l], nullptr);
+  pthread_attr_destroy(&attr);
+  if (rc == 0) {
+    pthread_barrier_destroy(&group_bar);
+    for (int s = 0; s < n_lanes / SIMD; ++s) pthread_barrier_destroy(&simd_bar[s]);
+  }
+  os_threads = false;
+  return rc;
 }
 
 // A fiber's first frame: run the thread, then hand back to the scheduler for good.
