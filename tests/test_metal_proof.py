@@ -150,6 +150,20 @@ def test_constant_input_to_device_helper_does_not_compile():
     assert not bad.ok and "no matching function for call to 'first'" in bad.first_error, bad.errors
 
 
+def test_issue_13_placeholders_do_not_compile(recorded):
+    """Issue 13 itself: the real 8-slot matvec text with 1-element placeholders (as before the fix) fails,
+    because MLX passes them as `constant` and the kernel's helpers take `device` pointers."""
+    inst = next(i for i in recorded.instantiations.values()
+                if i.kernel.name == "rwkv_matvec" and dict(i.template)["BITS"] == 4)
+    unused = {f"{k}{i}" for k in "sz" for i in range(1, 8)}  # scale/offset slots a dense or affine launch leaves empty
+    shrunk = tuple((n, d, (1,) if n in unused else s) for n, d, s in inst.inputs)
+    unfixed = Instantiation(inst.kernel, shrunk, inst.template, inst.output_shapes, inst.output_dtypes, inst.launches)
+    source = metal_sources([unfixed])[0]
+    assert "const constant float* s1" in source
+    result = check(prepare(source))
+    assert not result.ok and "no matching function for call to" in result.first_error, result.errors
+
+
 def test_address_spaces_do_not_convert():
     body = "SHARED float t[32];\n  SHARED_PTR(float) p = a;\n  y[0] = p[0] + t[0];"
     bad = check(prepare(tiny_kernel("", body, {"a": 8})))
