@@ -302,8 +302,8 @@ def build_directory() -> Path:
 
 
 def _toolchain_digest() -> str:
-    """What else a build depends on: the headers and the flags."""
-    h = hashlib.sha256(" ".join(_FLAGS).encode())
+    """What else a build depends on: the compiler, the headers and the flags."""
+    h = hashlib.sha256((zig() + str(os.path.getmtime(zig())) + " ".join(_FLAGS)).encode())
     for f in sorted(INCLUDE.iterdir()):
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()
