@@ -179,7 +179,7 @@ _check_cache: dict[str, CompileResult] = {}
 
 
 def _syntax(texts: list[str]) -> tuple[int, list[str]]:
-    """clang -fsyntax-only over these translation units: (return code, error lines, paths cut)."""
+    """clang -fsyntax-only over these translation units: (return code, error lines, temporary paths cut)."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for n, text in enumerate(texts):
