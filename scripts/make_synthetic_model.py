@@ -60,6 +60,9 @@ except ModuleNotFoundError:  # run from a checkout without installing
 from rwkv_mlx.errors import InvalidArgumentError, RwkvMlxError  # noqa: E402
 
 G1B_2_9B = dict(n_layer=32, n_embd=2560, ffn=10240, decay_rank=96, iclr_rank=96, value_rank=64, gate_rank=320, head_size=64)
+# rwkv7-g1 7.2B; LoRA ranks by RWKV-7's rule max(32, round(f * C^p / 32) * 32): decay and iclr
+# f 1.8 p 0.5, value f 1.3 p 0.5, gate f 0.6 p 0.8 (the rule also gives 2.9B's 96/96/64/320)
+G1_7_2B = dict(n_layer=32, n_embd=4096, ffn=16384, decay_rank=128, iclr_rank=128, value_rank=96, gate_rank=480, head_size=64)
 DEFAULT_VOCAB = 65536
 _BLOCK_ELEMS = 1 << 21  # elements per independently seeded block of a tensor
 _pool: ThreadPoolExecutor | None = None
