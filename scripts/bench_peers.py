@@ -41,12 +41,12 @@ except ModuleNotFoundError:  # run from a checkout without installing
 
 import mlx.core as mx
 
-from rwkv_mlx import benchmark as bench
+from rwkv_mlx.bench import benchmark as bench
 from rwkv_mlx.cli.common import select_device
 from rwkv_mlx.errors import InvalidArgumentError, RwkvMlxError
-from rwkv_mlx.gguf_file import open_gguf
-from rwkv_mlx.loader import file_fingerprint, model_args_from_gguf, tokenizer_from_gguf
-from rwkv_mlx.weights import dense_float32
+from rwkv_mlx.formats.gguf_file import open_gguf
+from rwkv_mlx.loader.gguf import file_fingerprint, model_args_from_gguf, tokenizer_from_gguf
+from rwkv_mlx.model.weights import dense_float32
 
 MODES = ("float32", "float16", "bfloat16", "4bit", "8bit")
 PEERS_NAME = "peers.md"

@@ -15,10 +15,10 @@ import mlx.core as mx
 
 import rwkv_mlx
 from rwkv_mlx import layers
-from rwkv_mlx.benchmark import count_primitives
-from rwkv_mlx.generate import prefill, stream_generate
+from rwkv_mlx.bench.benchmark import count_primitives
+from rwkv_mlx.text.generate import prefill, stream_generate
 from rwkv_mlx.kernels import fused_time_mix, kernels_disabled
-from rwkv_mlx.sample import SamplingParams
+from rwkv_mlx.text.sample import SamplingParams
 
 
 def probe_ids(model, n: int) -> list[int]:

@@ -2,7 +2,7 @@
 """Fuzz rwkv-mlx's GGUF loader with broken and hostile files.
 
 Every case is a mutated copy of a valid RWKV-7 GGUF file (an oracle file, or a tiny
-synthetic model written by ``rwkv_mlx.gguf_writer``).  ``rwkv_mlx.load(path,
+synthetic model written by ``rwkv_mlx.formats.gguf_writer``).  ``rwkv_mlx.load(path,
 LoadOptions.for_backend("cpu"))`` must either load it (and then run one forward pass over
 two tokens) or raise ``ModelFileError`` (or a subclass) whose message is one line starting
 with the file name -- within a time bound and a memory bound.  Anything else is a failure:
@@ -479,7 +479,7 @@ def ci_plan(workdir: Path, seed: int = 0, oracle_models: Path = ORACLE_MODELS) -
 
 
 def write_tiny_model(path: Path, file_type: str = "F32", seed: int = 0) -> Path:
-    """A 2-layer, 64-wide RWKV-7 with a 512-token vocabulary, written by rwkv_mlx.gguf_writer."""
+    """A 2-layer, 64-wide RWKV-7 with a 512-token vocabulary, written by rwkv_mlx.formats.gguf_writer."""
     from make_synthetic_model import make_synthetic_model, synthetic_hparams
 
     make_synthetic_model(path, file_type, synthetic_hparams(**TINY_HPARAMS), n_vocab=TINY_VOCAB, seed=seed)
@@ -498,7 +498,7 @@ def crosscheck(path: str) -> str | None:
     from gguf import GGUFReader
 
     from rwkv_mlx.errors import ModelFileError
-    from rwkv_mlx.gguf_file import scan_gguf
+    from rwkv_mlx.formats.gguf_file import scan_gguf
 
     try:
         g = scan_gguf(path)

@@ -5,9 +5,9 @@
     python scripts/long_prompt_memory.py --model m.gguf --lengths 1000,10000,100000
 
 Each length runs in its own subprocess: load the model, take exactly N prompt tokens
-(``rwkv_mlx.benchmark.benchmark_prompt``: the bundled passage, repeated), reset the
+(``rwkv_mlx.bench.benchmark.benchmark_prompt``: the bundled passage, repeated), reset the
 peak RSS (Linux ``/proc/self/clear_refs``; elsewhere the peak includes loading), prefill
-with ``rwkv_mlx.generate.prefill`` (chunks of 512 tokens, each evaluated before the next
+with ``rwkv_mlx.text.generate.prefill`` (chunks of 512 tokens, each evaluated before the next
 is built) and sample nothing.  Reported per length: seconds, tokens/s, the process's
 peak RSS during the prefill (``VmHWM``, reset after the load), its peak RSS while loading, and MLX's peak
 memory during the prefill (``mx.get_peak_memory`` after ``mx.reset_peak_memory``).
@@ -51,8 +51,8 @@ def child(model_path: str, n_tokens: int, chunk: int) -> dict:
 
     import rwkv_mlx
     from rwkv_mlx import LoadOptions
-    from rwkv_mlx.benchmark import benchmark_prompt
-    from rwkv_mlx.generate import prefill
+    from rwkv_mlx.bench.benchmark import benchmark_prompt
+    from rwkv_mlx.text.generate import prefill
 
     model, tokenizer = rwkv_mlx.load(model_path, LoadOptions.for_backend("cpu"))
     ids = benchmark_prompt(tokenizer, n_tokens)
@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="GGUF file (default: a synthetic 2-layer model with vocab 65536)")
     ap.add_argument("--lengths", default="1000,10000,100000", help="prompt lengths in tokens (comma separated)")
-    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size (rwkv_mlx.generate's default: 512)")
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size (rwkv_mlx.text.generate's default: 512)")
     ap.add_argument("--tolerance", type=float, default=0.10, help="allowed growth from the 2nd length to the last")
     args = ap.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]
 
-    from rwkv_mlx.benchmark import format_table
+    from rwkv_mlx.bench.benchmark import format_table
 
     with tempfile.TemporaryDirectory(prefix="rwkv-mlx-long-") as tmp:
         model = args.model

@@ -52,10 +52,10 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from rwkv_mlx.gguf_writer import FILE_TYPES, rwkv7_tensor_shapes, write_rwkv7_gguf
+    from rwkv_mlx.formats.gguf_writer import FILE_TYPES, rwkv7_tensor_shapes, write_rwkv7_gguf
 except ModuleNotFoundError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from rwkv_mlx.gguf_writer import FILE_TYPES, rwkv7_tensor_shapes, write_rwkv7_gguf
+    from rwkv_mlx.formats.gguf_writer import FILE_TYPES, rwkv7_tensor_shapes, write_rwkv7_gguf
 
 from rwkv_mlx.errors import InvalidArgumentError, RwkvMlxError  # noqa: E402
 

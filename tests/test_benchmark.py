@@ -25,11 +25,11 @@ from conftest import ORACLE, REPO
 from reference_rwkv7 import ReferenceRWKV7
 
 import rwkv_mlx
-import rwkv_mlx.wkv
-from rwkv_mlx import benchmark as bench
+import rwkv_mlx.model.wkv
+from rwkv_mlx.bench import benchmark as bench
 from rwkv_mlx.backend import device_name
 from rwkv_mlx.cli import run
-from rwkv_mlx.gguf_writer import write_rwkv7_gguf
+from rwkv_mlx.formats.gguf_writer import write_rwkv7_gguf
 from rwkv_mlx.kernels import kernels_enabled
 
 FIXA_Q4 = ORACLE / "models" / "fixa-Q4_K_M.gguf"
@@ -262,13 +262,13 @@ def test_gate_rejects_a_broken_fast_path_on_the_same_file(synthetic, results, ca
     assert benchmark(synthetic, results, change="clean") == 0
     clean = json.loads((results / "benchmarks.jsonl").read_text().splitlines()[-1])
     log_before = (results / "BENCHMARKS.md").read_text()
-    original = rwkv_mlx.wkv.wkv7
+    original = rwkv_mlx.model.wkv.wkv7
 
     def forgets_decay(r, log_w, k, v, a, b, state, **kw):
         # a "kernel" that drops the decay; the reference path (kernels disabled) stays exact
         return original(r, log_w * 0 if kernels_enabled() else log_w, k, v, a, b, state, **kw)
 
-    monkeypatch.setattr(rwkv_mlx.wkv, "wkv7", forgets_decay)
+    monkeypatch.setattr(rwkv_mlx.model.wkv, "wkv7", forgets_decay)
     capsys.readouterr()
     assert benchmark(synthetic, results, change="broken kernel") == bench.QualityGateError.exit_code
     out, err = capsys.readouterr()

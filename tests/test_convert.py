@@ -30,13 +30,13 @@ from gguf import quants as gguf_quants
 from conftest import ORACLE, oracle_logits, oracle_models, oracle_tokens
 
 import rwkv_mlx
-from rwkv_mlx import mlx_dir
+from rwkv_mlx.formats import mlx_dir
 from rwkv_mlx.cli import run
-from rwkv_mlx.convert import DELAY_ENV, QuantPolicy, convert
+from rwkv_mlx.loader.convert import DELAY_ENV, QuantPolicy, convert
 from rwkv_mlx.errors import InvalidArgumentError, ModelFileError, UnsupportedModelError
-from rwkv_mlx.gguf_writer import rwkv7_tensor_shapes, write_rwkv7_gguf
-from rwkv_mlx.hf import read_safetensors
-from rwkv_mlx.weights import LoadOptions
+from rwkv_mlx.formats.gguf_writer import rwkv7_tensor_shapes, write_rwkv7_gguf
+from rwkv_mlx.formats.hf import read_safetensors
+from rwkv_mlx.model.weights import LoadOptions
 
 CPU = LoadOptions.for_backend("cpu")
 TINY = dict(n_embd=256, n_layer=2, head_size=64, ffn=512, decay_rank=32, iclr_rank=32, value_rank=16, gate_rank=32,

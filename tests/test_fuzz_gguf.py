@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from conftest import ORACLE, oracle_models
 
-from rwkv_mlx import gguf_file
+from rwkv_mlx.formats import gguf_file
 from rwkv_mlx.errors import ModelFileError, UnsupportedModelError
-from rwkv_mlx.gguf_file import scan_gguf
+from rwkv_mlx.formats.gguf_file import scan_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))

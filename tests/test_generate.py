@@ -60,7 +60,7 @@ def test_block_by_block_evaluation_changes_nothing():
 
 def test_embedding_rewritten_for_the_device_is_the_same_table(monkeypatch):
     """On CUDA the loader has a kernel rewrite the embedding (so the GPU owns its pages): same bits."""
-    import rwkv_mlx.model as model_module
+    import rwkv_mlx.model.rwkv7 as model_module
 
     model, _ = rwkv_mlx.load(DEFAULT_MODEL)
     before = {k: (np.array(v), v.dtype, id(v)) for k, v in model.emb.parameters().items()}

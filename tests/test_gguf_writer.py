@@ -14,10 +14,10 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
-from rwkv_mlx import gguf_writer as W
+from rwkv_mlx.formats import gguf_writer as W
 from rwkv_mlx import quants as Q
 from rwkv_mlx.errors import InvalidArgumentError, ModelFileError
-from rwkv_mlx.vocab import escape_gguf_token, load_world_vocab
+from rwkv_mlx.formats.vocab import escape_gguf_token, load_world_vocab
 
 REPO = Path(__file__).resolve().parents[1]
 ORACLE = Path(os.environ.get("RWKV_MLX_ORACLE", REPO.parent / "shared" / "oracle"))

@@ -21,8 +21,8 @@ from rwkv_mlx import quants
 from rwkv_mlx.kernels import fused_time_mix, kernel_backend, kernels_disabled
 from rwkv_mlx.kernels.matvec import Segment, matvec
 from rwkv_mlx.layers import AffineLinear, GGMLLinear, Linear, WeightFormat
-from rwkv_mlx.weights import LoadOptions
-from rwkv_mlx.wkv import time_mix_core_reference
+from rwkv_mlx.model.weights import LoadOptions
+from rwkv_mlx.model.wkv import time_mix_core_reference
 
 BACKEND = kernel_backend()
 pytestmark = pytest.mark.skipif(BACKEND is None, reason="no MLX GPU backend (CUDA or Metal): kernel tests need one")

@@ -27,11 +27,11 @@ from test_convert import tiny_gguf_files  # noqa: F401 - the synthetic GGUF file
 
 import rwkv_mlx
 from rwkv_mlx.cli import run
-from rwkv_mlx.convert import convert
+from rwkv_mlx.loader.convert import convert
 from rwkv_mlx.errors import ModelFileError, UnsupportedModelError
-from rwkv_mlx.hf import blinkdl_name, read_hf_dir, read_safetensors, write_safetensors
-from rwkv_mlx.pth import load_pth, read_pth
-from rwkv_mlx.weights import LoadOptions
+from rwkv_mlx.formats.hf import blinkdl_name, read_hf_dir, read_safetensors, write_safetensors
+from rwkv_mlx.formats.pth import load_pth, read_pth
+from rwkv_mlx.model.weights import LoadOptions
 
 CPU = LoadOptions.for_backend("cpu")
 

@@ -24,9 +24,9 @@ from reference_rwkv7 import ReferenceRWKV7
 
 import rwkv_mlx
 from rwkv_mlx.errors import InvalidArgumentError, ModelFileError
-from rwkv_mlx.pth import load_pth
-from rwkv_mlx.state import State
-from rwkv_mlx.weights import LoadOptions
+from rwkv_mlx.formats.pth import load_pth
+from rwkv_mlx.model.state import State
+from rwkv_mlx.model.weights import LoadOptions
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SHAPE = dict(n_embd=128, ffn=256, ranks=(8, 8, 8, 8))

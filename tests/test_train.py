@@ -21,9 +21,9 @@ from mlx.utils import tree_flatten
 from rwkv_mlx import load
 from rwkv_mlx.cli import run
 from rwkv_mlx.errors import InvalidArgumentError
-from rwkv_mlx.export import export_gguf
+from rwkv_mlx.loader.export import export_gguf
 from rwkv_mlx.model import ModelArgs
-from rwkv_mlx.state import State
+from rwkv_mlx.model.state import State
 from rwkv_mlx.train import (TrainConfig, apply_lora, batch_at, init_model, init_weights, learning_rate, merge_lora,
                             perplexity, tokenize_corpus, train, unigram_perplexities)
 from rwkv_mlx.train.data import world_tokenizer

@@ -12,7 +12,7 @@ import typer
 
 from ..errors import InvalidArgumentError, ModelFileError
 from ..progress import Progress
-from ..sample import SamplingParams
+from ..text.sample import SamplingParams
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "rwkv7-demo-shakespeare.gguf"
 
@@ -37,8 +37,8 @@ def resolve_model(path: Path | None) -> Path:
 
 
 def load_for_cli(path: Path | None, *, scale_dtype: str = "float32", quiet: bool = False):
-    from ..loader import load
-    from ..weights import LoadOptions
+    from ..loader.gguf import load
+    from ..model.weights import LoadOptions
 
     if scale_dtype not in ("float32", "float16", "bfloat16"):
         raise InvalidArgumentError(f"--scale-dtype must be float32, float16 or bfloat16, got {scale_dtype!r}")
@@ -57,7 +57,7 @@ def load_state_option(path: Path | None, model):
     """The starting state a --state option names (None: a zero state)."""
     if path is None:
         return None
-    from ..state import State
+    from ..model.state import State
 
     return State.from_state_tuning(path, model) if path.suffix == ".pth" else State.load(path, model)
 

@@ -112,7 +112,7 @@ def compiled_decode_step(model, batch: int):
     cache = model.__dict__.setdefault("_compiled_steps", {})  # a cache, not a parameter
     step = cache.get(batch)
     if step is None:
-        from ..state import State
+        from ..model.state import State
 
         model(mx.zeros((batch, 1), dtype=mx.uint32), model.initial_state(batch), logits="last")
 

@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..model import Model, ModelArgs
+from ..model.rwkv7 import Model, ModelArgs
 
 
 def lora_rank_suggestion(n_embd: int, factor: float) -> int:

@@ -43,10 +43,10 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from ..errors import InvalidArgumentError, ModelFileError
-from ..export import export_gguf, export_state
-from ..model import MATRIX_MODULES, ModelArgs
+from ..loader.export import export_gguf, export_state
+from ..model.rwkv7 import MATRIX_MODULES, ModelArgs
 from ..progress import Progress
-from ..state import State
+from ..model.state import State
 from . import data as data_mod
 from .evaluate import chunked_wkv, perplexity
 from .init import init_model
@@ -176,8 +176,8 @@ class TrainResult:
 
 def load_base(path: str, mode: str):
     """The model to adapt: dense float32 for full fine-tuning, as stored for lora/state."""
-    from ..loader import load
-    from ..weights import LoadOptions
+    from ..loader.gguf import load
+    from ..model.weights import LoadOptions
 
     if mode == "full":
         opts = LoadOptions(float_dtype="float32", affine=False, ggml_native=False)

@@ -17,9 +17,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import InvalidArgumentError
-from ..export import dense_weight, module_at
+from ..loader.export import dense_weight, module_at
 from ..layers import Linear, WeightFormat
-from ..model import MATRIX_MODULES
+from ..model.rwkv7 import MATRIX_MODULES
 
 DEFAULT_TARGETS = MATRIX_MODULES  # att.receptance/key/value/output, ffn.key/value
 ALL_TARGETS = (*MATRIX_MODULES, "head")

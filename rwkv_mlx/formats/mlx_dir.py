@@ -34,22 +34,22 @@ from typing import Callable, Iterable, Iterator
 
 import mlx.core as mx
 
-from . import quants
-from .errors import ModelFileError, UnsupportedModelError
+from .. import quants
+from ..errors import ModelFileError, UnsupportedModelError
 from .hf import WORLD_VOCAB_FILE_NAME, read_safetensors, write_safetensors
-from .layers import WeightFormat
-from .loader import LoadInfo
-from .model import Model, ModelArgs, check_model_file_args
-from .tokenizer import Tokenizer
+from ..layers import WeightFormat
+from ..loader.gguf import LoadInfo
+from ..model.rwkv7 import Model, ModelArgs, check_model_file_args
+from ..text.tokenizer import Tokenizer
 from .vocab import WORLD_VOCAB_SIZE, load_world_vocab, unescape_gguf_token
-from .weights import LORA_MATRICES, LoadOptions
+from ..model.weights import LORA_MATRICES, LoadOptions
 
 FORMAT = "rwkv-mlx"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 TOKENS_FILE_NAME = "tokenizer_tokens.json"
 SHARD_BYTES = 1 << 30  # default; the arrays of one shard are held in memory until it is written
-BUNDLED_VOCAB = Path(__file__).resolve().parent / "data" / WORLD_VOCAB_FILE_NAME
+BUNDLED_VOCAB = Path(__file__).resolve().parents[1] / "data" / WORLD_VOCAB_FILE_NAME
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def save_mlx_dir(
     ``source`` may be a callable, called once the tensors are written (a hash
     of the source computed meanwhile).
     """
-    from . import __version__
+    from .. import __version__
 
     out_dir = Path(out_dir)
     writer = ShardWriter(out_dir, shard_bytes)

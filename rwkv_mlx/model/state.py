@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import InvalidArgumentError, ModelFileError
+from ..errors import InvalidArgumentError, ModelFileError
 
 STATE_FORMAT = "rwkv-mlx-state"
 STATE_FORMAT_VERSION = "1"
@@ -234,7 +234,7 @@ class State:
         ChatRWKV transposes the last two axes on load to get our value-by-key
         layout (spec section 2); the token-shift parts start at zero.
         """
-        from .pth import read_pth
+        from ..formats.pth import read_pth
 
         tensors = read_pth(path)  # names and shapes only: a full checkpoint given by mistake costs nothing
         args = model.args

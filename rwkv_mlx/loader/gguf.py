@@ -18,11 +18,11 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .errors import InvalidArgumentError, ModelFileError, UnsupportedModelError
-from .gguf_file import GGUFFile, open_gguf
-from .model import MATRIX_MODULES, Model, ModelArgs, check_model_file_args, gguf_tensor_shapes, gguf_to_module_name
-from .tokenizer import Tokenizer
-from .weights import FLOAT_TYPES, LoadOptions, convert_tensors
+from ..errors import InvalidArgumentError, ModelFileError, UnsupportedModelError
+from ..formats.gguf_file import GGUFFile, open_gguf
+from ..model.rwkv7 import MATRIX_MODULES, Model, ModelArgs, check_model_file_args, gguf_tensor_shapes, gguf_to_module_name
+from ..text.tokenizer import Tokenizer
+from ..model.weights import FLOAT_TYPES, LoadOptions, convert_tensors
 
 ARCHITECTURE = "rwkv7"
 
@@ -201,7 +201,7 @@ def load(path: str | os.PathLike, options: LoadOptions | None = None, *, return_
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelFileError(path, "a directory without config.json: not a converted rwkv-mlx model")
-        from .mlx_dir import load_mlx_dir
+        from ..formats.mlx_dir import load_mlx_dir
 
         result = load_mlx_dir(path, options, progress=progress)
     else:

@@ -21,10 +21,10 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .backend import active_backend
-from .errors import InvalidArgumentError
+from ..backend import active_backend
+from ..errors import InvalidArgumentError
 from .sample import Sampler, SamplingParams, token_logprob, whitespace_digit_weights
-from .state import State
+from ..model.state import State
 from .tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512  # tokens per evaluated piece: bounds memory for any prompt length

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .errors import ModelFileError, UnsupportedModelError
-from .quants import BLOCK_TYPES
+from ..errors import ModelFileError, UnsupportedModelError
+from ..quants import BLOCK_TYPES
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)  # version 1 had 32-bit counts; llama.cpp reads only 2 and 3 too

@@ -16,11 +16,11 @@ from typing import Literal
 import mlx.core as mx
 import mlx.nn as nn
 
-from .backend import active_backend
-from .errors import ModelFileError
-from .layers import WeightFormat, make_linear
+from ..backend import active_backend
+from ..errors import ModelFileError
+from ..layers import WeightFormat, make_linear
 from .state import State
-from .kernels import compiled_decode_step, fused_block_step, fused_head
+from ..kernels import compiled_decode_step, fused_block_step, fused_head
 from .wkv import time_mix_core
 
 

@@ -21,10 +21,10 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from . import quants
-from .backend import active_backend
-from .gguf_file import GGUFFile, TensorInfo
-from .layers import WeightFormat
+from .. import quants
+from ..backend import active_backend
+from ..formats.gguf_file import GGUFFile, TensorInfo
+from ..layers import WeightFormat
 
 F32, F16, BF16 = 0, 1, 30
 FLOAT_TYPES = {F32: "float32", F16: "float16", BF16: "bfloat16"}

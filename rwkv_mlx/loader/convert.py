@@ -43,16 +43,16 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from . import quants
-from .errors import InvalidArgumentError, ModelFileError, RwkvMlxError, UnsupportedModelError
-from .gguf_file import TensorInfo, open_gguf
-from .hf import is_hf_dir, read_hf_dir
-from .layers import WeightFormat
-from .loader import check_tensors, file_fingerprint, model_args_from_gguf, tokenizer_from_gguf
-from .mlx_dir import SHARD_BYTES, ConvertedTensor, TokenList, dtype_name, format_label, save_mlx_dir
-from .model import MATRIX_MODULES, ModelArgs, check_model_file_args, gguf_tensor_shapes, gguf_to_module_name
-from .pth import StoredTensor, read_magic, read_pth
-from .weights import BF16, F16, F32, FLOAT_TYPES, LORA_MATRICES, LoadOptions, convert_matrix, convert_small, dense_float32
+from .. import quants
+from ..errors import InvalidArgumentError, ModelFileError, RwkvMlxError, UnsupportedModelError
+from ..formats.gguf_file import TensorInfo, open_gguf
+from ..formats.hf import is_hf_dir, read_hf_dir
+from ..layers import WeightFormat
+from .gguf import check_tensors, file_fingerprint, model_args_from_gguf, tokenizer_from_gguf
+from ..formats.mlx_dir import SHARD_BYTES, ConvertedTensor, TokenList, dtype_name, format_label, save_mlx_dir
+from ..model.rwkv7 import MATRIX_MODULES, ModelArgs, check_model_file_args, gguf_tensor_shapes, gguf_to_module_name
+from ..formats.pth import StoredTensor, read_magic, read_pth
+from ..model.weights import BF16, F16, F32, FLOAT_TYPES, LORA_MATRICES, LoadOptions, convert_matrix, convert_small, dense_float32
 
 QUANT_BITS = (4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -581,7 +581,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantize: str | i
                                       quantization=policy.describe(), fingerprint=fingerprint,
                                       vocab_file=source.vocab_file, on_tensor=on_tensor, shard_bytes=shard_bytes)
             else:
-                from .mlx_lm_format import save_mlx_lm_dir
+                from ..formats.mlx_lm_format import save_mlx_lm_dir
 
                 config = save_mlx_lm_dir(tmp, source.args, tensors, source.tokens, on_tensor=on_tensor,
                                          shard_bytes=shard_bytes,

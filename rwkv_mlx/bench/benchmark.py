@@ -40,17 +40,17 @@ from typing import Callable, Iterable, Sequence
 
 import mlx.core as mx
 
-from . import __version__
-from .backend import active_backend, device_name
-from .errors import InvalidArgumentError, ModelFileError, RwkvMlxError
-from .generate import prefill, stream_generate
-from .kernels import kernels_disabled
-from .loader import load
-from .sample import Sampler, SamplingParams, greedy_sampler, token_logprob
-from .weights import LoadOptions
+from .. import __version__
+from ..backend import active_backend, device_name
+from ..errors import InvalidArgumentError, ModelFileError, RwkvMlxError
+from ..text.generate import prefill, stream_generate
+from ..kernels import kernels_disabled
+from ..loader.gguf import load
+from ..text.sample import Sampler, SamplingParams, greedy_sampler, token_logprob
+from ..model.weights import LoadOptions
 
 QUALITY_TOKENS = 16  # greedy tokens the gate compares (and the entry lists)
-PROMPT_FILE = Path(__file__).resolve().parent / "data" / "benchmark_prompt.txt"
+PROMPT_FILE = Path(__file__).resolve().parents[1] / "data" / "benchmark_prompt.txt"
 MARKDOWN_NAME = "BENCHMARKS.md"
 JSONL_NAME = "benchmarks.jsonl"
 CACHE_NAME = "reference_tokens.json"
@@ -446,7 +446,7 @@ def git_commit() -> tuple[str | None, bool | None]:
     """
     if os.environ.get("RWKV_MLX_COMMIT"):
         return os.environ["RWKV_MLX_COMMIT"], None
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10)
@@ -740,7 +740,7 @@ def compare_table(entries: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-if __name__ == "__main__":  # python -m rwkv_mlx.benchmark ...: the CLI command, where no console script is installed
-    from .cli import run
+if __name__ == "__main__":  # python -m rwkv_mlx.bench.benchmark ...: the CLI command, where no console script is installed
+    from ..cli import run
 
     sys.exit(run(["benchmark", *sys.argv[1:]]))

@@ -32,8 +32,8 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from .errors import InvalidArgumentError
-from .vocab import WORLD_VOCAB_SIZE, load_world_vocab, unescape_gguf_token
+from ..errors import InvalidArgumentError
+from ..formats.vocab import WORLD_VOCAB_SIZE, load_world_vocab, unescape_gguf_token
 
 WORLD_VOCAB_FILE_NAME = "rwkv_vocab_v20230424.txt"
 END_OF_TEXT_ID = 0
@@ -102,7 +102,7 @@ class Tokenizer:
         """The world tokenizer from ``rwkv_vocab_v20230424.txt``; ``None`` = the copy shipped in the package."""
         if path is not None:
             return cls(load_world_vocab(path), WORLD_VOCAB_SIZE, WORLD_EOT_TOKEN_ID)
-        bundled = importlib.resources.files(__package__) / "data" / WORLD_VOCAB_FILE_NAME
+        bundled = importlib.resources.files("rwkv_mlx") / "data" / WORLD_VOCAB_FILE_NAME
         with importlib.resources.as_file(bundled) as bundled_path:
             return cls(load_world_vocab(bundled_path), WORLD_VOCAB_SIZE, WORLD_EOT_TOKEN_ID)
 

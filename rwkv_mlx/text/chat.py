@@ -14,10 +14,10 @@ import json
 import re
 from typing import Iterator, Literal, Sequence
 
-from .errors import InvalidArgumentError, ModelFileError
+from ..errors import InvalidArgumentError, ModelFileError
 from .generate import GenerationResponse, cache_prompt, stream_generate
 from .sample import SamplingParams
-from .state import State
+from ..model.state import State
 
 TURN_END = "\n\n"
 ThinkMode = Literal["off", "think", "fast"]  # off: plain; think: "<think"; fast: empty think block

@@ -11,7 +11,7 @@ import ast
 import os
 from pathlib import Path
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 WORLD_VOCAB_SIZE = 65536  # 65529 tokens + id 0 + 6 padding ids
 

@@ -21,9 +21,9 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .gguf_writer import write_rwkv7_gguf
-from .model import Model, gguf_tensor_shapes, gguf_to_module_name
-from .state import State
+from ..formats.gguf_writer import write_rwkv7_gguf
+from ..model.rwkv7 import Model, gguf_tensor_shapes, gguf_to_module_name
+from ..model.state import State
 
 _LAYER0_COPIES = {"time_mix_v0.weight": "att.a0", "time_mix_v1.weight": "att.a1", "time_mix_v2.weight": "att.a2"}
 STATE_TUNING_KIND = "state-tuning"

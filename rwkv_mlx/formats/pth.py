@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 MAX_PICKLE_BYTES = 64 << 20  # a state dict's pickle is kilobytes; bounds a hostile file
 

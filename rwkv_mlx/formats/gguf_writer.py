@@ -50,8 +50,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter, LlamaFileType, TokenType
 
-from . import quants
-from .errors import InvalidArgumentError, ModelFileError
+from .. import quants
+from ..errors import InvalidArgumentError, ModelFileError
 from .vocab import escape_gguf_token, load_world_vocab
 
 __all__ = [
@@ -69,7 +69,7 @@ __all__ = [
 ARCH = "rwkv7"
 CONTEXT_LENGTH = 1048576  # llama.cpp's placeholder: RWKV is not context limited
 EOT_TOKEN_ID = 261  # "\n\n"
-WORLD_VOCAB_FILE = Path(__file__).resolve().parent / "data" / "rwkv_vocab_v20230424.txt"
+WORLD_VOCAB_FILE = Path(__file__).resolve().parents[1] / "data" / "rwkv_vocab_v20230424.txt"
 
 
 class _FileType:

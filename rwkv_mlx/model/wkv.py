@@ -79,7 +79,7 @@ def time_mix_core(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, he
                   differentiable: bool = False):
     """``time_mix_core_reference`` by the fused GPU kernel where one runs, else the reference."""
     if not differentiable:
-        from .kernels import fused_time_mix
+        from ..kernels import fused_time_mix
 
         out = fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, head_size)
         if out is not None:

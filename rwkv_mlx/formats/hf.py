@@ -38,7 +38,7 @@ from typing import Any, Mapping
 import mlx.core as mx
 import numpy as np
 
-from .errors import ModelFileError, UnsupportedModelError
+from ..errors import ModelFileError, UnsupportedModelError
 from .pth import STORED_DTYPES, StoredTensor, read_pth
 
 MAX_HEADER_BYTES = 100 << 20

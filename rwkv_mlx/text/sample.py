@@ -70,7 +70,7 @@ from typing import Callable, Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 __all__ = [
     "SamplingParams",

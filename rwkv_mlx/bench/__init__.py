@@ -1,0 +1,1 @@
+"""The benchmark: measuring a model, the quality gate, and the recorded entries under results/."""
