@@ -23,8 +23,7 @@ from .text.sample import Sampler, SamplingParams, make_logits_processors, make_s
 from .model.state import ModelIdentity, State
 from .text.tokenizer import Tokenizer
 from .model.weights import LoadOptions
-
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - rwkv_mlx.__version__
 
 __all__ = [
     "load", "generate", "stream_generate", "prefill", "GenerationResponse",

@@ -14,7 +14,7 @@ memory during the prefill (``mx.get_peak_memory`` after ``mx.reset_peak_memory``
 Memory is flat when the prefill peaks of the longest prompt are within ``--tolerance``
 of the second length's.
 
-The default model is written here with scripts/make_synthetic_model.py: RWKV-7, 2
+The default model is written here with rwkv_mlx.testing.synthetic: RWKV-7, 2
 layers, n_embd 256, ffn 1024, LoRA ranks 32/32/16/64 (the oracle's fixa shape) with
 the full 65536-token world vocabulary, F32.
 """
@@ -91,15 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]
 
-    from rwkv_mlx.bench.benchmark import format_table
+    from rwkv_mlx.bench.record import format_table
 
     with tempfile.TemporaryDirectory(prefix="rwkv-mlx-long-") as tmp:
         model = args.model
         if model is None:
-            from make_synthetic_model import make_synthetic_model, synthetic_hparams
+            from rwkv_mlx.testing.synthetic import make_synthetic_model, synthetic_args
 
             model = Path(tmp) / "synthetic-L2-C256-V65536-F32.gguf"
-            make_synthetic_model(model, "F32", synthetic_hparams(2, 256, 1024, (32, 32, 16, 64)), n_vocab=65536)
+            make_synthetic_model(model, "F32", synthetic_args(2, 256, 1024, (32, 32, 16, 64), vocab=65536))
         rows = []
         for n in lengths:
             r = measure(model, n, args.chunk)

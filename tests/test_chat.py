@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from test_state import tiny_model, tiny_model_path, write_torch_zip
+from conftest import tiny_model, tiny_model_path, write_torch_zip
 
 from rwkv_mlx import ChatSession, SamplingParams, State, cache_prompt
 from rwkv_mlx.text.chat import format_chat_prompt

@@ -9,7 +9,6 @@ and ``rwkv-mlx generate --prompt "ROMEO:"`` with no --model must write English-l
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -20,8 +19,7 @@ from rwkv_mlx.cli.common import DEFAULT_MODEL
 from rwkv_mlx.loader import load
 from rwkv_mlx.train import perplexity, tokenize_corpus, unigram_perplexities
 
-sys.path.insert(0, str(REPO / "scripts"))
-import fuzz_gguf as F  # noqa: E402
+from rwkv_mlx.testing import fuzz_gguf as F
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 HELD_OUT_TOKENS = 1024  # enough for a stable figure, cheap on the CPU backend

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,9 +22,7 @@ from rwkv_mlx import LoadOptions
 from rwkv_mlx.cli import run
 from rwkv_mlx.errors import InvalidArgumentError, ModelFileError, UnsupportedModelError
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import fuzz_gguf as F
+from rwkv_mlx.testing import fuzz_gguf as F
 
 BAD_ARGUMENT, BAD_FILE, UNSUPPORTED = InvalidArgumentError.exit_code, ModelFileError.exit_code, UnsupportedModelError.exit_code
 RUN = ["generate", "--prompt", "hi", "-n", "1", "--no-stats"]

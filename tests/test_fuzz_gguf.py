@@ -9,7 +9,6 @@ every case.  A longer run is ``python scripts/fuzz_gguf.py --minutes 10`` (resul
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,7 @@ from rwkv_mlx.formats import gguf_file
 from rwkv_mlx.errors import ModelFileError, UnsupportedModelError
 from rwkv_mlx.formats.gguf_file import scan_gguf
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import fuzz_gguf as F
+from rwkv_mlx.testing import fuzz_gguf as F
 
 
 @pytest.fixture(scope="module")

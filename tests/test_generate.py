@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from test_state import TEXT, reference, split_at_turn, tiny_model, to_np
+from conftest import TEXT, reference, split_at_turn, tiny_model, to_np
 
 import rwkv_mlx
 from rwkv_mlx import SamplingParams, State
@@ -220,7 +220,7 @@ def test_bad_batch_arguments():
 
 def test_cli_generate_from_a_saved_state_equals_the_whole_prompt(tmp_path, capsys):
     """`rwkv-mlx generate --state FILE`: the saved prefix plus the prompt is the whole text."""
-    from test_state import tiny_model_path
+    from conftest import tiny_model_path
 
     from rwkv_mlx.cli import run
 

@@ -25,7 +25,7 @@ from rwkv_mlx.model.weights import LoadOptions
 from rwkv_mlx.model.wkv import time_mix_core_reference
 
 BACKEND = kernel_backend()
-pytestmark = pytest.mark.skipif(BACKEND is None, reason="no MLX GPU backend (CUDA or Metal): kernel tests need one")
+pytestmark = pytest.mark.gpu  # skipped where no GPU backend exists (conftest.py)
 
 
 def rel_err(a, b) -> float:

@@ -16,8 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ORACLE, oracle_tokens
-from test_convert import TINY_TOKENS, tiny_gguf_files  # noqa: F401 - the synthetic GGUF files, shared
+from conftest import ORACLE, TINY_TOKENS, oracle_tokens
 
 import rwkv_mlx
 from rwkv_mlx.loader.convert import convert

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ORACLE
-from test_state import tiny_model_path
+from conftest import tiny_model_path
 
 from rwkv_mlx.cli.common import DEFAULT_MODEL
 

@@ -23,7 +23,6 @@ from gguf import GGUFReader
 from gguf import quants as gguf_quants
 
 from conftest import ORACLE, oracle_tokens
-from test_convert import tiny_gguf_files  # noqa: F401 - the synthetic GGUF files, shared
 
 import rwkv_mlx
 from rwkv_mlx.cli import run

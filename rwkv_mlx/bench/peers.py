@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Time mlx-lm's RWKV-7 on the same weights, prompt and lengths as ``rwkv-mlx benchmark``; print the ratios.
 
     python scripts/bench_peers.py --model rwkv7-2.9b-Q4_K_M.gguf --mode 4bit
@@ -34,19 +33,20 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import rwkv_mlx  # noqa: F401
-except ModuleNotFoundError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import mlx.core as mx
 
-from rwkv_mlx.bench import benchmark as bench
-from rwkv_mlx.cli.common import select_device
-from rwkv_mlx.errors import InvalidArgumentError, RwkvMlxError
-from rwkv_mlx.formats.gguf_file import open_gguf
-from rwkv_mlx.loader.gguf import file_fingerprint, model_args_from_gguf, tokenizer_from_gguf
-from rwkv_mlx.model.weights import dense_float32
+from ..backend import select_device
+from ..errors import InvalidArgumentError, RwkvMlxError
+from ..io import atomic_write_text
+from ..formats.gguf_file import open_gguf
+from ..loader.gguf import model_args_from_gguf, tokenizer_from_gguf
+from ..loader.info import file_fingerprint
+from ..model.weights import dense_float32
+from ..backend import device_name
+from .benchmark import benchmark_prompt, check_counts, run_benchmark
+from .measure import PrimitiveCount, Spread, count_primitives, environment
+from .quality import QUALITY_TOKENS, first_difference, quality_hash
+from .record import JSONL_NAME, append_jsonl, format_table, load_entries, log_line
 
 MODES = ("float32", "float16", "bfloat16", "4bit", "8bit")
 PEERS_NAME = "peers.md"
@@ -151,7 +151,7 @@ def time_mlx_lm(model, prompt: list[int], gen_tokens: int) -> dict:
             "peak": mx.get_peak_memory(), "tokens": tokens}
 
 
-def mlx_lm_step_primitives(model, token: int) -> bench.PrimitiveCount:
+def mlx_lm_step_primitives(model, token: int) -> PrimitiveCount:
     """Primitives of one mlx-lm decode step (model + log-softmax + argmax, the cache update)."""
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -162,17 +162,17 @@ def mlx_lm_step_primitives(model, token: int) -> bench.PrimitiveCount:
     logits = model(mx.array([[token]]), cache=cache)[:, -1, :]
     logprobs = logits - mx.logsumexp(logits, keepdims=True)
     outputs = [mx.argmax(logprobs, axis=-1), logprobs, *[a for c in cache for a in c.cache if a is not None]]
-    return bench.PrimitiveCount.of(bench.count_primitives(outputs), len(model.layers))
+    return PrimitiveCount.of(count_primitives(outputs), len(model.layers))
 
 
 def ours_from_log(results_dir: Path, fingerprint: str, prompt_tokens: int, gen_tokens: int) -> dict:
-    matches = [e for e in bench.load_entries(results_dir)
+    matches = [e for e in load_entries(results_dir)
                if e.get("engine") == "rwkv-mlx" and e.get("fingerprint") == fingerprint
                and e.get("prompt_tokens") == prompt_tokens and e.get("gen_tokens") == gen_tokens
-               and e.get("device") == bench.device_name()]
+               and e.get("device") == device_name()]
     if not matches:
         raise InvalidArgumentError(f"no rwkv-mlx entry for this file ({fingerprint}), {prompt_tokens}/{gen_tokens} "
-                                   f"tokens on {bench.device_name()} in {results_dir / bench.JSONL_NAME}: use --ours run")
+                                   f"tokens on {device_name()} in {results_dir / JSONL_NAME}: use --ours run")
     return matches[-1]
 
 
@@ -206,11 +206,11 @@ def run(a) -> int:
     except ModuleNotFoundError:
         raise InvalidArgumentError("mlx-lm is not installed: pip install 'rwkv-mlx[peers]' (mlx-lm 0.32.x)") from None
     select_device(a.device)
-    bench.check_counts(a.prompt_tokens, a.gen_tokens, a.runs, a.warmup)
+    check_counts(a.prompt_tokens, a.gen_tokens, a.runs, a.warmup)
     command = a.command
 
     if a.ours == "run":
-        result = bench.run_benchmark(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
+        result = run_benchmark(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
                                      runs=a.runs, warmup=a.warmup)
         ours = result.to_json()
     else:
@@ -219,16 +219,16 @@ def run(a) -> int:
     mx.clear_cache()
 
     model, tokenizer, load_seconds = load_mlx_lm(a.model, a.mode)
-    prompt = bench.benchmark_prompt(tokenizer, a.prompt_tokens)
+    prompt = benchmark_prompt(tokenizer, a.prompt_tokens)
     runs = [time_mlx_lm(model, prompt, a.gen_tokens) for _ in range(a.warmup + a.runs)][a.warmup:]
     dispatch = mlx_lm_step_primitives(model, prompt[-1])
-    pre = bench.Spread.of(r["prefill_tps"] for r in runs)
-    gen = bench.Spread.of(r["generation_tps"] for r in runs)
-    theirs_tokens = runs[0]["tokens"][: bench.QUALITY_TOKENS]
+    pre = Spread.of(r["prefill_tps"] for r in runs)
+    gen = Spread.of(r["generation_tps"] for r in runs)
+    theirs_tokens = runs[0]["tokens"][: QUALITY_TOKENS]
     reference = ours["reference"]["tokens"]
     agree = sum(x == y for x, y in zip(theirs_tokens, reference))
-    prefix = bench.first_difference(theirs_tokens, reference)
-    env = bench.environment()
+    prefix = first_difference(theirs_tokens, reference)
+    env = environment()
 
     def ratio(x, y):
         return f"{x / y:.2f}x" if x and y else "-"
@@ -246,14 +246,14 @@ def run(a) -> int:
         ["first 16 tokens vs reference", "16/16 (gate)", f"{agree}/16 (same up to position {prefix})", ""],
     ]
     header = ["metric", f"rwkv-mlx ({ours['model']})", f"mlx-lm {mlx_lm.__version__} {a.mode}", "rwkv-mlx / mlx-lm"]
-    table = bench.format_table(header, rows)
+    table = format_table(header, rows)
     sys.stdout.write(table)
     print(f"mlx-lm tokens: {theirs_tokens}\nreference:     {reference}\ndevice: {env['device']} ({env['backend']})")
 
     if not a.no_record:
         when = dt.datetime.now().astimezone()
         change = f"mlx-lm {mlx_lm.__version__} {a.mode} on {a.model.name}"
-        line = bench.log_line(a.title, change, command, when, {
+        line = log_line(a.title, change, command, when, {
             "engine": "mlx-lm",
             "mlx_lm": mlx_lm.__version__, "mode": a.mode, "model": a.model.name, "model_path": str(a.model),
             "fingerprint": ours["fingerprint"], "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
@@ -263,14 +263,14 @@ def run(a) -> int:
             "generation_tps_max": round(gen.max, 3), "peak_memory_bytes": {"decode": max(r["peak"] for r in runs)},
             "dispatches_per_token": dispatch.kernels, "primitives_per_token": dispatch.primitives,
             "primitives_by_name": dispatch.by_name, "quality_tokens": theirs_tokens,
-            "quality_hash": bench.quality_hash(theirs_tokens), "agreement_with_reference": agree,
+            "quality_hash": quality_hash(theirs_tokens), "agreement_with_reference": agree,
             "ours": {k: ours[k] for k in ("prefill_tps", "generation_tps", "dispatches_per_token", "quality_hash",
                                               "device", "date") if k in ours},
             "ratio_prefill": round(ours["prefill_tps"] / pre.median, 4),
             "ratio_generation": round(ours["generation_tps"] / gen.median, 4),
             **env,
         })
-        bench.append_jsonl(a.results_dir, line)
+        append_jsonl(a.results_dir, line)
         peers = a.results_dir / PEERS_NAME
         document = peers.read_text(encoding="utf-8") if peers.is_file() else (
             "# rwkv-mlx vs mlx-lm on the same weights\n\n"
@@ -278,10 +278,7 @@ def run(a) -> int:
         entry = (f"\n### {when.strftime('%Y-%m-%d %H:%M:%S')} - {line['change']} ({env['device']}, {env['backend']})\n"
                  f"{a.prompt_tokens} prompt tokens, {a.gen_tokens} generated, median of {a.runs} runs "
                  f"(+{a.warmup} warm-up); `{command}`\n\n{table}")
-        bench.atomic_write_text(peers, document.rstrip("\n") + "\n" + entry)
-        print(f"recorded: {peers} and {a.results_dir / bench.JSONL_NAME}", file=sys.stderr)
+        atomic_write_text(peers, document.rstrip("\n") + "\n" + entry)
+        print(f"recorded: {peers} and {a.results_dir / JSONL_NAME}", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

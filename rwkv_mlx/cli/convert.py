@@ -80,7 +80,7 @@ def _world_status(tokens) -> str:
 
 
 def _args_rows(args) -> list[tuple[str, str]]:
-    from ..loader.convert import parameter_shapes
+    from ..arch import parameter_shapes
 
     n_params = sum(int(np.prod(s)) for s in parameter_shapes(args).values())
     return [
@@ -102,7 +102,7 @@ def _type_rows(types: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
 def _info_converted(path: Path) -> None:
     from ..layers import WeightFormat
     from ..formats.mlx_dir import format_label, iter_stored_tensors, read_config
-    from ..model.rwkv7 import ModelArgs
+    from ..arch import ModelArgs
 
     config = read_config(path)
     args = ModelArgs.from_dict(config["model_args"])

@@ -44,21 +44,22 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter, LlamaFileType, TokenType
 
 from .. import quants
+from ..arch import ARCHITECTURE, CONTEXT_LENGTH_KEY, HEAD_COUNT_KEY, METADATA_KEYS, ModelArgs, args_problem, gguf_tensor_shapes
 from ..errors import InvalidArgumentError, ModelFileError
+from ..io import atomic_write
 from .vocab import escape_gguf_token, load_world_vocab
 
 __all__ = [
     "FILE_TYPES",
     "CONTEXT_LENGTH",
     "EOT_TOKEN_ID",
-    "rwkv7_tensor_shapes",
     "tensor_type",
     "tensor_types",
     "quantized_order",
@@ -66,7 +67,6 @@ __all__ = [
     "write_rwkv7_gguf",
 ]
 
-ARCH = "rwkv7"
 CONTEXT_LENGTH = 1048576  # llama.cpp's placeholder: RWKV is not context limited
 EOT_TOKEN_ID = 261  # "\n\n"
 WORLD_VOCAB_FILE = Path(__file__).resolve().parents[1] / "data" / "rwkv_vocab_v20230424.txt"
@@ -97,7 +97,6 @@ FILE_TYPES: dict[str, _FileType] = {
     "IQ4_XS": _FileType(LlamaFileType.MOSTLY_IQ4_XS, T.IQ4_XS),
 }
 
-_HPARAM_KEYS = ("n_embd", "n_layer", "head_size", "ffn", "decay_rank", "iclr_rank", "value_rank", "gate_rank", "norm_eps")
 _FORCED_F32 = ("time_mix_w1.weight", "time_mix_w2.weight", "time_mix_lerp_fused.weight")
 _RWKV_SMALL = tuple(
     f"time_mix_{n}.weight" for n in ("w0", "w1", "w2", "a0", "a1", "a2", "v0", "v1", "v2", "g1", "g2", "lerp_fused")
@@ -111,67 +110,13 @@ TensorSource = Union[np.ndarray, Callable[[], np.ndarray]]
 # shapes and types
 
 
-def _hparams(hp: Mapping[str, Any]) -> dict[str, Any]:
-    missing = [k for k in _HPARAM_KEYS if k not in hp]
-    if missing:
-        raise InvalidArgumentError(f"hparams lacks {', '.join(missing)}")
-    out = {k: int(hp[k]) for k in _HPARAM_KEYS if k != "norm_eps"}
-    out["norm_eps"] = float(hp["norm_eps"])
-    for k, v in out.items():
-        if k != "norm_eps" and v <= 0:
-            raise InvalidArgumentError(f"hparams {k} must be positive, got {v}")
-    if out["n_embd"] % out["head_size"]:
-        raise InvalidArgumentError(f"n_embd {out['n_embd']} is not a multiple of head_size {out['head_size']}")
-    return out
-
-
-def rwkv7_tensor_shapes(hparams: Mapping[str, Any], n_vocab: int) -> dict[str, tuple[int, ...]]:
-    """GGUF tensor name -> numpy shape, in llama.cpp's converter order (spec 3.3)."""
-    hp = _hparams(hparams)
-    C, F, L = hp["n_embd"], hp["ffn"], hp["n_layer"]
-    Dw, Da, Dv, Dg = hp["decay_rank"], hp["iclr_rank"], hp["value_rank"], hp["gate_rank"]
-    shapes: dict[str, tuple[int, ...]] = {
-        "token_embd.weight": (n_vocab, C),
-        "token_embd_norm.weight": (C,),
-        "token_embd_norm.bias": (C,),
-    }
-    for i in range(L):
-        dv = Da if i == 0 else Dv  # layer 0 carries copies of a1/a2 as v1/v2
-        p = f"blk.{i}."
-        shapes.update(
-            {
-                p + "attn_norm.weight": (C,),
-                p + "attn_norm.bias": (C,),
-                p + "attn_norm_2.weight": (C,),
-                p + "attn_norm_2.bias": (C,),
-                p + "time_mix_lerp_fused.weight": (6, 1, 1, C),
-                p + "time_mix_w0.weight": (C,),
-                p + "time_mix_w1.weight": (Dw, C),
-                p + "time_mix_w2.weight": (C, Dw),
-                p + "time_mix_a0.weight": (C,),
-                p + "time_mix_a1.weight": (Da, C),
-                p + "time_mix_a2.weight": (C, Da),
-                p + "time_mix_v0.weight": (C,),
-                p + "time_mix_v1.weight": (dv, C),
-                p + "time_mix_v2.weight": (C, dv),
-                p + "time_mix_g1.weight": (Dg, C),
-                p + "time_mix_g2.weight": (C, Dg),
-                p + "time_mix_k_k.weight": (C,),
-                p + "time_mix_k_a.weight": (C,),
-                p + "time_mix_r_k.weight": (C,),
-                p + "time_mix_key.weight": (C, C),
-                p + "time_mix_value.weight": (C, C),
-                p + "time_mix_receptance.weight": (C, C),
-                p + "time_mix_ln.weight": (C,),
-                p + "time_mix_ln.bias": (C,),
-                p + "time_mix_output.weight": (C, C),
-                p + "channel_mix_lerp_k.weight": (C,),
-                p + "channel_mix_key.weight": (F, C),
-                p + "channel_mix_value.weight": (C, F),
-            }
-        )
-    shapes.update({"output_norm.weight": (C,), "output_norm.bias": (C,), "output.weight": (n_vocab, C)})
-    return shapes
+def _checked_args(args: ModelArgs) -> ModelArgs:
+    if not isinstance(args, ModelArgs):
+        raise InvalidArgumentError(f"the model's shape must be a ModelArgs, got {type(args).__name__}")
+    problem = args_problem(args)
+    if problem:
+        raise InvalidArgumentError(problem)
+    return args
 
 
 def _file_type(file_type: str) -> _FileType:
@@ -276,16 +221,6 @@ def gguf_token_list(n_vocab: int, tokens=None) -> tuple[list[str], list[int]]:
 # the writer
 
 
-def _n_vocab(hparams: Mapping[str, Any], tensors: Mapping[str, TensorSource]) -> int:
-    if "vocab_size" in hparams:
-        return int(hparams["vocab_size"])
-    for name in ("token_embd.weight", "output.weight"):
-        src = tensors.get(name)
-        if isinstance(src, np.ndarray) or hasattr(src, "shape"):
-            return int(src.shape[0])
-    raise InvalidArgumentError("vocabulary size unknown: give hparams['vocab_size'] or token_embd.weight as an array")
-
-
 def _byte_shape(shape: tuple[int, ...], qtype: T) -> tuple[int, ...]:
     bt = quants.BLOCK_TYPES[qtype]
     return (*shape[:-1], shape[-1] // bt.block_elems * bt.block_bytes)
@@ -310,7 +245,7 @@ def _encode(name: str, array, shape: tuple[int, ...], qtype: T) -> np.ndarray:
 
 def write_rwkv7_gguf(
     path: str | os.PathLike,
-    hparams: Mapping[str, Any],
+    args: ModelArgs,
     tensors: Mapping[str, TensorSource],
     file_type: str = "F16",
     tokens: Sequence[bytes] | Mapping[int, bytes] | str | os.PathLike | None = None,
@@ -320,20 +255,18 @@ def write_rwkv7_gguf(
 ) -> dict[str, T]:
     """Write an RWKV-7 GGUF file as llama.cpp lays it out; returns the per-tensor GGML types.
 
-    ``hparams``: n_embd, n_layer, head_size, ffn, decay_rank, iclr_rank, value_rank,
-    gate_rank, norm_eps (and optionally vocab_size).  ``tensors``: GGUF tensor name ->
+    ``args``: the model's shape (rwkv_mlx.arch.ModelArgs).  ``tensors``: GGUF tensor name ->
     float32 array in numpy shape (spec 3.3; lerp_fused (6, 1, 1, C)) or a zero-argument
     callable producing it (called once, when the tensor is written).  Every tensor of
-    ``rwkv7_tensor_shapes`` must be present and no other.  ``progress(i, n, name, type)``
+    ``arch.gguf_tensor_shapes(args)`` must be present and no other.  ``progress(i, n, name, type)``
     is called after each tensor is written.  Returns {tensor name: GGML type written}.
     Raises InvalidArgumentError for inconsistent input, ModelFileError when the file cannot
     be written; ``path`` is left untouched in both cases.
     """
     path = Path(path)
     ft = _file_type(file_type)
-    hp = _hparams(hparams)
-    n_vocab = _n_vocab(hparams, tensors)
-    shapes = rwkv7_tensor_shapes(hp, n_vocab)
+    args = _checked_args(args)
+    shapes = gguf_tensor_shapes(args)
     missing = [n for n in shapes if n not in tensors]
     extra = [n for n in tensors if n not in shapes]
     if missing or extra:
@@ -342,71 +275,62 @@ def write_rwkv7_gguf(
             parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         if extra:
             parts.append(f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        raise InvalidArgumentError(f"tensors do not match an RWKV-7 model with these hparams: {'; '.join(parts)}")
+        raise InvalidArgumentError(f"tensors do not match an RWKV-7 model of this shape: {'; '.join(parts)}")
     types = tensor_types(shapes, file_type)
     order = list(shapes) if ft.default is None else quantized_order(list(shapes))
-    tok_list, tok_types = gguf_token_list(n_vocab, tokens)
+    tok_list, tok_types = gguf_token_list(args.vocab_size, tokens)
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    writer = GGUFWriter(tmp, ARCH)
     try:
-        writer.add_name(name)
-        writer.add_uint32(f"{ARCH}.context_length", CONTEXT_LENGTH)
-        writer.add_uint32(f"{ARCH}.embedding_length", hp["n_embd"])
-        writer.add_uint32(f"{ARCH}.block_count", hp["n_layer"])
-        writer.add_float32(f"{ARCH}.attention.layer_norm_epsilon", hp["norm_eps"])
-        writer.add_uint32(f"{ARCH}.wkv.head_size", hp["head_size"])
-        writer.add_uint32(f"{ARCH}.attention.decay_lora_rank", hp["decay_rank"])
-        writer.add_uint32(f"{ARCH}.attention.iclr_lora_rank", hp["iclr_rank"])
-        writer.add_uint32(f"{ARCH}.attention.value_residual_mix_lora_rank", hp["value_rank"])
-        writer.add_uint32(f"{ARCH}.attention.gate_lora_rank", hp["gate_rank"])
-        writer.add_uint32(f"{ARCH}.feed_forward_length", hp["ffn"])
-        if ft.default is None:
-            writer.add_file_type(int(ft.ftype))
-        writer.add_uint32(f"{ARCH}.attention.head_count", 0)
-        writer.add_tokenizer_model("rwkv")
-        writer.add_token_list(tok_list)
-        writer.add_token_types(tok_types)
-        writer.add_bos_token_id(0)
-        writer.add_eos_token_id(0)
-        writer.add_eot_token_id(EOT_TOKEN_ID)
-        if chat_template:
-            writer.add_chat_template(chat_template)
-        if ft.default is not None:
-            writer.add_quantization_version(2)
-            writer.add_file_type(int(ft.ftype))
+        with atomic_write(path) as tmp:
+            writer = GGUFWriter(tmp, ARCHITECTURE)
+            try:
+                writer.add_name(name)
+                writer.add_uint32(CONTEXT_LENGTH_KEY, CONTEXT_LENGTH)
+                for field, key in METADATA_KEYS.items():
+                    value = getattr(args, field)
+                    if field == "norm_eps":
+                        writer.add_float32(key, float(value))
+                    else:
+                        writer.add_uint32(key, int(value))
+                if ft.default is None:
+                    writer.add_file_type(int(ft.ftype))
+                writer.add_uint32(HEAD_COUNT_KEY, 0)
+                writer.add_tokenizer_model("rwkv")
+                writer.add_token_list(tok_list)
+                writer.add_token_types(tok_types)
+                writer.add_bos_token_id(0)
+                writer.add_eos_token_id(0)
+                writer.add_eot_token_id(EOT_TOKEN_ID)
+                if chat_template:
+                    writer.add_chat_template(chat_template)
+                if ft.default is not None:
+                    writer.add_quantization_version(2)
+                    writer.add_file_type(int(ft.ftype))
 
-        for tname in order:
-            shape, qtype = shapes[tname], types[tname]
-            if qtype == T.F32:
-                writer.add_tensor_info(tname, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
-            elif qtype == T.F16:
-                writer.add_tensor_info(tname, shape, np.dtype(np.float16), int(np.prod(shape)) * 2)
-            else:
-                bshape = _byte_shape(shape, qtype)
-                writer.add_tensor_info(tname, bshape, np.dtype(np.uint8), int(np.prod(bshape)), raw_dtype=qtype)
+                for tname in order:
+                    shape, qtype = shapes[tname], types[tname]
+                    if qtype == T.F32:
+                        writer.add_tensor_info(tname, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+                    elif qtype == T.F16:
+                        writer.add_tensor_info(tname, shape, np.dtype(np.float16), int(np.prod(shape)) * 2)
+                    else:
+                        bshape = _byte_shape(shape, qtype)
+                        writer.add_tensor_info(tname, bshape, np.dtype(np.uint8), int(np.prod(bshape)), raw_dtype=qtype)
 
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for i, tname in enumerate(order):
-            src = tensors[tname]
-            array = src() if callable(src) else src
-            data = _encode(tname, array, shapes[tname], types[tname])
-            del array
-            writer.write_tensor_data(data)
-            del data
-            if progress is not None:
-                progress(i + 1, len(order), tname, types[tname].name)
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException as e:
-        writer.close()
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
-            raise ModelFileError(path, f"cannot write ({e.strerror or e})") from e
-        raise
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                for i, tname in enumerate(order):
+                    src = tensors[tname]
+                    array = src() if callable(src) else src
+                    data = _encode(tname, array, shapes[tname], types[tname])
+                    del array
+                    writer.write_tensor_data(data)
+                    del data
+                    if progress is not None:
+                        progress(i + 1, len(order), tname, types[tname].name)
+            finally:
+                writer.close()
+    except OSError as e:
+        raise ModelFileError(path, f"cannot write ({e.strerror or e})") from e
     return types

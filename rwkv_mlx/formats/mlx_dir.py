@@ -1,4 +1,6 @@
-"""Converted model directories (``rwkv-mlx convert``): write them, and load them fast.
+"""Converted model directories (``rwkv-mlx convert``): the layout, writing it, reading its parts.
+
+rwkv_mlx/loader/mlx_dir.py builds a model from what this module reads.
 
 A directory holds
 
@@ -13,13 +15,6 @@ A directory holds
   arrays for the rest;
 * the tokenizer: ``rwkv_vocab_v20230424.txt`` when it is the full world
   vocabulary, else ``tokenizer_tokens.json`` (the GGUF token list and types).
-
-Loading is ``mx.load`` of the shards plus at most one cast per tensor that the
-``LoadOptions`` ask for (float32 on the CPU, dequantized ``ggml`` layers where no
-kernel runs), so no numpy conversion happens.  ``mx.load`` (MLX 0.32) does not
-memory-map safetensors: it returns lazy arrays and reads each one from the file
-into MLX memory when first evaluated (checked: resident memory grows by the
-file size on eval, the file is not in ``/proc/self/maps``).
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -35,14 +29,12 @@ from typing import Callable, Iterable, Iterator
 import mlx.core as mx
 
 from .. import quants
+from ..arch import ARCHITECTURE, LORA_MATRICES, ModelArgs, check_model_file_args
 from ..errors import ModelFileError, UnsupportedModelError
-from .hf import WORLD_VOCAB_FILE_NAME, read_safetensors, write_safetensors
 from ..layers import WeightFormat
-from ..loader.gguf import LoadInfo
-from ..model.rwkv7 import Model, ModelArgs, check_model_file_args
-from ..text.tokenizer import Tokenizer
-from .vocab import WORLD_VOCAB_SIZE, load_world_vocab, unescape_gguf_token
-from ..model.weights import LORA_MATRICES, LoadOptions
+from ..version import __version__
+from .hf import WORLD_VOCAB_FILE_NAME, read_safetensors, write_safetensors
+from .vocab import WORLD_VOCAB_SIZE, unescape_gguf_token
 
 FORMAT = "rwkv-mlx"
 FORMAT_VERSION = 1
@@ -70,9 +62,6 @@ class TokenList:
 
         tokens, types = gguf_token_list(vocab_size, vocab_file)
         return cls(tokens, types, eot_token_id if eot_token_id < vocab_size else None)
-
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_gguf(self.tokens, self.token_types, self.eot_token_id)
 
     def is_full_world_vocab(self) -> bool:
         """True when this is exactly the 65536-entry world vocabulary as llama.cpp stores it."""
@@ -196,8 +185,6 @@ def save_mlx_dir(
     ``source`` may be a callable, called once the tensors are written (a hash
     of the source computed meanwhile).
     """
-    from .. import __version__
-
     out_dir = Path(out_dir)
     writer = ShardWriter(out_dir, shard_bytes)
     formats: dict[str, dict] = {}
@@ -214,7 +201,7 @@ def save_mlx_dir(
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "architecture": "rwkv7",
+        "architecture": ARCHITECTURE,
         "rwkv_mlx_version": __version__,
         "model_args": args.to_dict(),
         "weight_formats": formats,
@@ -265,43 +252,10 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_tokenizer(path: Path, entry: dict) -> Tokenizer:
-    file = path / str(entry.get("file", ""))
-    vocab_size = int(entry["vocab_size"])
-    eot = entry.get("eot_token_id")
-    if entry.get("full_world_vocab"):
-        return Tokenizer(load_world_vocab(file), vocab_size, eot)
-    try:
-        payload = json.loads(file.read_text())
-        return Tokenizer.from_gguf(payload["tokens"], payload.get("token_types"), eot)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelFileError(file, f"unreadable token list ({e})") from None
-
-
-def _adapt_matrix(fmt: WeightFormat, arrays: dict[str, mx.array], opts: LoadOptions):
-    """A stored matrix in the form ``opts`` asks for (mirrors weights.convert_matrix for GGUF)."""
-    float_dtype = opts.float_dtype
-    if fmt.kind == "ggml" and not opts.ggml_native:
-        dense = quants.dequantize(arrays["weight"], fmt.ggml_type, xp=mx)
-        dtype = float_dtype or "float32"
-        return WeightFormat("dense", dtype), {"weight": dense.astype(getattr(mx, dtype))}
-    if fmt.kind == "affine" and not opts.affine:
-        dense = mx.dequantize(arrays["weight"], arrays["scales"], arrays["biases"], group_size=fmt.group_size, bits=fmt.bits)
-        dtype = float_dtype or "float32"
-        return WeightFormat("dense", dtype), {"weight": dense.astype(getattr(mx, dtype))}
-    if fmt.kind == "affine" and fmt.dtype != opts.scale_dtype:
-        cast = getattr(mx, opts.scale_dtype)
-        return (WeightFormat("affine", opts.scale_dtype, bits=fmt.bits, group_size=fmt.group_size),
-                {**arrays, "scales": arrays["scales"].astype(cast), "biases": arrays["biases"].astype(cast)})
-    if fmt.kind == "dense" and float_dtype and fmt.dtype != float_dtype:
-        return WeightFormat("dense", float_dtype), {"weight": arrays["weight"].astype(getattr(mx, float_dtype))}
-    return fmt, arrays
-
-
 _FLOATS = ("float32", "float16", "bfloat16")
 
 
-def _model_description(path: Path, config: dict) -> tuple[ModelArgs, dict[str, WeightFormat]]:
+def model_description(path: Path, config: dict) -> tuple[ModelArgs, dict[str, WeightFormat]]:
     """ModelArgs and weight formats from config.json, every value checked before a layer is built."""
     where = path / CONFIG_NAME
     try:
@@ -332,67 +286,6 @@ def format_label(fmt: WeightFormat) -> str:
     if fmt.kind == "ggml":
         return f"ggml {quants.BLOCK_TYPES[fmt.ggml_type].name}"
     return f"dense {fmt.dtype}"
-
-
-def load_mlx_dir(path: str | os.PathLike, options: LoadOptions | None = None,
-                 progress: Callable[[int, int, str], None] | None = None) -> tuple[Model, Tokenizer, LoadInfo]:
-    """Load a directory written by ``save_mlx_dir``: ``(model, tokenizer, LoadInfo)``."""
-    start = time.perf_counter()
-    path = Path(path)
-    config = read_config(path)
-    options = options or LoadOptions.for_backend()
-    args, formats = _model_description(path, config)
-    tokenizer = load_tokenizer(path, config["tokenizer"])
-
-    stored: dict[str, mx.array] = {}
-    file_bytes = 0
-    for name in config["weights"]:
-        file = path / str(name)
-        if not file.is_file() or file.parent != path:
-            raise ModelFileError(file, "weight file listed in config.json is missing")
-        read_safetensors(file)  # bounds-checks the header against the file before MLX reads it
-        try:
-            stored.update(mx.load(str(file)))
-        except (RuntimeError, ValueError) as e:
-            raise ModelFileError(file, f"unreadable safetensors ({e})") from None
-        file_bytes += file.stat().st_size
-
-    total = len(formats) + 1
-    final_formats: dict[str, WeightFormat] = {}
-    weights: list[tuple[str, mx.array]] = []
-    types: dict[str, int] = {}
-    for i, (module, fmt) in enumerate(formats.items(), 1):
-        arrays = {k: stored.pop(f"{module}.{k}") for k in ("weight", "scales", "biases") if f"{module}.{k}" in stored}
-        if "weight" not in arrays:
-            raise ModelFileError(path, f"no weights for {module}")
-        fmt, arrays = _adapt_matrix(fmt, arrays, options)
-        final_formats[module] = fmt
-        types[format_label(fmt)] = types.get(format_label(fmt), 0) + 1
-        weights += [(f"{module}.{k}", v) for k, v in arrays.items()]
-        if progress:
-            progress(i, total, module)
-
-    lora_dtype = options.float_dtype or config.get("lora_dtype", "float32")
-    for name, array in stored.items():
-        leaf = name.rsplit(".", 1)[-1]
-        target = lora_dtype if leaf in LORA_MATRICES else "float32"
-        if dtype_name(array.dtype) != target:
-            array = array.astype(getattr(mx, target))
-        weights.append((name, array))
-    types["float (small)"] = len(stored)
-
-    model = Model(args, final_formats, lora_dtype=getattr(mx, lora_dtype))
-    try:
-        model.load_weights(weights, strict=True)
-        mx.eval(model.parameters())
-        model.keep_tables_on_device()
-    except (ValueError, RuntimeError) as e:
-        raise ModelFileError(path, f"weights do not fit the model in config.json ({e})") from None
-    model.fingerprint = str(config.get("fingerprint", ""))
-    if progress:
-        progress(total, total, "done")
-    weight_bytes = sum(v.nbytes for _, v in weights)
-    return model, tokenizer, LoadInfo(path, time.perf_counter() - start, file_bytes, weight_bytes, types)
 
 
 def iter_stored_tensors(path: str | os.PathLike, config: dict) -> Iterator[tuple[str, str, tuple[int, ...], int]]:

@@ -30,8 +30,9 @@ import mlx.core as mx
 
 from ..layers import WeightFormat
 from .mlx_dir import SHARD_BYTES, ConvertedTensor, ShardWriter, TokenList
-from ..model.rwkv7 import ModelArgs
-from ..text.tokenizer import byte_trie, trie_pattern
+from ..arch import ModelArgs
+from ..version import __version__
+from .vocab import byte_trie, trie_pattern
 
 END_OF_TEXT = "<|endoftext|>"
 _LERP = ("r", "w", "k", "v", "a", "g")
@@ -177,8 +178,6 @@ def save_mlx_lm_dir(out_dir: str | os.PathLike, args: ModelArgs, tensors: Iterab
                     *, source: dict | Callable[[], dict] | None = None,
                     on_tensor: Callable[[ConvertedTensor], None] | None = None, shard_bytes: int = SHARD_BYTES) -> dict:
     """Write an mlx-lm ``rwkv7`` directory into ``out_dir``; returns its config.json."""
-    from .. import __version__
-
     out_dir = Path(out_dir)
     writer = ShardWriter(out_dir, shard_bytes)
     formats: dict[str, WeightFormat] = {}

@@ -282,3 +282,28 @@ def load_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     For multi-GB checkpoints use ``read_pth``, which reads tensors one at a time.
     """
     return {name: np.array(t.numpy()) for name, t in read_pth(path).items()}
+
+
+def read_state_tuning(path: str | os.PathLike, n_layer: int, shape: tuple[int, int, int]) -> list[np.ndarray]:
+    """Each layer's ``blocks.N.att.time_state`` of a BlinkDL state-tuning file, as stored (key-by-value).
+
+    Names and shapes are checked before any tensor is read: a full checkpoint given
+    by mistake costs nothing.
+    """
+    tensors = read_pth(path)
+    want = tuple(shape)
+    if not any(name.endswith(".att.time_state") for name in tensors):
+        raise ModelFileError(path, "no blocks.N.att.time_state tensors: not a state-tuning file")
+    out = []
+    for i in range(n_layer):
+        name = f"blocks.{i}.att.time_state"
+        if name not in tensors:
+            raise ModelFileError(path, f"missing {name}: not a state-tuning file for this {n_layer}-layer model")
+        got = list(tensors[name].shape)
+        if got != list(want):
+            raise ModelFileError(path, f"{name} has shape {got}, this model needs {list(want)}")
+        t = tensors[name].numpy()
+        if not np.isfinite(t).all():
+            raise ModelFileError(path, f"{name} holds NaN or infinite values")
+        out.append(t)
+    return out

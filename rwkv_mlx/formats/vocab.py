@@ -3,17 +3,21 @@
 Both describe the same 65529 byte strings (ids 1..65529); id 0 is end-of-text.
 GGUF files store each token as Python's ``bytes`` repr without the ``b'`` and
 closing quote; ``unescape_gguf_token`` undoes that exactly as llama.cpp does.
+The vocabulary's rule is greedy longest match; ``byte_trie`` and ``trie_pattern``
+write it as a regex (the tokenizer's matcher, and mlx-lm's tokenizer.json).
 """
 
 from __future__ import annotations
 
 import ast
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..errors import ModelFileError
 
 WORLD_VOCAB_SIZE = 65536  # 65529 tokens + id 0 + 6 padding ids
+TOKEN_END = 256  # trie key marking "a token ends at this node"; bytes are 0..255
 
 
 def load_world_vocab(path: str | os.PathLike) -> dict[int, bytes]:
@@ -71,3 +75,47 @@ def unescape_gguf_token(text: str) -> bytes:
 
 def _is_hex(s: str) -> bool:
     return len(s) == 2 and all(ch in "0123456789abcdefABCDEF" for ch in s)
+
+
+def byte_trie(tokens: Iterable[bytes]) -> dict:
+    """Nested dicts keyed by byte; ``TOKEN_END`` marks a node where a token ends."""
+    root: dict = {}
+    for token in tokens:
+        node = root
+        for byte in token:
+            node = node.setdefault(byte, {})
+        node[TOKEN_END] = True
+    return root
+
+
+def trie_pattern(node: dict, literal: Callable[[bytes], str], byte_class: Callable[[list[int]], str], *,
+                 max_depth: int | None = None, flat: Callable[[dict], str] | None = None, depth: int = 0) -> str:
+    """A regex alternation whose leftmost match at any position is the longest token there.
+
+    Siblings in the trie differ in their first byte, so at most one branch of each
+    alternation can match; a token node's subtree is an optional group, so when
+    the deeper branch fails the engine backs off to the token itself. ``literal``
+    and ``byte_class`` write bytes in the target regex dialect (Python's ``re``
+    here, Oniguruma for the mlx-lm tokenizer.json); below ``max_depth``, ``flat``
+    writes the rest of the subtrie (``re`` refuses deeper nesting).
+    """
+    if max_depth is not None and depth >= max_depth:
+        return flat(node)
+    branches, single_bytes = [], []
+    for byte in sorted(k for k in node if k != TOKEN_END):
+        child, chain = node[byte], bytearray([byte])
+        while len(child) == 1 and TOKEN_END not in child:  # chain with no token on it: one literal
+            (next_byte, child), = child.items()
+            chain.append(next_byte)
+        if all(k == TOKEN_END for k in child):  # a leaf
+            if len(chain) == 1:
+                single_bytes.append(byte)
+            else:
+                branches.append(literal(bytes(chain)))
+            continue
+        optional = "?" if TOKEN_END in child else ""
+        inner = trie_pattern(child, literal, byte_class, max_depth=max_depth, flat=flat, depth=depth + 1)
+        branches.append(literal(bytes(chain)) + "(?:" + inner + ")" + optional)
+    if single_bytes:
+        branches.append(byte_class(single_bytes))
+    return "|".join(branches)

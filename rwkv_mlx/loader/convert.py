@@ -30,9 +30,7 @@ import errno
 import hashlib
 import os
 import re
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,12 +43,13 @@ import numpy as np
 
 from .. import quants
 from ..errors import InvalidArgumentError, ModelFileError, RwkvMlxError, UnsupportedModelError
+from ..io import atomic_write
 from ..formats.gguf_file import TensorInfo, open_gguf
 from ..formats.hf import is_hf_dir, read_hf_dir
 from ..layers import WeightFormat
 from .gguf import check_tensors, file_fingerprint, model_args_from_gguf, tokenizer_from_gguf
 from ..formats.mlx_dir import SHARD_BYTES, ConvertedTensor, TokenList, dtype_name, format_label, save_mlx_dir
-from ..model.rwkv7 import MATRIX_MODULES, ModelArgs, check_model_file_args, gguf_tensor_shapes, gguf_to_module_name
+from ..arch import ModelArgs, check_model_file_args, gguf_tensor_shapes, gguf_to_module_name, matrix_weights, parameter_shapes
 from ..formats.pth import StoredTensor, read_magic, read_pth
 from ..model.weights import BF16, F16, F32, FLOAT_TYPES, LORA_MATRICES, LoadOptions, convert_matrix, convert_small, dense_float32
 
@@ -112,20 +111,6 @@ class ModelSource:
         for f in self.files:
             h.update(f.name.encode() + file_fingerprint(f).encode())
         return h.hexdigest()[:16]
-
-
-def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every model parameter (module path) with its shape: GGUF's tensors, renamed; lerp as (6, C)."""
-    shapes = {}
-    for name, shape in gguf_tensor_shapes(args).items():
-        path = gguf_to_module_name(name)
-        if path is not None:
-            shapes[path] = (6, args.n_embd) if path.endswith("att.x_lerp") else shape
-    return shapes
-
-
-def matrix_names(args: ModelArgs) -> set[str]:
-    return {"emb.weight", "head.weight"} | {f"blocks.{i}.{m}.weight" for i in range(args.n_layer) for m in MATRIX_MODULES}
 
 
 def _count_types(entries) -> dict[str, tuple[int, int]]:
@@ -401,7 +386,7 @@ def convert_tensor(t: SourceTensor, is_matrix: bool, policy: QuantPolicy) -> Con
 
 def iter_converted(source: ModelSource, policy: QuantPolicy) -> Iterator[ConvertedTensor]:
     """Every parameter of ``source`` converted by ``policy``, one at a time."""
-    matrices = matrix_names(source.args)
+    matrices = matrix_weights(source.args)
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     for name, t in source.tensors.items():
         yield convert_tensor(t, name in matrices, policy)
@@ -411,14 +396,6 @@ def iter_converted(source: ModelSource, policy: QuantPolicy) -> Iterator[Convert
 
 # --------------------------------------------------------------------------------------
 # safe output
-
-
-def _unique_aside(dst: Path, tag: str) -> Path:
-    path = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{tag}-", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
-    return path
 
 
 class _Signals:
@@ -478,36 +455,21 @@ def output_dir(dst: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         raise InvalidArgumentError(f"{dst} exists and is not a directory; remove it first")
     signals = _Signals()
     signals.install()  # before the directory exists, so no signal can leave it behind
-    tmp: Path | None = None
     finished = False
     try:
-        try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _unique_aside(dst, "tmp")
-        except OSError as e:
-            raise OSError(e.errno, f"cannot create a directory beside {dst}: {e.strerror}") from None
-        yield tmp
-        with signals.deferred():
-            if dst.exists():
-                old = _unique_aside(dst, "old")
-                os.rename(dst, old / dst.name)
-                try:
-                    os.rename(tmp, dst)
-                except OSError:
-                    os.rename(old / dst.name, dst)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, dst)
-            finished = True
+        with contextlib.ExitStack() as stack:
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = stack.enter_context(atomic_write(dst, directory=True, guard=signals.deferred))
+            except OSError as e:
+                raise OSError(e.errno, f"cannot create a directory beside {dst}: {e.strerror}") from None
+            yield tmp  # then renamed into place, or removed
+        finished = True
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"no space left on the device of {dst.parent}; nothing was written") from None
         raise
     finally:
-        with signals.deferred():
-            if tmp is not None and tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         signals.restore()
         if signals.pending is not None:
             _Signals._raise(signals.pending, finished)

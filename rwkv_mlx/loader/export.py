@@ -1,7 +1,7 @@
 """A model in memory -> files other programs read: GGUF in llama.cpp's layout, and state files.
 
 ``export_gguf`` inverts the loader: every module path maps back to its GGUF
-tensor name (``model.gguf_to_module_name``), matrices in any storage form are
+tensor name (``arch.gguf_to_module_name``), matrices in any storage form are
 taken back to float32 (``rows`` dequantizes exactly), the fused token-shift
 factors get llama.cpp's (6, 1, 1, C) shape, and layer 0's unused value-residual
 LoRA is written as the copy of the in-context-rate LoRA that llama.cpp's
@@ -22,10 +22,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..formats.gguf_writer import write_rwkv7_gguf
-from ..model.rwkv7 import Model, gguf_tensor_shapes, gguf_to_module_name
+from ..arch import LAYER0_COPIES, gguf_tensor_shapes, gguf_to_module_name
+from ..model import Model
 from ..model.state import State
 
-_LAYER0_COPIES = {"time_mix_v0.weight": "att.a0", "time_mix_v1.weight": "att.a1", "time_mix_v2.weight": "att.a2"}
 STATE_TUNING_KIND = "state-tuning"
 
 
@@ -43,23 +43,15 @@ def dense_weight(layer) -> mx.array:
     return layer.rows(mx.arange(out_dims))
 
 
-def model_hparams(model: Model) -> dict:
-    a = model.args
-    return dict(n_embd=a.n_embd, n_layer=a.n_layer, head_size=a.head_size, ffn=a.ffn_dim,
-                decay_rank=a.decay_rank, iclr_rank=a.iclr_rank, value_rank=a.value_rank,
-                gate_rank=a.gate_rank, norm_eps=a.norm_eps, vocab_size=a.vocab_size)
-
-
 def gguf_tensors(model: Model) -> dict[str, Callable[[], np.ndarray]]:
     """GGUF tensor name -> producer of its float32 numpy value (produced lazily, one at a time)."""
     shapes = gguf_tensor_shapes(model.args)
 
     def producer(name: str, shape: tuple[int, ...]):
         layer_rest = name.split(".", 2)
-        if layer_rest[0] == "blk" and layer_rest[1] == "0" and layer_rest[2] in _LAYER0_COPIES:
-            path = "blocks.0." + _LAYER0_COPIES[layer_rest[2]]
-        else:
-            path = gguf_to_module_name(name)
+        if layer_rest[0] == "blk" and layer_rest[1] == "0" and layer_rest[2] in LAYER0_COPIES:
+            name = f"blk.0.{LAYER0_COPIES[layer_rest[2]]}"  # the copy llama.cpp's converter writes
+        path = gguf_to_module_name(name)
         if path.endswith(".weight") and hasattr(module_at(model, path[: -len(".weight")]), "rows"):
             get = lambda: dense_weight(module_at(model, path[: -len(".weight")]))  # noqa: E731
         else:
@@ -89,7 +81,7 @@ def export_gguf(model: Model, path: str | os.PathLike, file_type: str = "F16", *
     Returns the per-tensor GGML types written.  LoRA adapters must be merged
     first (``train.lora.merge_lora``).  The file is written atomically.
     """
-    return write_rwkv7_gguf(path, model_hparams(model), gguf_tensors(model), file_type,
+    return write_rwkv7_gguf(path, model.args, gguf_tensors(model), file_type,
                             tokens=tokenizer_tokens(tokenizer), name=name, progress=progress)
 
 

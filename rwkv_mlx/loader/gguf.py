@@ -1,4 +1,4 @@
-"""``load(path) -> (model, tokenizer)``: file -> tensors -> model, with every check up front.
+"""A GGUF file -> (model, tokenizer), with every check up front: ``load_gguf``.
 
 A GGUF file is validated completely (structure, architecture, metadata, every
 tensor's presence and shape) before any weight is converted, so a bad file
@@ -7,35 +7,22 @@ costs milliseconds and yields one clear ``ModelFileError``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
+from ..arch import (ARCHITECTURE, DEFAULT_NORM_EPS, METADATA_KEYS, ModelArgs, check_model_file_args, gguf_tensor_shapes,
+                    gguf_to_module_name, matrix_weights, parameter_shapes)
 from ..errors import InvalidArgumentError, ModelFileError, UnsupportedModelError
 from ..formats.gguf_file import GGUFFile, open_gguf
-from ..model.rwkv7 import MATRIX_MODULES, Model, ModelArgs, check_model_file_args, gguf_tensor_shapes, gguf_to_module_name
+from ..model import Model
+from ..model.weights import FLOAT_TYPES, LoadOptions, convert_tensor
 from ..text.tokenizer import Tokenizer
-from ..model.weights import FLOAT_TYPES, LoadOptions, convert_tensors
-
-ARCHITECTURE = "rwkv7"
-
-
-@dataclass
-class LoadInfo:
-    """What loading cost, for the CLI and the benchmark."""
-
-    path: Path
-    seconds: float
-    file_bytes: int
-    weight_bytes: int
-    tensor_types: dict[str, int]
+from .info import LoadInfo, file_fingerprint
 
 
 def _meta(g: GGUFFile, key: str, kind=int, required: bool = True, default=None):
@@ -61,18 +48,18 @@ def model_args_from_gguf(g: GGUFFile) -> ModelArgs:
         raise ModelFileError(g.path, f"general.architecture is {arch!r}, not a name")
     if arch != ARCHITECTURE:
         raise UnsupportedModelError(g.path, f"architecture {arch!r} is not supported (rwkv-mlx runs {ARCHITECTURE!r} only)")
-    p = ARCHITECTURE
-    C = _meta(g, f"{p}.embedding_length")
-    L = _meta(g, f"{p}.block_count")
-    N = _meta(g, f"{p}.wkv.head_size")
-    F = _meta(g, f"{p}.feed_forward_length")
-    eps = _meta(g, f"{p}.attention.layer_norm_epsilon", float, required=False, default=1e-5)
+    keys = METADATA_KEYS
+    C = _meta(g, keys["n_embd"])
+    L = _meta(g, keys["n_layer"])
+    N = _meta(g, keys["head_size"])
+    F = _meta(g, keys["ffn_dim"])
+    eps = _meta(g, keys["norm_eps"], float, required=False, default=DEFAULT_NORM_EPS)
     if not (math.isfinite(eps) and eps > 0):
-        raise ModelFileError(g.path, f"metadata {p}.attention.layer_norm_epsilon = {eps} is not a positive number")
+        raise ModelFileError(g.path, f"metadata {keys['norm_eps']} = {eps} is not a positive number")
     # bound the layer count by the file before anything loops over layers
     layers = {name.split(".", 2)[1] for name in g.tensors if name.startswith("blk.")}
     if L > len(layers):
-        raise ModelFileError(g.path, f"metadata {p}.block_count = {L} but the file has tensors for {len(layers)} layers")
+        raise ModelFileError(g.path, f"metadata {keys['n_layer']} = {L} but the file has tensors for {len(layers)} layers")
 
     def rows_of(name: str) -> int:
         if name not in g.tensors:
@@ -89,11 +76,10 @@ def model_args_from_gguf(g: GGUFFile) -> ModelArgs:
         head_size=N, norm_eps=eps,
     )
     check_model_file_args(g.path, args)
-    for key, value in (("decay_lora_rank", args.decay_rank), ("iclr_lora_rank", args.iclr_rank),
-                       ("value_residual_mix_lora_rank", args.value_rank), ("gate_lora_rank", args.gate_rank)):
-        stated = _meta(g, f"{p}.attention.{key}", required=False)
-        if stated is not None and stated != value and not (key.startswith("value") and L == 1):
-            raise ModelFileError(g.path, f"metadata {p}.attention.{key} = {stated} but the tensors have rank {value}")
+    for field in ("decay_rank", "iclr_rank", "value_rank", "gate_rank"):
+        stated, value = _meta(g, keys[field], required=False), getattr(args, field)
+        if stated is not None and stated != value and not (field == "value_rank" and L == 1):
+            raise ModelFileError(g.path, f"metadata {keys[field]} = {stated} but the tensors have rank {value}")
     return args
 
 
@@ -127,18 +113,6 @@ def tokenizer_from_gguf(g: GGUFFile, vocab_size: int) -> Tokenizer:
         raise ModelFileError(g.path, f"token list unusable: {e}") from None
 
 
-def file_fingerprint(path: Path, chunk: int = 1 << 16, samples: int = 32) -> str:
-    """A fast content hash: size, head, tail and evenly spaced chunks (a full hash of GBs takes seconds)."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    starts = [(size - chunk) * i // samples for i in range(samples + 1)] if size > chunk else [0]
-    with open(path, "rb") as f:
-        for start in starts:
-            f.seek(start)
-            h.update(f.read(chunk))
-    return h.hexdigest()[:16]
-
-
 def load_gguf(path: str | os.PathLike, options: LoadOptions | None = None,
               progress: Callable[[int, int, str], None] | None = None) -> tuple[Model, Tokenizer, LoadInfo]:
     start = time.perf_counter()
@@ -153,8 +127,8 @@ def load_gguf(path: str | os.PathLike, options: LoadOptions | None = None,
         module_path = gguf_to_module_name(name)
         if module_path is not None:
             names[name] = module_path
-    matrices = {"emb.weight", "head.weight"} | {
-        f"blocks.{i}.{m}.weight" for i in range(args.n_layer) for m in MATRIX_MODULES}
+    shapes = parameter_shapes(args)
+    matrices = matrix_weights(args)
 
     formats, weights = {}, []
     total = len(names)
@@ -164,16 +138,19 @@ def load_gguf(path: str | os.PathLike, options: LoadOptions | None = None,
         if progress:
             progress(done[0], total, name)
 
-    for module_path, fmt, arrays in convert_tensors(g, names, matrices, options, tick):
+    # one tensor at a time, each evaluated before the next is read: peak memory stays
+    # near one tensor above the model itself
+    for gguf_name, module_path in names.items():
+        fmt, arrays = convert_tensor(g.raw(gguf_name), g.tensors[gguf_name], module_path in matrices, module_path,
+                                     options)
+        mx.eval(*arrays.values())
+        tick(gguf_name)
         if fmt is not None:
             layer = module_path[: -len(".weight")]
             formats[layer] = fmt
             weights += [(f"{layer}.{k}", v) for k, v in arrays.items()]
         else:
-            arr = arrays[""]
-            if module_path.endswith("att.x_lerp"):
-                arr = arr.reshape(6, args.n_embd)
-            weights.append((module_path, arr))
+            weights.append((module_path, arrays[""].reshape(shapes[module_path])))
 
     lora = g.tensors["blk.0.time_mix_a1.weight"].ggml_type
     lora_dtype = getattr(mx, options.float_dtype or FLOAT_TYPES.get(lora, "float32"))
@@ -188,22 +165,3 @@ def load_gguf(path: str | os.PathLike, options: LoadOptions | None = None,
     info = LoadInfo(g.path, time.perf_counter() - start, g.file_size(),
                     sum(v.nbytes for _, v in weights), types)
     return model, tokenizer, info
-
-
-def load(path: str | os.PathLike, options: LoadOptions | None = None, *, return_info: bool = False,
-         progress: Callable[[int, int, str], None] | None = None):
-    """Load a model and its tokenizer from a GGUF file or a converted MLX directory.
-
-    ``model, tokenizer = rwkv_mlx.load("rwkv7-g1b-2.9b-Q4_K_M.gguf")``.  With
-    ``return_info=True`` a third value says how long it took and what it holds.
-    """
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelFileError(path, "a directory without config.json: not a converted rwkv-mlx model")
-        from ..formats.mlx_dir import load_mlx_dir
-
-        result = load_mlx_dir(path, options, progress=progress)
-    else:
-        result = load_gguf(path, options, progress=progress)
-    return result if return_info else result[:2]

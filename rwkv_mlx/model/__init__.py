@@ -3,6 +3,7 @@
 Nothing here reads or writes a file format: rwkv_mlx.loader hands it named arrays.
 """
 
-from .rwkv7 import Model, ModelArgs
+from ..arch import ModelArgs
+from .rwkv7 import Model
 
 __all__ = ["Model", "ModelArgs"]

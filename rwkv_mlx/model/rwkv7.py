@@ -1,129 +1,27 @@
-"""RWKV-7 ("x070") as mlx.nn modules: hyper-parameters, GGUF names, and the forward pass.
+"""RWKV-7 ("x070") as mlx.nn modules: the forward pass.
 
 The math follows ../shared/spec/rwkv7.md section 1; the sequence path (T tokens)
 and the one-token path are the same code with T = 1.  Module names follow
 BlinkDL's checkpoints (``blocks.N.att.key``), so state-tuning files and .pth
-weights map onto them directly; ``sanitize`` is the only place that knows
-llama.cpp's GGUF names.
+weights map onto them directly; the hyper-parameters and the tensor list are
+rwkv_mlx/arch.py's, and no file format is known here.
 """
 
 from __future__ import annotations
 
 from types import MappingProxyType
-from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..backend import active_backend
-from ..errors import ModelFileError
+from ..arch import ModelArgs, matrix_modules
 from ..layers import WeightFormat, make_linear
 from .state import State
-from ..kernels import compiled_decode_step, fused_block_step, fused_head
+from .runtime import DecodeRuntime
 from .wkv import time_mix_core
 
-
-
-@dataclass
-class ModelArgs:
-    vocab_size: int
-    n_embd: int
-    n_layer: int
-    ffn_dim: int
-    decay_rank: int
-    iclr_rank: int
-    value_rank: int
-    gate_rank: int
-    head_size: int = 64
-    norm_eps: float = 1e-5
-
-    @property
-    def n_head(self) -> int:
-        return self.n_embd // self.head_size
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelArgs":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# The matrices stored as layers (quantizable); everything else is a small float array.
-MATRIX_MODULES = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
-
-_GGUF_GLOBAL = {
-    "token_embd.weight": "emb.weight",
-    "token_embd_norm.weight": "ln0.weight",
-    "token_embd_norm.bias": "ln0.bias",
-    "output_norm.weight": "ln_out.weight",
-    "output_norm.bias": "ln_out.bias",
-    "output.weight": "head.weight",
-}
-_GGUF_BLOCK = {
-    "attn_norm.weight": "ln1.weight",
-    "attn_norm.bias": "ln1.bias",
-    "attn_norm_2.weight": "ln2.weight",
-    "attn_norm_2.bias": "ln2.bias",
-    "time_mix_lerp_fused.weight": "att.x_lerp",
-    "time_mix_receptance.weight": "att.receptance.weight",
-    "time_mix_key.weight": "att.key.weight",
-    "time_mix_value.weight": "att.value.weight",
-    "time_mix_output.weight": "att.output.weight",
-    "time_mix_ln.weight": "att.ln_x.weight",
-    "time_mix_ln.bias": "att.ln_x.bias",
-    "channel_mix_lerp_k.weight": "ffn.x_k",
-    "channel_mix_key.weight": "ffn.key.weight",
-    "channel_mix_value.weight": "ffn.value.weight",
-    **{f"time_mix_{p}.weight": f"att.{p}" for p in
-       ("w0", "w1", "w2", "a0", "a1", "a2", "v0", "v1", "v2", "g1", "g2", "k_k", "k_a", "r_k")},
-}
-
-
-_LAYER0_DUMMIES = {"time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight"}
-
-
-def gguf_to_module_name(name: str) -> str | None:
-    """Module path for a GGUF tensor name; None for tensors the model ignores."""
-    if name in _GGUF_GLOBAL:
-        return _GGUF_GLOBAL[name]
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_BLOCK:
-        layer, rest = int(parts[1]), parts[2]
-        if layer == 0 and rest in _LAYER0_DUMMIES:
-            return None  # layer 0's v0/v1/v2 are converter dummies (copies of a0/a1/a2)
-        return f"blocks.{layer}.{_GGUF_BLOCK[rest]}"
-    raise KeyError(name)
-
-
-def gguf_tensor_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every tensor an rwkv7 GGUF must hold, with its numpy shape (reversed GGUF dims)."""
-    C, V, F = args.n_embd, args.vocab_size, args.ffn_dim
-    shapes = {
-        "token_embd.weight": (V, C), "output.weight": (V, C),
-        "token_embd_norm.weight": (C,), "token_embd_norm.bias": (C,),
-        "output_norm.weight": (C,), "output_norm.bias": (C,),
-    }
-    for i in range(args.n_layer):
-        dv = args.iclr_rank if i == 0 else args.value_rank
-        per_layer = {
-            "attn_norm.weight": (C,), "attn_norm.bias": (C,),
-            "attn_norm_2.weight": (C,), "attn_norm_2.bias": (C,),
-            "time_mix_lerp_fused.weight": (6, 1, 1, C),
-            "time_mix_w0.weight": (C,), "time_mix_w1.weight": (args.decay_rank, C), "time_mix_w2.weight": (C, args.decay_rank),
-            "time_mix_a0.weight": (C,), "time_mix_a1.weight": (args.iclr_rank, C), "time_mix_a2.weight": (C, args.iclr_rank),
-            "time_mix_v0.weight": (C,), "time_mix_v1.weight": (dv, C), "time_mix_v2.weight": (C, dv),
-            "time_mix_g1.weight": (args.gate_rank, C), "time_mix_g2.weight": (C, args.gate_rank),
-            "time_mix_k_k.weight": (C,), "time_mix_k_a.weight": (C,), "time_mix_r_k.weight": (C,),
-            "time_mix_receptance.weight": (C, C), "time_mix_key.weight": (C, C),
-            "time_mix_value.weight": (C, C), "time_mix_output.weight": (C, C),
-            "time_mix_ln.weight": (C,), "time_mix_ln.bias": (C,),
-            "channel_mix_lerp_k.weight": (C,), "channel_mix_key.weight": (F, C), "channel_mix_value.weight": (C, F),
-        }
-        shapes.update({f"blk.{i}.{k}": v for k, v in per_layer.items()})
-    return shapes
 
 
 def _mm(x: mx.array, w: mx.array) -> mx.array:
@@ -204,10 +102,6 @@ class Block(nn.Module):
         self.ffn = ChannelMix(args, layer, formats)
 
     def __call__(self, x, att_shift, ffn_shift, wkv_state, v_first):
-        if x.shape[1] == 1 and not self.training:
-            fused = fused_block_step(self, x, att_shift, ffn_shift, wkv_state, v_first)
-            if fused is not None:
-                return fused
         xn = self.ln1(x)
         dx, wkv_state, v_first = self.att(xn, att_shift, wkv_state, v_first)
         x = x + dx
@@ -219,8 +113,7 @@ class Block(nn.Module):
 def default_formats(args: ModelArgs, dtype: str = "float32") -> dict[str, WeightFormat]:
     """Every matrix dense in ``dtype``: the layout of a freshly initialised model."""
     dense = WeightFormat("dense", dtype)
-    names = ["emb", "head"] + [f"blocks.{i}.{m}" for i in range(args.n_layer) for m in MATRIX_MODULES]
-    return {n: dense for n in names}
+    return {n: dense for n in matrix_modules(args)}
 
 
 class Model(nn.Module):
@@ -238,7 +131,17 @@ class Model(nn.Module):
         self.head = make_linear(args.n_embd, args.vocab_size, formats["head"])
         self.formats = MappingProxyType(dict(formats))  # not a dict: kept out of the parameter tree
         self.fingerprint = ""
+        self.runtime = DecodeRuntime(self)  # kernel plans and compiled steps, dropped when weights change
         self.train(False)  # inference unless a trainer says otherwise
+
+    # Every way nn.Module changes weights goes through these two (load_weights calls update).
+    def update(self, parameters: dict, strict: bool = True) -> "Model":
+        self.runtime.invalidate()
+        return super().update(parameters, strict=strict)
+
+    def update_modules(self, modules: dict, strict: bool = True) -> "Model":
+        self.runtime.invalidate()
+        return super().update_modules(modules, strict=strict)
 
     def keep_tables_on_device(self) -> None:
         """Rewrite the embedding table by a device kernel, so that the GPU owns its memory pages.
@@ -254,6 +157,7 @@ class Model(nn.Module):
         for name, arr in self.emb.parameters().items():
             setattr(self.emb, name, (arr.view(mx.uint8) + zero).view(arr.dtype))
         mx.eval(self.emb.parameters())
+        self.runtime.invalidate()  # a compiled step captured the old arrays
 
     def initial_state(self, batch_size: int = 1) -> State:
         return State.zeros(self.args, batch_size).owned_by(self)
@@ -264,7 +168,7 @@ class Model(nn.Module):
         The decode loop's call: one compiled graph of fused kernels on GPUs,
         ``self(tokens[:, None], state, logits="last")`` elsewhere.
         """
-        compiled = compiled_decode_step(self, tokens.shape[0])
+        compiled = self.runtime.step(tokens.shape[0])
         if compiled is None:
             logits, state = self(tokens[:, None], state, logits="last")
             return logits[:, -1], state
@@ -288,8 +192,11 @@ class Model(nn.Module):
         v_first = None
         att_x, ffn_x, wkv = [], [], []
         queued = None
+        one_token = tokens.shape[1] == 1 and not self.training
         for i, block in enumerate(self.blocks):
-            x, a, f, s, v_first = block(x, state.att_x[i], state.ffn_x[i], state.wkv[i], v_first)
+            inputs = (x, state.att_x[i], state.ffn_x[i], state.wkv[i], v_first)
+            fused = self.runtime.block_step(i, *inputs) if one_token else None
+            x, a, f, s, v_first = fused if fused is not None else block(*inputs)
             if eval_each_block:
                 mx.async_eval(x, a, f, s, v_first)
                 if queued is not None:
@@ -303,16 +210,7 @@ class Model(nn.Module):
             return None, new_state
         if logits == "last":
             x = x[:, -1:]
-        out = fused_head(self.ln_out, self.head, x) if x.shape[1] == 1 else None
+        out = self.runtime.head(x) if x.shape[1] == 1 else None
         if out is None:
             out = self.head(self.ln_out(x))
         return out.astype(mx.float32), new_state
-
-
-def check_model_file_args(path, args: ModelArgs) -> None:
-    """Refuse shapes the math cannot run (caught before any tensor is read)."""
-    if args.head_size <= 0 or args.n_embd % args.head_size:
-        raise ModelFileError(path, f"embedding length {args.n_embd} is not a multiple of head size {args.head_size}")
-    for name in ("vocab_size", "n_embd", "n_layer", "ffn_dim", "decay_rank", "iclr_rank", "value_rank", "gate_rank"):
-        if getattr(args, name) <= 0:
-            raise ModelFileError(path, f"{name} must be positive, got {getattr(args, name)}")

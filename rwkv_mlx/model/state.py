@@ -18,11 +18,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Union
 
 import mlx.core as mx
 import numpy as np
 
 from ..errors import InvalidArgumentError, ModelFileError
+from ..io import atomic_write
 
 STATE_FORMAT = "rwkv-mlx-state"
 STATE_FORMAT_VERSION = "1"
@@ -187,16 +189,11 @@ class State:
             arrays[f"blocks.{i}.wkv"] = self.wkv[i]
         meta = {**(metadata or {}), "format": STATE_FORMAT, "format_version": STATE_FORMAT_VERSION,
                 "model": identity.to_json(), "n_layer": str(self.n_layer)}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        written = tmp.with_name(tmp.name + ".safetensors")  # MLX appends the extension
         try:
-            mx.save_safetensors(str(tmp), arrays, metadata=meta)
-            os.replace(written, path)
-        except BaseException as e:
-            written.unlink(missing_ok=True)
-            if isinstance(e, (OSError, RuntimeError)):
-                raise ModelFileError(path, f"cannot write the state ({e})") from e
-            raise
+            with atomic_write(path, suffix=".safetensors") as tmp:  # MLX appends the extension unless it is there
+                mx.save_safetensors(str(tmp), arrays, metadata=meta)
+        except (OSError, RuntimeError) as e:
+            raise ModelFileError(path, f"cannot write the state ({e})") from e
         return path
 
     @classmethod
@@ -232,30 +229,28 @@ class State:
         ``blocks.N.att.time_state``, (H, N, N) per layer, key-by-value).
 
         ChatRWKV transposes the last two axes on load to get our value-by-key
-        layout (spec section 2); the token-shift parts start at zero.
+        layout (spec section 2); the token-shift parts start at zero.  The file is
+        read by the reader the loader registers (formats/pth.py's
+        ``read_state_tuning``): this module knows no file format.
         """
-        from ..formats.pth import read_pth
-
-        tensors = read_pth(path)  # names and shapes only: a full checkpoint given by mistake costs nothing
+        if _state_tuning_reader is None:
+            raise RuntimeError("no state-tuning reader registered (import rwkv_mlx, which registers it)")
         args = model.args
-        want = (args.n_head, args.head_size, args.head_size)
-        if not any(name.endswith(".att.time_state") for name in tensors):
-            raise ModelFileError(path, "no blocks.N.att.time_state tensors: not a state-tuning file")
-        wkv = []
-        for i in range(args.n_layer):
-            name = f"blocks.{i}.att.time_state"
-            if name not in tensors:
-                raise ModelFileError(path, f"missing {name}: not a state-tuning file for this "
-                                           f"{args.n_layer}-layer model")
-            shape = list(tensors[name].shape)
-            if shape != list(want):
-                raise ModelFileError(path, f"{name} has shape {shape}, this model needs {list(want)}")
-            t = tensors[name].numpy()
-            if not np.isfinite(t).all():
-                raise ModelFileError(path, f"{name} holds NaN or infinite values")
-            wkv.append(mx.array(t.astype(np.float32).transpose(0, 2, 1)[None]))
+        stored = _state_tuning_reader(path, args.n_layer, (args.n_head, args.head_size, args.head_size))
+        wkv = [mx.array(t.astype(np.float32).transpose(0, 2, 1)[None]) for t in stored]
         zero = State.zeros(args, 1)
         return cls(zero.att_x, zero.ffn_x, wkv, ModelIdentity.of(model))
+
+
+# (path, n_layer, (H, N, N)) -> each layer's time_state as stored (key-by-value), checked.
+StateTuningReader = Callable[[Union[str, os.PathLike], int, tuple], list]
+_state_tuning_reader: StateTuningReader | None = None
+
+
+def register_state_tuning_reader(reader: StateTuningReader) -> None:
+    """Called by rwkv_mlx.loader: the model layer reads no file format itself (the loader sits above it)."""
+    global _state_tuning_reader
+    _state_tuning_reader = reader
 
 
 def read_state_file(path: str | os.PathLike) -> tuple[dict[str, mx.array], dict[str, str]]:

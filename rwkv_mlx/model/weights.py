@@ -1,4 +1,7 @@
-"""The conversion layer: one GGUF tensor at a time into the MLX form it maps onto.
+"""The conversion layer: one stored tensor at a time into the MLX form it maps onto.
+
+A tensor arrives as its raw bytes (numpy) with its GGML type and shape; which
+file it came from is the loader's business (rwkv_mlx/loader).
 
 Decisions are per tensor, never per file (a Q4_K_M file mixes F32, F16, Q4_K
 and Q6_K; a file with short rows mixes Q4_K, Q5_0 and Q8_0):
@@ -16,15 +19,21 @@ and Q6_K; a file with short rows mixes Q4_K, Q5_0 and Q8_0):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
 
-from .. import quants
+from .. import arch, quants
 from ..backend import active_backend
-from ..formats.gguf_file import GGUFFile, TensorInfo
 from ..layers import WeightFormat
+
+class StoredTensor(Protocol):
+    """What conversion needs to know of a stored tensor (a GGUF reader's TensorInfo is one)."""
+
+    ggml_type: int  # gguf.GGMLQuantizationType id
+    shape: tuple[int, ...]  # numpy shape of the values (not of the blocks)
+
 
 F32, F16, BF16 = 0, 1, 30
 FLOAT_TYPES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
@@ -66,14 +75,14 @@ def float_array(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], dtype: 
     return arr.astype(getattr(mx, dtype)) if dtype else arr
 
 
-def dense_float32(raw: np.ndarray, info: TensorInfo) -> mx.array:
+def dense_float32(raw: np.ndarray, info: StoredTensor) -> mx.array:
     """Any stored tensor, dequantized exactly to float32."""
     if info.ggml_type in FLOAT_TYPES:
         return float_array(raw, info.ggml_type, info.shape, "float32")
     return mx.array(quants.dequantize(raw, info.ggml_type, xp=np)).reshape(info.shape)
 
 
-def convert_matrix(raw: np.ndarray, info: TensorInfo, opts: LoadOptions) -> tuple[WeightFormat, dict[str, mx.array]]:
+def convert_matrix(raw: np.ndarray, info: StoredTensor, opts: LoadOptions) -> tuple[WeightFormat, dict[str, mx.array]]:
     """A (rows, cols) matrix in its MLX storage form: (format, {'weight', ['scales', 'biases']})."""
     t = info.ggml_type
     if t in FLOAT_TYPES:
@@ -95,39 +104,22 @@ def convert_matrix(raw: np.ndarray, info: TensorInfo, opts: LoadOptions) -> tupl
     return WeightFormat("dense", dtype), {"weight": dense_float32(raw, info).astype(getattr(mx, dtype))}
 
 
-def convert_small(raw: np.ndarray, info: TensorInfo, dtype: str | None) -> mx.array:
+def convert_small(raw: np.ndarray, info: StoredTensor, dtype: str | None) -> mx.array:
     """Vectors and LoRA matrices: float32 (or the stored float dtype when ``dtype`` is None)."""
     if info.ggml_type in FLOAT_TYPES:
         return float_array(raw, info.ggml_type, info.shape, dtype)
     return dense_float32(raw, info)
 
 
-def convert_tensors(
-    gguf: GGUFFile,
-    names: dict[str, str],
-    matrices: set[str],
-    opts: LoadOptions,
-    on_tensor: Callable[[str], None] | None = None,
-) -> Iterator[tuple[str, WeightFormat | None, dict[str, mx.array]]]:
-    """Yield (module path, format or None for small tensors, arrays) for each GGUF tensor.
-
-    ``names`` maps GGUF tensor names to module paths; ``matrices`` lists module
-    paths stored as layers.  Each tensor is converted and evaluated before the
-    next is read, so peak memory stays near one tensor above the model itself.
-    """
-    for gguf_name, module_path in names.items():
-        info = gguf.tensors[gguf_name]
-        raw = gguf.raw(gguf_name)
-        if module_path in matrices:
-            fmt, arrays = convert_matrix(raw, info, opts)
-        else:
-            keep = opts.float_dtype is None and module_path.rsplit(".", 1)[-1] in LORA_MATRICES
-            fmt, arrays = None, {"": convert_small(raw, info, None if keep else "float32")}
-        mx.eval(*arrays.values())
-        if on_tensor:
-            on_tensor(gguf_name)
-        yield module_path, fmt, arrays
-
-
 # LoRA matrices stay in their stored float dtype on GPUs (they are read every token).
-LORA_MATRICES = {"a1", "a2", "v1", "v2", "g1", "g2"}
+LORA_MATRICES = frozenset(arch.LORA_MATRICES)
+
+
+def convert_tensor(raw: np.ndarray, info: StoredTensor, is_matrix: bool, module_path: str,
+                   opts: LoadOptions) -> tuple[WeightFormat | None, dict[str, mx.array]]:
+    """(format, arrays) of a matrix stored as a layer, or (None, {"": array}) for a small tensor."""
+    if is_matrix:
+        return convert_matrix(raw, info, opts)
+    keep = opts.float_dtype is None and module_path.rsplit(".", 1)[-1] in LORA_MATRICES
+    return None, {"": convert_small(raw, info, None if keep else "float32")}
+

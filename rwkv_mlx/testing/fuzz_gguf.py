@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Fuzz rwkv-mlx's GGUF loader with broken and hostile files.
 
 Every case is a mutated copy of a valid RWKV-7 GGUF file (an oracle file, or a tiny
@@ -56,7 +55,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_synthetic_model, run from anywhere
 
 U32, I32, F32, BOOL, STRING, ARRAY, U64, I64 = 4, 5, 6, 7, 8, 9, 10, 11
 _FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -64,8 +62,9 @@ ABSURD_U64 = (1 << 32, 1 << 60, 1 << 63, (1 << 64) - 1)
 ABSURD_U32 = (1 << 31, (1 << 32) - 1)
 ACCEPTED = ("rejected", "loaded")  # outcomes that pass
 RSS_BOUND = 512 << 20  # growth of the worker's peak RSS over its warm-up, per case
-ORACLE_MODELS = Path(os.environ.get("RWKV_MLX_ORACLE", Path(__file__).resolve().parents[2] / "shared" / "oracle")) / "models"
-TINY_HPARAMS = dict(n_layer=2, n_embd=64, ffn=128, ranks=(8, 8, 8, 8), head_size=32)
+# the oracle beside a checkout (../shared/oracle), as the tests find it
+ORACLE_MODELS = Path(os.environ.get("RWKV_MLX_ORACLE", Path(__file__).resolve().parents[3] / "shared" / "oracle")) / "models"
+TINY_SHAPE = dict(n_layer=2, n_embd=64, ffn=128, ranks=(8, 8, 8, 8), head_size=32)
 TINY_VOCAB = 512  # covers every single byte (ids 1..256) and the end-of-turn id 261
 
 
@@ -480,9 +479,9 @@ def ci_plan(workdir: Path, seed: int = 0, oracle_models: Path = ORACLE_MODELS) -
 
 def write_tiny_model(path: Path, file_type: str = "F32", seed: int = 0) -> Path:
     """A 2-layer, 64-wide RWKV-7 with a 512-token vocabulary, written by rwkv_mlx.formats.gguf_writer."""
-    from make_synthetic_model import make_synthetic_model, synthetic_hparams
+    from .synthetic import make_synthetic_model, synthetic_args
 
-    make_synthetic_model(path, file_type, synthetic_hparams(**TINY_HPARAMS), n_vocab=TINY_VOCAB, seed=seed)
+    make_synthetic_model(path, file_type, synthetic_args(**TINY_SHAPE, vocab=TINY_VOCAB), seed=seed)
     return path
 
 
@@ -610,8 +609,11 @@ class Worker:
 
     def start(self, warmup: Path) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
+            # the package's parent on PYTHONPATH: the worker finds rwkv_mlx installed or not
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]))
+            self.proc = subprocess.Popen([sys.executable, "-m", "rwkv_mlx.testing.fuzz_gguf", "--worker"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1, env=env)
         res = self.ask({"path": str(warmup)}, timeout=max(self.timeout, 60))
         if res.get("outcome") != "loaded":
             raise RuntimeError(f"worker cannot load the valid base file {warmup}: {res}")

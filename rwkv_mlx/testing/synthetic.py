@@ -1,5 +1,6 @@
-#!/usr/bin/env python3
 """Write an RWKV-7 GGUF of any shape with seeded random weights, in llama.cpp's layout.
+
+Tests, fixtures and scripts/make_synthetic_model.py (the command line) all use this module.
 
 Default shape = rwkv7-g1b-2.9b: 32 layers, n_embd 2560, ffn 10240, LoRA ranks
 decay/iclr/value/gate 96/96/64/320, vocab 65536 (the full world vocabulary), head size 64.
@@ -51,42 +52,39 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    from rwkv_mlx.formats.gguf_writer import FILE_TYPES, rwkv7_tensor_shapes, write_rwkv7_gguf
-except ModuleNotFoundError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from rwkv_mlx.formats.gguf_writer import FILE_TYPES, rwkv7_tensor_shapes, write_rwkv7_gguf
+from ..arch import LAYER0_COPIES, ModelArgs, args_problem, gguf_tensor_shapes
+from ..errors import InvalidArgumentError, RwkvMlxError
+from ..formats.gguf_writer import FILE_TYPES, write_rwkv7_gguf
 
-from rwkv_mlx.errors import InvalidArgumentError, RwkvMlxError  # noqa: E402
-
-G1B_2_9B = dict(n_layer=32, n_embd=2560, ffn=10240, decay_rank=96, iclr_rank=96, value_rank=64, gate_rank=320, head_size=64)
 DEFAULT_VOCAB = 65536
+G1B_2_9B = ModelArgs(vocab_size=DEFAULT_VOCAB, n_layer=32, n_embd=2560, ffn_dim=10240, decay_rank=96, iclr_rank=96,
+                     value_rank=64, gate_rank=320, head_size=64)
 _BLOCK_ELEMS = 1 << 21  # elements per independently seeded block of a tensor
 _pool: ThreadPoolExecutor | None = None
 
 
-def synthetic_hparams(
-    n_layer: int = G1B_2_9B["n_layer"],
-    n_embd: int = G1B_2_9B["n_embd"],
-    ffn: int = G1B_2_9B["ffn"],
+def synthetic_args(
+    n_layer: int = G1B_2_9B.n_layer,
+    n_embd: int = G1B_2_9B.n_embd,
+    ffn: int = G1B_2_9B.ffn_dim,
     ranks: tuple[int, int, int, int] = (96, 96, 64, 320),
     head_size: int = 64,
     norm_eps: float = 1e-5,
-) -> dict:
-    if n_layer < 1 or n_embd < 1 or ffn < 1 or head_size < 1 or min(ranks) < 1:
-        raise InvalidArgumentError("layers, n_embd, ffn, head size and ranks must all be positive")
-    if n_embd % head_size:
-        raise InvalidArgumentError(f"n_embd {n_embd} is not a multiple of the head size {head_size}")
+    vocab: int = DEFAULT_VOCAB,
+) -> ModelArgs:
+    """A model shape: ``ranks`` = (decay, iclr, value, gate) LoRA ranks."""
     dw, da, dv, dg = ranks
-    return dict(
-        n_layer=n_layer, n_embd=n_embd, ffn=ffn, head_size=head_size,
-        decay_rank=dw, iclr_rank=da, value_rank=dv, gate_rank=dg, norm_eps=norm_eps,
-    )
+    args = ModelArgs(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, ffn_dim=ffn, decay_rank=dw, iclr_rank=da,
+                     value_rank=dv, gate_rank=dg, head_size=head_size, norm_eps=norm_eps)
+    problem = args_problem(args)
+    if problem:
+        raise InvalidArgumentError(problem)
+    return args
 
 
-def _recipe(name: str, shape: tuple[int, ...], hp: dict) -> tuple[str, float, float]:
+def _recipe(name: str, shape: tuple[int, ...], args: ModelArgs) -> tuple[str, float, float]:
     """(distribution, a, b): ("normal", mean, std) or ("uniform", low, high) for one tensor."""
-    C, F = hp["n_embd"], hp["ffn"]
+    C, F = args.n_embd, args.ffn_dim
     fan_in = shape[-1]
     base = name.split(".", 2)[-1] if name.startswith("blk.") else name
     if base == "token_embd.weight":
@@ -148,16 +146,19 @@ def _generate(seed: int, name: str, shape: tuple[int, ...], recipe: tuple[str, f
     return out
 
 
-_LAYER0_COPIES = {f"blk.0.time_mix_v{i}.weight": f"blk.0.time_mix_a{i}.weight" for i in range(3)}
+def value_source(name: str) -> str:
+    """The tensor whose values ``name`` carries: layer 0's v0/v1/v2 copy a0/a1/a2, as llama.cpp writes them."""
+    rest = name.removeprefix("blk.0.")
+    return f"blk.0.{LAYER0_COPIES[rest]}" if name.startswith("blk.0.") and rest in LAYER0_COPIES else name
 
 
-def synthetic_tensors(hparams: dict, n_vocab: int, seed: int = 0) -> dict[str, Callable[[], np.ndarray]]:
+def synthetic_tensors(args: ModelArgs, seed: int = 0) -> dict[str, Callable[[], np.ndarray]]:
     """GGUF tensor name -> zero-argument callable producing its float32 values (numpy shape)."""
-    shapes = rwkv7_tensor_shapes(hparams, n_vocab)
+    shapes = gguf_tensor_shapes(args)
     out: dict[str, Callable[[], np.ndarray]] = {}
     for name, shape in shapes.items():
-        src = _LAYER0_COPIES.get(name, name)  # layer 0: v0/v1/v2 are copies of a0/a1/a2
-        recipe = _recipe(src, shapes[src], hparams)
+        src = value_source(name)
+        recipe = _recipe(src, shapes[src], args)
         out[name] = (lambda s=src, sh=shapes[src], r=recipe: _generate(seed, s, sh, r))
     return out
 
@@ -165,22 +166,17 @@ def synthetic_tensors(hparams: dict, n_vocab: int, seed: int = 0) -> dict[str, C
 def make_synthetic_model(
     out: str | Path,
     file_type: str = "Q4_K_M",
-    hparams: dict | None = None,
-    n_vocab: int = DEFAULT_VOCAB,
+    args: ModelArgs | None = None,
     seed: int = 0,
     name: str | None = None,
     tokens=None,
     progress: Callable[[int, int, str, str], None] | None = None,
 ):
     """Write the synthetic model; returns the per-tensor GGML types."""
-    hp = hparams or synthetic_hparams()
-    if n_vocab < 1:
-        raise InvalidArgumentError(f"vocabulary size must be positive, got {n_vocab}")
-    label = name or f"rwkv7 synthetic L{hp['n_layer']} C{hp['n_embd']} seed {seed}"
-    return write_rwkv7_gguf(
-        out, dict(hp, vocab_size=n_vocab), synthetic_tensors(hp, n_vocab, seed), file_type,
-        tokens=tokens, name=label, progress=progress,
-    )
+    args = args or G1B_2_9B
+    label = name or f"rwkv7 synthetic L{args.n_layer} C{args.n_embd} seed {seed}"
+    return write_rwkv7_gguf(out, args, synthetic_tensors(args, seed), file_type, tokens=tokens, name=label,
+                            progress=progress)
 
 
 def _parse_ranks(text: str) -> tuple[int, int, int, int]:
@@ -200,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", required=True, help="output .gguf path")
     ap.add_argument("--type", default="Q4_K_M", choices=list(FILE_TYPES), help="file type (default Q4_K_M)")
-    ap.add_argument("--layers", type=int, default=G1B_2_9B["n_layer"])
-    ap.add_argument("--n-embd", type=int, default=G1B_2_9B["n_embd"])
-    ap.add_argument("--ffn", type=int, default=G1B_2_9B["ffn"])
+    ap.add_argument("--layers", type=int, default=G1B_2_9B.n_layer)
+    ap.add_argument("--n-embd", type=int, default=G1B_2_9B.n_embd)
+    ap.add_argument("--ffn", type=int, default=G1B_2_9B.ffn_dim)
     ap.add_argument("--ranks", type=_parse_ranks, default=(96, 96, 64, 320), help="decay,iclr,value,gate LoRA ranks")
     ap.add_argument("--head-size", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help="vocabulary size (token list truncated or padded)")
@@ -221,13 +217,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i:4d}/{n}] {now:7.1f}s  {tname} ({ttype})", flush=True)
 
     try:
-        hp = synthetic_hparams(args.layers, args.n_embd, args.ffn, args.ranks, args.head_size)
-        n_params = sum(int(np.prod(s)) for s in rwkv7_tensor_shapes(hp, args.vocab).values())
+        shape = synthetic_args(args.layers, args.n_embd, args.ffn, args.ranks, args.head_size, vocab=args.vocab)
+        n_params = sum(int(np.prod(s)) for s in gguf_tensor_shapes(shape).values())
         if not args.quiet:
             print(f"writing {args.out}: {args.type}, {n_params / 1e9:.3f} B parameters, "
-                  f"L={hp['n_layer']} C={hp['n_embd']} F={hp['ffn']} ranks={args.ranks} vocab={args.vocab} seed={args.seed}",
-                  flush=True)
-        make_synthetic_model(args.out, args.type, hp, args.vocab, args.seed, args.name,
+                  f"L={shape.n_layer} C={shape.n_embd} F={shape.ffn_dim} ranks={args.ranks} vocab={args.vocab} "
+                  f"seed={args.seed}", flush=True)
+        make_synthetic_model(args.out, args.type, shape, args.seed, args.name,
                              progress=None if args.quiet else progress)
     except RwkvMlxError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -240,6 +236,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done: {args.out} ({size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f}s", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

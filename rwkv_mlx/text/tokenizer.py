@@ -30,10 +30,10 @@ import importlib.resources
 import operator
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from ..errors import InvalidArgumentError
-from ..formats.vocab import WORLD_VOCAB_SIZE, load_world_vocab, unescape_gguf_token
+from ..formats.vocab import TOKEN_END, WORLD_VOCAB_SIZE, byte_trie, load_world_vocab, trie_pattern, unescape_gguf_token
 
 WORLD_VOCAB_FILE_NAME = "rwkv_vocab_v20230424.txt"
 END_OF_TEXT_ID = 0
@@ -47,8 +47,6 @@ UNMATCHABLE_GGUF_TOKEN_TYPES = frozenset({GGUF_TOKEN_TYPE_CONTROL, GGUF_TOKEN_TY
 # ``re`` parses nested groups recursively and overflows the Python stack somewhere
 # past 400 levels; below this depth a subtrie is written as a flat alternation.
 MAX_PATTERN_NESTING = 200
-
-_TOKEN_END = 256  # trie key marking "a token ends at this node"; bytes are 0..255
 
 
 class Tokenizer:
@@ -284,50 +282,6 @@ def _text_to_bytes(text: str | bytes) -> bytes:
     raise InvalidArgumentError(f"text to encode must be str or bytes, got {type(text).__name__}")
 
 
-def byte_trie(tokens: Iterable[bytes]) -> dict:
-    """Nested dicts keyed by byte; ``_TOKEN_END`` marks a node where a token ends."""
-    root: dict = {}
-    for token in tokens:
-        node = root
-        for byte in token:
-            node = node.setdefault(byte, {})
-        node[_TOKEN_END] = True
-    return root
-
-
-def trie_pattern(node: dict, literal: Callable[[bytes], str], byte_class: Callable[[list[int]], str], *,
-                 max_depth: int | None = None, flat: Callable[[dict], str] | None = None, depth: int = 0) -> str:
-    """A regex alternation whose leftmost match at any position is the longest token there.
-
-    Siblings in the trie differ in their first byte, so at most one branch of each
-    alternation can match; a token node's subtree is an optional group, so when
-    the deeper branch fails the engine backs off to the token itself. ``literal``
-    and ``byte_class`` write bytes in the target regex dialect (Python's ``re``
-    here, Oniguruma for the mlx-lm tokenizer.json); below ``max_depth``, ``flat``
-    writes the rest of the subtrie (``re`` refuses deeper nesting).
-    """
-    if max_depth is not None and depth >= max_depth:
-        return flat(node)
-    branches, single_bytes = [], []
-    for byte in sorted(k for k in node if k != _TOKEN_END):
-        child, chain = node[byte], bytearray([byte])
-        while len(child) == 1 and _TOKEN_END not in child:  # chain with no token on it: one literal
-            (next_byte, child), = child.items()
-            chain.append(next_byte)
-        if all(k == _TOKEN_END for k in child):  # a leaf
-            if len(chain) == 1:
-                single_bytes.append(byte)
-            else:
-                branches.append(literal(bytes(chain)))
-            continue
-        optional = "?" if _TOKEN_END in child else ""
-        inner = trie_pattern(child, literal, byte_class, max_depth=max_depth, flat=flat, depth=depth + 1)
-        branches.append(literal(bytes(chain)) + "(?:" + inner + ")" + optional)
-    if single_bytes:
-        branches.append(byte_class(single_bytes))
-    return "|".join(branches)
-
-
 def _compile_matcher(id_by_bytes: Mapping[bytes, int]) -> re.Pattern[bytes]:
     """The tokenizer's matcher: the trie as one bytes regex (latin-1 maps each byte to one character)."""
     root = byte_trie(id_by_bytes)
@@ -348,7 +302,7 @@ def _flat_pattern(node: dict) -> str:
     while stack:
         current, prefix = stack.pop()
         for key, child in current.items():
-            if key == _TOKEN_END:
+            if key == TOKEN_END:
                 if prefix:
                     suffixes.append(prefix)
             else:

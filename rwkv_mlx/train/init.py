@@ -29,7 +29,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..model.rwkv7 import Model, ModelArgs
+from ..arch import ModelArgs
+from ..model import Model
 
 
 def lora_rank_suggestion(n_embd: int, factor: float) -> int:
