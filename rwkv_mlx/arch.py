@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .errors import ModelFileError
+from .errors import InvalidArgumentError, ModelFileError
 
 ARCHITECTURE = "rwkv7"
 
@@ -56,6 +56,13 @@ def args_problem(args: ModelArgs) -> str | None:
     if args.head_size <= 0 or args.n_embd % args.head_size:
         return f"embedding length {args.n_embd} is not a multiple of head size {args.head_size}"
     return None
+
+
+def check_model_args(args: ModelArgs) -> None:
+    """Refuse shapes the math cannot run, asked for by a caller (InvalidArgumentError)."""
+    problem = args_problem(args)
+    if problem:
+        raise InvalidArgumentError(problem)
 
 
 def check_model_file_args(path, args: ModelArgs) -> None:

@@ -51,7 +51,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter, LlamaFileType, TokenType
 
 from .. import quants
-from ..arch import ARCHITECTURE, CONTEXT_LENGTH_KEY, HEAD_COUNT_KEY, METADATA_KEYS, ModelArgs, args_problem, gguf_tensor_shapes
+from ..arch import (ARCHITECTURE, CONTEXT_LENGTH_KEY, HEAD_COUNT_KEY, METADATA_KEYS, ModelArgs, check_model_args,
+                    gguf_tensor_shapes)
 from ..errors import InvalidArgumentError, ModelFileError
 from ..io import atomic_write
 from .vocab import escape_gguf_token, load_world_vocab
@@ -113,9 +114,7 @@ TensorSource = Union[np.ndarray, Callable[[], np.ndarray]]
 def _checked_args(args: ModelArgs) -> ModelArgs:
     if not isinstance(args, ModelArgs):
         raise InvalidArgumentError(f"the model's shape must be a ModelArgs, got {type(args).__name__}")
-    problem = args_problem(args)
-    if problem:
-        raise InvalidArgumentError(problem)
+    check_model_args(args)
     return args
 
 

@@ -52,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..arch import LAYER0_COPIES, ModelArgs, args_problem, gguf_tensor_shapes
-from ..errors import InvalidArgumentError, RwkvMlxError
+from ..arch import LAYER0_COPIES, ModelArgs, check_model_args, gguf_tensor_shapes
+from ..errors import RwkvMlxError
 from ..formats.gguf_writer import FILE_TYPES, write_rwkv7_gguf
 
 DEFAULT_VOCAB = 65536
@@ -76,9 +76,7 @@ def synthetic_args(
     dw, da, dv, dg = ranks
     args = ModelArgs(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, ffn_dim=ffn, decay_rank=dw, iclr_rank=da,
                      value_rank=dv, gate_rank=dg, head_size=head_size, norm_eps=norm_eps)
-    problem = args_problem(args)
-    if problem:
-        raise InvalidArgumentError(problem)
+    check_model_args(args)
     return args
 
 
