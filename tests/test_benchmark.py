@@ -226,6 +226,7 @@ def test_oracle_entry_and_reference_match_float64(require_oracle, results, capsy
     assert line["reference"]["tokens"] == greedy_float64(FIXA_Q4, prompt)
 
 
+@pytest.mark.slow
 def test_synthetic_entries_compare_and_plot(synthetic, results, capsys, tmp_path):
     assert benchmark(synthetic, results, title="Synthetic", change="one") == 0
     assert benchmark(synthetic, results, title="Synthetic", change="two") == 0

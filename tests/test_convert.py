@@ -96,6 +96,7 @@ def test_keep_stores_exact_forms_and_loads_them_for_gpus(tiny_gguf_files, tmp_pa
         assert ours[k].dtype == theirs[k].dtype and mx.array_equal(ours[k], theirs[k]).item(), k
 
 
+@pytest.mark.slow
 def test_full_world_vocabulary_is_stored_as_the_vocab_file(tmp_path):
     hp = dataclasses.replace(TINY_GGUF, n_embd=64, ffn_dim=64, vocab_size=65536)
     weights = {name: np.full(shape, 0.01, np.float32) for name, shape in gguf_tensor_shapes(hp).items()}

@@ -38,6 +38,7 @@ def test_bundled_model_is_small_and_has_the_promised_shape(demo):
     assert model.args.n_embd % 256 == 0 and 4 <= model.args.n_layer <= 6
 
 
+@pytest.mark.slow
 def test_bundled_model_predicts_held_out_shakespeare(demo):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")

@@ -27,6 +27,7 @@ def tiny(tmp_path_factory) -> Path:
     return F.write_tiny_model(tmp_path_factory.mktemp("fuzz") / "tiny-F32.gguf")
 
 
+@pytest.mark.slow
 def test_seeded_fuzz_pass(tmp_path):
     """Every case of the seeded plan ends as 'rejected' (our error, one line naming the file) or 'loaded'."""
     plan = F.ci_plan(tmp_path, seed=0, oracle_models=ORACLE / "models")
@@ -46,6 +47,7 @@ def test_seeded_fuzz_pass(tmp_path):
     assert ("truncate", "loaded") not in outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, outcome", [("hang", "hang"), ("crash", "crash"), ("memory", "memory")])
 def test_harness_catches_hangs_crashes_and_memory_spikes(tiny, how, outcome):
     """The bounds are real: a worker that hangs, dies on a signal or grabs memory fails its case."""

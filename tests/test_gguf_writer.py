@@ -321,6 +321,7 @@ def test_writer_rejects_bad_input(tmp_path):
 # the synthetic-model builder (rwkv_mlx.testing.synthetic, scripts/make_synthetic_model.py)
 
 
+@pytest.mark.slow
 def test_synthetic_model_small_full_vocab(tmp_path):
     """2 layers, n_embd 256, full 65536 vocabulary, Q4_K_M: loads, types per policy, values as intended."""
     hp = synth.synthetic_args(2, 256, 1024, (32, 32, 16, 64), vocab=65536)

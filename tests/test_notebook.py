@@ -39,6 +39,7 @@ def test_notebook_is_committed_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(monkeypatch):
     monkeypatch.setenv("RWKV_MLX_MODEL", str(notebook_model()))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
