@@ -31,9 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_synthetic_model, fuzz_gguf
+try:
+    import rwkv_mlx  # noqa: F401
+except ModuleNotFoundError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fuzz_gguf import peak_rss  # noqa: E402 -- VmHWM: this process's own peak, not its parent's
+from rwkv_mlx.testing.fuzz_gguf import peak_rss  # noqa: E402 -- VmHWM: this process's own peak, not its parent's
 
 
 def reset_peak_rss() -> bool:
