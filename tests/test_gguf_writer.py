@@ -18,7 +18,7 @@ from rwkv_mlx.arch import ModelArgs, gguf_tensor_shapes
 from rwkv_mlx.formats import gguf_writer as W
 from rwkv_mlx import quants as Q
 from rwkv_mlx.errors import InvalidArgumentError, ModelFileError
-from rwkv_mlx.formats.vocab import escape_gguf_token, load_world_vocab
+from rwkv_mlx.formats.vocab import BUNDLED_WORLD_VOCAB, escape_gguf_token, load_world_vocab
 from rwkv_mlx.testing import synthetic as synth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,7 +205,7 @@ def test_token_list():
 
 def test_world_token_list_default():
     toks, types = W.gguf_token_list(65536)
-    vocab = load_world_vocab(W.WORLD_VOCAB_FILE)
+    vocab = load_world_vocab(BUNDLED_WORLD_VOCAB)
     assert len(toks) == 65536 and toks[0] == "<s>" and types[0] == 3
     assert toks[1:65530] == [escape_gguf_token(vocab[i]) for i in range(1, 65530)]
     assert toks[65530:] == [f"[PAD{i}]" for i in range(65530, 65536)] and set(types[65530:]) == {5}

@@ -55,7 +55,7 @@ from ..arch import (ARCHITECTURE, CONTEXT_LENGTH_KEY, HEAD_COUNT_KEY, METADATA_K
                     gguf_tensor_shapes)
 from ..errors import InvalidArgumentError, ModelFileError
 from ..io import atomic_write
-from .vocab import escape_gguf_token, load_world_vocab
+from .vocab import BUNDLED_WORLD_VOCAB, escape_gguf_token, load_world_vocab
 
 __all__ = [
     "FILE_TYPES",
@@ -70,7 +70,6 @@ __all__ = [
 
 CONTEXT_LENGTH = 1048576  # llama.cpp's placeholder: RWKV is not context limited
 EOT_TOKEN_ID = 261  # "\n\n"
-WORLD_VOCAB_FILE = Path(__file__).resolve().parents[1] / "data" / "rwkv_vocab_v20230424.txt"
 
 
 class _FileType:
@@ -183,7 +182,7 @@ def quantized_order(names: Sequence[str]) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _world_vocab() -> dict[int, bytes]:
-    return load_world_vocab(WORLD_VOCAB_FILE)
+    return load_world_vocab(BUNDLED_WORLD_VOCAB)
 
 
 def gguf_token_list(n_vocab: int, tokens=None) -> tuple[list[str], list[int]]:

@@ -40,13 +40,13 @@ import numpy as np
 
 from ..errors import ModelFileError, UnsupportedModelError
 from .pth import STORED_DTYPES, StoredTensor, read_pth
+from .vocab import WORLD_VOCAB_FILE_NAME
 
 MAX_HEADER_BYTES = 100 << 20
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U8": "uint8", "U32": "uint32"}
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 HF_ARCHITECTURES = ("Rwkv7ForCausalLM", "RWKV7ForCausalLM")
-WORLD_VOCAB_FILE_NAME = "rwkv_vocab_v20230424.txt"
 
 
 # --------------------------------------------------------------------------------------

@@ -33,15 +33,14 @@ from ..arch import ARCHITECTURE, LORA_MATRICES, ModelArgs, check_model_file_args
 from ..errors import ModelFileError, UnsupportedModelError
 from ..layers import WeightFormat
 from ..version import __version__
-from .hf import WORLD_VOCAB_FILE_NAME, read_safetensors, write_safetensors
-from .vocab import WORLD_VOCAB_SIZE, unescape_gguf_token
+from .hf import read_safetensors, write_safetensors
+from .vocab import BUNDLED_WORLD_VOCAB, WORLD_VOCAB_FILE_NAME, WORLD_VOCAB_SIZE, unescape_gguf_token
 
 FORMAT = "rwkv-mlx"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 TOKENS_FILE_NAME = "tokenizer_tokens.json"
 SHARD_BYTES = 1 << 30  # default; the arrays of one shard are held in memory until it is written
-BUNDLED_VOCAB = Path(__file__).resolve().parents[1] / "data" / WORLD_VOCAB_FILE_NAME
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ def write_tokenizer(out_dir: Path, tokens: TokenList, vocab_file: Path | None = 
     """Write the vocabulary beside the weights; returns config.json's ``tokenizer`` entry."""
     entry = {"vocab_size": len(tokens.tokens), "eot_token_id": tokens.eot_token_id}
     if tokens.is_full_world_vocab():
-        shutil.copyfile(vocab_file or BUNDLED_VOCAB, out_dir / WORLD_VOCAB_FILE_NAME)
+        shutil.copyfile(vocab_file or BUNDLED_WORLD_VOCAB, out_dir / WORLD_VOCAB_FILE_NAME)
         return {**entry, "file": WORLD_VOCAB_FILE_NAME, "full_world_vocab": True}
     payload = {"tokens": tokens.tokens, "token_types": tokens.token_types}
     (out_dir / TOKENS_FILE_NAME).write_text(json.dumps(payload, ensure_ascii=False))

@@ -17,6 +17,8 @@ from pathlib import Path
 from ..errors import ModelFileError
 
 WORLD_VOCAB_SIZE = 65536  # 65529 tokens + id 0 + 6 padding ids
+WORLD_VOCAB_FILE_NAME = "rwkv_vocab_v20230424.txt"
+BUNDLED_WORLD_VOCAB = Path(__file__).resolve().parents[1] / "data" / WORLD_VOCAB_FILE_NAME  # shipped in the package
 TOKEN_END = 256  # trie key marking "a token ends at this node"; bytes are 0..255
 
 

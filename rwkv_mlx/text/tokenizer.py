@@ -26,16 +26,15 @@ UTF-8, so ``decode`` shows them as U+FFFD; nothing raises.
 
 from __future__ import annotations
 
-import importlib.resources
 import operator
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from ..errors import InvalidArgumentError
-from ..formats.vocab import TOKEN_END, WORLD_VOCAB_SIZE, byte_trie, load_world_vocab, trie_pattern, unescape_gguf_token
+from ..formats.vocab import (BUNDLED_WORLD_VOCAB, TOKEN_END, WORLD_VOCAB_SIZE, byte_trie, load_world_vocab, trie_pattern,
+                             unescape_gguf_token)
 
-WORLD_VOCAB_FILE_NAME = "rwkv_vocab_v20230424.txt"
 END_OF_TEXT_ID = 0
 WORLD_EOT_TOKEN_ID = 261  # "\n\n": what the GGUF converter writes as eot, the end of a chat turn
 
@@ -100,9 +99,7 @@ class Tokenizer:
         """The world tokenizer from ``rwkv_vocab_v20230424.txt``; ``None`` = the copy shipped in the package."""
         if path is not None:
             return cls(load_world_vocab(path), WORLD_VOCAB_SIZE, WORLD_EOT_TOKEN_ID)
-        bundled = importlib.resources.files("rwkv_mlx") / "data" / WORLD_VOCAB_FILE_NAME
-        with importlib.resources.as_file(bundled) as bundled_path:
-            return cls(load_world_vocab(bundled_path), WORLD_VOCAB_SIZE, WORLD_EOT_TOKEN_ID)
+        return cls(load_world_vocab(BUNDLED_WORLD_VOCAB), WORLD_VOCAB_SIZE, WORLD_EOT_TOKEN_ID)
 
     @classmethod
     def from_gguf(
