@@ -14,17 +14,16 @@ import os as _os
 _os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 from .errors import InvalidArgumentError, ModelFileError, RwkvMlxError, UnsupportedModelError
-from .chat import ChatSession
-from .generate import (GenerationResponse, batch_generate, cache_prompt, generate, prefill, stream_batch_generate,
+from .text.chat import ChatSession
+from .text.generate import (GenerationResponse, batch_generate, cache_prompt, generate, prefill, stream_batch_generate,
                        stream_generate)
 from .loader import load
 from .model import Model, ModelArgs
-from .sample import Sampler, SamplingParams, make_logits_processors, make_sampler
-from .state import ModelIdentity, State
-from .tokenizer import Tokenizer
-from .weights import LoadOptions
-
-__version__ = "0.1.0"
+from .text.sample import Sampler, SamplingParams, make_logits_processors, make_sampler
+from .model.state import ModelIdentity, State
+from .text.tokenizer import Tokenizer
+from .model.weights import LoadOptions
+from .version import __version__  # noqa: F401 - rwkv_mlx.__version__
 
 __all__ = [
     "load", "generate", "stream_generate", "prefill", "GenerationResponse",

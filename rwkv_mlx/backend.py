@@ -1,8 +1,10 @@
-"""Which MLX backend arrays run on: Apple GPU (Metal), NVIDIA GPU (CUDA) or CPU."""
+"""Which MLX backend arrays run on (Apple GPU (Metal), NVIDIA GPU (CUDA) or CPU), and choosing the device."""
 
 from __future__ import annotations
 
 import mlx.core as mx
+
+from .errors import InvalidArgumentError
 
 
 def active_backend() -> str:
@@ -32,3 +34,14 @@ def device_name() -> str:
 
         return f"CPU ({platform.processor() or platform.machine()})"
     return backend.upper()
+
+
+def select_device(device: str) -> None:
+    if device == "cpu":
+        mx.set_default_device(mx.cpu)
+    elif device == "gpu":
+        if not (mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())):
+            raise InvalidArgumentError("--device gpu: no GPU backend in this MLX build (install rwkv-mlx[cuda] on NVIDIA)")
+        mx.set_default_device(mx.gpu)
+    elif device != "auto":
+        raise InvalidArgumentError(f"--device must be auto, gpu or cpu, got {device!r}")

@@ -15,10 +15,10 @@ import mlx.core as mx
 
 import rwkv_mlx
 from rwkv_mlx import layers
-from rwkv_mlx.benchmark import count_primitives
-from rwkv_mlx.generate import prefill, stream_generate
+from rwkv_mlx.bench.measure import count_primitives
+from rwkv_mlx.text.generate import prefill, stream_generate
 from rwkv_mlx.kernels import fused_time_mix, kernels_disabled
-from rwkv_mlx.sample import SamplingParams
+from rwkv_mlx.text.sample import SamplingParams
 
 
 def probe_ids(model, n: int) -> list[int]:
@@ -47,8 +47,9 @@ def decode(model, n_prompt: int, n_tokens: int):
 
 def launch_times(model, repeats: int = 50) -> None:
     """Each decode launch of block 1 alone: microseconds per launch and the bandwidth it reaches."""
-    block = model.blocks[min(1, len(model.blocks) - 1)]
-    plan = getattr(block, "_decode_plans", {}).get(1)
+    layer = min(1, len(model.blocks) - 1)
+    block = model.blocks[layer]
+    plan = model.runtime.block_plan(layer, 1)
     if plan is None or not plan.ok:
         print("no decode plan for block 1")
         return

@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import rwkv_mlx
-from rwkv_mlx.generate import prefill
+from rwkv_mlx.text.generate import prefill
 
 
 def table(prof, per: int, wall_us: float, what: str) -> None:

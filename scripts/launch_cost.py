@@ -75,8 +75,7 @@ def main():
     import rwkv_mlx
 
     model, _ = rwkv_mlx.load(args.model)
-    model(mx.zeros((1, 1), dtype=mx.uint32), model.initial_state(1), logits="last")  # builds the decode plans
-    plan = model.blocks[1]._decode_plans[1]
+    plan = model.runtime.block_plan(1, 1)  # built here, evaluated constants and all
     C = plan.C
     x = mx.random.normal((1, 1, C))
     shift = mx.random.normal((1, C))

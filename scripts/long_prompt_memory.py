@@ -5,16 +5,16 @@
     python scripts/long_prompt_memory.py --model m.gguf --lengths 1000,10000,100000
 
 Each length runs in its own subprocess: load the model, take exactly N prompt tokens
-(``rwkv_mlx.benchmark.benchmark_prompt``: the bundled passage, repeated), reset the
+(``rwkv_mlx.bench.benchmark.benchmark_prompt``: the bundled passage, repeated), reset the
 peak RSS (Linux ``/proc/self/clear_refs``; elsewhere the peak includes loading), prefill
-with ``rwkv_mlx.generate.prefill`` (chunks of 512 tokens, each evaluated before the next
+with ``rwkv_mlx.text.generate.prefill`` (chunks of 512 tokens, each evaluated before the next
 is built) and sample nothing.  Reported per length: seconds, tokens/s, the process's
 peak RSS during the prefill (``VmHWM``, reset after the load), its peak RSS while loading, and MLX's peak
 memory during the prefill (``mx.get_peak_memory`` after ``mx.reset_peak_memory``).
 Memory is flat when the prefill peaks of the longest prompt are within ``--tolerance``
 of the second length's.
 
-The default model is written here with scripts/make_synthetic_model.py: RWKV-7, 2
+The default model is written here with rwkv_mlx.testing.synthetic: RWKV-7, 2
 layers, n_embd 256, ffn 1024, LoRA ranks 32/32/16/64 (the oracle's fixa shape) with
 the full 65536-token world vocabulary, F32.
 """
@@ -31,9 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_synthetic_model, fuzz_gguf
+try:
+    import rwkv_mlx  # noqa: F401
+except ModuleNotFoundError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fuzz_gguf import peak_rss  # noqa: E402 -- VmHWM: this process's own peak, not its parent's
+from rwkv_mlx.testing.fuzz_gguf import peak_rss  # noqa: E402 -- VmHWM: this process's own peak, not its parent's
 
 
 def reset_peak_rss() -> bool:
@@ -51,8 +54,8 @@ def child(model_path: str, n_tokens: int, chunk: int) -> dict:
 
     import rwkv_mlx
     from rwkv_mlx import LoadOptions
-    from rwkv_mlx.benchmark import benchmark_prompt
-    from rwkv_mlx.generate import prefill
+    from rwkv_mlx.bench.benchmark import benchmark_prompt
+    from rwkv_mlx.text.generate import prefill
 
     model, tokenizer = rwkv_mlx.load(model_path, LoadOptions.for_backend("cpu"))
     ids = benchmark_prompt(tokenizer, n_tokens)
@@ -86,20 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="GGUF file (default: a synthetic 2-layer model with vocab 65536)")
     ap.add_argument("--lengths", default="1000,10000,100000", help="prompt lengths in tokens (comma separated)")
-    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size (rwkv_mlx.generate's default: 512)")
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size (rwkv_mlx.text.generate's default: 512)")
     ap.add_argument("--tolerance", type=float, default=0.10, help="allowed growth from the 2nd length to the last")
     args = ap.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]
 
-    from rwkv_mlx.benchmark import format_table
+    from rwkv_mlx.bench.record import format_table
 
     with tempfile.TemporaryDirectory(prefix="rwkv-mlx-long-") as tmp:
         model = args.model
         if model is None:
-            from make_synthetic_model import make_synthetic_model, synthetic_hparams
+            from rwkv_mlx.testing.synthetic import make_synthetic_model, synthetic_args
 
             model = Path(tmp) / "synthetic-L2-C256-V65536-F32.gguf"
-            make_synthetic_model(model, "F32", synthetic_hparams(2, 256, 1024, (32, 32, 16, 64)), n_vocab=65536)
+            make_synthetic_model(model, "F32", synthetic_args(2, 256, 1024, (32, 32, 16, 64), vocab=65536))
         rows = []
         for n in lengths:
             r = measure(model, n, args.chunk)

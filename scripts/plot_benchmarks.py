@@ -20,7 +20,7 @@ try:
 except ModuleNotFoundError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rwkv_mlx.benchmark import load_entries
+from rwkv_mlx.bench.record import load_entries
 
 
 def plot(entries: list[dict], out: Path, title: str | None = None) -> Path:

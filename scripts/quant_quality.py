@@ -6,7 +6,7 @@
 
 The reference is the F16 file computed in float32.  Every GGUF variant
 (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_NL, Q3_K_M, Q2_K by default) is
-written from those weights with rwkv_mlx.gguf_writer -- the per-tensor types
+written from those weights with rwkv_mlx.formats.gguf_writer -- the per-tensor types
 llama-quantize would choose -- and loaded back through rwkv_mlx.load; MLX's
 own affine quantization (``mx.quantize``, what mlx-lm ships) is applied to the
 same weights for comparison.  All models read the same tokens (by default the
@@ -35,14 +35,14 @@ except ModuleNotFoundError:  # run from a checkout without installing
 
 from rwkv_mlx.backend import device_name  # noqa: E402
 from rwkv_mlx.errors import RwkvMlxError  # noqa: E402
-from rwkv_mlx.export import dense_weight, export_gguf, module_at  # noqa: E402
+from rwkv_mlx.loader.export import dense_weight, export_gguf, module_at  # noqa: E402
 from rwkv_mlx.layers import WeightFormat  # noqa: E402
 from rwkv_mlx.loader import load  # noqa: E402
 from rwkv_mlx.model import Model  # noqa: E402
 from rwkv_mlx.progress import Progress  # noqa: E402
 from rwkv_mlx.train.data import read_text  # noqa: E402
 from rwkv_mlx.train.evaluate import chunked_wkv, compare  # noqa: E402
-from rwkv_mlx.weights import LoadOptions  # noqa: E402
+from rwkv_mlx.model.weights import LoadOptions  # noqa: E402
 
 GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_NL", "Q3_K_M", "Q2_K")
 MLX_VARIANTS = ((8, 64), (4, 64), (4, 32))  # (bits, group size): mlx-lm's q8 and q4 defaults, and q4 at group 32
@@ -135,7 +135,7 @@ def run(model_path: Path, text_path: Path, tail: float, max_tokens: int, seq_len
         f"Held-out text: the last {tail:.0%} of the tokens of `{text_path.name}`, {n_tokens:,} scored "
         f"({streams} stream(s), pieces of {seq_len} tokens, state carried). Reference: the F16 file computed in "
         "float32. KL is the mean KL(F16 || variant) in nats per token; top-1 is the share of positions where the "
-        "variant ranks the same token first as F16. GGUF variants are written by `rwkv_mlx.gguf_writer` with "
+        "variant ranks the same token first as F16. GGUF variants are written by `rwkv_mlx.formats.gguf_writer` with "
         "llama-quantize's per-tensor types; MLX variants quantize every matrix (embedding and head too) "
         "with `mx.quantize` (sizes count 16-bit scales and biases).",
         "",

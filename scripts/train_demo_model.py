@@ -48,13 +48,13 @@ import numpy as np  # noqa: E402
 
 from rwkv_mlx.backend import device_name  # noqa: E402
 from rwkv_mlx.errors import RwkvMlxError  # noqa: E402
-from rwkv_mlx.export import export_gguf  # noqa: E402
-from rwkv_mlx.generate import generate  # noqa: E402
+from rwkv_mlx.loader.export import export_gguf  # noqa: E402
+from rwkv_mlx.text.generate import generate  # noqa: E402
 from rwkv_mlx.loader import load  # noqa: E402
-from rwkv_mlx.sample import SamplingParams  # noqa: E402
+from rwkv_mlx.text.sample import SamplingParams  # noqa: E402
 from rwkv_mlx.train import TrainConfig, chunked_wkv, perplexity, tokenize_corpus, train, unigram_perplexities  # noqa: E402
 from rwkv_mlx.train.data import world_tokenizer  # noqa: E402
-from rwkv_mlx.weights import LoadOptions  # noqa: E402
+from rwkv_mlx.model.weights import LoadOptions  # noqa: E402
 
 SHIP_NAME = "rwkv7-demo-shakespeare.gguf"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"

@@ -1,14 +1,34 @@
-"""Shared test fixtures: where the oracle lives, and small helpers to read it."""
+"""Shared test fixtures and helpers: the oracle, tiny synthetic models, a torch.save writer.
+
+Tests take fixtures from here (pytest injects them) and import helpers from here, never
+from each other.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import struct
+import tempfile
+import zipfile
 from pathlib import Path
 
 os.environ.setdefault("MLX_ENABLE_TF32", "0")  # full float32 matmuls on GPUs, before MLX starts
 
+import mlx.core as mx
 import numpy as np
 import pytest
+from gguf.quants import dequantize as gguf_dequantize
+
+from reference_rwkv7 import ReferenceRWKV7
+
+import rwkv_mlx
+from rwkv_mlx import quants
+from rwkv_mlx.layers import AffineLinear, GGMLLinear, Linear, WeightFormat
+from rwkv_mlx.arch import LAYER0_COPIES, ModelArgs, gguf_tensor_shapes
+from rwkv_mlx.formats.gguf_writer import write_rwkv7_gguf
+from rwkv_mlx.model.weights import LoadOptions
+from rwkv_mlx.testing.synthetic import make_synthetic_model, synthetic_args
 
 REPO = Path(__file__).resolve().parents[1]
 ORACLE = Path(os.environ.get("RWKV_MLX_ORACLE", REPO.parent / "shared" / "oracle"))
@@ -31,8 +51,170 @@ def oracle_logits(name: str, kind: str) -> np.ndarray:
     return np.load(ORACLE / "logits" / f"{name}.{kind}.npy")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need an MLX GPU backend (CUDA or Metal): skipped where there is none."""
+    from rwkv_mlx.kernels import kernel_backend
+
+    if kernel_backend() is not None:
+        return
+    skip = pytest.mark.skip(reason="no MLX GPU backend (CUDA or Metal): the gpu tests need one")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def require_oracle():
     if not (ORACLE / "models").is_dir():
         pytest.skip(ORACLE_MISSING)
     return ORACLE
+
+
+TINY_SHAPE = dict(n_embd=128, ffn=256, ranks=(8, 8, 8, 8))
+TINY_VOCAB = 4096
+TEXT = "System: You answer in one line.\n\nUser: What is the capital of France?\n\nAssistant:"
+
+# --------------------------------------------------------------------------------------
+# tiny models (2 heads of 64, so per-head layouts matter), shared by the state, generation,
+# chat and notebook tests; each is written once per session
+
+
+@functools.lru_cache(maxsize=None)
+def _model_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="rwkv-mlx-tiny-"))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model_path(seed: int = 1, n_layer: int = 2) -> Path:
+    """A float32 RWKV-7 GGUF with seeded random weights (written once per test session)."""
+    path = _model_dir() / f"tiny-L{n_layer}-seed{seed}.gguf"
+    shape = synthetic_args(n_layer, TINY_SHAPE["n_embd"], TINY_SHAPE["ffn"], TINY_SHAPE["ranks"], vocab=TINY_VOCAB)
+    make_synthetic_model(path, "F32", shape, seed=seed)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(seed: int = 1, n_layer: int = 2):
+    return rwkv_mlx.load(tiny_model_path(seed, n_layer), LoadOptions.for_backend("cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def reference(seed: int = 1, n_layer: int = 2) -> ReferenceRWKV7:
+    return ReferenceRWKV7(tiny_model_path(seed, n_layer))
+
+
+def split_at_turn(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of text up to and including its last "\\n\\n", and of the rest."""
+    cut = text.rindex("\n\n") + 2
+    prefix, rest = tokenizer.encode(text[:cut]), tokenizer.encode(text[cut:])
+    assert prefix + rest == tokenizer.encode(text), "the split must not change tokenization"
+    return prefix, rest
+
+
+def to_np(x) -> np.ndarray:
+    return np.array(x.astype(mx.float32))
+
+
+def write_torch_zip(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """A ``torch.save`` file (zip format, pickle protocol 2) of float32 tensors, without torch.
+
+    The pickle is written opcode by opcode: {name: torch._utils._rebuild_tensor_v2(
+    storage, offset, size, stride, requires_grad, OrderedDict())} with each storage a
+    persistent id ("storage", torch.FloatStorage, key, "cpu", numel) whose bytes live in
+    ``archive/data/<key>`` -- the layout torch.save has written since 1.6.
+    """
+
+    def text(s: str) -> bytes:
+        b = s.encode()
+        return b"X" + struct.pack("<I", len(b)) + b  # BINUNICODE
+
+    def ints(values) -> bytes:
+        return b"(" + b"".join(b"J" + struct.pack("<i", v) for v in values) + b"t"  # MARK BININT... TUPLE
+
+    ordered_dict = b"ccollections\nOrderedDict\n)R"  # GLOBAL, EMPTY_TUPLE, REDUCE
+    body = b"\x80\x02" + ordered_dict + b"("  # PROTO 2, the dict, MARK
+    storages = {}
+    for key, (name, array) in enumerate(tensors.items()):
+        a = np.ascontiguousarray(array, dtype=np.float32)
+        storages[str(key)] = a.tobytes()
+        strides = [s // 4 for s in a.strides]
+        persistent = b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text(str(key)) + text("cpu") + \
+            b"J" + struct.pack("<i", a.size) + b"tQ"  # TUPLE, BINPERSID
+        body += text(name) + b"ctorch._utils\n_rebuild_tensor_v2\n(" + persistent + b"J\0\0\0\0" + \
+            ints(a.shape) + ints(strides) + b"\x89" + ordered_dict + b"tR"  # NEWFALSE, TUPLE, REDUCE
+    body += b"u."  # SETITEMS, STOP
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", body)
+        for key, data in storages.items():
+            z.writestr(f"archive/data/{key}", data)
+        z.writestr("archive/version", "3\n")
+
+
+# --------------------------------------------------------------------------------------
+# tiny GGUF files in two file types, shared by the convert, mlx-lm and pth/hf tests
+
+TINY_GGUF = ModelArgs(vocab_size=512, n_embd=256, n_layer=2, head_size=64, ffn_dim=512, decay_rank=32, iclr_rank=32,
+                      value_rank=16, gate_rank=32, norm_eps=1e-5)
+TINY_GGUF_TYPES = ("F16", "Q4_K_M")  # dense; affine Q4_K with a Q6_K head (ggml)
+TINY_TOKENS = [11, 33, 100, 261, 5, 77, 300, 45, 46, 47, 120, 121, 9, 400, 401, 402]
+
+
+def tiny_weights(seed: int = 7) -> dict[str, np.ndarray]:
+    """Random RWKV-7 weights scaled like the oracle's (activations O(1), every part of the block matters)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in gguf_tensor_shapes(TINY_GGUF).items():
+        if "lerp" in name:
+            w = rng.uniform(0, 1, shape)
+        elif name.endswith("time_mix_w0.weight"):
+            w = rng.uniform(-6, 1.5, shape)
+        elif name.endswith(("norm.weight", "norm_2.weight", "time_mix_ln.weight")):
+            w = 1 + 0.1 * rng.standard_normal(shape)
+        elif len(shape) == 1:
+            w = rng.uniform(0.5, 1.2, shape) if "k_" in name else 0.1 * rng.standard_normal(shape)
+        else:
+            w = rng.standard_normal(shape) / np.sqrt(shape[-1]) * (3 if name == "output.weight" else 1)
+        out[name] = w.astype(np.float32)
+    for copy, original in LAYER0_COPIES.items():  # as llama.cpp writes layer 0
+        out[f"blk.0.{copy}"] = out[f"blk.0.{original}"]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    weights = tiny_weights()
+    files = {}
+    for file_type in TINY_GGUF_TYPES:
+        files[file_type] = root / f"tiny-{file_type}.gguf"
+        write_rwkv7_gguf(files[file_type], TINY_GGUF, weights, file_type)
+    return files
+
+
+# ---- weight layers of every storage form, with the float64 weights they stand for -------------
+
+def make_layer(kind: str, rows: int, k: int, rng):
+    """(layer, float64 weights it represents) for a storage format; weights dequantized independently."""
+    w = rng.standard_normal((rows, k)).astype(np.float32) / np.sqrt(k)
+    if kind in ("float32", "float16", "bfloat16"):
+        arr = mx.array(w).astype(getattr(mx, kind))
+        layer = Linear(k, rows, WeightFormat("dense", kind))
+        layer.weight = arr
+        return layer, np.array(arr.astype(mx.float32), np.float64)
+    if kind.startswith("affine"):
+        bits, scale_dtype = int(kind.split("-")[1]), kind.split("-")[2]
+        q, s, b = mx.quantize(mx.array(w), group_size=32, bits=bits)
+        layer = AffineLinear(k, rows, WeightFormat("affine", scale_dtype, bits=bits))
+        layer.weight, layer.scales, layer.biases = q, s.astype(getattr(mx, scale_dtype)), b.astype(getattr(mx, scale_dtype))
+        deq = mx.dequantize(q, layer.scales.astype(mx.float32), layer.biases.astype(mx.float32), group_size=32, bits=bits)
+        return layer, np.array(deq, np.float64)
+    ggml_type, encode = GGML_ENCODERS[kind]
+    blocks = encode(w)
+    layer = GGMLLinear(k, rows, WeightFormat("ggml", ggml_type=ggml_type))
+    layer.weight = mx.array(blocks)
+    # the gguf package decodes the blocks: an implementation independent of ours and of the kernel
+    return layer, gguf_dequantize(blocks, ggml_type).astype(np.float64).reshape(rows, k)
+
+
+GGML_ENCODERS = {"q6_k": (14, quants.quantize_q6_k), "q3_k": (11, quants.quantize_q3_k),
+                 "q2_k": (10, quants.quantize_q2_k)}

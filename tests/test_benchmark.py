@@ -10,7 +10,6 @@ asserted, only that they are recorded in the right shape.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import subprocess
@@ -25,30 +24,23 @@ from conftest import ORACLE, REPO
 from reference_rwkv7 import ReferenceRWKV7
 
 import rwkv_mlx
-import rwkv_mlx.wkv
-from rwkv_mlx import benchmark as bench
+import rwkv_mlx.model.wkv
+from rwkv_mlx import bench
 from rwkv_mlx.backend import device_name
 from rwkv_mlx.cli import run
-from rwkv_mlx.gguf_writer import write_rwkv7_gguf
+from rwkv_mlx.formats.gguf_writer import write_rwkv7_gguf
+from rwkv_mlx.testing import synthetic as synth
 from rwkv_mlx.kernels import kernels_enabled
 
 FIXA_Q4 = ORACLE / "models" / "fixa-Q4_K_M.gguf"
 SMALL = ["--prompt-tokens", "24", "--gen-tokens", "16", "--runs", "2", "--warmup", "0", "--device", "cpu", "-q"]
 
 
-def _synth():
-    spec = importlib.util.spec_from_file_location("make_synthetic_model", REPO / "scripts" / "make_synthetic_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     """A small seeded RWKV-7 in llama.cpp's layout (Q8_0), written here."""
-    synth = _synth()
     path = tmp_path_factory.mktemp("models") / "synthetic-L2-C128-Q8_0.gguf"
-    synth.make_synthetic_model(path, "Q8_0", synth.synthetic_hparams(2, 128, 256, (16, 16, 16, 32)), n_vocab=1024, seed=7)
+    synth.make_synthetic_model(path, "Q8_0", synth.synthetic_args(2, 128, 256, (16, 16, 16, 32), vocab=1024), seed=7)
     return path
 
 
@@ -136,18 +128,17 @@ def _tied_model(tmp_path) -> tuple[Path, list[int], int, int, int]:
 
     Returns (file, prompt, k, A, B): the reference picks A at position k, where B ties it exactly.
     """
-    synth = _synth()
-    hp = synth.synthetic_hparams(1, 64, 128, (8, 8, 8, 8))
-    tensors = synth.synthetic_tensors(hp, 512, seed=3)
+    hp = synth.synthetic_args(1, 64, 128, (8, 8, 8, 8), vocab=512)
+    tensors = synth.synthetic_tensors(hp, seed=3)
     path, prompt = tmp_path / "plain.gguf", list(range(20, 44))
-    write_rwkv7_gguf(path, dict(hp, vocab_size=512), tensors, "F32")
+    write_rwkv7_gguf(path, hp, tensors, "F32")
     tokens = bench.compute_reference(path, prompt).tokens
     k, a = next((i, t) for i, t in enumerate(tokens) if i >= 2 and t < 511 and t not in tokens[:i])
     head = np.array(tensors["output.weight"](), np.float32)  # the synthetic tensors are made on demand
     head[511] = head[a]  # token 511 now ties A everywhere
     tensors["output.weight"] = head
     tied = tmp_path / "tied.gguf"
-    write_rwkv7_gguf(tied, dict(hp, vocab_size=512), tensors, "F32")
+    write_rwkv7_gguf(tied, hp, tensors, "F32")
     assert bench.compute_reference(tied, prompt).tokens == tokens  # argmax keeps the first of equals
     return tied, prompt, k, a, 511
 
@@ -235,6 +226,7 @@ def test_oracle_entry_and_reference_match_float64(require_oracle, results, capsy
     assert line["reference"]["tokens"] == greedy_float64(FIXA_Q4, prompt)
 
 
+@pytest.mark.slow
 def test_synthetic_entries_compare_and_plot(synthetic, results, capsys, tmp_path):
     assert benchmark(synthetic, results, title="Synthetic", change="one") == 0
     assert benchmark(synthetic, results, title="Synthetic", change="two") == 0
@@ -262,13 +254,13 @@ def test_gate_rejects_a_broken_fast_path_on_the_same_file(synthetic, results, ca
     assert benchmark(synthetic, results, change="clean") == 0
     clean = json.loads((results / "benchmarks.jsonl").read_text().splitlines()[-1])
     log_before = (results / "BENCHMARKS.md").read_text()
-    original = rwkv_mlx.wkv.wkv7
+    original = rwkv_mlx.model.wkv.wkv7
 
     def forgets_decay(r, log_w, k, v, a, b, state, **kw):
         # a "kernel" that drops the decay; the reference path (kernels disabled) stays exact
         return original(r, log_w * 0 if kernels_enabled() else log_w, k, v, a, b, state, **kw)
 
-    monkeypatch.setattr(rwkv_mlx.wkv, "wkv7", forgets_decay)
+    monkeypatch.setattr(rwkv_mlx.model.wkv, "wkv7", forgets_decay)
     capsys.readouterr()
     assert benchmark(synthetic, results, change="broken kernel") == bench.QualityGateError.exit_code
     out, err = capsys.readouterr()
@@ -282,15 +274,14 @@ def test_gate_rejects_a_broken_fast_path_on_the_same_file(synthetic, results, ca
 
 
 def test_gate_rejects_a_model_that_emits_one_token(tmp_path, results, capsys):
-    synth = _synth()
-    hp = synth.synthetic_hparams(1, 64, 128, (8, 8, 8, 8))
-    tensors = synth.synthetic_tensors(hp, 512, seed=1)
+    hp = synth.synthetic_args(1, 64, 128, (8, 8, 8, 8), vocab=512)
+    tensors = synth.synthetic_tensors(hp, seed=1)
     head = np.zeros((512, 64), np.float32)
     head[77] = 1.0  # the normed output is all ones (weight 0, bias 1): logit 64 for token 77, 0 elsewhere
     tensors.update({"output.weight": head, "output_norm.weight": np.zeros(64, np.float32),
                     "output_norm.bias": np.ones(64, np.float32)})
     path = tmp_path / "one-token.gguf"
-    write_rwkv7_gguf(path, dict(hp, vocab_size=512), tensors, "F32")
+    write_rwkv7_gguf(path, hp, tensors, "F32")
     assert benchmark(path, results) == bench.QualityGateError.exit_code
     out, err = capsys.readouterr()
     assert "tok/s" not in out and "one token (77) repeated 16 times" in err
@@ -305,9 +296,7 @@ def test_refuses_fewer_than_16_generated_tokens(synthetic, results, capsys):
 def test_peers_mlx_lm_agrees_on_the_float32_oracle(require_oracle, results, capsys):
     """mlx-lm's own RWKV-7, fed our mapping of the GGUF weights, decodes the reference tokens (mlx-lm is optional)."""
     pytest.importorskip("mlx_lm", reason="mlx-lm is the optional peer (pip install 'rwkv-mlx[peers]')")
-    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "scripts" / "bench_peers.py")
-    peers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peers)
+    from rwkv_mlx.bench import peers
     model = ORACLE / "models" / "fixa-f32.gguf"
     argv = ["--model", str(model), "--mode", "float32", "--prompt-tokens", "24", "--gen-tokens", "16", "--runs", "1",
             "--warmup", "0", "--device", "cpu", "--results-dir", str(results)]

@@ -18,10 +18,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from test_state import tiny_model, tiny_model_path, write_torch_zip
+from conftest import tiny_model, tiny_model_path, write_torch_zip
 
 from rwkv_mlx import ChatSession, SamplingParams, State, cache_prompt
-from rwkv_mlx.chat import format_chat_prompt
+from rwkv_mlx.text.chat import format_chat_prompt
 from rwkv_mlx.cli import run
 from rwkv_mlx.errors import InvalidArgumentError, ModelFileError
 

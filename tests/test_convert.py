@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import errno
+import dataclasses
 import json
 import os
 import signal
@@ -27,58 +28,20 @@ import pytest
 from gguf import GGUFReader
 from gguf import quants as gguf_quants
 
-from conftest import ORACLE, oracle_logits, oracle_models, oracle_tokens
+from conftest import ORACLE, TINY_GGUF, TINY_GGUF_TYPES, TINY_TOKENS, oracle_logits, oracle_models, oracle_tokens
 
 import rwkv_mlx
-from rwkv_mlx import mlx_dir
+from rwkv_mlx.formats import mlx_dir
 from rwkv_mlx.cli import run
-from rwkv_mlx.convert import DELAY_ENV, QuantPolicy, convert
+from rwkv_mlx.loader.convert import DELAY_ENV, QuantPolicy, convert
 from rwkv_mlx.errors import InvalidArgumentError, ModelFileError, UnsupportedModelError
-from rwkv_mlx.gguf_writer import rwkv7_tensor_shapes, write_rwkv7_gguf
-from rwkv_mlx.hf import read_safetensors
-from rwkv_mlx.weights import LoadOptions
+from rwkv_mlx.arch import gguf_tensor_shapes
+from rwkv_mlx.formats.gguf_writer import write_rwkv7_gguf
+from rwkv_mlx.formats.hf import read_safetensors
+from rwkv_mlx.model.weights import LoadOptions
 
 CPU = LoadOptions.for_backend("cpu")
-TINY = dict(n_embd=256, n_layer=2, head_size=64, ffn=512, decay_rank=32, iclr_rank=32, value_rank=16, gate_rank=32,
-            norm_eps=1e-5)
-TINY_VOCAB = 512
-TINY_TYPES = ("F16", "Q4_K_M")  # dense; affine Q4_K with a Q6_K head (ggml)
-TINY_TOKENS = [11, 33, 100, 261, 5, 77, 300, 45, 46, 47, 120, 121, 9, 400, 401, 402]
-
-
-def tiny_weights(seed: int = 7) -> dict[str, np.ndarray]:
-    """Random RWKV-7 weights scaled like the oracle's (activations O(1), every part of the block matters)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in rwkv7_tensor_shapes(TINY, TINY_VOCAB).items():
-        if "lerp" in name:
-            w = rng.uniform(0, 1, shape)
-        elif name.endswith("time_mix_w0.weight"):
-            w = rng.uniform(-6, 1.5, shape)
-        elif name.endswith(("norm.weight", "norm_2.weight", "time_mix_ln.weight")):
-            w = 1 + 0.1 * rng.standard_normal(shape)
-        elif len(shape) == 1:
-            w = rng.uniform(0.5, 1.2, shape) if "k_" in name else 0.1 * rng.standard_normal(shape)
-        else:
-            w = rng.standard_normal(shape) / np.sqrt(shape[-1]) * (3 if name == "output.weight" else 1)
-        out[name] = w.astype(np.float32)
-    for i in range(3):  # layer 0 carries copies of a0/a1/a2 as v0/v1/v2, as llama.cpp writes it
-        out[f"blk.0.time_mix_v{i}.weight"] = out[f"blk.0.time_mix_a{i}.weight"]
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_gguf_files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-gguf")
-    weights = tiny_weights()
-    files = {}
-    for file_type in TINY_TYPES:
-        files[file_type] = root / f"tiny-{file_type}.gguf"
-        write_rwkv7_gguf(files[file_type], dict(TINY, vocab_size=TINY_VOCAB), weights, file_type)
-    return files
-
-
-GGUF_CASES = [f"tiny-{t}" for t in TINY_TYPES] + oracle_models()
+GGUF_CASES = [f"tiny-{t}" for t in TINY_GGUF_TYPES] + oracle_models()
 
 
 def case_path(name: str, tiny: dict[str, Path]) -> tuple[Path, list[int]]:
@@ -133,9 +96,10 @@ def test_keep_stores_exact_forms_and_loads_them_for_gpus(tiny_gguf_files, tmp_pa
         assert ours[k].dtype == theirs[k].dtype and mx.array_equal(ours[k], theirs[k]).item(), k
 
 
+@pytest.mark.slow
 def test_full_world_vocabulary_is_stored_as_the_vocab_file(tmp_path):
-    hp = dict(TINY, n_embd=64, ffn=64, vocab_size=65536)
-    weights = {name: np.full(shape, 0.01, np.float32) for name, shape in rwkv7_tensor_shapes(hp, 65536).items()}
+    hp = dataclasses.replace(TINY_GGUF, n_embd=64, ffn_dim=64, vocab_size=65536)
+    weights = {name: np.full(shape, 0.01, np.float32) for name, shape in gguf_tensor_shapes(hp).items()}
     src = tmp_path / "world.gguf"
     write_rwkv7_gguf(src, hp, weights, "F16")
     convert(src, tmp_path / "out")

@@ -9,7 +9,6 @@ and ``rwkv-mlx generate --prompt "ROMEO:"`` with no --model must write English-l
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -20,8 +19,7 @@ from rwkv_mlx.cli.common import DEFAULT_MODEL
 from rwkv_mlx.loader import load
 from rwkv_mlx.train import perplexity, tokenize_corpus, unigram_perplexities
 
-sys.path.insert(0, str(REPO / "scripts"))
-import fuzz_gguf as F  # noqa: E402
+from rwkv_mlx.testing import fuzz_gguf as F
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 HELD_OUT_TOKENS = 1024  # enough for a stable figure, cheap on the CPU backend
@@ -40,6 +38,7 @@ def test_bundled_model_is_small_and_has_the_promised_shape(demo):
     assert model.args.n_embd % 256 == 0 and 4 <= model.args.n_layer <= 6
 
 
+@pytest.mark.slow
 def test_bundled_model_predicts_held_out_shakespeare(demo):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,9 +22,7 @@ from rwkv_mlx import LoadOptions
 from rwkv_mlx.cli import run
 from rwkv_mlx.errors import InvalidArgumentError, ModelFileError, UnsupportedModelError
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import fuzz_gguf as F
+from rwkv_mlx.testing import fuzz_gguf as F
 
 BAD_ARGUMENT, BAD_FILE, UNSUPPORTED = InvalidArgumentError.exit_code, ModelFileError.exit_code, UnsupportedModelError.exit_code
 RUN = ["generate", "--prompt", "hi", "-n", "1", "--no-stats"]
@@ -129,7 +126,7 @@ def test_stdin_prompt_is_read_as_bytes(files):
     ids = tokenizer.encode(raw)
     assert ids == [ord("a") + 1, 0xFF + 1, 0xFE + 1, 0x00 + 1, ord("b") + 1]  # world vocab: id = byte + 1
     from rwkv_mlx.cli.common import sampling_from_options
-    from rwkv_mlx.sample import SamplingParams
+    from rwkv_mlx.text.sample import SamplingParams
 
     expected = rwkv_mlx.generate(model, tokenizer, ids, max_tokens=5,
                                  sampling=sampling_from_options(SamplingParams(), greedy=True))
@@ -238,7 +235,7 @@ def test_check_finite_names_the_head(files, capsys):
 ])
 def test_find_first_nonfinite_names_the_planted_layer(files, module, value, where):
     """One NaN or inf planted in one module's weights: that module's output is named, not a later one."""
-    from rwkv_mlx.debug import find_first_nonfinite
+    from rwkv_mlx.model.debug import find_first_nonfinite
 
     model, _ = rwkv_mlx.load(files["tiny"], LoadOptions.for_backend("cpu"))
     *parents, name = module.split(".")
@@ -253,7 +250,7 @@ def test_find_first_nonfinite_names_the_planted_layer(files, module, value, wher
 
 def test_find_first_nonfinite_orders_by_token_then_layer(files):
     """The earliest token wins over forward order: a NaN state in layer 1 (token 0) beats a NaN embedding row at token 2."""
-    from rwkv_mlx.debug import find_first_nonfinite
+    from rwkv_mlx.model.debug import find_first_nonfinite
 
     model, _ = rwkv_mlx.load(files["tiny"], LoadOptions.for_backend("cpu"))
     tokens = [98, 99, 100, 101]

@@ -9,20 +9,17 @@ every case.  A longer run is ``python scripts/fuzz_gguf.py --minutes 10`` (resul
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ORACLE, oracle_models
 
-from rwkv_mlx import gguf_file
+from rwkv_mlx.formats import gguf_file
 from rwkv_mlx.errors import ModelFileError, UnsupportedModelError
-from rwkv_mlx.gguf_file import scan_gguf
+from rwkv_mlx.formats.gguf_file import scan_gguf
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import fuzz_gguf as F
+from rwkv_mlx.testing import fuzz_gguf as F
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +27,7 @@ def tiny(tmp_path_factory) -> Path:
     return F.write_tiny_model(tmp_path_factory.mktemp("fuzz") / "tiny-F32.gguf")
 
 
+@pytest.mark.slow
 def test_seeded_fuzz_pass(tmp_path):
     """Every case of the seeded plan ends as 'rejected' (our error, one line naming the file) or 'loaded'."""
     plan = F.ci_plan(tmp_path, seed=0, oracle_models=ORACLE / "models")
@@ -49,6 +47,7 @@ def test_seeded_fuzz_pass(tmp_path):
     assert ("truncate", "loaded") not in outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, outcome", [("hang", "hang"), ("crash", "crash"), ("memory", "memory")])
 def test_harness_catches_hangs_crashes_and_memory_spikes(tiny, how, outcome):
     """The bounds are real: a worker that hangs, dies on a signal or grabs memory fails its case."""

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from test_state import TEXT, reference, split_at_turn, tiny_model, to_np
+from conftest import TEXT, reference, split_at_turn, tiny_model, to_np
 
 import rwkv_mlx
 from rwkv_mlx import SamplingParams, State
@@ -60,7 +60,7 @@ def test_block_by_block_evaluation_changes_nothing():
 
 def test_embedding_rewritten_for_the_device_is_the_same_table(monkeypatch):
     """On CUDA the loader has a kernel rewrite the embedding (so the GPU owns its pages): same bits."""
-    import rwkv_mlx.model as model_module
+    import rwkv_mlx.model.rwkv7 as model_module
 
     model, _ = rwkv_mlx.load(DEFAULT_MODEL)
     before = {k: (np.array(v), v.dtype, id(v)) for k, v in model.emb.parameters().items()}
@@ -220,7 +220,7 @@ def test_bad_batch_arguments():
 
 def test_cli_generate_from_a_saved_state_equals_the_whole_prompt(tmp_path, capsys):
     """`rwkv-mlx generate --state FILE`: the saved prefix plus the prompt is the whole text."""
-    from test_state import tiny_model_path
+    from conftest import tiny_model_path
 
     from rwkv_mlx.cli import run
 

@@ -4,7 +4,7 @@ where present; the tests that need none of them still run when it is absent."""
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import os
 from pathlib import Path
 
@@ -14,18 +14,23 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
-from rwkv_mlx import gguf_writer as W
+from rwkv_mlx.arch import ModelArgs, gguf_tensor_shapes
+from rwkv_mlx.formats import gguf_writer as W
 from rwkv_mlx import quants as Q
 from rwkv_mlx.errors import InvalidArgumentError, ModelFileError
-from rwkv_mlx.vocab import escape_gguf_token, load_world_vocab
+from rwkv_mlx.formats.vocab import BUNDLED_WORLD_VOCAB, escape_gguf_token, load_world_vocab
+from rwkv_mlx.testing import synthetic as synth
 
 REPO = Path(__file__).resolve().parents[1]
 ORACLE = Path(os.environ.get("RWKV_MLX_ORACLE", REPO.parent / "shared" / "oracle"))
 MODELS = ORACLE / "models"
 ORACLE_MISSING = f"oracle GGUF files not found under {MODELS} (set RWKV_MLX_ORACLE)"
 
-FIXA = dict(n_embd=256, n_layer=2, head_size=64, ffn=1024, decay_rank=32, iclr_rank=32, value_rank=16, gate_rank=64, norm_eps=1e-5)
-FIXB = dict(n_embd=128, n_layer=2, head_size=64, ffn=512, decay_rank=32, iclr_rank=32, value_rank=32, gate_rank=32, norm_eps=1e-5)
+# the oracle's two shapes; both files hold the first 4096 tokens of the world vocabulary
+FIXA = ModelArgs(vocab_size=4096, n_embd=256, n_layer=2, head_size=64, ffn_dim=1024, decay_rank=32, iclr_rank=32,
+                 value_rank=16, gate_rank=64, norm_eps=1e-5)
+FIXB = ModelArgs(vocab_size=4096, n_embd=128, n_layer=2, head_size=64, ffn_dim=512, decay_rank=32, iclr_rank=32,
+                 value_rank=32, gate_rank=32, norm_eps=1e-5)
 # our own encoders: their bytes differ from llama-quantize's (values are close, see test_quants)
 OWN = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS}
 
@@ -75,7 +80,7 @@ def test_policy_reproduces_oracle_file(path):
     hp = FIXA if path.stem.startswith("fixa") else FIXB
     ft = file_type_of(path)
     n_vocab = len(_field(reader, "tokenizer.ggml.tokens"))
-    shapes = W.rwkv7_tensor_shapes(hp, n_vocab)
+    shapes = gguf_tensor_shapes(dataclasses.replace(hp, vocab_size=n_vocab))
     names = list(shapes) if ft in ("F32", "F16") else W.quantized_order(list(shapes))
     assert [t.name for t in reader.tensors] == names
     for t in reader.tensors:
@@ -200,7 +205,7 @@ def test_token_list():
 
 def test_world_token_list_default():
     toks, types = W.gguf_token_list(65536)
-    vocab = load_world_vocab(W.WORLD_VOCAB_FILE)
+    vocab = load_world_vocab(BUNDLED_WORLD_VOCAB)
     assert len(toks) == 65536 and toks[0] == "<s>" and types[0] == 3
     assert toks[1:65530] == [escape_gguf_token(vocab[i]) for i in range(1, 65530)]
     assert toks[65530:] == [f"[PAD{i}]" for i in range(65530, 65536)] and set(types[65530:]) == {5}
@@ -210,13 +215,14 @@ def test_world_token_list_default():
 # --------------------------------------------------------------------------------------
 # a tiny random model (no oracle)
 
-TINY = dict(n_embd=128, n_layer=3, head_size=64, ffn=512, decay_rank=8, iclr_rank=16, value_rank=8, gate_rank=32, norm_eps=1e-5)
 TINY_VOCAB = 300
+TINY = ModelArgs(vocab_size=TINY_VOCAB, n_embd=128, n_layer=3, head_size=64, ffn_dim=512, decay_rank=8, iclr_rank=16,
+                 value_rank=8, gate_rank=32, norm_eps=1e-5)
 
 
 def tiny_weights(seed=0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    shapes = W.rwkv7_tensor_shapes(TINY, TINY_VOCAB)
+    shapes = gguf_tensor_shapes(TINY)
     return {n: (rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32) for n, s in shapes.items()}
 
 
@@ -268,7 +274,7 @@ def test_lazy_tensors_progress_and_atomic_write(tmp_path):
 
     seen = []
     out = tmp_path / "lazy.gguf"
-    W.write_rwkv7_gguf(out, dict(TINY, vocab_size=TINY_VOCAB), {n: lazy(n) for n in w}, "Q4_K_M", tokens=tiny_tokens(),
+    W.write_rwkv7_gguf(out, TINY, {n: lazy(n) for n in w}, "Q4_K_M", tokens=tiny_tokens(),
                        progress=lambda i, n, name, typ: seen.append((i, n, name, typ)))
     assert sorted(calls) == sorted(w) and len(calls) == len(w)  # each produced exactly once
     assert calls == W.quantized_order(list(w))  # in file order, one at a time
@@ -282,7 +288,7 @@ def test_lazy_tensors_progress_and_atomic_write(tmp_path):
     broken = {n: lazy(n) for n in w}
     broken["blk.1.time_mix_key.weight"] = boom
     with pytest.raises(KeyboardInterrupt):
-        W.write_rwkv7_gguf(out, dict(TINY, vocab_size=TINY_VOCAB), broken, "Q4_K_M", tokens=tiny_tokens())
+        W.write_rwkv7_gguf(out, TINY, broken, "Q4_K_M", tokens=tiny_tokens())
     assert out.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lazy.gguf"]
 
@@ -300,8 +306,10 @@ def test_writer_rejects_bad_input(tmp_path):
     bad["blk.2.time_mix_w0.weight"] = np.full(128, np.nan, np.float32)
     with pytest.raises(InvalidArgumentError, match="NaN"):
         W.write_rwkv7_gguf(out, TINY, bad, "Q4_K_M", tokens=[])
-    with pytest.raises(InvalidArgumentError, match="hparams lacks gate_rank"):
-        W.write_rwkv7_gguf(out, {k: v for k, v in TINY.items() if k != "gate_rank"}, w, "F16", tokens=[])
+    with pytest.raises(InvalidArgumentError, match="must be a ModelArgs, got dict"):
+        W.write_rwkv7_gguf(out, TINY.to_dict(), w, "F16", tokens=[])
+    with pytest.raises(InvalidArgumentError, match="gate_rank must be positive, got 0"):
+        W.write_rwkv7_gguf(out, dataclasses.replace(TINY, gate_rank=0), w, "F16", tokens=[])
     with pytest.raises(InvalidArgumentError, match="file type"):
         W.write_rwkv7_gguf(out, TINY, w, "Q4_K", tokens=[])
     with pytest.raises(ModelFileError, match="cannot write"):
@@ -310,33 +318,26 @@ def test_writer_rejects_bad_input(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# the synthetic-model script
+# the synthetic-model builder (rwkv_mlx.testing.synthetic, scripts/make_synthetic_model.py)
 
 
-@pytest.fixture(scope="module")
-def synth():
-    spec = importlib.util.spec_from_file_location("make_synthetic_model", REPO / "scripts" / "make_synthetic_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_synthetic_model_small_full_vocab(synth, tmp_path):
+@pytest.mark.slow
+def test_synthetic_model_small_full_vocab(tmp_path):
     """2 layers, n_embd 256, full 65536 vocabulary, Q4_K_M: loads, types per policy, values as intended."""
-    hp = synth.synthetic_hparams(2, 256, 1024, (32, 32, 16, 64))
+    hp = synth.synthetic_args(2, 256, 1024, (32, 32, 16, 64), vocab=65536)
     out = tmp_path / "syn.gguf"
     assert synth.main(["--out", str(out), "--type", "Q4_K_M", "--layers", "2", "--n-embd", "256", "--ffn", "1024",
                        "--ranks", "32,32,16,64", "--seed", "5", "--quiet"]) == 0
     r = GGUFReader(out)
-    shapes = W.rwkv7_tensor_shapes(hp, 65536)
+    shapes = gguf_tensor_shapes(hp)
     assert [t.name for t in r.tensors] == W.quantized_order(list(shapes))
     assert len(_field(r, "tokenizer.ggml.tokens")) == 65536
-    lazy = synth.synthetic_tensors(hp, 65536, seed=5)
+    lazy = synth.synthetic_tensors(hp, seed=5)
     for t in r.tensors:
         assert T(t.tensor_type) == W.tensor_type(t.name, shapes[t.name], "Q4_K_M"), t.name
         vals = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shapes[t.name])
         assert np.isfinite(vals).all()
-        kind, a, b = synth._recipe(synth._LAYER0_COPIES.get(t.name, t.name), shapes[t.name], hp)
+        kind, a, b = synth._recipe(synth.value_source(t.name), shapes[t.name], hp)
         mean, std = (a, b) if kind == "normal" else ((a + b) / 2, (b - a) / np.sqrt(12))
         tol = 4 * std / np.sqrt(vals.size) + 0.08 * std
         assert abs(vals.mean() - mean) < tol, t.name
@@ -352,11 +353,11 @@ def test_synthetic_model_small_full_vocab(synth, tmp_path):
     assert not np.array_equal(w["blk.1.time_mix_v0.weight"], w["blk.1.time_mix_a0.weight"])
 
 
-def test_synthetic_model_is_reproducible_and_seeded(synth):
-    hp = synth.synthetic_hparams(1, 64, 256, (8, 8, 8, 8))
-    a = synth.synthetic_tensors(hp, 1000, seed=1)
-    b = synth.synthetic_tensors(hp, 1000, seed=1)
-    c = synth.synthetic_tensors(hp, 1000, seed=2)
+def test_synthetic_model_is_reproducible_and_seeded():
+    hp = synth.synthetic_args(1, 64, 256, (8, 8, 8, 8), vocab=1000)
+    a = synth.synthetic_tensors(hp, seed=1)
+    b = synth.synthetic_tensors(hp, seed=1)
+    c = synth.synthetic_tensors(hp, seed=2)
     for name in ("token_embd.weight", "blk.0.time_mix_w0.weight", "output.weight"):
         assert np.array_equal(a[name](), b[name]())
         assert not np.array_equal(a[name](), c[name]())
@@ -365,21 +366,21 @@ def test_synthetic_model_is_reproducible_and_seeded(synth):
     assert 0.55 < decay.min() and decay.max() < 1 and decay.max() - decay.min() > 0.3
 
 
-def test_synthetic_script_errors(synth, tmp_path, capsys):
+def test_synthetic_script_errors(tmp_path, capsys):
     out = tmp_path / "x.gguf"
     assert synth.main(["--out", str(out), "--n-embd", "100", "--layers", "1", "--quiet"]) == 2
-    assert "multiple of the head size" in capsys.readouterr().err
+    assert "embedding length 100 is not a multiple of head size 64" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         synth.main(["--out", str(out), "--ranks", "1,2,3"])
     assert not out.exists()
 
 
-def test_synthetic_model_runs_sensibly(synth, tmp_path):
+def test_synthetic_model_runs_sensibly(tmp_path):
     """Activations stay O(1) and greedy decoding does not collapse (float64 numpy reference)."""
     from reference_rwkv7 import ReferenceRWKV7
 
     out = tmp_path / "run.gguf"
-    synth.make_synthetic_model(out, "F32", synth.synthetic_hparams(2, 128, 512, (16, 16, 16, 32)), n_vocab=4096, seed=3)
+    synth.make_synthetic_model(out, "F32", synth.synthetic_args(2, 128, 512, (16, 16, 16, 32), vocab=4096), seed=3)
     model = ReferenceRWKV7(out)
     logits, state = model.run([1, 2, 3, 100, 200, 3000])
     assert np.isfinite(logits).all()

@@ -17,13 +17,14 @@ import pytest
 from rwkv_mlx.kernels import dialect, forced_backend
 from rwkv_mlx.kernels.decode import BlockPlan
 from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
-from rwkv_mlx.layers import WeightFormat
-from rwkv_mlx.model import MATRIX_MODULES, Block, ModelArgs
+from dataclasses import replace
 
-SHAPES = {  # name: (n_embd, ffn, decay, iclr, value, gate ranks), as the published g1 models
-    "2.9B": (2560, 10240, 96, 96, 64, 320),
-    "7.2B": (4096, 16384, 128, 128, 96, 480),
-}
+from rwkv_mlx.arch import MATRIX_MODULES
+from rwkv_mlx.layers import WeightFormat
+from rwkv_mlx.model.rwkv7 import Block
+from rwkv_mlx.testing.synthetic import G1_7_2B, G1B_2_9B
+
+SHAPES = {"2.9B": G1B_2_9B, "7.2B": G1_7_2B}
 FORMATS = {
     "Q4_K_M": WeightFormat("affine", "float32", bits=4),
     "Q8_0-f16-scales": WeightFormat("affine", "float16", bits=8),
@@ -33,9 +34,7 @@ FORMATS = {
 
 
 def block(shape: str, fmt: WeightFormat, layer: int = 1) -> Block:
-    C, F, dr, ir, vr, gr = SHAPES[shape]
-    args = ModelArgs(vocab_size=256, n_embd=C, n_layer=layer + 1, ffn_dim=F, decay_rank=dr, iclr_rank=ir,
-                     value_rank=vr, gate_rank=gr)
+    args = replace(SHAPES[shape], vocab_size=256, n_layer=layer + 1)
     formats = {f"blocks.{layer}.{m}": fmt for m in MATRIX_MODULES}
     return Block(args, layer, formats, mx.float16)
 
@@ -56,7 +55,7 @@ class Recorder:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_decode_plans_fit_the_backend(shape, fmt, backend):
     blk = block(shape, FORMATS[fmt], layer=0 if fmt == "F16" else 1)  # layer 0: no value LoRA
-    C = SHAPES[shape][0]
+    C = SHAPES[shape].n_embd
     rec = Recorder()
     with dialect.launch_hook(rec), forced_backend(backend):
         for batch in (1, 2, 4):

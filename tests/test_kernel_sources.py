@@ -96,6 +96,7 @@ def cuda_kernel_text(inst, index: int) -> str:
             + r.body + "\n}\n}\n}\n")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: CUDA text not compiled here")
 def test_cuda_text_compiles_with_nvcc(tmp_path):
     """All instances in one translation unit: one nvcc run instead of one per kernel."""

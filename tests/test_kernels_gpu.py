@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
-from conftest import ORACLE, oracle_logits, oracle_models, oracle_tokens
+from conftest import ORACLE, make_layer, oracle_logits, oracle_models, oracle_tokens
 
 import rwkv_mlx
 from rwkv_mlx import quants
 from rwkv_mlx.kernels import fused_time_mix, kernel_backend, kernels_disabled
 from rwkv_mlx.kernels.matvec import Segment, matvec
 from rwkv_mlx.layers import AffineLinear, GGMLLinear, Linear, WeightFormat
-from rwkv_mlx.weights import LoadOptions
-from rwkv_mlx.wkv import time_mix_core_reference
+from rwkv_mlx.model.weights import LoadOptions
+from rwkv_mlx.model.wkv import time_mix_core_reference
 
 BACKEND = kernel_backend()
-pytestmark = pytest.mark.skipif(BACKEND is None, reason="no MLX GPU backend (CUDA or Metal): kernel tests need one")
+pytestmark = pytest.mark.gpu  # skipped where no GPU backend exists (conftest.py)
 
 
 def rel_err(a, b) -> float:
@@ -130,33 +130,6 @@ def test_wkv7_kernel_up_projections_and_value_mix():
 
 
 # ---- matvec: every weight format, prologue and epilogue ------------------------------------
-
-def make_layer(kind: str, rows: int, k: int, rng):
-    """(layer, float64 weights it represents) for a storage format; weights dequantized independently."""
-    w = rng.standard_normal((rows, k)).astype(np.float32) / np.sqrt(k)
-    if kind in ("float32", "float16", "bfloat16"):
-        arr = mx.array(w).astype(getattr(mx, kind))
-        layer = Linear(k, rows, WeightFormat("dense", kind))
-        layer.weight = arr
-        return layer, np.array(arr.astype(mx.float32), np.float64)
-    if kind.startswith("affine"):
-        bits, scale_dtype = int(kind.split("-")[1]), kind.split("-")[2]
-        q, s, b = mx.quantize(mx.array(w), group_size=32, bits=bits)
-        layer = AffineLinear(k, rows, WeightFormat("affine", scale_dtype, bits=bits))
-        layer.weight, layer.scales, layer.biases = q, s.astype(getattr(mx, scale_dtype)), b.astype(getattr(mx, scale_dtype))
-        deq = mx.dequantize(q, layer.scales.astype(mx.float32), layer.biases.astype(mx.float32), group_size=32, bits=bits)
-        return layer, np.array(deq, np.float64)
-    ggml_type, encode = GGML_ENCODERS[kind]
-    blocks = encode(w)
-    layer = GGMLLinear(k, rows, WeightFormat("ggml", ggml_type=ggml_type))
-    layer.weight = mx.array(blocks)
-    # the gguf package decodes the blocks: an implementation independent of ours and of the kernel
-    return layer, gguf_dequantize(blocks, ggml_type).astype(np.float64).reshape(rows, k)
-
-
-GGML_ENCODERS = {"q6_k": (14, quants.quantize_q6_k), "q3_k": (11, quants.quantize_q3_k),
-                 "q2_k": (10, quants.quantize_q2_k)}
-
 
 FORMATS = ["float32", "float16", "bfloat16", "affine-4-float32", "affine-4-float16", "affine-5-float32",
            "affine-8-float32", "affine-8-bfloat16", "q6_k", "q3_k", "q2_k"]

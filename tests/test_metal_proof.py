@@ -22,21 +22,20 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ORACLE, ORACLE_MISSING, REPO, oracle_logits, oracle_models, oracle_tokens
+from conftest import ORACLE, ORACLE_MISSING, REPO, make_layer, oracle_logits, oracle_models, oracle_tokens
 
 import rwkv_mlx
 from rwkv_mlx.kernels import kernels_disabled
 from rwkv_mlx.kernels.dialect import Kernel, Launch, parse_kern, render
-from rwkv_mlx.kernels.metal_proof import Recorder, record_launches
-from rwkv_mlx.kernels.metal_proof.compile import APPLE_THREADS_PER_GROUP, check, check_all, prepare
-from rwkv_mlx.kernels.metal_proof.emulate import Emulator
-from rwkv_mlx.kernels.metal_proof.record import Instantiation
-from rwkv_mlx.kernels.metal_proof.render import metal_sources
-from rwkv_mlx.kernels.metal_proof.shapes import shaped_model
-from rwkv_mlx.weights import LoadOptions
+from rwkv_mlx.testing.metal_proof import Recorder, record_launches
+from rwkv_mlx.testing.metal_proof.compile import APPLE_THREADS_PER_GROUP, check, check_all, prepare
+from rwkv_mlx.testing.metal_proof.emulate import Emulator
+from rwkv_mlx.testing.metal_proof.record import Instantiation
+from rwkv_mlx.testing.metal_proof.render import metal_sources
+from rwkv_mlx.testing.metal_proof.shapes import shaped_model
+from rwkv_mlx.model.weights import LoadOptions
 
-sys.path.insert(0, str(REPO / "scripts"))
-import make_synthetic_model as synth  # noqa: E402  (the 2.9B and 7.2B shape presets)
+from rwkv_mlx.testing import synthetic as synth  # the 2.9B and 7.2B shape presets
 
 needs_emulator = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                     reason="the emulator's context switch is x86-64 assembly")
@@ -289,7 +288,6 @@ def test_broken_kernel_text_fails_the_comparison(require_oracle):
                                   "affine-8-bfloat16", "q6_k", "q3_k", "q2_k"])
 def test_emulated_matvec_formats(kind, B):
     """Every weight format and scale dtype, by the Metal text, against float64 numpy."""
-    from test_kernels_gpu import make_layer
 
     from rwkv_mlx.kernels.matvec import Segment, matvec
 
@@ -310,7 +308,6 @@ def test_emulated_matvec_formats(kind, B):
 @pytest.mark.parametrize("kind", ["float16", "q6_k"])
 def test_emulated_long_rows_walk_tiles(kind):
     """The 2.9B FFN's K = 10240 at B = 1: longer than Apple's 32 KB stage, walked in tiles of K."""
-    from test_kernels_gpu import make_layer
 
     import mlx.nn as nn
     from rwkv_mlx.kernels.matvec import MatvecPlan, Segment

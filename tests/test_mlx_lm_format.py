@@ -16,15 +16,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ORACLE, oracle_tokens
-from test_convert import TINY_TOKENS, tiny_gguf_files  # noqa: F401 - the synthetic GGUF files, shared
+from conftest import ORACLE, TINY_TOKENS, oracle_tokens
 
 import rwkv_mlx
-from rwkv_mlx.convert import convert
-from rwkv_mlx.mlx_dir import TokenList
-from rwkv_mlx.mlx_lm_format import tokenizer_json, trie_regex
-from rwkv_mlx.tokenizer import Tokenizer
-from rwkv_mlx.weights import LoadOptions
+from rwkv_mlx.loader.convert import convert
+from rwkv_mlx.formats.mlx_dir import TokenList
+from rwkv_mlx.formats.mlx_lm_format import tokenizer_json, trie_regex
+from rwkv_mlx.text.tokenizer import Tokenizer
+from rwkv_mlx.model.weights import LoadOptions
 
 CPU = LoadOptions.for_backend("cpu")
 TEXTS = [

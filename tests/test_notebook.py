@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ORACLE
-from test_state import tiny_model_path
+from conftest import tiny_model_path
 
 from rwkv_mlx.cli.common import DEFAULT_MODEL
 
@@ -39,6 +39,7 @@ def test_notebook_is_committed_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(monkeypatch):
     monkeypatch.setenv("RWKV_MLX_MODEL", str(notebook_model()))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")

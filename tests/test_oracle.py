@@ -19,7 +19,7 @@ from conftest import ORACLE, oracle_logits, oracle_models, oracle_tokens
 from reference_rwkv7 import ReferenceRWKV7
 
 import rwkv_mlx
-from rwkv_mlx.weights import LoadOptions
+from rwkv_mlx.model.weights import LoadOptions
 
 MODELS = oracle_models() or ["<oracle missing>"]
 

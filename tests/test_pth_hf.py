@@ -23,15 +23,14 @@ from gguf import GGUFReader
 from gguf import quants as gguf_quants
 
 from conftest import ORACLE, oracle_tokens
-from test_convert import tiny_gguf_files  # noqa: F401 - the synthetic GGUF files, shared
 
 import rwkv_mlx
 from rwkv_mlx.cli import run
-from rwkv_mlx.convert import convert
+from rwkv_mlx.loader.convert import convert
 from rwkv_mlx.errors import ModelFileError, UnsupportedModelError
-from rwkv_mlx.hf import blinkdl_name, read_hf_dir, read_safetensors, write_safetensors
-from rwkv_mlx.pth import load_pth, read_pth
-from rwkv_mlx.weights import LoadOptions
+from rwkv_mlx.formats.hf import blinkdl_name, read_hf_dir, read_safetensors, write_safetensors
+from rwkv_mlx.formats.pth import load_pth, read_pth
+from rwkv_mlx.model.weights import LoadOptions
 
 CPU = LoadOptions.for_backend("cpu")
 

@@ -1,4 +1,4 @@
-"""Tests for rwkv_mlx.sample against independent numpy re-implementations of
+"""Tests for rwkv_mlx.text.sample against independent numpy re-implementations of
 spec rwkv7.md section 7.1 (the rwkv pip ``sample_logits`` / ``generate``)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rwkv_mlx.errors import InvalidArgumentError, RwkvMlxError
-from rwkv_mlx.sample import (
+from rwkv_mlx.text.sample import (
     RepetitionPenalty,
     Sampler,
     SamplingParams,

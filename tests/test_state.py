@@ -1,7 +1,7 @@
 """State as a value: save after a prefix and continue, refuse the wrong model, batch and unbatch,
 BlinkDL state-tuning files.
 
-The models are tiny RWKV-7 GGUF files written here by scripts/make_synthetic_model.py
+The models are tiny RWKV-7 GGUF files written by rwkv_mlx.testing.synthetic (conftest.py)
 (2 heads of 64, so per-head layouts matter); the float64 numpy reference
 (tests/reference_rwkv7.py, which shares no code with rwkv_mlx) is the judge of
 "the same logits as reading the whole text".
@@ -9,78 +9,19 @@ The models are tiny RWKV-7 GGUF files written here by scripts/make_synthetic_mod
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import struct
 import tempfile
-import zipfile
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from reference_rwkv7 import ReferenceRWKV7
+from conftest import TEXT, reference, split_at_turn, tiny_model, to_np, write_torch_zip
 
 import rwkv_mlx
 from rwkv_mlx.errors import InvalidArgumentError, ModelFileError
-from rwkv_mlx.pth import load_pth
-from rwkv_mlx.state import State
-from rwkv_mlx.weights import LoadOptions
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_SHAPE = dict(n_embd=128, ffn=256, ranks=(8, 8, 8, 8))
-TINY_VOCAB = 4096
-TEXT = "System: You answer in one line.\n\nUser: What is the capital of France?\n\nAssistant:"
-
-# --------------------------------------------------------------------------------------
-# tiny models, shared by test_generate.py and test_chat.py
-
-
-@functools.lru_cache(maxsize=None)
-def _synth():
-    spec = importlib.util.spec_from_file_location("make_synthetic_model", REPO / "scripts" / "make_synthetic_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@functools.lru_cache(maxsize=None)
-def _model_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="rwkv-mlx-tiny-"))
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_model_path(seed: int = 1, n_layer: int = 2) -> Path:
-    """A float32 RWKV-7 GGUF with seeded random weights (written once per test session)."""
-    synth = _synth()
-    path = _model_dir() / f"tiny-L{n_layer}-seed{seed}.gguf"
-    hp = synth.synthetic_hparams(n_layer, TINY_SHAPE["n_embd"], TINY_SHAPE["ffn"], TINY_SHAPE["ranks"])
-    synth.make_synthetic_model(path, "F32", hp, n_vocab=TINY_VOCAB, seed=seed)
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_model(seed: int = 1, n_layer: int = 2):
-    return rwkv_mlx.load(tiny_model_path(seed, n_layer), LoadOptions.for_backend("cpu"))
-
-
-@functools.lru_cache(maxsize=None)
-def reference(seed: int = 1, n_layer: int = 2) -> ReferenceRWKV7:
-    return ReferenceRWKV7(tiny_model_path(seed, n_layer))
-
-
-def split_at_turn(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    """Token ids of text up to and including its last "\\n\\n", and of the rest."""
-    cut = text.rindex("\n\n") + 2
-    prefix, rest = tokenizer.encode(text[:cut]), tokenizer.encode(text[cut:])
-    assert prefix + rest == tokenizer.encode(text), "the split must not change tokenization"
-    return prefix, rest
-
-
-def to_np(x) -> np.ndarray:
-    return np.array(x.astype(mx.float32))
-
+from rwkv_mlx.formats.pth import load_pth
+from rwkv_mlx.model.state import State
 
 # --------------------------------------------------------------------------------------
 # save after a prefix, continue later
@@ -208,41 +149,6 @@ def test_size_and_repr():
 
 # --------------------------------------------------------------------------------------
 # BlinkDL state-tuning files
-
-
-def write_torch_zip(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """A ``torch.save`` file (zip format, pickle protocol 2) of float32 tensors, without torch.
-
-    The pickle is written opcode by opcode: {name: torch._utils._rebuild_tensor_v2(
-    storage, offset, size, stride, requires_grad, OrderedDict())} with each storage a
-    persistent id ("storage", torch.FloatStorage, key, "cpu", numel) whose bytes live in
-    ``archive/data/<key>`` -- the layout torch.save has written since 1.6.
-    """
-
-    def text(s: str) -> bytes:
-        b = s.encode()
-        return b"X" + struct.pack("<I", len(b)) + b  # BINUNICODE
-
-    def ints(values) -> bytes:
-        return b"(" + b"".join(b"J" + struct.pack("<i", v) for v in values) + b"t"  # MARK BININT... TUPLE
-
-    ordered_dict = b"ccollections\nOrderedDict\n)R"  # GLOBAL, EMPTY_TUPLE, REDUCE
-    body = b"\x80\x02" + ordered_dict + b"("  # PROTO 2, the dict, MARK
-    storages = {}
-    for key, (name, array) in enumerate(tensors.items()):
-        a = np.ascontiguousarray(array, dtype=np.float32)
-        storages[str(key)] = a.tobytes()
-        strides = [s // 4 for s in a.strides]
-        persistent = b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text(str(key)) + text("cpu") + \
-            b"J" + struct.pack("<i", a.size) + b"tQ"  # TUPLE, BINPERSID
-        body += text(name) + b"ctorch._utils\n_rebuild_tensor_v2\n(" + persistent + b"J\0\0\0\0" + \
-            ints(a.shape) + ints(strides) + b"\x89" + ordered_dict + b"tR"  # NEWFALSE, TUPLE, REDUCE
-    body += b"u."  # SETITEMS, STOP
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("archive/data.pkl", body)
-        for key, data in storages.items():
-            z.writestr(f"archive/data/{key}", data)
-        z.writestr("archive/version", "3\n")
 
 
 def test_torch_zip_writer_is_read_back():

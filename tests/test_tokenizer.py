@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rwkv_mlx.errors import InvalidArgumentError, RwkvMlxError
-from rwkv_mlx.tokenizer import StreamDecoder, Tokenizer
-from rwkv_mlx.vocab import load_world_vocab
+from rwkv_mlx.text.tokenizer import StreamDecoder, Tokenizer
+from rwkv_mlx.formats.vocab import load_world_vocab
 
 pyrwkv_tokenizer = pytest.importorskip("pyrwkv_tokenizer")
 

@@ -3,13 +3,12 @@
 Tiny shapes throughout (2 layers, n_embd 32, two heads of 16, the world
 vocabulary's first 512 ids) so the whole file runs in well under a minute on
 a CPU.  Base models for fine-tuning are seeded random GGUF files written by
-gguf_writer (scripts/make_synthetic_model.py), so every weight matters.
+gguf_writer (rwkv_mlx.testing.synthetic), so every weight matters.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,17 +20,15 @@ from mlx.utils import tree_flatten
 from rwkv_mlx import load
 from rwkv_mlx.cli import run
 from rwkv_mlx.errors import InvalidArgumentError
-from rwkv_mlx.export import export_gguf
+from rwkv_mlx.loader.export import export_gguf
 from rwkv_mlx.model import ModelArgs
-from rwkv_mlx.state import State
+from rwkv_mlx.model.state import State
 from rwkv_mlx.train import (TrainConfig, apply_lora, batch_at, init_model, init_weights, learning_rate, merge_lora,
                             perplexity, tokenize_corpus, train, unigram_perplexities)
 from rwkv_mlx.train.data import world_tokenizer
 from rwkv_mlx.train.loop import build_model, load_base, make_optimizer, make_step
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import make_synthetic_model as synth  # noqa: E402  (seeded random models in llama.cpp's layout)
+from rwkv_mlx.testing import synthetic as synth  # seeded random models in llama.cpp's layout
 
 TINY = dict(vocab_size=512, n_embd=32, n_layer=2, ffn_dim=64, decay_rank=8, iclr_rank=8, value_rank=8, gate_rank=8,
             head_size=16)
@@ -56,11 +53,12 @@ def corpus(tmp_path_factory) -> Path:
 def base_files(tmp_path_factory) -> dict[str, Path]:
     """A seeded random model of the TINY shape as F32 and Q8_0 GGUF files."""
     folder = tmp_path_factory.mktemp("base")
-    hp = synth.synthetic_hparams(TINY["n_layer"], TINY["n_embd"], TINY["ffn_dim"], (8, 8, 8, 8), TINY["head_size"])
+    hp = synth.synthetic_args(TINY["n_layer"], TINY["n_embd"], TINY["ffn_dim"], (8, 8, 8, 8), TINY["head_size"],
+                              vocab=TINY["vocab_size"])
     files = {}
     for ft in ("F32", "Q8_0"):
         files[ft] = folder / f"base-{ft}.gguf"
-        synth.make_synthetic_model(files[ft], ft, hp, n_vocab=TINY["vocab_size"], seed=1)
+        synth.make_synthetic_model(files[ft], ft, hp, seed=1)
     return files
 
 
@@ -238,7 +236,7 @@ def test_exported_gguf_loads_back_with_the_same_logits(tmp_path):
 
     # head size 64: llama.cpp (and the reference) fix the GroupNorm epsilon at 64e-5, right for 64 only
     source = tmp_path / "source.gguf"
-    synth.make_synthetic_model(source, "F32", synth.synthetic_hparams(2, 64, 128, (8, 8, 8, 8), 64), n_vocab=512, seed=4)
+    synth.make_synthetic_model(source, "F32", synth.synthetic_args(2, 64, 128, (8, 8, 8, 8), 64, vocab=512), seed=4)
     model, tokenizer = load(source)
     tokens = [1, 40, 99, 300, 7]
     want, _ = model(mx.array([tokens]))

@@ -11,8 +11,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from rwkv_mlx.wkv import wkv7, wkv7_sequential
-from rwkv_mlx.wkv_chunked import wkv7_chunked
+from rwkv_mlx.model.wkv import wkv7, wkv7_sequential
+from rwkv_mlx.model.wkv_chunked import wkv7_chunked
 
 LOG_DECAY_MIN = -0.6065306597126334  # -e^-0.5: the fastest decay RWKV-7 can express
 

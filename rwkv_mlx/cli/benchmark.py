@@ -33,7 +33,7 @@ def benchmark(
     compare: Optional[str] = typer.Option(None, "--compare", help="Print the entries of this title side by side (ratios to the first) and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
 ) -> None:
-    from .. import benchmark as bench
+    from .. import bench
 
     if compare is not None:
         entries = bench.load_entries(results_dir, compare)

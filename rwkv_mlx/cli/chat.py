@@ -14,9 +14,9 @@ from typing import Optional
 import typer
 
 from . import app
-from ..chat import THINK_MODES, ChatSession, assistant_prefix, unescape_cli_text
+from ..text.chat import THINK_MODES, ChatSession, assistant_prefix, unescape_cli_text
 from ..errors import InvalidArgumentError, RwkvMlxError
-from ..sample import SamplingParams
+from ..text.sample import SamplingParams
 from .common import (
     DECAY_OPTION, DEVICE_OPTION, FREQUENCY_OPTION, GREEDY_OPTION, MIN_P_OPTION, MODEL_OPTION, PRESENCE_OPTION,
     SCALE_DTYPE_OPTION, SEED_OPTION, STATE_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, ThinkOption,

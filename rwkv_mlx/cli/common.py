@@ -7,25 +7,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
-import mlx.core as mx
 import typer
 
+from ..backend import select_device  # noqa: F401 - the commands import it from here
 from ..errors import InvalidArgumentError, ModelFileError
 from ..progress import Progress
-from ..sample import SamplingParams
+from ..text.sample import SamplingParams
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "rwkv7-demo-shakespeare.gguf"
-
-
-def select_device(device: str) -> None:
-    if device == "cpu":
-        mx.set_default_device(mx.cpu)
-    elif device == "gpu":
-        if not (mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())):
-            raise InvalidArgumentError("--device gpu: no GPU backend in this MLX build (install rwkv-mlx[cuda] on NVIDIA)")
-        mx.set_default_device(mx.gpu)
-    elif device != "auto":
-        raise InvalidArgumentError(f"--device must be auto, gpu or cpu, got {device!r}")
 
 
 def resolve_model(path: Path | None) -> Path:
@@ -38,7 +27,7 @@ def resolve_model(path: Path | None) -> Path:
 
 def load_for_cli(path: Path | None, *, scale_dtype: str = "float32", quiet: bool = False):
     from ..loader import load
-    from ..weights import LoadOptions
+    from ..model.weights import LoadOptions
 
     if scale_dtype not in ("float32", "float16", "bfloat16"):
         raise InvalidArgumentError(f"--scale-dtype must be float32, float16 or bfloat16, got {scale_dtype!r}")
@@ -57,7 +46,7 @@ def load_state_option(path: Path | None, model):
     """The starting state a --state option names (None: a zero state)."""
     if path is None:
         return None
-    from ..state import State
+    from ..model.state import State
 
     return State.from_state_tuning(path, model) if path.suffix == ".pth" else State.load(path, model)
 

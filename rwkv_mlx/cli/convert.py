@@ -32,7 +32,7 @@ def convert(
     shard_size: int = typer.Option(1024, "--shard-size", help="Largest safetensors file in MB (memory holds one shard)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or tables."),
 ) -> None:
-    from ..convert import convert as run_convert
+    from ..loader.convert import convert as run_convert
 
     bar = Progress(f"converting {src.name}", 1, " tensors", enabled=not quiet)
 
@@ -69,7 +69,7 @@ def convert(
 
 
 def _world_status(tokens) -> str:
-    from ..mlx_dir import TokenList
+    from ..formats.mlx_dir import TokenList
 
     n = len(tokens.tokens)
     if tokens.is_full_world_vocab():
@@ -80,7 +80,7 @@ def _world_status(tokens) -> str:
 
 
 def _args_rows(args) -> list[tuple[str, str]]:
-    from ..convert import parameter_shapes
+    from ..arch import parameter_shapes
 
     n_params = sum(int(np.prod(s)) for s in parameter_shapes(args).values())
     return [
@@ -101,8 +101,8 @@ def _type_rows(types: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
 
 def _info_converted(path: Path) -> None:
     from ..layers import WeightFormat
-    from ..mlx_dir import format_label, iter_stored_tensors, read_config
-    from ..model import ModelArgs
+    from ..formats.mlx_dir import format_label, iter_stored_tensors, read_config
+    from ..arch import ModelArgs
 
     config = read_config(path)
     args = ModelArgs.from_dict(config["model_args"])
@@ -144,7 +144,7 @@ def _is_mlx_lm_dir(path: Path) -> bool:
 def _info_mlx_lm(path: Path) -> None:
     import json
 
-    from ..hf import read_safetensors
+    from ..formats.hf import read_safetensors
 
     config = json.loads((path / "config.json").read_text())
     src = config.get("rwkv_mlx", {}).get("source", {})
@@ -174,8 +174,8 @@ def info(
     path: Path = typer.Argument(..., help="Model file or directory."),
     sha256: bool = typer.Option(False, "--sha256", help="Also hash the whole source (seconds per GB)."),
 ) -> None:
-    from ..convert import open_source, sha256_files
-    from ..hf import is_hf_dir
+    from ..loader.convert import open_source, sha256_files
+    from ..formats.hf import is_hf_dir
 
     if path.is_dir() and not is_hf_dir(path):
         _info_converted(path)

@@ -60,7 +60,7 @@ def kernel_rows(model, repeats: int) -> list[tuple[str, str, str, str]]:
 
     from ..kernels import kernel_backend, kernels_disabled
     from ..kernels.decode import BlockPlan
-    from ..wkv import time_mix_core_reference
+    from ..model.wkv import time_mix_core_reference
     from ..kernels.wkv7 import prefill
 
     backend = kernel_backend()
@@ -108,16 +108,14 @@ def kernel_rows(model, repeats: int) -> list[tuple[str, str, str, str]]:
         us = _launch_us(lambda: prefill(*seq, *chan, state, N, backend), repeats)
         rows.append((f"wkv7 prefill ({T} tokens)", "yes", f"{err:.1e}", f"{us:.0f}"))
 
-    from ..kernels import fused_head
-
     xh = arr(1, 1, C)
-    head = fused_head(model.ln_out, model.head, xh)
+    head = model.runtime.head(xh)
     if head is None:
         rows.append(("matvec head (LN prologue)", "no: pure-MLX path", "-", "-"))
     else:
         with kernels_disabled():
             ref = model.head(model.ln_out(xh))
-        us = _launch_us(lambda: fused_head(model.ln_out, model.head, xh), repeats)
+        us = _launch_us(lambda: model.runtime.head(xh), repeats)
         rows.append(("matvec head (LN prologue)", "yes", f"{_rel(head, ref):.1e}", f"{us:.0f}"))
     return rows
 
@@ -132,7 +130,7 @@ def doctor(
 ) -> None:
     import mlx.core as mx
 
-    from .. import __version__
+    from ..version import __version__
     from ..backend import active_backend, device_name
     from ..kernels import kernel_backend
 

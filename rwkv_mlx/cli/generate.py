@@ -10,9 +10,9 @@ from typing import List, Optional
 import typer
 
 from . import app
-from ..chat import TURN_END, format_chat_prompt, unescape_cli_text
+from ..text.chat import TURN_END, format_chat_prompt, unescape_cli_text
 from ..errors import InvalidArgumentError, ModelFileError
-from ..sample import SamplingParams
+from ..text.sample import SamplingParams
 from .common import (
     DECAY_OPTION, DEVICE_OPTION, FREQUENCY_OPTION, GREEDY_OPTION, MIN_P_OPTION, MODEL_OPTION, PRESENCE_OPTION,
     SCALE_DTYPE_OPTION, SEED_OPTION, STATE_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, ThinkOption, load_for_cli,
@@ -73,7 +73,7 @@ def generate(
                                      frequency_penalty=frequency_penalty, penalty_decay=penalty_decay, seed=seed)
 
     loaded, tokenizer, info = load_for_cli(model, scale_dtype=scale_dtype, quiet=not stats)
-    from ..generate import stream_generate
+    from ..text.generate import stream_generate
     from ..progress import Progress
 
     prompt_bytes = as_given(prompt)
@@ -115,7 +115,7 @@ def as_given(text: str) -> bytes | str:
 
 def raise_nonfinite(model, path, tokens: list[int]) -> None:
     """One error line naming the first module output that holds NaN or inf for ``tokens``."""
-    from ..debug import find_first_nonfinite
+    from ..model.debug import find_first_nonfinite
 
     where = find_first_nonfinite(model, tokens)
     found = f"first non-finite output: {where}" if where else "a layer-by-layer rerun found every output finite"

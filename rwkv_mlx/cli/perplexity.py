@@ -28,7 +28,7 @@ def perplexity(
     device: str = DEVICE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
-    from ..state import State
+    from ..model.state import State
     from ..train.data import read_text
     from ..train.evaluate import chunked_wkv, perplexity as score
 

@@ -68,53 +68,10 @@ def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, h
     return prefill(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, head_size, backend)
 
 
-def fused_block_step(block, x, att_shift, ffn_shift, wkv_state, v_first):
-    """One token through ``block`` by the decode kernels (kernels/decode.py), or None."""
-    backend = kernel_backend()
-    if backend is None:
-        return None
-    from .decode import block_step
-
-    return block_step(block, x, att_shift, ffn_shift, wkv_state, v_first, backend)
-
-
-def fused_head(ln_out, head, x):
-    """logits = head(LayerNorm(x)) for one token in one launch, or None."""
-    backend = kernel_backend()
-    if backend is None:
-        return None
+def head_plan(ln_out, head, batch: int, backend: str):
+    """The one-launch plan of ``logits = head(LayerNorm(x))`` for ``batch`` tokens (its ``ok`` says if it runs)."""
     from .matvec import MatvecPlan, Segment
 
-    B = x.shape[0]
-    plans = head.__dict__.setdefault("_head_plans", {})  # a cache, not a parameter
-    plan = plans.get(B)
-    if plan is None:
-        rows = head.weight.shape[0]
-        plan = plans[B] = MatvecPlan([Segment(head, mode=-1)], B, backend=backend, prologue=1, ln=ln_out,
-                                     out_shape=(B, 1, rows))
-    return plan(x)[0] if plan.ok else None
-
-
-def compiled_decode_step(model, batch: int):
-    """``(tokens [B], *state arrays) -> (logits [B, V], *state arrays)`` as one compiled graph, or None.
-
-    Replaying a compiled graph spares the host rebuilding ~250 launches per token
-    in Python. The launch plans hold evaluated constants, so they are built by an
-    eager warm-up call before tracing. The weights are captured: a model whose
-    weights change must drop ``model._compiled_steps``.
-    """
-    if kernel_backend() is None or hook_active():  # a launch hook needs concrete arrays
-        return None
-    cache = model.__dict__.setdefault("_compiled_steps", {})  # a cache, not a parameter
-    step = cache.get(batch)
-    if step is None:
-        from ..state import State
-
-        model(mx.zeros((batch, 1), dtype=mx.uint32), model.initial_state(batch), logits="last")
-
-        def one_token(tokens, *arrays):
-            logits, state = model(tokens[:, None], State.from_arrays(list(arrays)), logits="last")
-            return (logits[:, -1], *state.arrays())
-
-        step = cache[batch] = mx.compile(one_token)
-    return step
+    rows = head.weight.shape[0]
+    return MatvecPlan([Segment(head, mode=-1)], batch, backend=backend, prologue=1, ln=ln_out,
+                      out_shape=(batch, 1, rows))

@@ -12,7 +12,8 @@ at five, a CUPTI profile showed the step GPU-bound, so the kernels' own time cam
 (results/kernel_log.md, steps 5 and 6).
 It computes what ``Block.__call__`` computes for T = 1 (tests hold it to the
 pure-MLX path); a block whose weights the kernels cannot take keeps that path.
-Everything constant is prepared once per block and batch size (``BlockPlan``).
+Everything constant is prepared once per block and batch size (``BlockPlan``); the model's
+decode runtime (rwkv_mlx/model/runtime.py) holds the plans and drops them when weights change.
 """
 
 from __future__ import annotations
@@ -90,15 +91,3 @@ class BlockPlan:
         x = self.out(y, residual=x)
         h, xf = self.key(x, ffn_shift)
         return self.value(h, residual=x), xn, xf, wkv_state, v_first
-
-
-def block_step(block, x, att_shift, ffn_shift, wkv_state, v_first, backend: str):
-    """(x, att_shift, ffn_shift, wkv_state, v_first) after one token, or None if unsupported."""
-    plans = block.__dict__.get("_decode_plans")
-    if plans is None:
-        plans = {}
-        object.__setattr__(block, "_decode_plans", plans)  # a cache, not a parameter
-    plan = plans.get(x.shape[0])
-    if plan is None:
-        plan = plans[x.shape[0]] = BlockPlan(block, x.shape[0], backend)
-    return plan(x, att_shift, ffn_shift, wkv_state, v_first) if plan.ok else None

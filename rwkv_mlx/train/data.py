@@ -48,7 +48,7 @@ def world_tokenizer(vocab_size: int):
     (tests, experiments) can use the first ``vocab_size`` ids and still
     encode any text.
     """
-    from ..tokenizer import Tokenizer
+    from ..text.tokenizer import Tokenizer
 
     world = Tokenizer.from_vocab_file()
     if vocab_size >= world.vocab_size:

@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..state import State
+from ..model.state import State
 
 
 @dataclass

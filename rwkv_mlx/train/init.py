@@ -28,8 +28,8 @@ import functools
 import mlx.core as mx
 import numpy as np
 
-from ..errors import InvalidArgumentError
-from ..model import Model, ModelArgs
+from ..arch import ModelArgs, check_model_args
+from ..model import Model
 
 
 def lora_rank_suggestion(n_embd: int, factor: float) -> int:
@@ -70,8 +70,7 @@ def init_weights(args: ModelArgs, seed: int = 0) -> dict[str, np.ndarray]:
 @functools.lru_cache(maxsize=1)  # runs of one shape and seed (a sweep) share one initialisation
 def _init_weights(key: tuple, seed: int) -> dict[str, np.ndarray]:
     args = ModelArgs.from_dict(dict(key))
-    if args.n_embd % args.head_size:
-        raise InvalidArgumentError(f"n_embd {args.n_embd} is not a multiple of head size {args.head_size}")
+    check_model_args(args)
     rng = np.random.default_rng(seed)
     C, L, N, V, F = args.n_embd, args.n_layer, args.head_size, args.vocab_size, args.ffn_dim
     i = np.arange(C, dtype=np.float64)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -43,10 +42,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from ..errors import InvalidArgumentError, ModelFileError
-from ..export import export_gguf, export_state
-from ..model import MATRIX_MODULES, ModelArgs
+from ..io import atomic_write
+from ..loader.export import export_gguf, export_state
+from ..arch import GLOBAL_MATRICES, MATRIX_MODULES, ModelArgs
 from ..progress import Progress
-from ..state import State
+from ..model.state import State
 from . import data as data_mod
 from .evaluate import chunked_wkv, perplexity
 from .init import init_model
@@ -177,7 +177,7 @@ class TrainResult:
 def load_base(path: str, mode: str):
     """The model to adapt: dense float32 for full fine-tuning, as stored for lora/state."""
     from ..loader import load
-    from ..weights import LoadOptions
+    from ..model.weights import LoadOptions
 
     if mode == "full":
         opts = LoadOptions(float_dtype="float32", affine=False, ggml_native=False)
@@ -212,7 +212,7 @@ def build_model(cfg: TrainConfig):
     return model, tokenizer, target
 
 
-_MATRIX_PARENTS = ("emb", "head", *MATRIX_MODULES)
+_MATRIX_PARENTS = (*GLOBAL_MATRICES, *MATRIX_MODULES)
 
 
 def _is_matrix(path: str, a: mx.array) -> bool:
@@ -262,9 +262,18 @@ def make_step(model, target, optimizer, cfg: TrainConfig) -> Callable:
         return loss, norm
 
     if not cfg.compile:
-        return step
+        return step  # target.update invalidates the model's decode runtime on every step
     tracked = [model.state, optimizer.state] + ([target.state] if tunable is not None else [])
-    return mx.compile(step, inputs=tracked, outputs=tracked)
+    compiled = mx.compile(step, inputs=tracked, outputs=tracked)
+
+    def compiled_step(x, y):
+        # a compiled step writes the new weights back without calling update: the
+        # decode runtime's plans and compiled graphs are stale after it
+        out = compiled(x, y)
+        model.runtime.invalidate()
+        return out
+
+    return compiled_step
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -286,14 +295,11 @@ def save_checkpoint(out: Path, step: int, target, optimizer, progress: dict, kee
     """Write checkpoints/step-N (progress.json last: a folder without it is incomplete)."""
     root = out / "checkpoints"
     folder = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _save_tree(tmp / "trainable.safetensors", trainable_arrays(target))
-    _save_tree(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
-    (tmp / "progress.json").write_text(json.dumps({**progress, "step": step}, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    root.mkdir(parents=True, exist_ok=True)
+    with atomic_write(folder, directory=True) as tmp:
+        _save_tree(tmp / "trainable.safetensors", trainable_arrays(target))
+        _save_tree(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
+        (tmp / "progress.json").write_text(json.dumps({**progress, "step": step}, indent=2))
     for old in complete_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return folder

@@ -17,9 +17,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import InvalidArgumentError
-from ..export import dense_weight, module_at
+from ..loader.export import dense_weight, module_at
 from ..layers import Linear, WeightFormat
-from ..model import MATRIX_MODULES
+from ..arch import MATRIX_MODULES
 
 DEFAULT_TARGETS = MATRIX_MODULES  # att.receptance/key/value/output, ffn.key/value
 ALL_TARGETS = (*MATRIX_MODULES, "head")
@@ -91,6 +91,7 @@ def apply_lora(model, rank: int = 8, alpha: float = 16.0, targets=DEFAULT_TARGET
     for path, key in zip(paths, keys):
         _set_module(model, path, LoRALinear(module_at(model, path), rank, alpha, key=key))
     model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    model.runtime.invalidate()  # the adapted layers replace the ones the plans were built from
     return paths
 
 
@@ -117,4 +118,5 @@ def merge_lora(model) -> int:
         merged += 1
     model.formats = MappingProxyType(formats)
     mx.eval(model.parameters())
+    model.runtime.invalidate()  # the merged weights replace the ones the plans were built from
     return merged

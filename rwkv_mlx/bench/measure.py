@@ -1,0 +1,169 @@
+"""Measuring: one timed run (prefill, then greedy decode through ``stream_generate``), the spread of
+runs, the graph primitives one decoded token runs, and where it was measured (device, versions, commit).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import os
+import platform
+import re
+import statistics
+import subprocess
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import mlx.core as mx
+
+from ..backend import active_backend, device_name
+from ..text.generate import stream_generate
+from ..text.sample import Sampler, SamplingParams, token_logprob
+from ..version import __version__
+
+
+# Primitives that only re-describe memory (strides, shapes): on Metal and CUDA
+# they launch no kernel when their input is contiguous, which is the usual case.
+VIEW_PRIMITIVES = frozenset({
+    "Reshape", "Squeeze", "ExpandDims", "Flatten", "Unflatten", "Transpose", "Broadcast", "BroadcastAxes",
+    "Slice", "AsStrided", "StopGradient", "Depends",
+})
+
+
+@dataclass
+class PrimitiveCount:
+    """What one decode step puts in MLX's graph (after any mx.compile fusion)."""
+
+    primitives: int  # every node of the step's graph
+    kernels: int  # nodes that are not views: an estimate of kernel launches (dispatches)
+    n_layer: int
+    by_name: dict[str, int]
+
+    @classmethod
+    def of(cls, names: Counter, n_layer: int) -> "PrimitiveCount":
+        kernels = sum(c for name, c in names.items() if name not in VIEW_PRIMITIVES)
+        return cls(sum(names.values()), kernels, n_layer, dict(names.most_common()))
+
+    @property
+    def kernels_per_layer(self) -> float:
+        return self.kernels / self.n_layer
+
+    @property
+    def primitives_per_layer(self) -> float:
+        return self.primitives / self.n_layer
+
+    def summary(self) -> str:
+        return (f"{self.kernels} kernels est. ({self.kernels_per_layer:.1f} / layer); "
+                f"{self.primitives} graph primitives")
+
+
+_DOT_NODE = re.compile(r'\{ (\S+) \[label ="([^"]*)", shape=rectangle\]; \}')
+
+
+def count_primitives(outputs: Sequence[mx.array]) -> Counter:
+    """Primitive name -> count in the (unevaluated) graph that computes ``outputs``.
+
+    Reads ``mx.export_to_dot``: operations are its rectangle nodes, one per
+    primitive (a multi-output primitive is one node).  Arrays already evaluated
+    are leaves, so evaluate the inputs first to count only the step.  Outputs
+    of an ``mx.compile``d function carry the compiled graph, where each fused
+    elementwise chain is one ``Compiled...`` primitive: the count is what runs.
+    """
+    buffer = io.StringIO()
+    mx.export_to_dot(buffer, *outputs)
+    nodes = dict(_DOT_NODE.findall(buffer.getvalue()))
+    return Counter(nodes.values())
+
+
+def decode_step_primitives(model, token: int = 0, state=None) -> PrimitiveCount:
+    """Primitives of one greedy decode step as ``stream_generate`` builds it.
+
+    The step is ``model.step`` (the decode loop's call: one compiled graph of
+    fused kernels on GPUs) -> sampler -> token and its log-probability, plus the
+    new state and sampler state: everything the decode loop evaluates per token.
+    """
+    sampler = Sampler(SamplingParams.greedy(), model.args.vocab_size)
+    state = state if state is not None else model.initial_state()
+    tok = mx.array([token], dtype=mx.uint32)
+    mx.eval(tok, *state.arrays(), *sampler.state)
+    logits, new_state = model.step(tok, state)
+    nxt = sampler(logits)
+    outputs = [nxt, token_logprob(logits, nxt), *new_state.arrays(), *sampler.state]
+    return PrimitiveCount.of(count_primitives(outputs), model.args.n_layer)
+
+
+@dataclass
+class RunTiming:
+    prefill_tps: float
+    generation_tps: float
+    prefill_peak_bytes: int
+    decode_peak_bytes: int
+    tokens: list[int]
+
+
+def timed_run(model, tokenizer, prompt: Sequence[int], gen_tokens: int) -> RunTiming:
+    """One prefill + greedy decode through ``stream_generate``; speeds are its own."""
+    tokens, prefill_peak, last = [], None, None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=gen_tokens, sampling=SamplingParams.greedy(),
+                                stop_at_end_of_text=False):
+        if prefill_peak is None:  # stream_generate reset the peak before prefill; start the decode phase
+            prefill_peak = mx.get_peak_memory()
+            mx.reset_peak_memory()
+        tokens.append(last.token)
+    return RunTiming(last.prompt_tps, last.generation_tps, prefill_peak, mx.get_peak_memory(), tokens)
+
+
+@dataclass
+class Spread:
+    median: float
+    min: float
+    max: float
+    values: list[float]
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> "Spread":
+        values = [float(v) for v in values]
+        return cls(statistics.median(values), min(values), max(values), values)
+
+
+def local_now() -> _dt.datetime:
+    return _dt.datetime.now().astimezone()
+
+
+def environment() -> dict:
+    """Where a figure was measured: device, backend, versions, commit, OS."""
+    info = {}
+    try:  # what the device is; not its serial numbers or momentary free memory
+        info = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in mx.device_info().items()
+                if k not in ("uuid", "pci_bus_id", "free_memory")}
+    except Exception:  # older MLX or an unavailable backend: the name below still says enough
+        pass
+    commit, dirty = git_commit()
+    return {
+        "device": device_name(), "backend": active_backend(), "device_info": info,
+        "mlx": mx.__version__, "rwkv_mlx": __version__, "commit": commit, "commit_dirty": dirty,
+        "os": platform.platform(), "python": platform.python_version(),
+    }
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """(short commit of this package's checkout, whether tracked files differ).
+
+    ``$RWKV_MLX_COMMIT`` wins when set: a copy of the tree on another machine may carry a
+    stale ``.git`` that names the wrong commit.
+    """
+    if os.environ.get("RWKV_MLX_COMMIT"):
+        return os.environ["RWKV_MLX_COMMIT"], None
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode == 0 and head.stdout.strip():
+            status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10)
+            return head.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("RWKV_MLX_COMMIT") or None, None

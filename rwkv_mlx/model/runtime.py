@@ -1,0 +1,98 @@
+"""The decode runtime: every kernel launch plan and compiled decode step of one model, in one place.
+
+A launch plan holds evaluated views of the weights it was built from
+(kernels/matvec.py ``MatvecPlan``, kernels/decode.py ``BlockPlan``), and a compiled
+step captures the weights as constants, so each is right only while the weights
+stay as they were.  ``invalidate()`` drops them all; the model calls it whenever
+its weights change through it (``update``, ``update_modules``, ``load_weights``,
+``keep_tables_on_device``), and the trainer and the LoRA functions call it after
+they change weights by other means (a compiled training step, a swapped module).
+Code that assigns a submodule's arrays directly must call it too.
+
+On the CPU backend (or inside ``kernels_disabled()``) nothing is built and every
+call answers None: the pure-MLX path runs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import mlx.core as mx
+
+from ..kernels import head_plan, hook_active, kernel_backend
+from ..kernels.decode import BlockPlan
+from .state import State
+
+
+class DecodeRuntime:
+    """Plans and compiled steps of one model, keyed by layer and batch size; dropped by ``invalidate``."""
+
+    def __init__(self, model):
+        self._model = weakref.ref(model)  # the model owns its runtime; no cycle keeps its weights alive
+        self._blocks: dict[tuple[int, int], BlockPlan] = {}
+        self._heads: dict[int, object] = {}
+        self._steps: dict[int, Callable] = {}
+        self.invalidations = 0  # how often the weights changed (tests count it)
+
+    def invalidate(self) -> None:
+        """Drop every plan and compiled step: the weights changed."""
+        self._blocks.clear()
+        self._heads.clear()
+        self._steps.clear()
+        self.invalidations += 1
+
+    def cached(self) -> int:
+        """How many plans and compiled steps are held now."""
+        return len(self._blocks) + len(self._heads) + len(self._steps)
+
+    def block_plan(self, layer: int, batch: int) -> BlockPlan | None:
+        """The launch plan of block ``layer`` for ``batch`` rows (built on first use), or None on the pure path."""
+        backend = kernel_backend()
+        if backend is None:
+            return None
+        key = (layer, batch)
+        plan = self._blocks.get(key)
+        if plan is None:
+            plan = self._blocks[key] = BlockPlan(self._model().blocks[layer], batch, backend)
+        return plan
+
+    def block_step(self, layer: int, x, att_shift, ffn_shift, wkv_state, v_first):
+        """One token through block ``layer`` by the decode kernels: what ``Block.__call__`` returns, or None."""
+        plan = self.block_plan(layer, x.shape[0])
+        return plan(x, att_shift, ffn_shift, wkv_state, v_first) if plan is not None and plan.ok else None
+
+    def head(self, x):
+        """logits = head(LayerNorm(x)) for one token in one launch, or None."""
+        backend = kernel_backend()
+        if backend is None:
+            return None
+        batch = x.shape[0]
+        plan = self._heads.get(batch)
+        if plan is None:
+            model = self._model()
+            plan = self._heads[batch] = head_plan(model.ln_out, model.head, batch, backend)
+        return plan(x)[0] if plan.ok else None
+
+    def step(self, batch: int):
+        """``(tokens [B], *state arrays) -> (logits [B, V], *state arrays)`` as one compiled graph, or None.
+
+        Replaying a compiled graph spares the host rebuilding ~250 launches per token
+        in Python. The launch plans hold evaluated constants, so they are built by an
+        eager warm-up call before tracing; the graph captures the weights, which is
+        why ``invalidate`` drops it.
+        """
+        if kernel_backend() is None or hook_active():  # a launch hook needs concrete arrays
+            return None
+        step = self._steps.get(batch)
+        if step is None:
+            model_ref = self._model
+            model = model_ref()
+            model(mx.zeros((batch, 1), dtype=mx.uint32), model.initial_state(batch), logits="last")
+
+            def one_token(tokens, *arrays):
+                logits, state = model_ref()(tokens[:, None], State.from_arrays(list(arrays)), logits="last")
+                return (logits[:, -1], *state.arrays())
+
+            step = self._steps[batch] = mx.compile(one_token)
+        return step

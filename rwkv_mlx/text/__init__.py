@@ -1,0 +1,1 @@
+"""Text on top of the model: the world tokenizer, sampling, generation and chat."""
