@@ -26,7 +26,8 @@ without touching the scheduler.
 Every row has its own sampler (``rwkv_mlx.sample.Sampler`` with batch 1: its
 parameters, penalties, seed and key stream are exactly those of
 ``rwkv_mlx.generate`` for that request alone), stop strings, token limit and
-log-probability options.
+log-probability options; a decode step samples all rows together
+(:func:`.batch_sampling.sample_rows`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from ..errors import RwkvMlxError
 from ..generate import DEFAULT_PREFILL_CHUNK, TokenText, prefill, sampler_for
 from ..sample import log_softmax, token_logprob
 from ..state import State
+from .batch_sampling import sample_rows
 from .errors import APIError, bad_request, internal, no_state, no_states_dir, queue_full, state_exists, timed_out
 from .metrics import Metrics
 from .protocol import Spec
@@ -109,7 +111,6 @@ class _Row:
     cached: int = 0
     sampler: object = None
     text: TokenText | None = None
-    plain_greedy: bool = False  # argmax with no processors: sampled for all such rows at once
     token: int | None = None  # sampled, not yet read by the model
     generated: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
@@ -275,8 +276,7 @@ class Engine:
             row.origin, start = self._initial_state(spec.initial_state)
         row.sampler = sampler_for(self.model, self.tokenizer, spec.sampling, 1)
         row.sampler.observe_prompt(spec.prompt_ids)
-        row.plain_greedy = (spec.sampling.is_greedy and not row.sampler.processors and spec.processor is None)
-        row.text = TokenText(self.tokenizer, spec.stop, spec.max_tokens, stop_at_end_of_text=True)
+        row.text = TokenText(self.tokenizer, spec.stop, spec.max_tokens, spec.stop_at_end_of_text)
         n, cached = self.cache.lookup(row.origin, spec.prompt_ids, len(spec.prompt_ids) - 1)
         row.pos, row.cached, row.state = n, n, cached if cached is not None else start
         if n:
@@ -462,19 +462,11 @@ class Engine:
         tokens = mx.array([r.token if r is not None else 0 for r in slots], dtype=mx.uint32)
         tic = time.perf_counter()
         logits, self._batch = self.step_fn(self.model, tokens, self._batch)
-        greedy = [i for i in active if slots[i].plain_greedy]
-        others = [i for i in active if not slots[i].plain_greedy]
-        sampled = {}
-        if greedy:
-            index = mx.array(greedy, dtype=mx.int32)
-            picks = mx.argmax(logits[index], axis=-1).astype(mx.uint32)
-            sampled.update({i: picks[k : k + 1] for k, i in enumerate(greedy)})
-        for i in others:
-            sampled[i] = slots[i].sampler(logits[i : i + 1])
+        samplers = [slots[i].sampler for i in active]
         order = mx.array(active, dtype=mx.int32)
-        toks = mx.concatenate([sampled[i] for i in active])
+        toks = sample_rows(logits[order], samplers)
         lps = token_logprob(logits[order], toks)
-        extra = [a for i in others for a in slots[i].sampler.state]
+        extra = [a for s in samplers for a in s.state]
         mx.eval(toks, lps, *self._batch.arrays(), *extra)
         self.metrics.observe("decode_step_seconds", time.perf_counter() - tic, "one decode step of the whole batch")
         self.metrics.inc("decode_steps_total", help="decode steps run")

@@ -48,6 +48,7 @@ class Spec:
     logprobs: bool = False
     top_logprobs: int = 0
     think: str = "off"
+    stop_at_end_of_text: bool = True  # False: the ``ignore_eos`` extension (fixed-length benchmarks)
     initial_state: str | None = None  # a name in the server's state directory
     save_state: str | None = None  # save the final state under this name
     #: chat: the token ids under which the conversation continues once the answer is resent
@@ -149,6 +150,7 @@ def _common(body: dict, *, kind: str, model_name: str, vocab_size: int, max_toke
         stop=_stops(body),
         stream=stream,
         include_usage=include_usage,
+        stop_at_end_of_text=not _get(body, "ignore_eos", bool, False, what="true or false"),
         initial_state=state_name(body, "initial_state"),
         save_state=state_name(body, "save_state"),
         processor=logits_processor_for(body, vocab_size),
