@@ -123,7 +123,7 @@ def test_eight_concurrent_requests_each_equal_their_sequential_result(server, re
         prompt = ["ROMEO:", "JULIET:\nO Romeo", "First Citizen:\nBefore we proceed any further, hear me speak.",
                   "KING RICHARD III:\nNow is the winter", "HAMLET:", "Second Citizen:", "MENENIUS:\nWhy, masters",
                   "LADY CAPULET:\nWhat"][i]
-        n = 12 + 3 * i
+        n = 8 + 2 * i
         if i % 3 == 0:
             params, knobs = SamplingParams.greedy(), dict(PLAIN_GREEDY)
         elif i % 3 == 1:

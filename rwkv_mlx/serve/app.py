@@ -126,7 +126,7 @@ def create_app(config: ServeConfig, engine: Engine, model_name: str) -> Starlett
         endpoint = "chat" if kind == "chat" else "completions"
         try:
             check_key(request)
-            spec = parse(kind, await read_json(request))
+            spec = await asyncio.to_thread(parse, kind, await read_json(request))  # a long prompt's tokenizing
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[Event] = asyncio.Queue()
 

@@ -9,9 +9,9 @@ Each loop iteration of the engine
 1. admits waiting jobs while fewer than ``max_batch`` rows are in flight;
 2. drops rows whose client went away or whose time ran out (their slot is free
    at once);
-3. reads one prompt chunk of the oldest row still reading its prompt (at most
-   ``prefill_chunk`` tokens, cut at the message boundaries that the state cache
-   checkpoints), so a long prompt never stalls the rows that are decoding;
+3. reads at most ``prefill_chunk`` prompt tokens, oldest request first (cut at
+   the message boundaries that the state cache checkpoints), so a long prompt
+   never stalls the rows that are decoding and a burst of short ones starts at once;
 4. runs one decode step for every decoding row together.
 
 The decoding rows live in *slots* of one batched :class:`~rwkv_mlx.state.State`
@@ -206,7 +206,7 @@ class Engine:
             try:
                 self._drop_gone()
                 if self._reading:
-                    self._read_prompt_chunk()
+                    self._read_prompts()
                 if any(self._slots):
                     self._decode_step()
             except Exception:  # a bug must not kill the server: fail what was in flight, keep serving
@@ -302,7 +302,19 @@ class Engine:
             self._initial_states = {key: (f"state:{digest}", state)}  # keep the latest one only
         return self._initial_states[key]
 
-    def _read_prompt_chunk(self) -> None:
+    def _read_prompts(self) -> None:
+        """Read prompt chunks, oldest request first, until ``prefill_chunk`` tokens were read this turn.
+
+        Several short prompts fit in one turn (a burst of new requests gets its first tokens
+        without waiting a decode step each); a long one is read a chunk per turn. A request's
+        chunks do not depend on the load (the same cuts whatever else is running).
+        """
+        budget = self.prefill_chunk
+        while self._reading and budget > 0:
+            budget -= self._read_prompt_chunk()
+
+    def _read_prompt_chunk(self) -> int:
+        """Read the next chunk of the oldest prompt; returns the number of tokens read."""
         row = self._reading[0]
         spec = row.job.spec
         try:
@@ -311,23 +323,24 @@ class Engine:
         except APIError as e:
             self._reading.pop(0)
             row.job.deliver(Event("error", error=e))
-            return
+            return 1  # a refused request still costs the turn something: no endless loop on a flood of them
         ids = spec.prompt_ids
-        end = min([row.pos + self.prefill_chunk, len(ids), *(c for c in spec.checkpoints if c > row.pos)])
+        start = row.pos
+        end = min([start + self.prefill_chunk, len(ids), *(c for c in spec.checkpoints if c > start)])
         tic = time.perf_counter()
-        logits, row.state = prefill(self.model, ids[row.pos:end], row.state, chunk_size=self.prefill_chunk)
+        logits, row.state = prefill(self.model, ids[start:end], row.state, chunk_size=self.prefill_chunk)
         self.metrics.observe("prefill_chunk_seconds", time.perf_counter() - tic, "time to read one prompt chunk")
-        self.metrics.inc("prompt_tokens_read_total", end - row.pos, help="prompt tokens run through the model")
+        self.metrics.inc("prompt_tokens_read_total", end - start, help="prompt tokens run through the model")
         row.pos = end
         if end in spec.checkpoints:
             self.cache.put(row.origin, ids[:end], row.state)
         if end < len(ids):
-            return
+            return end - start
         self._reading.pop(0)
         token, entries = self._sample_one(row, logits)
-        if self._accept(row, token, entries):
-            return
-        self._join(row)
+        if not self._accept(row, token, entries):
+            self._join(row)
+        return end - start
 
     # -- sampling and output --------------------------------------------------------------------
 
@@ -418,8 +431,13 @@ class Engine:
             raise no_states_dir()
         if find_state(self.states_dir, name) is not None:
             raise state_exists(name)
-        self.states_dir.mkdir(parents=True, exist_ok=True)
-        state.save(self.states_dir / f"{name}.safetensors", metadata={"saved_by": "rwkv-mlx serve"})
+        try:
+            self.states_dir.mkdir(parents=True, exist_ok=True)
+            state.save(self.states_dir / f"{name}.safetensors", metadata={"saved_by": "rwkv-mlx serve"})
+        except (RwkvMlxError, OSError) as e:  # a full disk fails this request, not the batch
+            log.warning("save_state %s: %s", name, e)
+            raise APIError(500, f"save_state {name!r}: the state could not be written", type="server_error",
+                           param="save_state", code="save_failed") from None
 
     # -- the decode batch --------------------------------------------------------------------------------
 
