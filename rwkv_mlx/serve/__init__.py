@@ -9,10 +9,27 @@ One module per idea:
   bounded by bytes, spilled to disk as fingerprinted safetensors;
 * :mod:`.engine`     -- the one thread that owns MLX: continuous batching with batch-size buckets;
 * :mod:`.metrics`    -- Prometheus text;
-* :mod:`.app`        -- the HTTP routes (Starlette), auth, limits, SSE.
+* :mod:`.batch_sampling` -- one step's sampling for all rows, each with its own parameters;
+* :mod:`.app`        -- the HTTP routes (Starlette), auth, limits, SSE;
+* :mod:`.server`     -- engine + app + uvicorn.
+
+Only :mod:`.app` and :mod:`.server` need the ``[serve]`` extra (Starlette, uvicorn).
 """
 
-from .app import ServeConfig, create_app
-from .engine import Engine
+__all__ = ["ServeConfig", "Server", "Engine"]
 
-__all__ = ["ServeConfig", "create_app", "Engine"]
+
+def __getattr__(name: str):  # the HTTP stack is imported only by those who use it
+    if name == "ServeConfig":
+        from .app import ServeConfig
+
+        return ServeConfig
+    if name == "Server":
+        from .server import Server
+
+        return Server
+    if name == "Engine":
+        from .engine import Engine
+
+        return Engine
+    raise AttributeError(name)

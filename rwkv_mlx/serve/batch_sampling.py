@@ -22,7 +22,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from ..sample import RepetitionPenalty, Sampler, TokenBan
+from .. import Sampler
+from ..sample import RepetitionPenalty, TokenBan
 from ..sample import _effective as effective_temperature_top_p  # the reference's T = 0 rule, in one place
 
 _NEG_INF = float("-inf")

@@ -44,10 +44,9 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ..errors import RwkvMlxError
-from ..generate import DEFAULT_PREFILL_CHUNK, TokenText, prefill, sampler_for
+from .. import RwkvMlxError, State, prefill
+from ..generate import DEFAULT_PREFILL_CHUNK, TokenText, sampler_for
 from ..sample import log_softmax, token_logprob
-from ..state import State
 from .batch_sampling import sample_rows
 from .errors import APIError, bad_request, internal, no_state, no_states_dir, queue_full, state_exists, timed_out
 from .metrics import Metrics

@@ -21,9 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import InvalidArgumentError, SamplingParams
 from ..chat import THINK_MODES, TURN_END, assistant_prefix, clean_message, system_prompt
-from ..errors import InvalidArgumentError
-from ..sample import SamplingParams
 from .constraints import logits_processor_for
 from .errors import APIError, bad_request
 

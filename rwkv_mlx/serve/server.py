@@ -14,11 +14,10 @@ log = logging.getLogger("rwkv_mlx.serve")
 
 def _loader(config: ServeConfig):
     def load():
+        from .. import LoadOptions, load
         from ..cli.common import resolve_model
-        from ..loader import load as load_model
-        from ..weights import LoadOptions
 
-        model, tokenizer = load_model(resolve_model(config.model), LoadOptions.for_backend(scale_dtype=config.scale_dtype))
+        model, tokenizer = load(resolve_model(config.model), LoadOptions.for_backend(scale_dtype=config.scale_dtype))
         return model, tokenizer
 
     return load

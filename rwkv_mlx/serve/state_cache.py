@@ -32,8 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RwkvMlxError
-from ..state import ModelIdentity, State
+from .. import ModelIdentity, RwkvMlxError, State
 
 log = logging.getLogger("rwkv_mlx.serve")
 
