@@ -141,6 +141,20 @@ def test_eight_concurrent_requests_each_equal_their_sequential_result(server, re
     assert got == want
 
 
+def test_prompts_read_in_small_chunks_between_decode_steps_give_the_same_text(reference):
+    """--prefill-chunk 7: prompts are cut into many pieces, read while other rows decode."""
+    model, tok = reference
+    prompts = ["First Citizen:\nBefore we proceed any further, hear me speak. You are all resolved rather to die "
+               "than to famish?", "ROMEO:", "KING HENRY:\nOnce more unto the breach, dear friends, once more;"]
+    want = [rwkv_mlx.generate(model, tok, p, max_tokens=12, sampling=SamplingParams.greedy()) for p in prompts]
+    with Server(ServeConfig(model=DEMO, port=0, prefill_chunk=7, max_batch=4)) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: c.completions.create(model=NAME, prompt=p, max_tokens=12, **PLAIN_GREEDY)
+                                .choices[0].text, prompts))
+    assert got == want
+
+
 def test_padding_rows_and_neighbours_do_not_change_a_row(reference):
     """The engine pads a batch to its bucket size with idle rows. On this CPU backend a row's
     logits and state are bitwise the same at batch 1 and inside a padded batch of 8 with other
