@@ -58,6 +58,11 @@ class ServeConfig:
     device: str = "auto"
     scale_dtype: str = "float32"
 
+    def __post_init__(self):
+        for name in ("model", "cache_dir", "states_dir"):  # str or PathLike, as the caller likes
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+
     @property
     def states_directory(self) -> Path | None:
         if self.states_dir is not None:

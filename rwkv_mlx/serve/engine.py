@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 
 from .. import RwkvMlxError, State, prefill
 from ..generate import DEFAULT_PREFILL_CHUNK, TokenText, sampler_for
@@ -141,6 +142,7 @@ class Engine:
         self._reading: list[_Row] = []  # rows still reading their prompt, oldest first
         self._slots: list[_Row | None] = []
         self._batch: State | None = None
+        self._inflight: _Step | None = None  # the decode step launched last, not yet read
         self._initial_states: dict[tuple, tuple[str, State]] = {}
         self._stopping = False
         self._ready = threading.Event()
@@ -198,7 +200,7 @@ class Engine:
             with self._cv:
                 if self._stopping:
                     break
-                if not self._pending and not self._reading and not any(self._slots):
+                if not self._pending and not self._reading and not any(self._slots) and self._inflight is None:
                     self._cv.wait(timeout=0.5)
                     continue
                 self._admit()
@@ -206,7 +208,7 @@ class Engine:
                 self._drop_gone()
                 if self._reading:
                     self._read_prompts()
-                if any(self._slots):
+                if any(self._slots) or self._inflight is not None:
                     self._decode_step()
             except Exception:  # a bug must not kill the server: fail what was in flight, keep serving
                 log.exception("engine step failed")
@@ -264,7 +266,7 @@ class Engine:
     def _fail_all(self, error: APIError) -> None:
         for row in [*self._reading, *(r for r in self._slots if r is not None)]:
             row.job.deliver(Event("error", error=error))
-        self._reading, self._slots, self._batch = [], [], None
+        self._reading, self._slots, self._batch, self._inflight = [], [], None, None
 
     # -- prompts ----------------------------------------------------------------------------------
 
@@ -390,11 +392,14 @@ class Engine:
 
     def _finish(self, row: _Row, finish: str) -> None:
         spec = row.job.spec
-        state_before = self._batch[row.slot] if row.slot is not None else row.state
+        # In a decode slot, the step launched after the one that sampled the last token has
+        # already read it (see _decode_step); a row that ends on its first token has not.
+        read_last = row.slot is not None
+        state = self._batch[row.slot] if read_last else row.state
         self._remove(row)
         error = None
         try:
-            self._keep_final_state(row, state_before)
+            self._keep_final_state(row, state, read_last)
         except APIError as e:
             error = e
         self.metrics.inc("completion_tokens_total", len(row.generated), help="tokens generated")
@@ -406,8 +411,11 @@ class Engine:
         row.job.deliver(Event("done", finish_reason=finish, prompt_tokens=len(spec.prompt_ids),
                               completion_tokens=len(row.generated), cached_tokens=row.cached))
 
-    def _keep_final_state(self, row: _Row, state_before: State) -> None:
-        """Checkpoint the finished chat turn and save the state a request asked for."""
+    def _keep_final_state(self, row: _Row, state: State, read_last: bool) -> None:
+        """Checkpoint the finished chat turn and save the state a request asked for.
+
+        ``state`` is the state after the last generated token when ``read_last``, else before it.
+        """
         spec = row.job.spec
         turn = spec.turn_key is not None
         if not (turn or spec.save_state):
@@ -419,7 +427,9 @@ class Engine:
         key = spec.turn_key("".join(row.pieces)) if turn else None
         if key != read and not spec.save_state:
             return  # the resent conversation would tokenize differently: its state is not this one
-        _, final = prefill(self.model, [row.generated[-1], *close], state_before, chunk_size=self.prefill_chunk)
+        rest = close if read_last else [row.generated[-1], *close]
+        final = prefill(self.model, rest, state, chunk_size=self.prefill_chunk)[1] if rest else state
+        mx.eval(final.arrays())
         if key == read:
             self.cache.put(row.origin, key, final)
         if spec.save_state:
@@ -474,24 +484,69 @@ class Engine:
         row.state = None
 
     def _decode_step(self) -> None:
+        """Launch the next step, then hand out the tokens of the step launched before it.
+
+        The next step's input is the previous step's sampled tokens, still lazy, so the
+        device computes step k+1 while this thread turns step k's tokens into text and
+        events (the pipelining of ``rwkv_mlx.generate``, with rows joining and leaving). A
+        row that finishes at step k has been fed its last token in step k+1: that step's
+        state for its slot is the state after the whole answer, and its other outputs are
+        dropped.
+        """
+        previous = self._inflight
+        self._inflight = self._launch(previous) if any(self._slots) else None
+        if previous is not None:
+            self._collect(previous)
+
+    def _launch(self, previous: "_Step | None") -> "_Step":
         slots = self._slots
         active = [i for i, r in enumerate(slots) if r is not None]
-        tokens = mx.array([r.token if r is not None else 0 for r in slots], dtype=mx.uint32)
-        tic = time.perf_counter()
+        fresh = np.zeros(len(slots), dtype=np.uint32)  # rows that joined since: their first token
+        carried_slots, carried_positions = [], []
+        carried = set()
+        if previous is not None:
+            for k, row in enumerate(previous.rows):
+                if row.slot is not None and slots[row.slot] is row:
+                    carried_slots.append(row.slot)
+                    carried_positions.append(k)
+                    carried.add(row.slot)
+        for i in active:
+            if i not in carried:
+                fresh[i] = slots[i].token
+        tokens = mx.array(fresh)
+        if carried_slots:
+            picked = previous.tokens[mx.array(carried_positions, dtype=mx.int32)]
+            tokens = tokens.at[mx.array(carried_slots, dtype=mx.int32)].add(picked)
         logits, self._batch = self.step_fn(self.model, tokens, self._batch)
-        samplers = [slots[i].sampler for i in active]
+        rows = [slots[i] for i in active]
+        samplers = [r.sampler for r in rows]
         order = mx.array(active, dtype=mx.int32)
-        toks = sample_rows(logits[order], samplers)
-        lps = token_logprob(logits[order], toks)
-        extra = [a for s in samplers for a in s.state]
-        mx.eval(toks, lps, *self._batch.arrays(), *extra)
-        self.metrics.observe("decode_step_seconds", time.perf_counter() - tic, "one decode step of the whole batch")
+        picked_logits = logits if len(active) == len(slots) else logits[order]
+        sampled = sample_rows(picked_logits, samplers)
+        logprobs = token_logprob(picked_logits, sampled)
+        mx.async_eval(sampled, logprobs, *self._batch.arrays(), *[a for s in samplers for a in s.state])
+        return _Step(rows, sampled, logprobs, picked_logits, time.perf_counter())
+
+    def _collect(self, step: "_Step") -> None:
+        tokens, logprobs = step.tokens.tolist(), step.logprobs.tolist()
+        self.metrics.observe("decode_step_seconds", time.perf_counter() - step.launched,
+                             "from launching a decode step to its tokens being ready")
         self.metrics.inc("decode_steps_total", help="decode steps run")
-        for k, (i, t, lp) in enumerate(zip(active, toks.tolist(), lps.tolist())):
-            row = slots[i]
-            if row is None or row.job.cancelled:
-                continue
-            self._accept(row, t, self._logprob_entries(row, logits[i], t, lp))
+        for k, (row, t, lp) in enumerate(zip(step.rows, tokens, logprobs)):
+            if row.slot is None or self._slots[row.slot] is not row or row.job.cancelled:
+                continue  # finished or dropped meanwhile
+            self._accept(row, t, self._logprob_entries(row, step.logits[k], t, lp))
+
+
+@dataclass(eq=False)
+class _Step:
+    """A launched decode step: its rows (in the order of its outputs) and its lazy results."""
+
+    rows: list[_Row]
+    tokens: mx.array
+    logprobs: mx.array
+    logits: mx.array
+    launched: float
 
 
 def find_state(directory: Path | None, name: str) -> Path | None:
