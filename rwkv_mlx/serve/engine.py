@@ -214,7 +214,11 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail_all(internal())
             self._publish_gauges()
-        self._fail_all(APIError(503, "the server is shutting down", type="server_error", code="shutting_down"))
+        closing = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        self._fail_all(closing)
+        with self._cv:
+            while self._pending:
+                self._pending.popleft().deliver(Event("error", error=closing))
         self.model = self.cache = self._initial_states = None
         self._stopped.set()
         # The thread stays parked instead of ending: with MLX 0.32.4 (CPU), a process whose MLX-using
