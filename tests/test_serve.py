@@ -181,10 +181,13 @@ def test_logprobs_are_the_model_softmax(server, reference):
     assert lp.token_logprobs == pytest.approx([p.logprob for p in pieces], abs=1e-5)
     for token, top in zip(lp.tokens, lp.top_logprobs):
         assert len(top) == 3 and max(top, key=top.get) == token  # greedy picks the most probable token
-    chat = client(server).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}],
-                                                  max_tokens=4, logprobs=True, top_logprobs=2, temperature=0)
-    entries = chat.choices[0].logprobs.content
+    ask = dict(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, logprobs=True, top_logprobs=2,
+               temperature=0)
+    entries = client(server).chat.completions.create(**ask).choices[0].logprobs.content
     assert entries and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+    streamed = [e for chunk in client(server).chat.completions.create(**ask, stream=True) for choice in chunk.choices
+                if choice.logprobs for e in choice.logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
 
 
 # -- the state cache ------------------------------------------------------------------------------
