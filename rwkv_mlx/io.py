@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
 
+def is_leftover(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a temporary of ``atomic_write`` that a killed process left behind."""
+    name = Path(path).name
+    return name.startswith(".") and any(f".{tag}-" in name for tag in ("tmp", "old"))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -27,6 +27,7 @@ LAYERS = [
     {"text"},
     {"loader"},  # wires formats to the model
     {"train", "bench"},
+    {"serve"},  # the HTTP server: an application, like the CLI that starts it
     {"cli"},
     {""},  # rwkv_mlx/__init__.py: the public facade
     {"testing"},  # tests' and scripts' helpers, which use the public API
