@@ -85,13 +85,13 @@ def test_small_input_in_a_device_slot_is_refused_on_metal():
     inputs = [mx.zeros((8,))] * len(kernel.rendered.inputs)
     inputs[kernel.rendered.inputs.index("s0")] = mx.zeros((1,))
     with pytest.raises(dialect.LaunchError, match="s0 has 1 elements"):
-        kernel(inputs=inputs, template=[("NB", 1), ("RPW", 1), ("KT", 256), ("PRO", 0), ("EPI", 0), ("BITS", 0),
+        kernel(inputs=inputs, template=[("NB", 1), ("RPW", 1), ("KT", 256), ("TILED", 0), ("PRO", 0), ("EPI", 0), ("BITS", 0),
                                         ("HAS_BIAS", 0)], grid=(32, 1, 1), threadgroup=(256, 1, 1),
                output_shapes=[(1, 8), (1,)], output_dtypes=[mx.float32] * 2)
     # eps is declared `//! constant:` (read by index only), so one element is fine there
     inputs[kernel.rendered.inputs.index("s0")] = mx.zeros((8,))
     inputs[kernel.rendered.inputs.index("eps")] = mx.zeros((1,))
-    kernel.check(inputs, [("NB", 1), ("RPW", 1), ("KT", 256), ("PRO", 0), ("EPI", 0), ("BITS", 0), ("HAS_BIAS", 0)],
+    kernel.check(inputs, [("NB", 1), ("RPW", 1), ("KT", 256), ("TILED", 0), ("PRO", 0), ("EPI", 0), ("BITS", 0), ("HAS_BIAS", 0)],
                  (256, 1, 1))
 
 

@@ -25,7 +25,7 @@ class KernelInstance:
 def _matvec(scales: str, slots: int = 8, **template) -> KernelInstance:
     # x prev ln_w ln_b mix eps | seg | bias residual | w0..w7 | s0..s7 | z0..z7 (one of each: ONE_SEGMENT)
     inputs = ("float32",) * 6 + ("int32",) + ("float32",) * 2 + ("uint8",) * slots + (scales,) * (2 * slots)
-    t = {"NB": 1, "RPW": 4, "KT": 2560, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0, **template}
+    t = {"NB": 1, "RPW": 4, "KT": 2560, "TILED": 0, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0, **template}
     return KernelInstance("matvec", inputs, ("float32", "float32"), t, ("ONE_SEGMENT",) if slots == 1 else ())
 
 
@@ -45,8 +45,8 @@ KERNEL_INSTANCES: list[KernelInstance] = [
     _matvec("float32", HAS_BIAS=1),
     _matvec("float32", BITS=4, PRO=1),
     _matvec("float16", BITS=8, EPI=1),
-    _matvec("bfloat16", BITS=5, EPI=2, KT=5120),
+    _matvec("bfloat16", BITS=5, EPI=2, KT=5120, TILED=1),
     _matvec("float32", BITS=6, PRO=1, NB=3, RPW=2),
     _matvec("float32", slots=1, BITS=4, PRO=1, EPI=1),
-    _matvec("float16", slots=1, EPI=2, KT=5120, RPW=1),
+    _matvec("float16", slots=1, EPI=2, KT=5120, TILED=1, RPW=1),
 ]

@@ -70,7 +70,7 @@ def tile_length(kernel, k_max: int, template: dict) -> int | None:
     one activation row on Metal's 32 KB: two tiles of 5120). None: not even 32 fit."""
     for tiles in range(1, k_max + 1):
         kt = -(-k_max // (tiles * 32)) * 32  # ceil(k_max / tiles), rounded up to 32
-        if kernel.shared_bytes({**template, "KT": kt}.items()) <= kernel.limits.shared_bytes:
+        if kernel.shared_bytes({**template, "KT": kt, "TILED": int(tiles > 1)}.items()) <= kernel.limits.shared_bytes:
             return kt
         if kt <= 32:
             return None
@@ -123,7 +123,7 @@ class MatvecPlan:
         self.ok = kt is not None
         if not self.ok:
             return
-        self.template = list({**template, "KT": kt}.items())
+        self.template = list({**template, "KT": kt, "TILED": int(kt < max(ks))}.items())
 
         total = sum(rows)
         x_stride = x_stride or ks[0]
