@@ -1,0 +1,191 @@
+"""An incremental byte matcher for a :class:`~.bytegrammar.ByteGrammar`, as a lazily built automaton.
+
+A matcher position is a set of stacks (llama.cpp's grammar stacks, an
+Earley-like set of parses): each stack is a tuple of grammar positions, its top
+a terminal byte class still to be matched, the rest the continuations of the
+rules it is inside.  The empty stack means "the text so far is a complete
+match".  Reading a byte keeps the stacks whose top class holds the byte,
+advances them and expands their new tops until each again shows a terminal.
+
+Such sets repeat all the time (inside a JSON string every ordinary character
+leads back to the same set), so each distinct set is interned once as an
+integer *state* and the byte transitions between states are cached in a dense
+``int32 [states, 256]`` table: ``-1`` not computed yet, ``0`` the dead state
+(no parse survives).  The vocabulary walk in :mod:`.vocab` reads that table
+with numpy and only asks Python for the transitions it has not seen before.
+
+Bounds: a state may hold at most :data:`MAX_STACKS` stacks and a stack at most
+:data:`MAX_DEPTH` entries (deeper recursion is cut: those parses are dropped),
+and once the table has passed :data:`MAX_STATES` rows it is cleared before the
+next mask or feed and rebuilt on demand (matchers keep their stack sets, so
+they survive the reset).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .bytegrammar import END, RULE, TERM, ByteGrammar
+from .gbnf import GrammarError
+
+MAX_STACKS = 4096
+MAX_DEPTH = 1024
+MAX_STATES = 200_000
+DEAD = 0
+UNKNOWN = -1
+
+Stacks = frozenset  # of tuple[int, ...]
+
+
+class Automaton:
+    """The interned states and cached byte transitions of one grammar (shared by every matcher of it)."""
+
+    def __init__(self, grammar: ByteGrammar):
+        self.grammar = grammar
+        self._kind = grammar.kind
+        self._arg = grammar.arg
+        self._alts = grammar.alts
+        self._classes = grammar.classes
+        self.generation = 0
+        self._clear()
+        self.initial_stacks = self._expand_all((), root=True)
+
+    def _clear(self) -> None:
+        self.table = np.full((1024, 256), UNKNOWN, dtype=np.int32)
+        self.table[DEAD] = DEAD
+        self.complete = np.zeros((1024,), dtype=bool)
+        self.stacks: list[Stacks] = [frozenset()]
+        self.ids: dict[Stacks, int] = {frozenset(): DEAD}
+        self.masks: dict[int, tuple] = {}  # state -> cached vocabulary mask (see vocab.py)
+        self.generation += 1
+
+    @property
+    def n_states(self) -> int:
+        return len(self.stacks)
+
+    # -- stacks ----------------------------------------------------------------
+
+    def _expand(self, stack: tuple, out: set) -> None:
+        """Add to ``out`` every stack reachable from ``stack`` whose top is a terminal (or that is empty)."""
+        if not stack:
+            out.add(stack)
+            return
+        pos = stack[-1]
+        if self._kind[pos] == TERM:
+            out.add(stack)
+            return
+        if len(stack) > MAX_DEPTH:
+            return  # recursion deeper than the bound: this parse is dropped
+        rest = stack[:-1]
+        if self._kind[pos + 1] != END:
+            rest = rest + (pos + 1,)
+        for start in self._alts[self._arg[pos]]:
+            self._expand(rest if self._kind[start] == END else rest + (start,), out)
+            if len(out) > MAX_STACKS:
+                raise GrammarError(f"grammar is too ambiguous: more than {MAX_STACKS} parses are open at once")
+
+    def _expand_all(self, stacks, root: bool = False) -> Stacks:
+        out: set = set()
+        if root:
+            for start in self._alts[self.grammar.root]:
+                self._expand(() if self._kind[start] == END else (start,), out)
+        else:
+            for s in stacks:
+                self._expand(s, out)
+        return frozenset(out)
+
+    def intern(self, stacks: Stacks) -> int:
+        sid = self.ids.get(stacks)
+        if sid is not None:
+            return sid
+        sid = len(self.stacks)
+        if sid >= self.table.shape[0]:
+            grow = self.table.shape[0]
+            self.table = np.concatenate([self.table, np.full((grow, 256), UNKNOWN, dtype=np.int32)])
+            self.complete = np.concatenate([self.complete, np.zeros((grow,), dtype=bool)])
+        self.stacks.append(stacks)
+        self.ids[stacks] = sid
+        self.complete[sid] = () in stacks
+        return sid
+
+    def _advance(self, stacks: Stacks, byte: int) -> Stacks:
+        nxt = []
+        kind, arg, classes = self._kind, self._arg, self._classes
+        for s in stacks:
+            if s and classes[arg[s[-1]]][byte]:
+                pos = s[-1] + 1
+                nxt.append(s[:-1] if kind[pos] == END else s[:-1] + (pos,))
+        return self._expand_all(nxt)
+
+    def fill(self, states, byte_values) -> None:
+        """Compute the unknown transitions ``(states[i], byte_values[i])`` (numpy arrays)."""
+        for sid, b in set(zip(states.tolist(), byte_values.tolist())):
+            if self.table[sid, b] == UNKNOWN:
+                self.table[sid, b] = self.intern(self._advance(self.stacks[sid], b))
+
+    def step(self, sid: int, byte: int) -> int:
+        nxt = self.table[sid, byte]
+        if nxt == UNKNOWN:
+            nxt = self.table[sid, byte] = self.intern(self._advance(self.stacks[sid], byte))
+        return int(nxt)
+
+    def reset_if_full(self) -> None:
+        """Clear the table once it has grown past :data:`MAX_STATES` rows (call between walks only:
+        it invalidates state ids, which matchers re-intern from their stack sets)."""
+        if len(self.stacks) > MAX_STATES:
+            self._clear()
+
+
+class Matcher:
+    """Where one output stands in its grammar; fed bytes (or whole tokens) as they are generated."""
+
+    def __init__(self, automaton: Automaton):
+        self.automaton = automaton
+        self.reset()
+
+    def reset(self) -> None:
+        self._stacks = self.automaton.initial_stacks
+        self._generation = -1
+        self.ended = False  # end-of-text was accepted
+
+    @property
+    def state(self) -> int:
+        """This matcher's state id in the automaton (re-interned after a table reset)."""
+        a = self.automaton
+        if self._generation != a.generation:
+            self._sid = a.intern(self._stacks)
+            self._generation = a.generation
+        return self._sid
+
+    @property
+    def is_complete(self) -> bool:
+        """True when the bytes so far are a whole match (end-of-text is allowed now)."""
+        return () in self._stacks
+
+    def accepts(self, data: bytes) -> bool:
+        """Would ``data`` keep the output viable (a prefix of some match)?"""
+        sid = self.state
+        for b in data:
+            sid = self.automaton.step(sid, b)
+            if sid == DEAD:
+                return False
+        return True
+
+    def feed(self, data: bytes) -> None:
+        """Advance over ``data``; :class:`GrammarError` if it breaks the grammar."""
+        a = self.automaton
+        a.reset_if_full()
+        sid = self.state
+        for i, b in enumerate(data):
+            sid = a.step(sid, b)
+            if sid == DEAD:
+                raise GrammarError(f"byte {i} of {data!r} breaks the grammar")
+        self._stacks = a.stacks[sid]
+        self._sid = sid
+        self._generation = a.generation
+
+
+def matches(automaton: Automaton, data: bytes) -> bool:
+    """Is ``data`` a complete match of the grammar (a check for tests and callers)?"""
+    m = Matcher(automaton)
+    return m.accepts(data) and (m.feed(data) or m.is_complete)

@@ -1,0 +1,105 @@
+"""The vocabulary as a byte trie, and the token mask of a matcher state computed by walking it.
+
+Token ``t`` may follow state ``s`` when every prefix of ``bytes(t)`` keeps some
+parse alive, so the mask is a walk of the vocabulary's byte trie from ``s``
+that stops at dead branches.  The walk goes one trie depth at a time, as numpy
+gathers from the automaton's transition table (``table[parent_state, byte]``);
+only transitions never seen before go back to Python (:meth:`Automaton.fill`),
+and after a few steps in the same kind of context there are none.  Nodes are
+numbered breadth-first with each node's children contiguous, so the children
+of the live nodes of one depth are a few ``repeat``/``arange`` operations away.
+
+Masks are cached per state (JSON string bodies, numbers and whitespace return
+to the same states over and over).  The end-of-text token (no bytes) is allowed
+exactly when the state is complete.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+
+import numpy as np
+
+from .matcher import DEAD, UNKNOWN, Automaton
+
+#: Masks kept per automaton (each is one bool per vocabulary entry: 64 KiB for the world vocabulary).
+MASK_CACHE_SIZE = 512
+
+
+class VocabTrie:
+    """Byte trie of a vocabulary: ``token_bytes[i]`` for ``i < vocab_size`` (empty = never generated as text)."""
+
+    def __init__(self, token_bytes: list[bytes], eot_id: int | None):
+        self.vocab_size = len(token_bytes)
+        self.eot_id = eot_id
+        prefixes = set()
+        for tok in token_bytes:
+            for i in range(1, len(tok) + 1):
+                prefixes.add(tok[:i])
+        nodes = sorted(prefixes, key=lambda p: (len(p), p))
+        index = {p: i for i, p in enumerate(nodes)}
+        n = len(nodes)
+        self.n_nodes = n
+        self.byte = np.fromiter((p[-1] for p in nodes), dtype=np.int32, count=n)
+        parent = np.fromiter((index[p[:-1]] if len(p) > 1 else -1 for p in nodes), dtype=np.int64, count=n)
+        # BFS order with lexicographic order inside a depth => parent ids never decrease.
+        self.n_child = np.bincount(parent[parent >= 0], minlength=n).astype(np.int64)
+        self.first_child = np.searchsorted(parent, np.arange(n), side="left").astype(np.int64)
+        self.root_nodes = np.nonzero(parent < 0)[0]
+        self.token_of = np.full((n,), -1, dtype=np.int64)
+        for t, tok in enumerate(token_bytes):
+            if tok:
+                self.token_of[index[tok]] = t
+
+    def mask(self, automaton: Automaton, sid: int) -> np.ndarray:
+        """Bool ``[vocab_size]``: the tokens whose bytes keep state ``sid`` alive."""
+        allowed = np.zeros((self.vocab_size,), dtype=bool)
+        if self.eot_id is not None and automaton.complete[sid]:
+            allowed[self.eot_id] = True
+        nodes = self.root_nodes
+        states = np.full(nodes.shape, sid, dtype=np.int32)
+        while nodes.size:
+            byte = self.byte[nodes]
+            nxt = automaton.table[states, byte]
+            unknown = nxt == UNKNOWN
+            if unknown.any():
+                automaton.fill(states[unknown], byte[unknown])
+                nxt = automaton.table[states, byte]
+            live = nxt != DEAD
+            nodes, nxt = nodes[live], nxt[live]
+            tokens = self.token_of[nodes]
+            allowed[tokens[tokens >= 0]] = True
+            counts = self.n_child[nodes]
+            total = int(counts.sum())
+            if not total:
+                break
+            # children of every live node: contiguous runs [first_child, first_child + count)
+            ends = np.cumsum(counts)
+            nodes = np.repeat(self.first_child[nodes] - (ends - counts), counts) + np.arange(total)
+            states = np.repeat(nxt, counts)
+        return allowed
+
+    def cached_mask(self, automaton: Automaton, sid: int) -> tuple[np.ndarray, bool]:
+        """``(mask, only_end_of_text)`` for state ``sid``, from the automaton's cache when it has been seen."""
+        cache = automaton.masks
+        if not isinstance(cache, OrderedDict):
+            cache = automaton.masks = OrderedDict(cache)
+        hit = cache.get((id(self), sid))
+        if hit is not None:
+            cache.move_to_end((id(self), sid))
+            return hit
+        mask = self.mask(automaton, sid)
+        only_eot = bool(self.eot_id is not None and mask[self.eot_id] and mask.sum() == 1)
+        cache[(id(self), sid)] = (mask, only_eot)
+        if len(cache) > MASK_CACHE_SIZE:
+            cache.popitem(last=False)
+        return mask, only_eot
+
+
+@functools.lru_cache(maxsize=4)
+def vocab_trie(tokenizer, vocab_size: int) -> VocabTrie:
+    """The trie of ``tokenizer``'s vocabulary padded or cut to ``vocab_size`` (built once per tokenizer)."""
+    n = min(vocab_size, tokenizer.vocab_size)
+    token_bytes = [tokenizer.token_bytes(i) or b"" for i in range(n)] + [b""] * (vocab_size - n)
+    return VocabTrie(token_bytes, tokenizer.end_of_text_id)
