@@ -209,7 +209,7 @@ NESTED = {
 }
 SCHEMAS = [
     NESTED,
-    {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 4},
+    {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 250}, "minItems": 2, "maxItems": 4},
     {"enum": ["red", "green", "blue", 42, {"a": [1, 2]}]},
     {"anyOf": [{"type": "number"}, {"type": "object", "properties": {"x": {"const": "y"}}, "required": ["x"]}]},
     {"$defs": {"node": {"type": "object", "properties": {
@@ -385,6 +385,24 @@ def test_schema_features_accept_and_refuse_the_right_documents():
             jsonschema.validate(json.loads(doc), schema)
 
 
+@pytest.mark.parametrize("lo, hi", [(0, 0), (5, 123), (-40, 17), (-1000, -3), (None, 7), (13, None), (None, -250),
+                                    (-7, None), (0, 10**20), (1, 99999)])
+def test_integer_ranges_are_exact(lo, hi):
+    """Checked against the bounds themselves for every integer near the edges and a random sample."""
+    schema = {"type": "integer", **({"minimum": lo} if lo is not None else {}),
+              **({"maximum": hi} if hi is not None else {})}
+    a = compile_constraint(json_schema=schema)
+    rng = random.Random(0)
+    values = set(range(-1100, 1100)) | {rng.randint(-10**17, 10**17) for _ in range(200)} | {10**16 - 1, -10**15}
+    for v in values:
+        inside = (lo is None or v >= lo) and (hi is None or v <= hi) and abs(v) < 10**16  # 16 digits at most
+        assert matches(a, str(v).encode()) == inside, v
+    assert not matches(a, b"-0") and not matches(a, b"007")
+    if lo is not None and (hi is None or hi > lo):  # an exclusive bound below lo changes nothing; at lo excludes it
+        assert matches(compile_constraint(json_schema={**schema, "exclusiveMinimum": lo - 0.5}), str(lo).encode())
+        assert not matches(compile_constraint(json_schema={**schema, "exclusiveMinimum": lo}), str(lo).encode())
+
+
 HOSTILE = [
     ({"$ref": "#"}, "never finish"),
     ({"anyOf": [{"$ref": "#"}, {"type": "null"}]}, "left-recursive"),
@@ -398,7 +416,9 @@ HOSTILE = [
     ({"type": "string", "pattern": "a\\bb"}, "word boundary"),
     ({"type": "string", "pattern": "(("}, "not a valid regular expression"),
     ({"type": "array", "maxItems": 10**9}, "above the supported"),
-    ({"type": "integer", "minimum": 0}, "'minimum' is not supported"),
+    ({"type": "integer", "multipleOf": 3}, "'multipleOf' is not supported"),
+    ({"type": "number", "maximum": 5}, "bounds on a number"),
+    ({"type": "integer", "minimum": 5, "maximum": 4}, "no integer lies between"),
     ({"$ref": "http://example.com/s.json"}, "not supported"),
     ({"$ref": "#/$defs/missing"}, "points to nothing"),
     (False, "no value can satisfy"),

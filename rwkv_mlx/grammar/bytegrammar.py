@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .gbnf import MAX_REPEAT, Grammar, GrammarError
+from .gbnf import MAX_CODE_POINT, MAX_REPEAT, Grammar, GrammarError, complement_ranges, merge_ranges
 
 END, TERM, RULE = 0, 1, 2
-MAX_CODE_POINT = 0x10FFFF
 #: Upper bound on grammar symbols after lowering (bounds memory and compile time).
 MAX_SYMBOLS = 500_000
 
@@ -42,27 +41,6 @@ class ByteGrammar:
     rule_names: list[str]
     root: int = 0
     nullable: list[bool] = field(default_factory=list)
-
-
-def _complement(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out, nxt = [], 0
-    for lo, hi in _merge(ranges):
-        if lo > nxt:
-            out.append((nxt, lo - 1))
-        nxt = hi + 1
-    if nxt <= MAX_CODE_POINT:
-        out.append((nxt, MAX_CODE_POINT))
-    return out
-
-
-def _merge(ranges) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(lo, hi) for lo, hi in out]
 
 
 def utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
@@ -174,7 +152,7 @@ class _Lowering:
 
     def char_class(self, ranges, negated: bool, owner: str) -> tuple[int, int]:
         ranges = [(lo, min(hi, MAX_CODE_POINT)) for lo, hi in ranges if lo <= MAX_CODE_POINT]
-        ranges = _complement(ranges) if negated else _merge(ranges)
+        ranges = complement_ranges(ranges) if negated else merge_ranges(ranges)
         key = tuple(ranges)
         if not ranges:
             raise GrammarError(f"grammar rule {owner!r}: a character class matches no character")
@@ -232,24 +210,23 @@ class _Lowering:
         return g
 
 
+def _rules_where(rules, terminal_ok: bool) -> list[bool]:
+    """The least fixpoint "some alternative has only good symbols": with ``terminal_ok`` False the
+    rules that can match nothing (nullable), with True the rules that can finish (productive)."""
+    good = [False] * len(rules)
+    changed = True
+    while changed:
+        changed = False
+        for r, alts in enumerate(rules):
+            if not good[r] and any(all(terminal_ok if k == TERM else good[a] for k, a in seq) for seq in alts):
+                good[r] = changed = True
+    return good
+
+
 def _check(g: ByteGrammar, rules: list[list[list[tuple[int, int]]]]) -> None:
     n = len(rules)
-    nullable = [False] * n
-    changed = True
-    while changed:
-        changed = False
-        for r, alts in enumerate(rules):
-            if not nullable[r] and any(all(k == RULE and nullable[a] for k, a in seq) for seq in alts):
-                nullable[r] = changed = True
-    g.nullable = nullable
-
-    productive = [False] * n
-    changed = True
-    while changed:
-        changed = False
-        for r, alts in enumerate(rules):
-            if not productive[r] and any(all(k == TERM or productive[a] for k, a in seq) for seq in alts):
-                productive[r] = changed = True
+    nullable = g.nullable = _rules_where(rules, terminal_ok=False)
+    productive = _rules_where(rules, terminal_ok=True)
 
     reachable, todo = {g.root}, [g.root]
     while todo:
@@ -258,10 +235,11 @@ def _check(g: ByteGrammar, rules: list[list[list[tuple[int, int]]]]) -> None:
                 if k == RULE and a not in reachable:
                     reachable.add(a)
                     todo.append(a)
-    for r in sorted(reachable):
-        if not productive[r]:
-            raise GrammarError(f"grammar rule {g.rule_names[r]!r} can never finish: every alternative "
-                               "recurses without end")
+    stuck = list(dict.fromkeys(g.rule_names[r] for r in sorted(reachable) if not productive[r]))
+    if stuck:
+        names = ", ".join(repr(n) for n in stuck[:4]) + (", ..." if len(stuck) > 4 else "")
+        raise GrammarError(f"grammar rule{'s' if len(stuck) > 1 else ''} {names} can never finish: every "
+                           "alternative recurses without end")
 
     # Left corners: the rules a rule can start with without consuming a byte.
     corners: list[set[int]] = [set() for _ in range(n)]

@@ -39,6 +39,32 @@ _ESCAPES = {"t": "\t", "n": "\n", "r": "\r", '"': '"', "\\": "\\", "[": "[", "]"
 _HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
 
 
+MAX_CODE_POINT = 0x10FFFF
+
+
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping, non-adjacent ``(lo, hi)`` code-point ranges covering the same set."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+def complement_ranges(ranges, top: int = MAX_CODE_POINT) -> list[tuple[int, int]]:
+    """The code points ``0..top`` not in ``ranges``."""
+    out, nxt = [], 0
+    for lo, hi in merge_ranges(ranges):
+        if lo > nxt:
+            out.append((nxt, lo - 1))
+        nxt = hi + 1
+    if nxt <= top:
+        out.append((nxt, top))
+    return out
+
+
 class GrammarError(InvalidArgumentError):
     """A grammar or JSON schema that cannot be used: a syntax error, an unsupported
     feature, left recursion, a rule that never finishes, or a size past the limits."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from .gbnf import MAX_REPEAT, GrammarError
+from .gbnf import MAX_CODE_POINT, MAX_REPEAT, GrammarError, complement_ranges, merge_ranges
 
 try:  # Python >= 3.11
     import re._constants as _c
@@ -29,7 +29,6 @@ except ImportError:  # pragma: no cover - Python 3.10
     import sre_constants as _c  # type: ignore[no-redef]
     import sre_parse as _p  # type: ignore[no-redef]
 
-MAX_CP = 0x10FFFF
 _ASCII_SETS = {
     _c.CATEGORY_DIGIT: [(0x30, 0x39)],
     _c.CATEGORY_WORD: [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)],
@@ -38,27 +37,6 @@ _ASCII_SETS = {
 _NOT = {_c.CATEGORY_NOT_DIGIT: _c.CATEGORY_DIGIT, _c.CATEGORY_NOT_WORD: _c.CATEGORY_WORD,
         _c.CATEGORY_NOT_SPACE: _c.CATEGORY_SPACE}
 _JSON_ESCAPES = {0x22: '\\"', 0x5C: "\\\\", 0x08: "\\b", 0x0C: "\\f", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
-
-
-def _merge(ranges):
-    out = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(lo, hi) for lo, hi in out]
-
-
-def _complement(ranges, top=MAX_CP):
-    out, nxt = [], 0
-    for lo, hi in _merge(ranges):
-        if lo > nxt:
-            out.append((nxt, lo - 1))
-        nxt = hi + 1
-    if nxt <= top:
-        out.append((nxt, top))
-    return out
 
 
 def _intersect(ranges, lo_hi):
@@ -86,7 +64,7 @@ def gbnf_literal(text: str) -> str:
 
 def json_chars(ranges) -> str:
     """GBNF for one character of a JSON string body drawn from the code-point ``ranges``."""
-    ranges = _merge(ranges)
+    ranges = merge_ranges(ranges)
     plain = ranges
     for special in [*range(0x20), 0x22, 0x5C]:
         plain = [r for lo, hi in plain
@@ -122,9 +100,9 @@ class _Converter:
         if op is _c.LITERAL:
             return json_chars([(av, av)])
         if op is _c.NOT_LITERAL:
-            return json_chars(_complement([(av, av)]))
+            return json_chars(complement_ranges([(av, av)]))
         if op is _c.ANY:
-            return json_chars([(0, MAX_CP)] if self.dotall else _complement([(0x0A, 0x0A)]))
+            return json_chars([(0, MAX_CODE_POINT)] if self.dotall else complement_ranges([(0x0A, 0x0A)]))
         if op is _c.IN:
             return json_chars(self.char_class(av))
         if op is _c.BRANCH:
@@ -171,15 +149,15 @@ class _Converter:
                 if av in _ASCII_SETS:
                     ranges += _ASCII_SETS[av]
                 elif av in _NOT:
-                    ranges += _complement(_ASCII_SETS[_NOT[av]], top=0x7F)
+                    ranges += complement_ranges(_ASCII_SETS[_NOT[av]], top=0x7F)
                 else:
                     raise self.refuse(f"the class {av}")
             else:
                 raise self.refuse(f"the class item {op}")
         if negate:
-            ranges = _complement(ranges, top=0x7F if ascii_only else MAX_CP)
+            ranges = complement_ranges(ranges, top=0x7F if ascii_only else MAX_CODE_POINT)
         if ascii_only:
-            ranges = _intersect(_merge(ranges), (0, 0x7F))
+            ranges = _intersect(merge_ranges(ranges), (0, 0x7F))
         return ranges
 
 

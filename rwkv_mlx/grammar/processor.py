@@ -52,7 +52,14 @@ def compile_constraint(*, json_schema: Any = None, grammar: str | None = None) -
             json_schema = json.dumps(json_schema, ensure_ascii=False)
         except (TypeError, ValueError) as e:
             raise GrammarError(f"JSON schema is not JSON data: {e}") from None
-    return compile_grammar(grammar_text(json_schema=json_schema, grammar=grammar))
+    text = grammar_text(json_schema=json_schema, grammar=grammar)
+    try:
+        return compile_grammar(text)
+    except GrammarError as e:
+        if json_schema is None:
+            raise
+        raise GrammarError(f"JSON schema cannot constrain output: its {e} (rule names follow the schema's "
+                           "paths and $refs)") from None
 
 
 class GrammarConstraint(LogitsProcessor):

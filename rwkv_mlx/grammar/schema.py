@@ -6,9 +6,11 @@ Supported: ``type`` (one or a list), ``properties`` / ``required`` /
 ``const`` of any JSON values, ``anyOf`` / ``oneOf``, a one-element ``allOf``,
 ``$ref`` to ``#`` or a JSON pointer inside the same document (recursion is
 allowed; a recursion that can never finish or never consumes text is refused
-when the grammar is checked), and the annotations (``title``, ``description``,
+when the grammar is checked), integer ranges (``minimum`` / ``maximum`` /
+``exclusiveMinimum`` / ``exclusiveMaximum``; on numbers only ``minimum: 0``),
+and the annotations (``title``, ``description``,
 ``format``, ``default``, ...), which constrain nothing.  Any other validation
-keyword (``minimum``, ``multipleOf``, ``not``, ``if``, ``prefixItems``,
+keyword (``multipleOf``, ``not``, ``if``, ``prefixItems``,
 ``patternProperties``, ...) is refused with a :class:`GrammarError` rather
 than silently ignored, so a grammar never claims more than it enforces.
 
@@ -24,6 +26,7 @@ whitespace is limited to one space or a newline with up to 20 spaces/tabs.
 from __future__ import annotations
 
 import json
+import math
 import re
 from urllib.parse import unquote
 
@@ -42,7 +45,10 @@ ANNOTATIONS = frozenset({
 VALIDATION = frozenset({
     "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
     "const", "pattern", "minLength", "maxLength", "anyOf", "oneOf", "allOf", "$ref",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
 })
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+MAX_DIGITS = 16  # integer digits the grammar writes (same as the "integer" and "number" rules)
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 # The building blocks, emitted only when used.
@@ -150,7 +156,37 @@ class _Compiler:
             return self.array(schema, path, depth)
         if t == "string":
             return self.string(schema, path)
+        if t in ("integer", "number") and any(k in schema for k in BOUNDS):
+            return self.bounded_number(t, schema, path)
         return self.primitive(t)
+
+    def bounded_number(self, t: str, schema: dict, path: str) -> str:
+        """Integers in any [minimum, maximum] range, exactly (digit-range alternatives, as llama.cpp
+        does); numbers only with a lower bound of 0 (no minus sign), the common "non-negative"."""
+        for k in BOUNDS:
+            v = schema.get(k)
+            if k in schema and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v):
+                raise GrammarError(f"JSON schema at {path}: {k} must be a number, got {v!r}")
+        if t == "number":
+            if set(schema) & set(BOUNDS) == {"minimum"} and schema["minimum"] == 0:
+                return self.add_rule(f"{path}-number",
+                                     '("0" | [1-9] [0-9]{0,15}) ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,2})?')
+            raise GrammarError(f"JSON schema at {path}: bounds on a number are supported only as minimum 0 "
+                               "(use type integer for other ranges)")
+        lo = hi = None
+        if "minimum" in schema:
+            lo = math.ceil(schema["minimum"])
+        if "exclusiveMinimum" in schema:
+            x = math.floor(schema["exclusiveMinimum"]) + 1
+            lo = x if lo is None else max(lo, x)
+        if "maximum" in schema:
+            hi = math.floor(schema["maximum"])
+        if "exclusiveMaximum" in schema:
+            x = math.ceil(schema["exclusiveMaximum"]) - 1
+            hi = x if hi is None else min(hi, x)
+        if lo is not None and hi is not None and lo > hi:
+            raise GrammarError(f"JSON schema at {path}: no integer lies between the bounds")
+        return self.add_rule(f"{path}-integer", " | ".join(integer_range_gbnf(lo, hi)))
 
     def combination(self, schema: dict, key: str, path: str, depth: int) -> str:
         subs = schema[key]
@@ -318,6 +354,51 @@ class _Compiler:
         rest = self.tail_from(opt, start + 1, kvs, path)
         cache[key] = self.add_rule(f"{path}-rest", f'("," ws {kvs[opt[start]]})? {rest}'.strip())
         return cache[key]
+
+
+def _digit_runs(x: str, y: str) -> list[list[tuple[int, int]]]:
+    """Digit-class sequences matching exactly the numbers x..y, written with the same number of digits."""
+    n = len(x)
+    if n == 1:
+        return [[(int(x), int(y))]]
+    if x[0] == y[0]:
+        return [[(int(x[0]), int(x[0]))] + r for r in _digit_runs(x[1:], y[1:])]
+    out, first, last = [], int(x[0]), int(y[0])
+    if x[1:] != "0" * (n - 1):
+        out += [[(first, first)] + r for r in _digit_runs(x[1:], "9" * (n - 1))]
+        first += 1
+    tail = []
+    if y[1:] != "9" * (n - 1):
+        tail = [[(last, last)] + r for r in _digit_runs("0" * (n - 1), y[1:])]
+        last -= 1
+    if first <= last:
+        out.append([(first, last)] + [(0, 9)] * (n - 1))
+    return out + tail
+
+
+def _magnitudes(lo: int, hi: int | None) -> list[str]:
+    """GBNF alternatives for the decimal numbers lo..hi (no sign; hi None: up to MAX_DIGITS digits)."""
+    top = 10**MAX_DIGITS - 1
+    hi = top if hi is None or hi > top else hi
+    out = []
+    for n in range(len(str(lo)), len(str(hi)) + 1):
+        a, b = max(lo, 10 ** (n - 1) if n > 1 else 0), min(hi, 10**n - 1)
+        if a > b:
+            continue
+        for run in _digit_runs(str(a), str(b)):
+            out.append(" ".join(f"[{p}-{q}]" if p != q else f'"{p}"' for p, q in run))
+    return out
+
+
+def integer_range_gbnf(lo: int | None, hi: int | None) -> list[str]:
+    """GBNF alternatives for the integers in [lo, hi] (None: unbounded, up to MAX_DIGITS digits); no "-0"."""
+    alts = []
+    if lo is None or lo < 0:  # negatives: magnitudes from max(1, -hi) up to -lo
+        mag_lo = 1 if hi is None or hi >= 0 else -hi
+        alts += [f'"-" {a}' for a in _magnitudes(mag_lo, None if lo is None else -lo)]
+    if hi is None or hi >= 0:
+        alts += _magnitudes(0 if lo is None or lo < 0 else lo, hi)
+    return alts
 
 
 def _json_type(v) -> str:
