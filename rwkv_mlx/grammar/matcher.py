@@ -23,6 +23,8 @@ they survive the reset).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from .bytegrammar import END, RULE, TERM, ByteGrammar
@@ -34,7 +36,7 @@ MAX_STATES = 200_000
 DEAD = 0
 UNKNOWN = -1
 
-Stacks = frozenset  # of tuple[int, ...]
+Stacks = frozenset  # of stacks, each a tuple of grammar positions
 
 
 class Automaton:
@@ -56,7 +58,7 @@ class Automaton:
         self.complete = np.zeros((1024,), dtype=bool)
         self.stacks: list[Stacks] = [frozenset()]
         self.ids: dict[Stacks, int] = {frozenset(): DEAD}
-        self.masks: dict[int, tuple] = {}  # state -> cached vocabulary mask (see vocab.py)
+        self.masks: OrderedDict = OrderedDict()  # (trie, state) -> cached vocabulary mask, LRU (vocab.py)
         self.generation += 1
 
     @property
@@ -188,4 +190,7 @@ class Matcher:
 def matches(automaton: Automaton, data: bytes) -> bool:
     """Is ``data`` a complete match of the grammar (a check for tests and callers)?"""
     m = Matcher(automaton)
-    return m.accepts(data) and (m.feed(data) or m.is_complete)
+    if not m.accepts(data):
+        return False
+    m.feed(data)
+    return m.is_complete
