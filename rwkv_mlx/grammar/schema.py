@@ -119,6 +119,11 @@ class _Compiler:
         for key in ("anyOf", "oneOf", "allOf"):
             if key in schema:
                 return self.combination(schema, key, path, depth)
+        if "const" in schema or "enum" in schema:
+            rest = sorted(k for k in schema if k in VALIDATION and k not in ("const", "enum", "type"))
+            if rest or ("const" in schema and "enum" in schema):
+                other = rest[0] if rest else "enum"
+                raise GrammarError(f"JSON schema at {path}: enum/const next to {other!r} is not supported")
         if "const" in schema:
             return self.enum([schema["const"]], schema, path)
         if "enum" in schema:
@@ -165,7 +170,7 @@ class _Compiler:
         does); numbers only with a lower bound of 0 (no minus sign), the common "non-negative"."""
         for k in BOUNDS:
             v = schema.get(k)
-            if k in schema and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v):
+            if k in schema and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 raise GrammarError(f"JSON schema at {path}: {k} must be a number, got {v!r}")
         if t == "number":
             if set(schema) & set(BOUNDS) == {"minimum"} and schema["minimum"] == 0:
@@ -184,9 +189,11 @@ class _Compiler:
         if "exclusiveMaximum" in schema:
             x = math.ceil(schema["exclusiveMaximum"]) - 1
             hi = x if hi is None else min(hi, x)
-        if lo is not None and hi is not None and lo > hi:
-            raise GrammarError(f"JSON schema at {path}: no integer lies between the bounds")
-        return self.add_rule(f"{path}-integer", " | ".join(integer_range_gbnf(lo, hi)))
+        alts = integer_range_gbnf(lo, hi)
+        if not alts:
+            raise GrammarError(f"JSON schema at {path}: no integer of at most {MAX_DIGITS} digits lies between "
+                               "the bounds")
+        return self.add_rule(f"{path}-integer", " | ".join(alts))
 
     def combination(self, schema: dict, key: str, path: str, depth: int) -> str:
         subs = schema[key]
