@@ -110,26 +110,48 @@ class Automaton:
         self.complete[sid] = () in stacks
         return sid
 
-    def _advance(self, stacks: Stacks, byte: int) -> Stacks:
+    def _advance(self, stacks, byte: int) -> Stacks:
         nxt = []
-        kind, arg, classes = self._kind, self._arg, self._classes
+        kind = self._kind
         for s in stacks:
-            if s and classes[arg[s[-1]]][byte]:
-                pos = s[-1] + 1
-                nxt.append(s[:-1] if kind[pos] == END else s[:-1] + (pos,))
+            pos = s[-1] + 1
+            nxt.append(s[:-1] if kind[pos] == END else s[:-1] + (pos,))
         return self._expand_all(nxt)
 
+    def fill_row(self, sid: int) -> None:
+        """Compute all 256 byte transitions of state ``sid`` at once.
+
+        The next state depends only on which stacks accept the byte, so bytes
+        are grouped by that signature (inside a JSON string: a handful of groups
+        for 256 bytes) and each group is advanced once.
+        """
+        stacks = [s for s in self.stacks[sid] if s]
+        row = np.zeros((256,), dtype=np.int32)  # DEAD unless some stack accepts the byte
+        if stacks:
+            accept = np.frombuffer(b"".join(self._classes[self._arg[s[-1]]] for s in stacks),
+                                   dtype=np.uint8).reshape(len(stacks), 256)
+            if len(stacks) <= 63:  # one integer per byte: bit i = stack i accepts it
+                signatures = (accept.astype(np.int64) << np.arange(len(stacks))[:, None]).sum(axis=0)
+                _, first, group = np.unique(signatures, return_index=True, return_inverse=True)
+            else:
+                signatures = np.packbits(accept, axis=0).T  # [256, ceil(stacks / 8)]
+                _, first, group = np.unique(signatures, axis=0, return_index=True, return_inverse=True)
+            targets = []
+            for b in first.tolist():
+                live = [s for s, ok in zip(stacks, accept[:, b]) if ok]
+                targets.append(self.intern(self._advance(live, b)) if live else DEAD)
+            row = np.asarray(targets, dtype=np.int32)[group.reshape(-1)]
+        self.table[sid] = row
+
     def fill(self, states, byte_values) -> None:
-        """Compute the unknown transitions ``(states[i], byte_values[i])`` (numpy arrays)."""
-        for sid, b in set(zip(states.tolist(), byte_values.tolist())):
-            if self.table[sid, b] == UNKNOWN:
-                self.table[sid, b] = self.intern(self._advance(self.stacks[sid], b))
+        """Compute the unknown transitions ``(states[i], byte_values[i])`` (numpy arrays), whole rows at a time."""
+        for sid in np.unique(states).tolist():
+            self.fill_row(sid)
 
     def step(self, sid: int, byte: int) -> int:
-        nxt = self.table[sid, byte]
-        if nxt == UNKNOWN:
-            nxt = self.table[sid, byte] = self.intern(self._advance(self.stacks[sid], byte))
-        return int(nxt)
+        if self.table[sid, byte] == UNKNOWN:
+            self.fill_row(sid)
+        return int(self.table[sid, byte])
 
     def reset_if_full(self) -> None:
         """Clear the table once it has grown past :data:`MAX_STATES` rows (call between walks only:

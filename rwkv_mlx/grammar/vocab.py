@@ -45,38 +45,56 @@ class VocabTrie:
         # BFS order with lexicographic order inside a depth => parent ids never decrease.
         self.n_child = np.bincount(parent[parent >= 0], minlength=n).astype(np.int64)
         self.first_child = np.searchsorted(parent, np.arange(n), side="left").astype(np.int64)
-        self.root_nodes = np.nonzero(parent < 0)[0]
-        self.token_of = np.full((n,), -1, dtype=np.int64)
+        self.parent = parent
+        depth = np.fromiter((len(p) for p in nodes), dtype=np.int64, count=n)
+        cuts = np.searchsorted(depth, np.arange(1, (int(depth[-1]) if n else 0) + 2))
+        self.levels = list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))  # [start, end) of each depth
+        # the node that spells each token (n = a sentinel node that is always dead)
+        self.token_node = np.full((self.vocab_size,), n, dtype=np.int64)
         for t, tok in enumerate(token_bytes):
             if tok:
-                self.token_of[index[tok]] = t
+                self.token_node[t] = index[tok]
 
     def mask(self, automaton: Automaton, sid: int) -> np.ndarray:
-        """Bool ``[vocab_size]``: the tokens whose bytes keep state ``sid`` alive."""
-        allowed = np.zeros((self.vocab_size,), dtype=bool)
-        if self.eot_id is not None and automaton.complete[sid]:
-            allowed[self.eot_id] = True
-        nodes = self.root_nodes
-        states = np.full(nodes.shape, sid, dtype=np.int32)
-        while nodes.size:
+        """Bool ``[vocab_size]``: the tokens whose bytes keep state ``sid`` alive.
+
+        Depth by depth, each node's state is ``table[parent's state, byte]``.  A
+        depth is computed only for the children of live nodes when they are few
+        (structure: after ``{`` almost everything is dead) and densely, as one
+        gather over the whole depth, when they are many (inside a string almost
+        everything lives); a depth with no live node ends the walk.
+        """
+        state = np.zeros((self.n_nodes + 1,), dtype=np.int32)  # DEAD everywhere not reached
+        live = None  # live nodes of the previous depth (None: the root)
+        for lo, hi in self.levels:
+            if live is None:
+                nodes = np.arange(lo, hi)
+                parents = np.full((hi - lo,), sid, dtype=np.int32)
+            else:
+                counts = self.n_child[live]
+                total = int(counts.sum())
+                if not total:
+                    break
+                if total * 4 < hi - lo:  # few children: only those
+                    ends = np.cumsum(counts)
+                    nodes = np.repeat(self.first_child[live] - (ends - counts), counts) + np.arange(total)
+                else:  # many: the whole depth (children of dead nodes read the DEAD row)
+                    nodes = np.arange(lo, hi)
+                parents = state[self.parent[nodes]]
             byte = self.byte[nodes]
-            nxt = automaton.table[states, byte]
+            index = parents.astype(np.int64) * 256 + byte
+            nxt = automaton.table.reshape(-1)[index]
             unknown = nxt == UNKNOWN
             if unknown.any():
-                automaton.fill(states[unknown], byte[unknown])
-                nxt = automaton.table[states, byte]
-            live = nxt != DEAD
-            nodes, nxt = nodes[live], nxt[live]
-            tokens = self.token_of[nodes]
-            allowed[tokens[tokens >= 0]] = True
-            counts = self.n_child[nodes]
-            total = int(counts.sum())
-            if not total:
+                automaton.fill(parents[unknown], byte[unknown])
+                nxt = automaton.table.reshape(-1)[index]
+            state[nodes] = nxt
+            live = nodes[nxt != DEAD]
+            if not live.size:
                 break
-            # children of every live node: contiguous runs [first_child, first_child + count)
-            ends = np.cumsum(counts)
-            nodes = np.repeat(self.first_child[nodes] - (ends - counts), counts) + np.arange(total)
-            states = np.repeat(nxt, counts)
+        allowed = state[self.token_node] != DEAD
+        if self.eot_id is not None:
+            allowed[self.eot_id] = bool(automaton.complete[sid])
         return allowed
 
     def cached_mask(self, automaton: Automaton, sid: int) -> tuple[np.ndarray, bool]:
