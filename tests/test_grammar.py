@@ -109,7 +109,7 @@ def random_walk(a: Automaton, rng: random.Random, max_bytes: int = 400) -> bytes
     for _ in range(max_bytes):
         if m.is_complete and rng.random() < 0.25:
             return bytes(out)
-        a.fill(np.full(256, m.state), np.arange(256))
+        a.fill_row(m.state)
         allowed = np.nonzero(a.table[m.state] > 0)[0].tolist()
         if not allowed:
             return bytes(out) if m.is_complete else None

@@ -10,7 +10,7 @@ advances them and expands their new tops until each again shows a terminal.
 Such sets repeat all the time (inside a JSON string every ordinary character
 leads back to the same set), so each distinct set is interned once as an
 integer *state* and the byte transitions between states are cached in a dense
-``int32 [states, 256]`` table: ``-1`` not computed yet, ``0`` the dead state
+``int32 [states, 256]`` table, filled a whole row at a time: ``-1`` not computed yet, ``0`` the dead state
 (no parse survives).  The vocabulary walk in :mod:`.vocab` reads that table
 with numpy and only asks Python for the transitions it has not seen before.
 
@@ -143,8 +143,8 @@ class Automaton:
             row = np.asarray(targets, dtype=np.int32)[group.reshape(-1)]
         self.table[sid] = row
 
-    def fill(self, states, byte_values) -> None:
-        """Compute the unknown transitions ``(states[i], byte_values[i])`` (numpy arrays), whole rows at a time."""
+    def fill(self, states) -> None:
+        """Compute the transitions of every state in ``states`` (a numpy array, repeats allowed)."""
         for sid in np.unique(states).tolist():
             self.fill_row(sid)
 

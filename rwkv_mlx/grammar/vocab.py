@@ -86,7 +86,7 @@ class VocabTrie:
             nxt = automaton.table.reshape(-1)[index]
             unknown = nxt == UNKNOWN
             if unknown.any():
-                automaton.fill(parents[unknown], byte[unknown])
+                automaton.fill(parents[unknown])
                 nxt = automaton.table.reshape(-1)[index]
             state[nodes] = nxt
             live = nodes[nxt != DEAD]
