@@ -151,10 +151,19 @@ def test_random_strings_of_gbnf_grammars_parse_with_lark(name, lark_parsers):
     ('root ::= "a" )', r"unmatched '\)'"),
     ('root ::= "\\q"', "unknown escape"),
     ("", "empty"),
+    ("root ::= " + "(" * 5000 + '"a"' + ")" * 5000, "nests groups too deeply"),
 ])
 def test_bad_grammars_are_refused_with_a_clear_error(text, message):
     with pytest.raises(GrammarError, match=message):
         compile_constraint(grammar=text)
+
+
+def test_long_rule_chains_and_runs_of_optional_items_compile():
+    """Expanding them without reading a byte goes thousands of rules deep: no Python recursion limit."""
+    chain = "".join(f'r{i} ::= r{i + 1}\n' for i in range(3000)) + 'r3000 ::= "a"\nroot ::= r0 "b"\n'
+    assert matches(automaton(chain), b"ab")
+    optional = automaton("root ::= " + '"a"? ' * 3000 + '"b"')
+    assert matches(optional, b"aab") and matches(optional, b"b") and not matches(optional, b"")
 
 
 def test_grammar_syntax_llama_cpp_features():

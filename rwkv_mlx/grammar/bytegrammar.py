@@ -274,4 +274,7 @@ def _check(g: ByteGrammar, rules: list[list[list[tuple[int, int]]]]) -> None:
 
 def lower(grammar: Grammar) -> ByteGrammar:
     """Lower and check ``grammar``; :class:`GrammarError` if it cannot be matched safely."""
-    return _Lowering(grammar).lower()
+    try:
+        return _Lowering(grammar).lower()
+    except RecursionError:
+        raise GrammarError("grammar nests groups too deeply") from None

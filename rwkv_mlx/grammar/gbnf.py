@@ -314,4 +314,7 @@ def parse_gbnf(text: str) -> Grammar:
         raise GrammarError(f"a grammar must be GBNF text (str), got {type(text).__name__}")
     if len(text) > MAX_GRAMMAR_CHARS:
         raise GrammarError(f"grammar is {len(text)} characters long; the limit is {MAX_GRAMMAR_CHARS}")
-    return _Parser(text).grammar()
+    try:
+        return _Parser(text).grammar()
+    except RecursionError:
+        raise GrammarError("grammar nests groups too deeply") from None

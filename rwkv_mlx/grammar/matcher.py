@@ -14,7 +14,8 @@ integer *state* and the byte transitions between states are cached in a dense
 (no parse survives).  The vocabulary walk in :mod:`.vocab` reads that table
 with numpy and only asks Python for the transitions it has not seen before.
 
-Bounds: a state may hold at most :data:`MAX_STACKS` stacks and a stack at most
+Bounds: a state may hold at most :data:`MAX_STACKS` stacks (and reaching it may
+take at most :data:`MAX_EXPANSIONS` intermediate ones), a stack at most
 :data:`MAX_DEPTH` entries (deeper recursion is cut: those parses are dropped),
 and once the table has passed :data:`MAX_STATES` rows it is cleared before the
 next mask or feed and rebuilt on demand (matchers keep their stack sets, so
@@ -31,6 +32,7 @@ from .bytegrammar import END, RULE, TERM, ByteGrammar
 from .gbnf import GrammarError
 
 MAX_STACKS = 4096
+MAX_EXPANSIONS = 100_000
 MAX_DEPTH = 1024
 MAX_STATES = 200_000
 DEAD = 0
@@ -67,33 +69,33 @@ class Automaton:
 
     # -- stacks ----------------------------------------------------------------
 
-    def _expand(self, stack: tuple, out: set) -> None:
-        """Add to ``out`` every stack reachable from ``stack`` whose top is a terminal (or that is empty)."""
-        if not stack:
-            out.add(stack)
-            return
-        pos = stack[-1]
-        if self._kind[pos] == TERM:
-            out.add(stack)
-            return
-        if len(stack) > MAX_DEPTH:
-            return  # recursion deeper than the bound: this parse is dropped
-        rest = stack[:-1]
-        if self._kind[pos + 1] != END:
-            rest = rest + (pos + 1,)
-        for start in self._alts[self._arg[pos]]:
-            self._expand(rest if self._kind[start] == END else rest + (start,), out)
-            if len(out) > MAX_STACKS:
-                raise GrammarError(f"grammar is too ambiguous: more than {MAX_STACKS} parses are open at once")
-
     def _expand_all(self, stacks, root: bool = False) -> Stacks:
-        out: set = set()
+        """Every stack reachable from ``stacks`` without reading a byte whose top is a terminal
+        (or that is empty: the match may end here).  Iterative, so long chains of rules or of
+        optional items cannot exhaust the Python stack; each stack is expanded once."""
+        kind, arg, alts = self._kind, self._arg, self._alts
         if root:
-            for start in self._alts[self.grammar.root]:
-                self._expand(() if self._kind[start] == END else (start,), out)
-        else:
-            for s in stacks:
-                self._expand(s, out)
+            stacks = [() if kind[start] == END else (start,) for start in alts[self.grammar.root]]
+        out: set = set()
+        todo, seen = list(stacks), set()
+        while todo:
+            stack = todo.pop()
+            if stack in seen:
+                continue
+            seen.add(stack)
+            if not stack or kind[stack[-1]] == TERM:
+                out.add(stack)
+                if len(out) > MAX_STACKS:
+                    raise GrammarError(f"grammar is too ambiguous: more than {MAX_STACKS} parses are open at once")
+                continue
+            if len(stack) > MAX_DEPTH:
+                continue  # recursion deeper than the bound: this parse is dropped
+            pos = stack[-1]
+            rest = stack[:-1] if kind[pos + 1] == END else stack[:-1] + (pos + 1,)
+            todo += [rest if kind[start] == END else rest + (start,) for start in alts[arg[pos]]]
+            if len(seen) > MAX_EXPANSIONS:
+                raise GrammarError(f"grammar is too ambiguous: more than {MAX_EXPANSIONS} partial parses "
+                                   "after one byte")
         return frozenset(out)
 
     def intern(self, stacks: Stacks) -> int:
