@@ -231,6 +231,7 @@ SCHEMAS = [
 ]
 
 
+@pytest.mark.slow
 def test_demo_model_under_schemas_always_produces_valid_json(demo):
     """Many (schema, seed) rows in one batch; every row that ends is a JSON document the schema accepts,
     and a row cut by max_tokens is reported as "length"."""
@@ -297,6 +298,7 @@ def test_batch_rows_each_follow_their_own_constraint(demo):
     assert lark_accepts(chess, out[3]), out[3]
 
 
+@pytest.mark.slow
 def test_demo_model_under_gbnf_grammars_matches_lark(demo, lark_parsers):
     """Every grammar twice in one batch; each output that ends parses with the independent Lark grammar."""
     model, tokenizer = demo
@@ -349,7 +351,7 @@ def test_every_prefix_of_constrained_output_stays_viable(schema, seed, tokenizer
     check = Matcher(compile_constraint(json_schema=schema))
     rng = np.random.default_rng(seed)
     out = b""
-    for _ in range(400):
+    for _ in range(1000):
         allowed = np.nonzero(np.asarray(c.state[0])[0])[0]
         assert allowed.size
         t = int(rng.choice(allowed))
@@ -361,7 +363,7 @@ def test_every_prefix_of_constrained_output_stays_viable(schema, seed, tokenizer
         out += data
         c.advance([t])
     else:
-        pytest.fail(f"no end after 400 tokens: {out[:200]!r}")
+        pytest.fail(f"no end after 1000 tokens: {out[:200]!r}")
     assert check.is_complete
     jsonschema.validate(json.loads(out.decode("utf-8")), schema)
 
@@ -462,6 +464,25 @@ def test_huge_but_legal_enum_stays_one_parse_per_state(tokenizer):
     m.feed(b'"item-0')
     assert len(a.stacks[m.state]) == 10
     assert matches(a, b'"item-09999"') and not matches(a, b'"item-10000"')
+
+
+def test_state_table_reset_keeps_matchers_going(tokenizer, monkeypatch):
+    """Past MAX_STATES the table is cleared; matchers re-intern their parses and carry on correctly."""
+    import rwkv_mlx.grammar.matcher as matcher_module
+
+    monkeypatch.setattr(matcher_module, "MAX_STATES", 30)
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 40}}, "required": ["s"]}
+    a = Automaton(lower(parse_gbnf(schema_to_gbnf(schema))))
+    c = GrammarConstraint(a, tokenizer, tokenizer.vocab_size)
+    rng, out = np.random.default_rng(0), b""
+    for _ in range(300):
+        t = int(rng.choice(np.nonzero(np.asarray(c.state[0])[0])[0]))
+        if t == tokenizer.end_of_text_id:
+            break
+        out += tokenizer.token_bytes(t)
+        c.advance([t])
+    assert a.generation > 2
+    jsonschema.validate(json.loads(out), schema)
 
 
 # ---------------------------------------------------------------------------------------------

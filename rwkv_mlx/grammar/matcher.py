@@ -34,7 +34,7 @@ from .gbnf import GrammarError
 MAX_STACKS = 4096
 MAX_EXPANSIONS = 100_000
 MAX_DEPTH = 1024
-MAX_STATES = 200_000
+MAX_STATES = 20_000  # 20 MiB of transition table
 DEAD = 0
 UNKNOWN = -1
 
