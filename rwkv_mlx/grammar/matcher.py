@@ -28,7 +28,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .bytegrammar import END, RULE, TERM, ByteGrammar
+from .bytegrammar import END, TERM, ByteGrammar
 from .gbnf import GrammarError
 
 MAX_STACKS = 4096
