@@ -10,8 +10,8 @@ advances them and expands their new tops until each again shows a terminal.
 Such sets repeat all the time (inside a JSON string every ordinary character
 leads back to the same set), so each distinct set is interned once as an
 integer *state* and the byte transitions between states are cached in a dense
-``int32 [states, 256]`` table, filled a whole row at a time: ``-1`` not computed yet, ``0`` the dead state
-(no parse survives).  The vocabulary walk in :mod:`.vocab` reads that table
+``int32 [states, 256]`` table, filled a whole row at a time: ``-1`` not
+computed yet, ``0`` the dead state (no parse survives).  The vocabulary walk in :mod:`.vocab` reads that table
 with numpy and only asks Python for the transitions it has not seen before.
 
 Bounds: a state may hold at most :data:`MAX_STACKS` stacks (and reaching it may

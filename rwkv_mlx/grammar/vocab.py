@@ -3,11 +3,13 @@
 Token ``t`` may follow state ``s`` when every prefix of ``bytes(t)`` keeps some
 parse alive, so the mask is a walk of the vocabulary's byte trie from ``s``
 that stops at dead branches.  The walk goes one trie depth at a time, as numpy
-gathers from the automaton's transition table (``table[parent_state, byte]``);
-only transitions never seen before go back to Python (:meth:`Automaton.fill`),
-and after a few steps in the same kind of context there are none.  Nodes are
-numbered breadth-first with each node's children contiguous, so the children
-of the live nodes of one depth are a few ``repeat``/``arange`` operations away.
+gathers from the automaton's transition table (``table[parent_state, byte]``):
+over the children of the live nodes when they are few, over the whole depth
+when they are many.  Only states never seen before go back to Python
+(:meth:`Automaton.fill`), and after a few steps in the same kind of context
+there are none.  Nodes are numbered breadth-first with each node's children
+contiguous, so the children of the live nodes of one depth are a few
+``repeat``/``arange`` operations away.
 
 Masks are cached per state (JSON string bodies, numbers and whitespace return
 to the same states over and over).  The end-of-text token (no bytes) is allowed
