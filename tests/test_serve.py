@@ -7,6 +7,7 @@ server, and token-level facts. Servers listen on 127.0.0.1, port 0.
 
 from __future__ import annotations
 
+import json
 import re
 import select
 import signal
@@ -386,10 +387,13 @@ HOSTILE = {
     "ends with the assistant": (dict(json={**GOOD_CHAT, "messages": [{"role": "user", "content": "a"},
                                                                      {"role": "assistant", "content": "b"}]}), 400),
     "n = 2": (dict(json={**GOOD_CHAT, "n": 2}), 400),
-    "json_object response_format": (dict(json={**GOOD_CHAT, "response_format": {"type": "json_object"}}), 400),
-    "json_schema response_format": (dict(json={**GOOD_CHAT, "response_format": {"type": "json_schema",
-                                                                                "json_schema": {}}}), 400),
-    "grammar": (dict(json={**GOOD_CHAT, "grammar": "root ::= \"a\""}), 400),
+    "unknown response_format": (dict(json={**GOOD_CHAT, "response_format": {"type": "xml"}}), 400),
+    "json_schema without a schema": (dict(json={**GOOD_CHAT, "response_format": {"type": "json_schema",
+                                                                                 "json_schema": {}}}), 400),
+    "recursive $ref": (dict(json={**GOOD_CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "loop", "schema": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}}}}), 400),
+    "broken grammar": (dict(json={**GOOD_CHAT, "grammar": "root ::= (\"a\""}), 400),
+    "grammar not a string": (dict(json={**GOOD_CHAT, "grammar": 7}), 400),
     "path in a state name": (dict(json={**GOOD_CHAT, "initial_state": "../../etc/passwd"}), 400),
     "too many stops": (dict(json={**GOOD_CHAT, "stop": ["a"] * 40}), 400),
 }
@@ -404,6 +408,60 @@ def test_hostile_requests_get_4xx_and_the_server_keeps_serving(server, case):
         error = r.json()["error"]
         assert error["message"] and "Traceback" not in r.text
         assert c.get("/health").json()["status"] == "ok"
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "kind": {"enum": ["king", "fool", "ghost"]}},
+          "required": ["name", "age", "kind"]}
+
+
+def test_response_format_json_schema_gives_valid_json_streamed_or_not(server):
+    """The demo model knows no JSON; the constraint alone makes every answer parse and validate."""
+    import jsonschema
+
+    c = client(server)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    for seed in range(3):
+        kw = dict(model=NAME, messages=[{"role": "user", "content": "Describe someone."}], max_tokens=120,
+                  temperature=1.0, seed=seed, response_format=fmt)
+        whole = c.chat.completions.create(**kw)
+        assert whole.choices[0].finish_reason == "stop", whole.choices[0]
+        jsonschema.validate(json.loads(whole.choices[0].message.content), SCHEMA)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in c.chat.completions.create(
+            stream=True, **kw) if chunk.choices)
+        assert streamed == whole.choices[0].message.content
+
+
+def test_grammar_extension_and_json_object_beside_free_rows(server):
+    """Constrained rows share the batch with free ones; each keeps its own constraint (or none)."""
+    c = client(server)
+    jobs = {
+        "grammar": dict(extra_body={"grammar": 'root ::= ("yes" | "no") "."'}),
+        "json_object": dict(response_format={"type": "json_object"}, max_tokens=200),
+        "free": {},
+    }
+    results = {}
+
+    def run(name):
+        kw = {"max_tokens": 60, **jobs[name]}
+        results[name] = c.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Well?"}], temperature=0.9, seed=1, **kw)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results["grammar"].choices[0].message.content in ("yes.", "no.")
+    obj = results["json_object"].choices[0]
+    if obj.finish_reason == "stop":  # complete: it must parse; cut by max_tokens: no claim is made
+        assert isinstance(json.loads(obj.message.content), dict)
+    else:
+        assert obj.finish_reason == "length" and obj.message.content.lstrip().startswith("{")
+    alone = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Well?"}], max_tokens=60,
+                                      temperature=0.9, seed=1)
+    assert results["free"].choices[0].message.content == alone.choices[0].message.content
 
 
 def test_api_key_is_required(server):

@@ -46,8 +46,11 @@ def generate(
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print load time, speeds and peak memory to stderr."),
     state: Optional[Path] = STATE_OPTION,
     check_finite: bool = typer.Option(False, "--check-finite", help="If the logits turn NaN or infinite, stop with an error naming the first layer that produced them."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Constrain the output to JSON that this JSON-schema file accepts."),
+    grammar: Optional[Path] = typer.Option(None, "--grammar", help="Constrain the output to this GBNF grammar file (llama.cpp syntax, a 'root' rule)."),
 ) -> None:
     select_device(device)
+    constraint = constraint_options(json_schema, grammar)
     if prompt is None or prompt == "-":
         # bytes, not text: invalid UTF-8 and NULs reach the tokenizer unchanged (as PEP 383 escapes until then)
         data = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
@@ -71,6 +74,7 @@ def generate(
     sampling = sampling_from_options(sampling, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
                                      min_p=min_p, presence_penalty=presence_penalty,
                                      frequency_penalty=frequency_penalty, penalty_decay=penalty_decay, seed=seed)
+    sampling = sampling.replace(**constraint)
 
     loaded, tokenizer, info = load_for_cli(model, scale_dtype=scale_dtype, quiet=not stats)
     from ..text.generate import stream_generate
@@ -102,6 +106,37 @@ def generate(
             ("peak memory", f"{last.peak_memory_gb:.3f} GB"),
             ("seed", str(sampling.seed) if sampling.seed is not None else "random"),
         ], stream=sys.stderr)
+
+
+def constraint_options(json_schema: Path | None, grammar: Path | None) -> dict:
+    """``SamplingParams`` fields for --json-schema / --grammar, compiled now so that a bad file fails
+    before the model loads: an unreadable file or invalid JSON exits 3, a schema or grammar we
+    cannot use exits 2, each with one line naming the file."""
+    if json_schema is None and grammar is None:
+        return {}
+    if json_schema is not None and grammar is not None:
+        raise InvalidArgumentError("give --json-schema or --grammar, not both")
+    import json
+
+    from ..text.grammar import GrammarError, compile_constraint
+
+    path = json_schema if json_schema is not None else grammar
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelFileError(path, f"cannot read it: {getattr(e, 'strerror', None) or e}") from None
+    if json_schema is not None:
+        try:
+            fields = {"json_schema": json.loads(text)}
+        except ValueError as e:
+            raise ModelFileError(path, f"not valid JSON: {e}") from None
+    else:
+        fields = {"grammar": text}
+    try:
+        compile_constraint(**fields)
+    except GrammarError as e:
+        raise type(e)(f"{path}: {e}") from None
+    return fields
 
 
 def as_given(text: str) -> bytes | str:

@@ -54,6 +54,11 @@ def _processed(logits: mx.array, samplers: list[Sampler]) -> mx.array:
         presence = _column([p.presence if p is not None else 0.0 for p in penalties])
         frequency = _column([p.frequency if p is not None else 0.0 for p in penalties])
         x = x - (presence * seen + frequency * occ)
+    # output constraints last, as in Sampler (make_logits_processors appends them): a grammar's mask
+    for i, s in enumerate(samplers):
+        for p in s.processors:
+            if p.needs_tokens:
+                x[i : i + 1] = p.apply(p.state, x[i : i + 1])
     return x
 
 

@@ -385,6 +385,8 @@ class Engine:
             self.metrics.observe("inter_token_seconds", now - row.last_token_at, "between two tokens of a request")
         row.last_token_at = now
         row.generated.append(token)
+        if row.sampler.needs_tokens:  # a grammar masks the row's next step by this token
+            row.sampler.advance([token])
         text, finish = row.text.add(token)
         row.token = token
         if text or entries:
@@ -499,6 +501,11 @@ class Engine:
         dropped.
         """
         previous = self._inflight
+        if previous is not None and any(r.sampler is not None and r.sampler.needs_tokens for r in previous.rows):
+            # a grammar's mask for step k+1 needs step k's tokens on the host: no overlap then
+            self._collect(previous)
+            self._inflight = self._launch(previous) if any(self._slots) else None
+            return
         self._inflight = self._launch(previous) if any(self._slots) else None
         if previous is not None:
             self._collect(previous)

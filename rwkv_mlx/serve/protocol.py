@@ -24,7 +24,7 @@ from typing import Callable
 from ..errors import InvalidArgumentError
 from ..text.sample import SamplingParams
 from ..text.chat import THINK_MODES, TURN_END, assistant_prefix, clean_message, system_prompt
-from .constraints import logits_processor_for
+from .constraints import constraint_fields
 from .errors import APIError, bad_request
 
 MAX_STOPS = 16
@@ -55,7 +55,6 @@ class Spec:
     #: (``turn_key(answer_text)``); the engine checkpoints the turn only when they are exactly what it read.
     turn_key: Callable[[str], list[int]] | None = field(default=None, repr=False)
     close_turn: list[int] = field(default_factory=list)  # tokens that end a turn cut short (chat: "\n\n")
-    processor: object | None = None  # an output constraint (constraints.logits_processor_for)
 
 
 # -- field readers: each names the field and the problem ------------------------------------
@@ -145,7 +144,7 @@ def _common(body: dict, *, kind: str, model_name: str, vocab_size: int, max_toke
     options = _get(body, "stream_options", dict, {}, what="an object")
     include_usage = _get(options, "include_usage", bool, False, what="true or false")
     return dict(
-        sampling=_sampling(body, base, vocab_size),
+        sampling=_sampling(body, base, vocab_size).replace(**constraint_fields(body)),
         max_tokens=min(max_tokens, max_tokens_cap),
         stop=_stops(body),
         stream=stream,
@@ -153,7 +152,6 @@ def _common(body: dict, *, kind: str, model_name: str, vocab_size: int, max_toke
         stop_at_end_of_text=not _get(body, "ignore_eos", bool, False, what="true or false"),
         initial_state=state_name(body, "initial_state"),
         save_state=state_name(body, "save_state"),
-        processor=logits_processor_for(body, vocab_size),
     )
 
 

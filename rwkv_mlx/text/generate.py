@@ -152,7 +152,7 @@ def sampler_for(model, tokenizer: Tokenizer, sampling: SamplingParams | None, ba
     """A :class:`Sampler` for this model's vocabulary, with the reference's whitespace/digit count weights."""
     sampling = (sampling or SamplingParams()).validate(model.args.vocab_size)
     weights = _count_weights(tokenizer, model.args.vocab_size) if sampling.has_penalty else None
-    return Sampler(sampling, model.args.vocab_size, batch_size, count_weight=weights)
+    return Sampler(sampling, model.args.vocab_size, batch_size, count_weight=weights, tokenizer=tokenizer)
 
 
 def _check_max_tokens(max_tokens) -> int:
@@ -284,6 +284,15 @@ class _RowSamplers:
     def state(self) -> list[mx.array]:
         return [a for _, _, sampler in self.groups for a in sampler.state]
 
+    @property
+    def needs_tokens(self) -> bool:
+        return any(sampler.needs_tokens for _, _, sampler in self.groups)
+
+    def advance(self, tokens: list[int]) -> None:
+        """Tell the grammar constraints the tokens just sampled (all rows)."""
+        for rows, _, sampler in self.groups:
+            sampler.advance([tokens[i] for i in rows])
+
 
 def stream_batch_generate(
     model,
@@ -340,9 +349,13 @@ def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], samplings:
     logits = mx.concatenate([r[0] for r in rows]) if B > 1 else rows[0][0]
     state = State.stack([r[1] for r in rows])
 
+    # A grammar needs token n on the host before it can mask step n+1, so then the
+    # pipelined step is only the model call; sampling waits for the host's mask.
+    constrained = sample.needs_tokens
+
     def step(token, state):
         logits, state = model.step(token, state)
-        return (*sample(logits), state)
+        return (logits, state) if constrained else (*sample(logits), state)
 
     token, logprob = sample(logits)
     mx.async_eval(token, logprob, *sample.state)
@@ -355,8 +368,12 @@ def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], samplings:
         # Build step n+1 before waiting for step n: the device never idles on the host.
         nxt = step(token, state) if n + 1 < max(limits[i] for i in active) else None
         if nxt is not None:
-            mx.async_eval(nxt[0], nxt[1], *nxt[2].arrays(), *sample.state)
+            mx.async_eval(*nxt[:-1], *nxt[-1].arrays(), *([] if constrained else sample.state))
         toks, lps = token.tolist(), logprob.tolist()
+        if constrained and nxt is not None:
+            sample.advance(toks)  # host: advance the matchers and mask the next step (the model step runs meanwhile)
+            nxt = (*sample(nxt[0]), nxt[1])
+            mx.async_eval(nxt[0], nxt[1], *sample.state)
         n += 1
         elapsed = time.perf_counter() - tic
         after = None

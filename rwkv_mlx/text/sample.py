@@ -64,13 +64,14 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from .logits import LogitsProcessor, _f32
 
 __all__ = [
     "SamplingParams",
@@ -124,6 +125,10 @@ class SamplingParams:
     banned_tokens: token ids whose logit is set to ``-inf`` at every step.
     seed: ``None`` (a fresh random seed) or an integer in ``[0, 2**64)``; the
         same seed, params and logits reproduce a run exactly.
+    json_schema: a JSON schema (dict, bool or JSON text): the output is a JSON
+        document it accepts (:mod:`rwkv_mlx.text.grammar`).  ``{}`` = any JSON value.
+    grammar: GBNF text (llama.cpp's syntax): the output matches its ``root`` rule.
+        At most one of the two; the mask applies after bans and penalties.
     """
 
     temperature: float = 1.0
@@ -136,6 +141,8 @@ class SamplingParams:
     penalty_ignore_prompt: bool = True
     banned_tokens: tuple[int, ...] = ()
     seed: int | None = None
+    json_schema: dict | bool | str | None = field(default=None, hash=False)
+    grammar: str | None = None
 
     # -- presets -----------------------------------------------------------
 
@@ -180,6 +187,11 @@ class SamplingParams:
         return self.temperature == 0 or self.top_p == 0
 
     @property
+    def is_constrained(self) -> bool:
+        """True when a JSON schema or grammar constrains the output."""
+        return self.json_schema is not None or self.grammar is not None
+
+    @property
     def has_penalty(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
 
@@ -214,6 +226,12 @@ class SamplingParams:
             _check_int("banned_tokens", t, lo=0, hi=hi, rng=rng, what="entry ")
         if self.seed is not None:
             _check_int("seed", self.seed, lo=0, hi=2**64 - 1, rng="None or an integer in [0, 2**64)")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, bool, str)):
+            raise InvalidArgumentError(f"json_schema must be a dict, a bool or JSON text, got {self.json_schema!r}")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise InvalidArgumentError(f"grammar must be GBNF text (a str), got {self.grammar!r}")
+        if self.json_schema is not None and self.grammar is not None:
+            raise InvalidArgumentError("give json_schema or grammar, not both")
         return self
 
 
@@ -242,10 +260,6 @@ def _check_real(name, v, *, lo=None, hi=None, rng):
 # --------------------------------------------------------------------------
 # small pure helpers
 # --------------------------------------------------------------------------
-
-
-def _f32(x: mx.array) -> mx.array:
-    return x if x.dtype == mx.float32 else x.astype(mx.float32)
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -398,32 +412,6 @@ def make_sampler(params: SamplingParams) -> SampleFn:
 # --------------------------------------------------------------------------
 
 
-class LogitsProcessor:
-    """A ``(logits [B, V]) -> logits`` transform with optional device state.
-
-    The state is a tuple of arrays (``state``); ``apply(state, logits)`` and
-    ``update(state, tokens) -> state`` are pure so a whole decode step can be
-    compiled.  ``__call__`` / ``accept`` are the stateful conveniences.
-    """
-
-    state: tuple[mx.array, ...] = ()
-
-    def apply(self, state: tuple[mx.array, ...], logits: mx.array) -> mx.array:
-        raise NotImplementedError
-
-    def update(self, state: tuple[mx.array, ...], tokens: mx.array) -> tuple[mx.array, ...]:
-        return state
-
-    def __call__(self, logits: mx.array) -> mx.array:
-        return self.apply(self.state, _f32(logits))
-
-    def accept(self, tokens: mx.array) -> None:
-        self.state = self.update(self.state, tokens)
-
-    def reset(self) -> None:
-        pass
-
-
 class TokenBan(LogitsProcessor):
     """Sets the logits of ``token_ids`` to ``-inf`` (reference ``token_ban``;
     the chat demo subtracts 1e10, which gives the same probability 0)."""
@@ -540,9 +528,11 @@ def make_logits_processors(
     vocab_size: int,
     batch_size: int = 1,
     count_weight: mx.array | np.ndarray | None = None,
+    tokenizer=None,
 ) -> list[LogitsProcessor]:
     """Processors for ``params``, in reference order: token bans, then the
-    repetition penalty (omitted when both penalties are 0)."""
+    repetition penalty (omitted when both penalties are 0), then the grammar
+    constraint of ``json_schema`` / ``grammar`` (which needs ``tokenizer``)."""
     params.validate(vocab_size)
     procs: list[LogitsProcessor] = []
     if params.banned_tokens:
@@ -558,6 +548,12 @@ def make_logits_processors(
                 count_weight,
             )
         )
+    if params.is_constrained:
+        if tokenizer is None:
+            raise InvalidArgumentError("json_schema and grammar need the tokenizer (token bytes) to build masks")
+        from .grammar.processor import constraint_for
+
+        procs.append(constraint_for(params, tokenizer, vocab_size, batch_size))
     return procs
 
 
@@ -617,6 +613,7 @@ class Sampler:
         *,
         count_weight: mx.array | np.ndarray | None = None,
         compile: bool = True,
+        tokenizer=None,
     ):
         params.validate(vocab_size)
         self.params = params
@@ -624,7 +621,7 @@ class Sampler:
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise InvalidArgumentError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.processors = make_logits_processors(params, vocab_size, batch_size, count_weight)
+        self.processors = make_logits_processors(params, vocab_size, batch_size, count_weight, tokenizer)
         self.sample_fn = make_sampler(params)
         self.seed = params.seed if params.seed is not None else _new_seed()
         self.key = mx.random.key(self.seed)
@@ -667,6 +664,16 @@ class Sampler:
             if isinstance(p, RepetitionPenalty):
                 return p
         return None
+
+    @property
+    def needs_tokens(self) -> bool:
+        """True when a processor (a grammar) must see each sampled token before the next step."""
+        return any(p.needs_tokens for p in self.processors)
+
+    def advance(self, tokens: Sequence[int]) -> None:
+        """Tell host-side processors the tokens just sampled (a list, one per row)."""
+        for p in self.processors:
+            p.advance(tokens)
 
     def _check(self, logits: mx.array) -> None:
         if logits.ndim != 2 or logits.shape[0] != self.batch_size or logits.shape[1] != self.vocab_size:
