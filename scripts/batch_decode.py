@@ -11,11 +11,11 @@ are printed as a table to paste into results/.
 from __future__ import annotations
 
 import argparse
-import time
 
 import mlx.core as mx
 
 import rwkv_mlx
+from rwkv_mlx.bench.measure import greedy_steps
 
 
 def prompts(model, batch: int, n: int = 16) -> mx.array:
@@ -30,16 +30,8 @@ def run(model, batch: int, n_tokens: int):
     mx.eval(token, *state.arrays())
     for _ in range(3):  # compile the step for this batch size
         model.step(token, state)
-    out = []
-    tic = time.perf_counter()
-    for _ in range(n_tokens):
-        logits, state = model.step(token, state)
-        token = mx.argmax(logits, axis=-1)
-        mx.async_eval(token, *state.arrays())
-        out.append(token)
-    mx.eval(out)
-    seconds = time.perf_counter() - tic
-    return [[int(t[b].item()) for t in out] for b in range(batch)], batch * n_tokens / seconds
+    rows, seconds = greedy_steps(model, token, state, n_tokens)
+    return rows, batch * n_tokens / seconds
 
 
 def main():

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 import rwkv_mlx
 from rwkv_mlx import layers
-from rwkv_mlx.bench.measure import count_primitives
+from rwkv_mlx.bench.measure import count_primitives, greedy_steps
 from rwkv_mlx.text.generate import prefill, stream_generate
 from rwkv_mlx.kernels import fused_time_mix, kernels_disabled
 from rwkv_mlx.text.sample import SamplingParams
@@ -33,16 +33,8 @@ def decode(model, n_prompt: int, n_tokens: int):
     token = mx.argmax(logits[:, -1], axis=-1)
     step_logits, step_state = model(token[:, None], state, logits="last")
     ops = count_primitives([step_logits, *step_state.arrays()])
-    out = []
-    tic = time.perf_counter()
-    for _ in range(n_tokens):
-        logits, state = model.step(token, state)
-        token = mx.argmax(logits, axis=-1)
-        mx.async_eval(token, *state.arrays())
-        out.append(token)
-    mx.eval(out)
-    seconds = time.perf_counter() - tic
-    return [int(t.item()) for t in out], n_tokens / seconds, ops
+    rows, seconds = greedy_steps(model, token, state, n_tokens)
+    return rows[0], n_tokens / seconds, ops
 
 
 def launch_times(model, repeats: int = 50) -> None:

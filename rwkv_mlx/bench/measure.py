@@ -11,6 +11,7 @@ import platform
 import re
 import statistics
 import subprocess
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,23 @@ def decode_step_primitives(model, token: int = 0, state=None) -> PrimitiveCount:
     nxt = sampler(logits)
     outputs = [nxt, token_logprob(logits, nxt), *new_state.arrays(), *sampler.state]
     return PrimitiveCount.of(count_primitives(outputs), model.args.n_layer)
+
+
+def greedy_steps(model, token: mx.array, state, n_tokens: int) -> tuple[list[list[int]], float]:
+    """``n_tokens`` greedy decode steps from ``token`` [B] and ``state``, the host one step ahead of the device.
+
+    Returns each row's tokens and the seconds the steps took (the probes' decode loop).
+    """
+    out = []
+    tic = time.perf_counter()
+    for _ in range(n_tokens):
+        logits, state = model.step(token, state)
+        token = mx.argmax(logits, axis=-1)
+        mx.async_eval(token, *state.arrays())
+        out.append(token)
+    mx.eval(out)
+    seconds = time.perf_counter() - tic
+    return [[int(t[b].item()) for t in out] for b in range(token.shape[0])], seconds
 
 
 @dataclass
