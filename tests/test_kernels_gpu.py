@@ -12,15 +12,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from gguf.quants import dequantize as gguf_dequantize
 
 from conftest import ORACLE, make_layer, oracle_logits, oracle_models, oracle_tokens
 
 import rwkv_mlx
-from rwkv_mlx import quants
 from rwkv_mlx.kernels import fused_time_mix, kernel_backend, kernels_disabled
 from rwkv_mlx.kernels.matvec import Segment, matvec
-from rwkv_mlx.layers import AffineLinear, GGMLLinear, Linear, WeightFormat
 from rwkv_mlx.model.weights import LoadOptions
 from rwkv_mlx.model.wkv import time_mix_core_reference
 

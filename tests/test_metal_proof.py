@@ -16,13 +16,12 @@ Negative controls show that each step can fail.
 from __future__ import annotations
 
 import platform
-import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ORACLE, ORACLE_MISSING, REPO, make_layer, oracle_logits, oracle_models, oracle_tokens
+from conftest import ORACLE, ORACLE_MISSING, make_layer, oracle_logits, oracle_models, oracle_tokens
 
 import rwkv_mlx
 from rwkv_mlx.kernels import kernels_disabled

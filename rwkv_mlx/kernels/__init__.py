@@ -11,10 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import mlx.core as mx
-
 from ..backend import active_backend
-from .dialect import hook_active
 
 _enabled = True
 _forced: str | None = None

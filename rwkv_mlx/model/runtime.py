@@ -20,7 +20,8 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ..kernels import head_plan, hook_active, kernel_backend
+from ..kernels import head_plan, kernel_backend
+from ..kernels.dialect import hook_active
 from ..kernels.decode import BlockPlan
 from .state import State
 
