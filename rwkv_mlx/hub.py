@@ -126,7 +126,13 @@ class _Hub:
 
     def fetch(self, quant: str | None, file: str | None) -> Path:
         files, cached = self._list_files()
-        chosen, is_dir = choose_files(self.repo, files, quant, file)
+        try:
+            chosen, is_dir = choose_files(self.repo, files, quant, file)
+        except ModelFileError as e:
+            if cached is None:
+                raise
+            raise ModelFileError(self.repo, f"{e.reason}; {self._offline_reason}, so only the cache "
+                                            f"{self.constants.HF_HUB_CACHE} was searched") from None
         if cached is not None:  # offline or unreachable: everything must already be in the cache
             missing = [f for f in chosen if not (cached / f).exists()]
             if missing:

@@ -18,7 +18,7 @@ from ..chat import THINK_MODES, ChatSession, assistant_prefix, unescape_cli_text
 from ..errors import InvalidArgumentError, RwkvMlxError
 from ..sample import SamplingParams
 from .common import (
-    DECAY_OPTION, DEVICE_OPTION, FREQUENCY_OPTION, GREEDY_OPTION, MIN_P_OPTION, MODEL_OPTION, PRESENCE_OPTION,
+    DECAY_OPTION, DEVICE_OPTION, FILE_OPTION, FREQUENCY_OPTION, GREEDY_OPTION, MIN_P_OPTION, MODEL_OPTION, PRESENCE_OPTION,
     SCALE_DTYPE_OPTION, SEED_OPTION, STATE_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, ThinkOption,
     load_for_cli, load_state_option, sampling_from_options, select_device,
 )
@@ -101,6 +101,7 @@ def _answer(session: ChatSession, text: str, stats: bool) -> None:
                   "the new message. Commands: /reset, /save FILE, /load FILE, /system TEXT, /think on|off|fast, /quit.")
 def chat(
     model: Optional[Path] = MODEL_OPTION,
+    file: Optional[str] = FILE_OPTION,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt, read once at the start (escapes like \\n processed)."),
     think: ThinkOption = typer.Option(ThinkOption.off, "--think", help="'think' opens a <think block, 'fast' an empty one."),
     state: Optional[Path] = STATE_OPTION,
@@ -122,7 +123,7 @@ def chat(
     sampling = sampling_from_options(
         SamplingParams.chat(), greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, penalty_decay=penalty_decay, seed=seed)
-    loaded, tokenizer, _ = load_for_cli(model, scale_dtype=scale_dtype)
+    loaded, tokenizer, _ = load_for_cli(model, file=file, scale_dtype=scale_dtype)
     initial = load_state_option(state, loaded)
     session = ChatSession(loaded, tokenizer, system=unescape_cli_text(system) if system else None, sampling=sampling,
                           think=think.value, max_tokens=max_tokens, state=initial)

@@ -14,7 +14,7 @@ from ..chat import TURN_END, format_chat_prompt, unescape_cli_text
 from ..errors import InvalidArgumentError, ModelFileError
 from ..sample import SamplingParams
 from .common import (
-    DECAY_OPTION, DEVICE_OPTION, FREQUENCY_OPTION, GREEDY_OPTION, MIN_P_OPTION, MODEL_OPTION, PRESENCE_OPTION,
+    DECAY_OPTION, DEVICE_OPTION, FILE_OPTION, FREQUENCY_OPTION, GREEDY_OPTION, MIN_P_OPTION, MODEL_OPTION, PRESENCE_OPTION,
     SCALE_DTYPE_OPTION, SEED_OPTION, STATE_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, ThinkOption, load_for_cli,
     load_state_option, print_table, sampling_from_options, select_device,
 )
@@ -24,6 +24,7 @@ from .common import (
                   "demo model: a 4-layer RWKV-7 trained here on Tiny Shakespeare (see README).")
 def generate(
     model: Optional[Path] = MODEL_OPTION,
+    file: Optional[str] = FILE_OPTION,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' or omitted: read stdin, as raw bytes). Escapes like \\n are processed unless --no-escape."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
     temperature: Optional[float] = TEMPERATURE_OPTION,
@@ -72,7 +73,7 @@ def generate(
                                      min_p=min_p, presence_penalty=presence_penalty,
                                      frequency_penalty=frequency_penalty, penalty_decay=penalty_decay, seed=seed)
 
-    loaded, tokenizer, info = load_for_cli(model, scale_dtype=scale_dtype, quiet=not stats)
+    loaded, tokenizer, info = load_for_cli(model, file=file, scale_dtype=scale_dtype, quiet=not stats)
     from ..generate import stream_generate
     from ..progress import Progress
 
