@@ -151,7 +151,7 @@ class _Hub:
 
     def _list_files(self) -> tuple[list[str], Path | None]:
         """The repo's files, and the cached snapshot they come from (None: from the Hub itself)."""
-        if self.constants.is_offline_mode():
+        if self.constants.HF_HUB_OFFLINE:
             return self._cached_files("HF_HUB_OFFLINE is set")
         from huggingface_hub import HfApi
         from huggingface_hub import errors as hf_errors
