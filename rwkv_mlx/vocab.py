@@ -8,12 +8,18 @@ closing quote; ``unescape_gguf_token`` undoes that exactly as llama.cpp does.
 from __future__ import annotations
 
 import ast
+import codecs
 import os
+import re
 from pathlib import Path
 
 from .errors import ModelFileError
 
 WORLD_VOCAB_SIZE = 65536  # 65529 tokens + id 0 + 6 padding ids
+
+# An escape other than \\ \' \" \t \n \r \xHH (which codecs.escape_decode reads as llama.cpp
+# does), or a backslash at the end: those take the slow path below.
+_UNUSUAL_ESCAPE = re.compile(r"\\(?:[^\\'\"tnrx]|x(?![0-9a-fA-F]{2})|$)")
 
 
 def load_world_vocab(path: str | os.PathLike) -> dict[int, bytes]:
@@ -44,6 +50,10 @@ def escape_gguf_token(token: bytes) -> str:
 
 def unescape_gguf_token(text: str) -> bytes:
     """Inverse of ``escape_gguf_token`` (llama.cpp ``llama_unescape_rwkv_token``)."""
+    if "\\" not in text:  # nothing to undo (65k tokens are unescaped per load: kept fast)
+        return text.encode("utf-8")
+    if _UNUSUAL_ESCAPE.search(text) is None:  # only the escapes repr() writes: the C decoder agrees
+        return codecs.escape_decode(text.encode("utf-8"))[0]
     out = bytearray()
     i, n = 0, len(text)
     while i < n:
