@@ -26,8 +26,9 @@ from .common import (
 # --- the chat loop ------------------------------------------------------------------------
 
 HELP = ("commands: /reset (forget the conversation), /save FILE, /load FILE, /system TEXT (new system prompt, "
-        "new conversation), /think on|off|fast, /quit")
+        "new conversation), /think on|off|fast, /quit (or exit, quit, Ctrl-C at an empty prompt, Ctrl-D)")
 _THINK_WORDS = {"on": "think", "think": "think", "off": "off", "fast": "fast"}
+QUIT_WORDS = ("exit", "quit", "/quit", "/exit", "/q")
 
 
 def _note(text: str) -> None:
@@ -42,11 +43,20 @@ def _enable_line_editing() -> None:
         pass
 
 
+def _typed_so_far() -> str:
+    """The text on the prompt line when Ctrl-C came (readline keeps it); empty without readline."""
+    readline = sys.modules.get("readline")
+    try:
+        return readline.get_line_buffer() if readline is not None else ""
+    except Exception:  # an input() not served by readline (a pipe): nothing was being edited
+        return ""
+
+
 def _run_command(session: ChatSession, line: str) -> bool:
     """Carry out one /command; False means quit."""
     name, _, arg = line.partition(" ")
     arg = arg.strip()
-    if name in ("/quit", "/exit", "/q"):
+    if name in QUIT_WORDS:
         return False
     if name == "/reset":
         session.reset()
@@ -135,11 +145,15 @@ def chat(
         except EOFError:
             sys.stdout.write("\n")
             break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C: clears a half-typed line; at an empty prompt, leaves
             sys.stdout.write("\n")
-            continue
+            if _typed_so_far():
+                continue
+            break
         if not line:
             continue
+        if line in QUIT_WORDS:  # as typed alone; "/quit" works too
+            break
         if line.startswith("/"):
             try:
                 if not _run_command(session, line):

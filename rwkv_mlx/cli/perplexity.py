@@ -37,9 +37,10 @@ def perplexity(
         raise InvalidArgumentError(f"--tail must be in (0, 1], got {tail}")
     if seq_len < 1 or streams < 1 or max_tokens < 0:
         raise InvalidArgumentError("--seq-len and --streams must be at least 1, --max-tokens at least 0")
+    content = read_text(text)  # before the model loads: a missing or unreadable file costs nothing
     select_device(device)
     loaded, tokenizer, info = load_for_cli(model, file=file, quiet=quiet)
-    tokens = tokenizer.encode(read_text(text))
+    tokens = tokenizer.encode(content)
     tokens = tokens[len(tokens) - int(round(len(tokens) * tail)):]  # as training holds out its validation split
     if max_tokens:
         tokens = tokens[: max_tokens + 1]
