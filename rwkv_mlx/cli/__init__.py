@@ -115,6 +115,8 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nrwkv-mlx: interrupted", file=sys.stderr)
         return 130
+    if code == 130:  # typer turns Ctrl-C into a bare 130 (after a newline) when not standalone
+        print("rwkv-mlx: interrupted", file=sys.stderr)
     return code if isinstance(code, int) else 0
 
 
