@@ -19,7 +19,6 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import InvalidArgumentError, ModelFileError, UnsupportedModelError
-from .checkpoint import is_checkpoint, load_checkpoint
 from .gguf_file import GGUFFile, open_gguf
 from .hub import resolve_model
 from .model import MATRIX_MODULES, Model, ModelArgs, check_model_file_args, gguf_tensor_shapes, gguf_to_module_name
@@ -200,6 +199,8 @@ def load(path: str | os.PathLike, options: LoadOptions | None = None, *, return_
     ``"ORG/REPO:Q4_K_M"`` or ``("ORG/REPO", file="NAME")`` download from the Hugging Face
     Hub (hub.py).  With ``return_info=True`` a third value says how long it took and what it holds.
     """
+    from .checkpoint import is_checkpoint, load_checkpoint  # here: the .pth and HF readers cost imports
+
     path = resolve_model(path, file)
     if is_checkpoint(path):  # what `convert` reads (.pth, Hugging Face directory), converted in memory
         result = load_checkpoint(path, options, progress=progress)

@@ -33,14 +33,29 @@ def load_world_vocab(path: str | os.PathLike) -> dict[int, bytes]:
     for n, line in enumerate(lines, 1):
         try:
             idx = int(line[: line.index(" ")])
-            literal = ast.literal_eval(line[line.index(" ") : line.rindex(" ")])
-            token = literal.encode("utf-8") if isinstance(literal, str) else bytes(literal)
+            token = _literal_bytes(line[line.index(" ") + 1 : line.rindex(" ")])
             if len(token) != int(line[line.rindex(" ") :]):
                 raise ValueError("byte length does not match")
         except (ValueError, SyntaxError, TypeError) as e:
             raise ModelFileError(path, f"line {n}: not a vocabulary entry ({e})") from None
         vocab[idx] = token
     return vocab
+
+
+def _literal_bytes(literal: str) -> bytes:
+    """The bytes of a vocabulary entry's Python literal (``'abc'``, ``b'\\xe4'``), without ``ast`` where it is plain.
+
+    ``ast.literal_eval`` costs about 0.5 s for the 65529 lines; most are a quoted str
+    without escapes, or a bytes literal, whose escapes ``codecs.escape_decode`` reads
+    as the Python parser does.  Anything else goes to ``ast``.
+    """
+    quote = literal[:1]
+    if quote in ("'", '"') and literal[-1:] == quote and len(literal) >= 2 and "\\" not in literal:
+        return literal[1:-1].encode("utf-8")
+    if literal[:2] in ("b'", 'b"') and literal[-1:] == literal[1] and len(literal) >= 3 and literal.isascii():
+        return codecs.escape_decode(literal[2:-1].encode("ascii"))[0]
+    value = ast.literal_eval(literal)
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
 def escape_gguf_token(token: bytes) -> str:
