@@ -286,3 +286,12 @@ def test_quant_is_a_whole_word():
         choose_files("o/r", ["a-Q4_0.gguf", "b-Q4_0.gguf"], "Q4_0", None)
     assert choose_files("o/r", ["x/config.json", "x/m.safetensors", "x/vocab.txt", "y.gguf"], None,
                         "x/m.safetensors") == (["x/config.json", "x/m.safetensors", "x/vocab.txt"], True)
+
+
+def test_info_and_convert_take_repo_ids(hub, tmp_path):
+    env = hub_env(hub.url, tmp_path / "hf")
+    proc = run_cli(["info", "test-org/tiny-GGUF:Q8_0"], env=env)
+    assert proc.returncode == 0 and b"tiny-Q8_0.gguf" in proc.stdout, proc.stderr
+    proc = run_cli(["convert", "test-org/tiny-GGUF", "--file", "tiny-Q4_K_M.gguf", str(tmp_path / "out"), "--quiet"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert local_text(tmp_path / "out") == local_text(tiny_model_path(seed=1))
