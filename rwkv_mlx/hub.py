@@ -141,8 +141,8 @@ class _Hub:
             paths = [cached / f for f in chosen]
         else:
             paths = [self._download(f) for f in chosen]
-        if is_dir:
-            return paths[0].parent if file is None or "/" not in file else paths[chosen.index(file)].parent
+        if is_dir:  # the folder of the weights (--file NAME.safetensors) or the snapshot's top
+            return paths[chosen.index(file)].parent if file is not None else paths[0].parent
         return paths[0]
 
     # -- listing ------------------------------------------------------------------------
