@@ -89,6 +89,7 @@ def generate(
 
     prompt_bytes = as_given(prompt)
     prompt_ids = tokenizer.encode(prompt_bytes)
+    n_prompt = len(prompt_ids)
     clock.lap("tokenize")
     bar = Progress("prefill", len(prompt_ids), " tok", enabled=stats and len(prompt_ids) > 2048)
     if echo:
@@ -100,7 +101,7 @@ def generate(
         initial = cache_prompt(loaded, tokenizer, prompt_ids[:-1], initial) if len(prompt_ids) > 1 else initial
         cache_prompt(loaded, tokenizer, prompt_ids[-1:], initial).save(save_state)
         prompt_ids = prompt_ids[-1:]
-    clock.lap("other")
+    clock.lap("prefill" if save_state is not None else "other")
     try:
         for last in stream_generate(loaded, tokenizer, prompt_ids, max_tokens=max_tokens, sampling=sampling, stop=stop,
                                     state=initial, prefill_progress=bar.update):
@@ -114,12 +115,12 @@ def generate(
         sys.stdout.write("\n")
         sys.stdout.flush()
         if stats:
-            print_stats(clock, info, last, len(fed) - len(fed[len(prompt_ids):]), sampling, "interrupted", save_state)
+            print_stats(clock, info, last, n_prompt, sampling, "interrupted", save_state)
         raise
     sys.stdout.write("\n")
     sys.stdout.flush()
     if stats and last is not None:
-        print_stats(clock, info, last, last.prompt_tokens, sampling, last.finish_reason, save_state)
+        print_stats(clock, info, last, n_prompt, sampling, last.finish_reason, save_state)
 
 
 class Stopwatch:
