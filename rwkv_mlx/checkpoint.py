@@ -14,18 +14,22 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .hf import is_hf_dir
-from .pth import read_magic
-
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """A ``torch.save`` zip (.pth/.pt/.bin) or a Hugging Face directory: not a GGUF, not a converted directory."""
+    """A ``torch.save`` zip (.pth/.pt/.bin) or a Hugging Face directory: not a GGUF, not a converted directory.
+
+    Cheap, and imports no reader: every load asks it first.
+    """
     path = Path(path)
     if path.is_dir():
+        from .hf import is_hf_dir
+
         return is_hf_dir(path)
-    if not path.is_file():
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:  # missing or unreadable: the GGUF loader says so
         return False
-    magic = read_magic(path)
     return magic != b"GGUF" and (magic[:2] == b"PK" or path.suffix in (".pth", ".pt", ".bin"))
 
 

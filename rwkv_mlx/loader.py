@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import InvalidArgumentError, ModelFileError, UnsupportedModelError
+from .checkpoint import is_checkpoint, load_checkpoint
 from .gguf_file import GGUFFile, open_gguf
 from .hub import resolve_model
 from .model import MATRIX_MODULES, Model, ModelArgs, check_model_file_args, gguf_tensor_shapes, gguf_to_module_name
@@ -193,14 +194,13 @@ def load_gguf(path: str | os.PathLike, options: LoadOptions | None = None,
 
 def load(path: str | os.PathLike, options: LoadOptions | None = None, *, return_info: bool = False,
          progress: Callable[[int, int, str], None] | None = None, file: str | None = None):
-    """Load a model and its tokenizer from a GGUF file, a converted MLX directory or a Hub repo.
+    """Load a model and its tokenizer from a GGUF file, a converted MLX directory, a .pth file,
+    a Hugging Face directory (both converted in memory, checkpoint.py) or a Hub repo.
 
     ``model, tokenizer = rwkv_mlx.load("rwkv7-g1b-2.9b-Q4_K_M.gguf")``; ``"ORG/REPO"``,
     ``"ORG/REPO:Q4_K_M"`` or ``("ORG/REPO", file="NAME")`` download from the Hugging Face
     Hub (hub.py).  With ``return_info=True`` a third value says how long it took and what it holds.
     """
-    from .checkpoint import is_checkpoint, load_checkpoint  # here: the .pth and HF readers cost imports
-
     path = resolve_model(path, file)
     if is_checkpoint(path):  # what `convert` reads (.pth, Hugging Face directory), converted in memory
         result = load_checkpoint(path, options, progress=progress)
