@@ -25,10 +25,12 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
         from .hf import is_hf_dir
 
         return is_hf_dir(path)
+    if not path.is_file():  # missing, a FIFO (opening it would block), a device: the GGUF loader says so
+        return False
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
-    except OSError:  # missing or unreadable: the GGUF loader says so
+    except OSError:  # unreadable: the GGUF loader says so
         return False
     return magic != b"GGUF" and (magic[:2] == b"PK" or path.suffix in (".pth", ".pt", ".bin"))
 
