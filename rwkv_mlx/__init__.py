@@ -7,6 +7,9 @@
 """
 
 import os as _os
+import time as _time
+
+_IMPORT_STARTED = _time.perf_counter()  # the CLI's statistics count from here where /proc is missing
 
 # MLX's CUDA backend runs float32 matmuls in TF32 (about 1e-3 relative error per product)
 # unless told otherwise. rwkv-mlx promises float32 where it says float32; set

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 import time
 
+CLEAR_LINE = "\033[K"  # ANSI: erase from the cursor to the end of the line
+
 
 class Progress:
     def __init__(self, label: str, total: int, unit: str = "", stream=None, enabled: bool = True):
@@ -20,6 +22,7 @@ class Progress:
         self.start = time.perf_counter()
         self.last_draw = 0.0
         self.done = 0
+        self.line = ""  # the progress line as last drawn (terminal only)
 
     def update(self, done: int, note: str = "") -> None:
         self.done = done
@@ -29,13 +32,22 @@ class Progress:
             width = 24
             fill = int(width * done / self.total)
             bar = "#" * fill + "-" * (width - fill)
-            self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total}{self.unit} {note[:40]:<40}")
+            self.line = f"{self.label} [{bar}] {done}/{self.total}{self.unit} {note[:40]:<40}"
+            self.stream.write("\r" + self.line)
             self.stream.flush()
+
+    def print_above(self, text: str) -> None:
+        """A line of text above the progress line: on a terminal the line is cleared, the text written, the bar redrawn."""
+        if self.tty:
+            self.stream.write(f"\r{CLEAR_LINE}{text}\n" + (f"\r{self.line}" if self.line else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
 
     def close(self, summary: str = "") -> None:
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
         end = f"{self.label}: {summary or f'{self.done}/{self.total}{self.unit}'} in {elapsed:.2f} s"
-        self.stream.write(("\r" + end + " " * 40 + "\n") if self.tty else end + "\n")
+        self.stream.write(f"\r{CLEAR_LINE}{end}\n" if self.tty else end + "\n")
         self.stream.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -216,3 +217,22 @@ def test_chat_command_starts_from_a_state_tuning_file(tmp_path, monkeypatch, cap
                 "--max-tokens", "6"])
     assert code == 0
     assert "Assistant:" + answer + "\n\n" in capsys.readouterr().out
+
+
+def test_ctrl_c_clears_a_half_typed_line_and_leaves_at_an_empty_prompt():
+    term = Terminal([sys.executable, "-c", "from rwkv_mlx.cli import main; main()", "chat",
+                     "--model", str(tiny_model_path()), "--greedy", "--max-tokens", "8"])
+    try:
+        term.read_until("User: ")
+        os.write(term.fd, b"half a thought")
+        term.read_until("half a thought")  # echoed: readline holds it
+        # (a pause before each signal: Python's readline notices a signal only while it waits for a key)
+        time.sleep(0.5)
+        term.proc.send_signal(signal.SIGINT)
+        term.read_until("User: ")  # a fresh prompt: the chat goes on
+        assert term.proc.poll() is None
+        time.sleep(0.5)
+        term.proc.send_signal(signal.SIGINT)  # nothing typed: leave
+        assert term.proc.wait(timeout=30) == 0
+    finally:
+        term.close()

@@ -27,9 +27,9 @@ LAYERS = [
     {"text"},
     {"loader"},  # wires formats to the model
     {"train", "bench"},
-    {"serve"},  # the HTTP server: an application, like the CLI that starts it
-    {"cli"},
     {""},  # rwkv_mlx/__init__.py: the public facade
+    {"serve"},  # the applications, on the public API: the HTTP server,
+    {"cli"},  # and the command line that starts it
     {"testing"},  # tests' and scripts' helpers, which use the public API
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

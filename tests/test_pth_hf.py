@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from rwkv_mlx.errors import ModelFileError, UnsupportedModelError
 from rwkv_mlx.formats.hf import blinkdl_name, read_hf_dir, read_safetensors, write_safetensors
 from rwkv_mlx.formats.pth import load_pth, read_pth
 from rwkv_mlx.model.weights import LoadOptions
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from fuzz_gguf import run_cli  # noqa: E402 - the installed command in a fresh interpreter
 
 CPU = LoadOptions.for_backend("cpu")
 
@@ -484,3 +488,38 @@ def test_info_on_pth_and_hf(tmp_path, f16_gguf, capsys):
     assert run(["info", str(src)]) == 0
     out = capsys.readouterr().out
     assert "Hugging Face directory (fla layout)" in out and "| layers " in out
+
+
+# --------------------------------------------------------------------------------------
+# loaded directly (converted in memory) wherever a model is accepted
+
+
+def test_pth_and_hf_dirs_load_directly_with_the_gguf_logits(tmp_path, f16_gguf, gguf_logits):
+    sd = blinkdl_state_dict(gguf_float_tensors(f16_gguf))
+    C = sd["emb.weight"][1].shape[1]
+    sd["blocks.0.att.v0"] = ("float32", np.full((1, 1, C), 0.5, np.float32))
+    write_torch_zip(tmp_path / "model.pth", sd, transposed={"blocks.1.att.w1"})
+    hf = write_hf_dir(tmp_path / "hf-fla", "fla", blinkdl_state_dict(gguf_float_tensors(f16_gguf)), f16_gguf, 2)
+    for src in (tmp_path / "model.pth", hf):
+        assert np.array_equal(_logits(src, _tokens(f16_gguf)), gguf_logits), src
+        model, tok, info = rwkv_mlx.load(src, CPU, return_info=True)
+        assert info.path == src and model.fingerprint and tok.encode("Hello") == rwkv_mlx.load(f16_gguf, CPU)[1].encode("Hello")
+    greedy = ["generate", "--prompt", "Hello", "-n", "3", "--greedy", "--no-stats", "--device", "cpu"]
+    outputs = []
+    for src in (f16_gguf, tmp_path / "model.pth", hf):
+        proc = run_cli([*greedy, "--model", str(src)])
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_hostile_pickle_is_refused_by_generate(tmp_path):
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.pth"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("evil/data.pkl", _evil_pickle("posix", "system", f"touch {marker}"))
+    proc = run_cli(["generate", "--model", str(path), "--prompt", "x"])
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 3 and len(err.splitlines()) == 1, err
+    assert err == f"rwkv-mlx: error: {path}: data.pkl: refusing to load posix.system: not a tensor", err
+    assert not marker.exists()

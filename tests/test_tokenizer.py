@@ -37,9 +37,12 @@ SPEC_LONG_IDS = [24281, 59, 36786, 45, 40213, 34, 33, 10381, 11639, 13091, 15597
 SPEC_VOCAB_MD5 = "dd1946a66e1721abeac49f9c75a1e844"  # spec 4.1 / oracle README
 
 
-@pytest.fixture(scope="module")
-def world() -> Tokenizer:
-    return Tokenizer.from_vocab_file()
+@pytest.fixture(scope="module", params=["walk", "regex"])
+def world(request) -> Tokenizer:
+    """The world tokenizer with each of its two matchers: the Python walk (short texts) and the regex."""
+    tokenizer = Tokenizer.from_vocab_file()
+    tokenizer.regex_after_bytes = 1 << 62 if request.param == "walk" else 0
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -316,13 +319,17 @@ def test_gguf_escaped_tokens_are_unescaped():
     assert tokenizer.decode([6]) == "it's"
 
 
-def test_missing_byte_in_truncated_vocab_is_a_clear_error():
+@pytest.mark.parametrize("regex_after", [1 << 62, 0], ids=["walk", "regex"])
+def test_missing_byte_in_truncated_vocab_is_a_clear_error(regex_after):
     tokenizer = Tokenizer({1: b"a", 2: b"b", 3: b"xy"}, 4, None)
+    tokenizer.regex_after_bytes = regex_after
     assert tokenizer.encode("abxyab") == [1, 2, 3, 1, 2]
     with pytest.raises(InvalidArgumentError, match=r"0x78 at byte offset 2"):
         tokenizer.encode("abxb")
+    empty = Tokenizer({}, 1, None)
+    empty.regex_after_bytes = regex_after
     with pytest.raises(InvalidArgumentError, match=r"0x63 at byte offset 0"):
-        Tokenizer({}, 1, None).encode("c")
+        empty.encode("c")
     assert isinstance(InvalidArgumentError("x"), RwkvMlxError)
 
 
@@ -469,13 +476,15 @@ def test_numpy_integers_are_accepted(world):
     assert tokenizer.encode("a") == [1] and tokenizer.eot_token_id == 2
 
 
-def test_deeply_nested_vocabulary_matches_naive_reference():
+@pytest.mark.parametrize("regex_after", [1 << 62, 0], ids=["walk", "regex"])
+def test_deeply_nested_vocabulary_matches_naive_reference(regex_after):
     # 600 tokens each a prefix of the next: deeper than the regex parser can nest.
     vocab = {bytes([b]): b + 1 for b in range(256)}
     for length in range(2, 601):
         vocab[b"a" * length] = 255 + length
     vocab[b"a" * 300 + b"b"] = 1000
     tokenizer = Tokenizer({i: tok for tok, i in vocab.items()}, 1001, None)
+    tokenizer.regex_after_bytes = regex_after
     rng = random.Random(3)
     for _ in range(20):
         runs = [b"a" * rng.randint(0, 900) for _ in range(rng.randint(1, 5))]
@@ -494,3 +503,11 @@ def test_normalisation_is_not_applied(world, reference):
     decomposed = unicodedata.normalize("NFD", composed)
     assert world.encode(decomposed) != world.encode(composed)
     assert world.encode(decomposed) == reference.encode(decomposed)
+
+
+def test_the_regex_matcher_takes_over_after_regex_after_bytes(reference):
+    tokenizer = Tokenizer.from_vocab_file()
+    tokenizer.regex_after_bytes = 2000
+    text = " ".join(VARIED)[:1500]
+    assert tokenizer.encode(text) == reference.encode(text) and tokenizer._matcher is None  # walked
+    assert tokenizer.encode(text) == reference.encode(text) and tokenizer._matcher is not None  # 3000 > 2000

@@ -8,7 +8,11 @@ gguf_writer (rwkv_mlx.testing.synthetic), so every weight matters.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import re
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -223,9 +227,39 @@ def test_resume_after_interruption_continues_the_loss_curve(corpus, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "val_loss" in e] == [3, 6]
 
-    again = train(cfg, resume=True, quiet=True)  # complete: nothing runs, nothing is logged twice
-    assert again.losses == [] and again.steps == 6 and again.best_val_loss == resumed.best_val_loss
+    config = (tmp_path / "b" / "config.json").read_text()
+    with pytest.raises(InvalidArgumentError, match=r"the run in .* is complete at step 6; pass --steps N with N > 6"):
+        train(cfg, resume=True, quiet=True)  # complete: refused, nothing rewritten, nothing logged twice
+    with pytest.raises(InvalidArgumentError, match=r"complete at step 6 \(--steps 5\)"):
+        train(dataclasses.replace(cfg, steps=5), resume=True, quiet=True)
+    assert (tmp_path / "b" / "config.json").read_text() == config
     assert (tmp_path / "b" / "log.jsonl").read_text().splitlines() == [json.dumps(e) for e in log]
+
+    # --steps 8 extends the finished run: two more steps on the stretched cosine, then the new end
+    extended = train(dataclasses.replace(cfg, steps=8), resume=True, quiet=True)
+    assert len(extended.losses) == 2 and all(np.isfinite(extended.losses)) and extended.steps == 8
+    last = json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-2])  # the step-8 line, before its evaluation
+    assert last["step"] == 8 and last["lr"] == pytest.approx(learning_rate(7, 8, cfg))
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["steps"] == 8
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_evaluation_lines_go_above_the_progress_line(corpus, tmp_path, monkeypatch):
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    train(tiny_config(corpus, tmp_path / "run"))
+    out = term.getvalue()
+    evals = [m.start() for m in re.finditer("validation loss", out)]
+    assert len(evals) == 2
+    for at in evals:  # each evaluation starts a cleared line and ends it; the bar is redrawn after it
+        start = out.rindex("\r", 0, at)
+        assert out[start:start + 4] == "\r\033[K" and out.startswith("step ", start + 4)
+        end = out.index("\n", at)
+        assert out.startswith("\rtrain [", end + 1)
 
 
 # -- export ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ..text.chat import THINK_MODES, ChatSession, assistant_prefix, unescape_cli
 from ..errors import InvalidArgumentError, RwkvMlxError
 from ..text.sample import SamplingParams
 from .common import (
-    DECAY_OPTION, DEVICE_OPTION, FREQUENCY_OPTION, GREEDY_OPTION, MIN_P_OPTION, MODEL_OPTION, PRESENCE_OPTION,
+    DECAY_OPTION, DEVICE_OPTION, FILE_OPTION, FREQUENCY_OPTION, GREEDY_OPTION, MIN_P_OPTION, MODEL_OPTION, PRESENCE_OPTION,
     SCALE_DTYPE_OPTION, SEED_OPTION, STATE_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, ThinkOption,
     load_for_cli, load_state_option, sampling_from_options, select_device,
 )
@@ -26,8 +26,9 @@ from .common import (
 # --- the chat loop ------------------------------------------------------------------------
 
 HELP = ("commands: /reset (forget the conversation), /save FILE, /load FILE, /system TEXT (new system prompt, "
-        "new conversation), /think on|off|fast, /quit")
+        "new conversation), /think on|off|fast, /quit (or exit, quit, Ctrl-C at an empty prompt, Ctrl-D)")
 _THINK_WORDS = {"on": "think", "think": "think", "off": "off", "fast": "fast"}
+QUIT_WORDS = ("exit", "quit", "/quit", "/exit", "/q")
 
 
 def _note(text: str) -> None:
@@ -42,11 +43,20 @@ def _enable_line_editing() -> None:
         pass
 
 
+def _typed_so_far() -> str:
+    """The text on the prompt line when Ctrl-C came (readline keeps it); empty without readline."""
+    readline = sys.modules.get("readline")
+    try:
+        return readline.get_line_buffer() if readline is not None else ""
+    except Exception:  # an input() not served by readline (a pipe): nothing was being edited
+        return ""
+
+
 def _run_command(session: ChatSession, line: str) -> bool:
     """Carry out one /command; False means quit."""
     name, _, arg = line.partition(" ")
     arg = arg.strip()
-    if name in ("/quit", "/exit", "/q"):
+    if name in QUIT_WORDS:
         return False
     if name == "/reset":
         session.reset()
@@ -101,6 +111,7 @@ def _answer(session: ChatSession, text: str, stats: bool) -> None:
                   "the new message. Commands: /reset, /save FILE, /load FILE, /system TEXT, /think on|off|fast, /quit.")
 def chat(
     model: Optional[Path] = MODEL_OPTION,
+    file: Optional[str] = FILE_OPTION,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt, read once at the start (escapes like \\n processed)."),
     think: ThinkOption = typer.Option(ThinkOption.off, "--think", help="'think' opens a <think block, 'fast' an empty one."),
     state: Optional[Path] = STATE_OPTION,
@@ -122,7 +133,7 @@ def chat(
     sampling = sampling_from_options(
         SamplingParams.chat(), greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, penalty_decay=penalty_decay, seed=seed)
-    loaded, tokenizer, _ = load_for_cli(model, scale_dtype=scale_dtype)
+    loaded, tokenizer, _ = load_for_cli(model, file=file, scale_dtype=scale_dtype)
     initial = load_state_option(state, loaded)
     session = ChatSession(loaded, tokenizer, system=unescape_cli_text(system) if system else None, sampling=sampling,
                           think=think.value, max_tokens=max_tokens, state=initial)
@@ -134,11 +145,15 @@ def chat(
         except EOFError:
             sys.stdout.write("\n")
             break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C: clears a half-typed line; at an empty prompt, leaves
             sys.stdout.write("\n")
-            continue
+            if _typed_so_far():
+                continue
+            break
         if not line:
             continue
+        if line in QUIT_WORDS:  # as typed alone; "/quit" works too
+            break
         if line.startswith("/"):
             try:
                 if not _run_command(session, line):

@@ -25,7 +25,7 @@ def resolve_model(path: Path | None) -> Path:
     return path
 
 
-def load_for_cli(path: Path | None, *, scale_dtype: str = "float32", quiet: bool = False):
+def load_for_cli(path: Path | None, *, scale_dtype: str = "float32", quiet: bool = False, file: str | None = None):
     from ..loader import load
     from ..model.weights import LoadOptions
 
@@ -33,7 +33,7 @@ def load_for_cli(path: Path | None, *, scale_dtype: str = "float32", quiet: bool
         raise InvalidArgumentError(f"--scale-dtype must be float32, float16 or bfloat16, got {scale_dtype!r}")
     path = resolve_model(path)
     bar = Progress(f"loading {path.name}", 1, enabled=not quiet)
-    model, tokenizer, info = load(path, LoadOptions.for_backend(scale_dtype=scale_dtype), return_info=True,
+    model, tokenizer, info = load(path, LoadOptions.for_backend(scale_dtype=scale_dtype), return_info=True, file=file,
                                   progress=lambda done, total, name: (setattr(bar, "total", total), bar.update(done, name)))
     bar.close(f"{info.weight_bytes / 1e6:.1f} MB of weights")
     return model, tokenizer, info
@@ -71,7 +71,10 @@ class ThinkOption(str, Enum):
 
 # --- options shared by generate and chat --------------------------------------------------
 
-MODEL_OPTION = typer.Option(None, "--model", "-m", help="GGUF file or converted MLX directory; default: the bundled demo model.")
+MODEL_OPTION = typer.Option(None, "--model", "-m", help="GGUF file, converted MLX directory, .pth file, Hugging Face directory, "
+                                                        "or a Hub repo: ORG/REPO, ORG/REPO:QUANT (e.g. :Q4_K_M); "
+                                                        "default: the bundled demo model.")
+FILE_OPTION = typer.Option(None, "--file", help="With --model ORG/REPO: the .gguf, .pth or .safetensors file of the repo to load.")
 TEMPERATURE_OPTION = typer.Option(None, "--temperature", "--temp", help="Applied after top-p/top-k (RWKV semantics); 0 = greedy.")
 TOP_P_OPTION = typer.Option(None, "--top-p", help="Nucleus cutoff (default 0.85, chat 0.3); 0 = greedy.")
 TOP_K_OPTION = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off).")

@@ -12,14 +12,15 @@ import typer
 from . import app
 from ..errors import ModelFileError
 from ..progress import Progress
-from .common import print_table
+from .common import FILE_OPTION, print_table
 
 
 @app.command(help="Convert a GGUF file, a BlinkDL .pth checkpoint or a Hugging Face RWKV-7 directory into an MLX "
                   "model directory (load it with rwkv_mlx.load(DST) or --model DST). --quantize keep (the default) "
                   "is lossless: a kept GGUF computes exactly what the GGUF computes.")
 def convert(
-    src: Path = typer.Argument(..., help="GGUF file, .pth file or Hugging Face directory (config.json + safetensors)."),
+    src: Path = typer.Argument(..., help="GGUF file, .pth file, Hugging Face directory (config.json + safetensors), "
+                                         "or a Hub repo: ORG/REPO, ORG/REPO:QUANT."),
     dst: Path = typer.Argument(..., help="Output directory (must not exist unless --force)."),
     quantize: str = typer.Option("keep", "--quantize", "-q", help="keep (exact), or 8, 6, 5, 4 bits (mx.quantize, affine)."),
     group_size: int = typer.Option(64, "--group-size", help="Group size for --quantize N: 32, 64 or 128."),
@@ -31,9 +32,12 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace DST if it exists (only once the new one is complete)."),
     shard_size: int = typer.Option(1024, "--shard-size", help="Largest safetensors file in MB (memory holds one shard)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or tables."),
+    file: Optional[str] = FILE_OPTION,
 ) -> None:
     from ..loader.convert import convert as run_convert
+    from ..loader.hub import resolve_model
 
+    src = resolve_model(src, file)
     bar = Progress(f"converting {src.name}", 1, " tensors", enabled=not quiet)
 
     def progress(done: int, total: int, name: str) -> None:
@@ -171,12 +175,15 @@ def _info_mlx_lm(path: Path) -> None:
 
 @app.command(help="Describe a model: GGUF file, converted directory, .pth checkpoint or Hugging Face directory.")
 def info(
-    path: Path = typer.Argument(..., help="Model file or directory."),
+    path: Path = typer.Argument(..., help="Model file or directory, or a Hub repo: ORG/REPO, ORG/REPO:QUANT."),
     sha256: bool = typer.Option(False, "--sha256", help="Also hash the whole source (seconds per GB)."),
+    file: Optional[str] = FILE_OPTION,
 ) -> None:
     from ..loader.convert import open_source, sha256_files
     from ..formats.hf import is_hf_dir
+    from ..loader.hub import resolve_model
 
+    path = resolve_model(path, file)
     if path.is_dir() and not is_hf_dir(path):
         _info_converted(path)
         return

@@ -11,13 +11,14 @@ import typer
 from . import app
 from ..errors import InvalidArgumentError
 from ..progress import Progress
-from .common import DEVICE_OPTION, MODEL_OPTION, load_for_cli, print_table, select_device
+from .common import DEVICE_OPTION, FILE_OPTION, MODEL_OPTION, load_for_cli, print_table, select_device
 
 
 @app.command(help="Perplexity of a model on a text file: the text is read as one stream (state carried between "
                   "pieces of --seq-len tokens), every token predicted from all the text before it.")
 def perplexity(
     model: Optional[Path] = MODEL_OPTION,
+    file: Optional[str] = FILE_OPTION,
     text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
     max_tokens: int = typer.Option(0, "--max-tokens", help="Score at most this many tokens (0: all)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per forward pass (the state carries across)."),
@@ -36,9 +37,10 @@ def perplexity(
         raise InvalidArgumentError(f"--tail must be in (0, 1], got {tail}")
     if seq_len < 1 or streams < 1 or max_tokens < 0:
         raise InvalidArgumentError("--seq-len and --streams must be at least 1, --max-tokens at least 0")
+    content = read_text(text)  # before the model loads: a missing or unreadable file costs nothing
     select_device(device)
-    loaded, tokenizer, info = load_for_cli(model, quiet=quiet)
-    tokens = tokenizer.encode(read_text(text))
+    loaded, tokenizer, info = load_for_cli(model, file=file, quiet=quiet)
+    tokens = tokenizer.encode(content)
     tokens = tokens[len(tokens) - int(round(len(tokens) * tail)):]  # as training holds out its validation split
     if max_tokens:
         tokens = tokens[: max_tokens + 1]

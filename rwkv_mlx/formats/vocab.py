@@ -10,7 +10,9 @@ write it as a regex (the tokenizer's matcher, and mlx-lm's tokenizer.json).
 from __future__ import annotations
 
 import ast
+import codecs
 import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -20,6 +22,10 @@ WORLD_VOCAB_SIZE = 65536  # 65529 tokens + id 0 + 6 padding ids
 WORLD_VOCAB_FILE_NAME = "rwkv_vocab_v20230424.txt"
 BUNDLED_WORLD_VOCAB = Path(__file__).resolve().parents[1] / "data" / WORLD_VOCAB_FILE_NAME  # shipped in the package
 TOKEN_END = 256  # trie key marking "a token ends at this node"; bytes are 0..255
+
+# An escape other than \\ \' \" \t \n \r \xHH (which codecs.escape_decode reads as llama.cpp
+# does), or a backslash at the end: those take the slow path below.
+_UNUSUAL_ESCAPE = re.compile(r"\\(?:[^\\'\"tnrx]|x(?![0-9a-fA-F]{2})|$)")
 
 
 def load_world_vocab(path: str | os.PathLike) -> dict[int, bytes]:
@@ -33,14 +39,29 @@ def load_world_vocab(path: str | os.PathLike) -> dict[int, bytes]:
     for n, line in enumerate(lines, 1):
         try:
             idx = int(line[: line.index(" ")])
-            literal = ast.literal_eval(line[line.index(" ") : line.rindex(" ")])
-            token = literal.encode("utf-8") if isinstance(literal, str) else bytes(literal)
+            token = _literal_bytes(line[line.index(" ") + 1 : line.rindex(" ")])
             if len(token) != int(line[line.rindex(" ") :]):
                 raise ValueError("byte length does not match")
         except (ValueError, SyntaxError, TypeError) as e:
             raise ModelFileError(path, f"line {n}: not a vocabulary entry ({e})") from None
         vocab[idx] = token
     return vocab
+
+
+def _literal_bytes(literal: str) -> bytes:
+    """The bytes of a vocabulary entry's Python literal (``'abc'``, ``b'\\xe4'``), without ``ast`` where it is plain.
+
+    ``ast.literal_eval`` costs about 0.5 s for the 65529 lines; most are a quoted str
+    without escapes, or a bytes literal, whose escapes ``codecs.escape_decode`` reads
+    as the Python parser does.  Anything else goes to ``ast``.
+    """
+    quote = literal[:1]
+    if quote in ("'", '"') and literal[-1:] == quote and len(literal) >= 2 and "\\" not in literal:
+        return literal[1:-1].encode("utf-8")
+    if literal[:2] in ("b'", 'b"') and literal[-1:] == literal[1] and len(literal) >= 3 and literal.isascii():
+        return codecs.escape_decode(literal[2:-1].encode("ascii"))[0]
+    value = ast.literal_eval(literal)
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
 def escape_gguf_token(token: bytes) -> str:
@@ -50,6 +71,10 @@ def escape_gguf_token(token: bytes) -> str:
 
 def unescape_gguf_token(text: str) -> bytes:
     """Inverse of ``escape_gguf_token`` (llama.cpp ``llama_unescape_rwkv_token``)."""
+    if "\\" not in text:  # nothing to undo (65k tokens are unescaped per load: kept fast)
+        return text.encode("utf-8")
+    if _UNUSUAL_ESCAPE.search(text) is None:  # only the escapes repr() writes: the C decoder agrees
+        return codecs.escape_decode(text.encode("utf-8"))[0]
     out = bytearray()
     i, n = 0, len(text)
     while i < n:

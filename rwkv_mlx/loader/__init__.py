@@ -7,14 +7,15 @@ model (rwkv_mlx/model) knows no file format; this package wires one to the other
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable
 
 from ..errors import ModelFileError
 from ..formats.pth import read_state_tuning
 from ..model.state import register_state_tuning_reader
 from ..model.weights import LoadOptions
+from .checkpoint import is_checkpoint, load_checkpoint
 from .gguf import load_gguf
+from .hub import resolve_model
 from .info import LoadInfo
 from .mlx_dir import load_mlx_dir
 
@@ -24,14 +25,18 @@ register_state_tuning_reader(read_state_tuning)  # State.from_state_tuning reads
 
 
 def load(path: str | os.PathLike, options: LoadOptions | None = None, *, return_info: bool = False,
-         progress: Callable[[int, int, str], None] | None = None):
-    """Load a model and its tokenizer from a GGUF file or a converted MLX directory.
+         progress: Callable[[int, int, str], None] | None = None, file: str | None = None):
+    """Load a model and its tokenizer from a GGUF file, a converted MLX directory, a .pth file,
+    a Hugging Face directory (both converted in memory, checkpoint.py) or a Hub repo.
 
-    ``model, tokenizer = rwkv_mlx.load("rwkv7-g1b-2.9b-Q4_K_M.gguf")``.  With
-    ``return_info=True`` a third value says how long it took and what it holds.
+    ``model, tokenizer = rwkv_mlx.load("rwkv7-g1b-2.9b-Q4_K_M.gguf")``; ``"ORG/REPO"``,
+    ``"ORG/REPO:Q4_K_M"`` or ``("ORG/REPO", file="NAME")`` download from the Hugging Face
+    Hub (hub.py).  With ``return_info=True`` a third value says how long it took and what it holds.
     """
-    path = Path(path)
-    if path.is_dir():
+    path = resolve_model(path, file)
+    if is_checkpoint(path):  # what `convert` reads (.pth, Hugging Face directory), converted in memory
+        result = load_checkpoint(path, options, progress=progress)
+    elif path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelFileError(path, "a directory without config.json: not a converted rwkv-mlx model")
         result = load_mlx_dir(path, options, progress=progress)

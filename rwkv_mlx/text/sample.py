@@ -572,7 +572,7 @@ def whitespace_digit_weights(
     w = np.ones((vocab_size,), dtype=np.float32)
     for i in range(vocab_size):
         b = token_bytes(i)
-        if not b:
+        if not b or len(b) > 12 or bytes(b).strip(b" \t0123456789"):  # cheap rejections first: 65k tokens
             continue
         try:
             text = bytes(b).decode("utf-8")

@@ -5,16 +5,18 @@ Matching follows the reference tokenizers (pip ``rwkv`` TRIE_TOKENIZER and
 padding/control entries never match text, so the literal text ``<s>`` encodes as
 ``[61, 116, 63]``.
 
-Speed.  A per-byte trie walk in Python reaches only about 0.65 MB/s here, so the
-byte trie is compiled once into one regular expression (nested optional groups,
-one per trie node that ends a token) and the whole match loop runs inside the C
-``re`` engine.  Measured on the 2-core development machine (CPython 3.11, best
-of 3): 5.5 MB/s on English prose (tinyshakespeare), 6.6 MB/s on Python source,
-4.2 MB/s on Chinese, 4.5 MB/s on Japanese; pyrwkv_tokenizer (Rust) does
-50-100 MB/s there once warm.  Compiling the full 65529-token world vocabulary
-costs about 1 s, paid on the first ``encode`` (not on construction, so
-decode-only users never pay it) and shared by every tokenizer with the same
-vocabulary through ``re``'s pattern cache.
+Speed.  Two matchers give the same ids.  Short texts (a prompt, a chat turn) go
+through a walk in Python: at each position the token lengths that occur after
+its first two bytes are tried longest first against the token dictionary (the
+table costs about 20 ms to build, on the first ``encode``).  Once a tokenizer has
+walked ``REGEX_AFTER_BYTES`` in all, the byte trie is compiled into one regular
+expression (nested optional groups, one per trie node that ends a token) and the
+whole match loop runs inside the C ``re`` engine: 5.5 MB/s on English prose
+(tinyshakespeare), 6.6 MB/s on Python source, 4.2 MB/s on Chinese, 4.5 MB/s on
+Japanese (2-core development machine, CPython 3.11, best of 3; pyrwkv_tokenizer
+(Rust) does 50-100 MB/s there once warm).  Compiling the full 65529-token world
+vocabulary costs about 1 s, which a CLI run that reads one prompt never pays; it
+is shared by every tokenizer with the same vocabulary through ``re``'s pattern cache.
 
 Text that is not valid Unicode still encodes.  ``bytes`` are matched as given.
 A ``str`` containing surrogate code points (which strict UTF-8 refuses) is first
@@ -47,6 +49,11 @@ UNMATCHABLE_GGUF_TOKEN_TYPES = frozenset({GGUF_TOKEN_TYPE_CONTROL, GGUF_TOKEN_TY
 # past 400 levels; below this depth a subtrie is written as a flat alternation.
 MAX_PATTERN_NESTING = 200
 
+#: Bytes a tokenizer encodes with the Python walk (about 1-2 MB/s) before it compiles the regex
+#: matcher (about 1 s for the world vocabulary, then ~5 MB/s): the cost of the walk so far then
+#: matches the compile's.
+REGEX_AFTER_BYTES = 1 << 20
+
 
 class Tokenizer:
     """Encodes text to token ids and back for one vocabulary.
@@ -77,7 +84,7 @@ class Tokenizer:
         self._bytes_by_id: list[bytes] = [b""] * vocab_size
         self._id_by_bytes: dict[bytes, int] = {}
         for key in sorted(tokens):
-            token_id = _as_index(key, "token id")
+            token_id = key if type(key) is int else _as_index(key, "token id")  # plain ints: the common case, kept fast
             if not 0 <= token_id < vocab_size:
                 raise InvalidArgumentError(
                     f"token id {token_id} is outside the vocabulary (0..{vocab_size - 1})"
@@ -91,6 +98,9 @@ class Tokenizer:
             if token:  # an empty token can never be the longest match
                 self._id_by_bytes.setdefault(token, token_id)  # duplicates: lowest id wins
         self._matcher: re.Pattern[bytes] | None = None
+        self._lengths: dict[bytes, list[int]] | None = None  # the walk's table, built on first use
+        self._walked = 0
+        self.regex_after_bytes = REGEX_AFTER_BYTES
 
     # -- construction --------------------------------------------------------------
 
@@ -153,19 +163,46 @@ class Tokenizer:
         if not data:
             return []
         if self._matcher is None:
+            self._walked += len(data)
+            if self._walked <= self.regex_after_bytes:
+                return self._walk(data)
             self._matcher = _compile_matcher(self._id_by_bytes)
         pieces = self._matcher.findall(data)
         if sum(map(len, pieces)) != len(data):
-            self._raise_unmatched(data)
+            offset = 0
+            for match in self._matcher.finditer(data):
+                if match.start() != offset:
+                    break
+                offset = match.end()
+            self._raise_unmatched(data, offset)
         return list(map(self._id_by_bytes.__getitem__, pieces))
 
-    def _raise_unmatched(self, data: bytes) -> None:
+    def _walk(self, data: bytes) -> list[int]:
+        """Greedy longest match in Python: the lengths of the tokens that start with the next two bytes, longest first."""
+        if self._lengths is None:
+            table: dict[bytes, set[int]] = {}
+            for token in self._id_by_bytes:
+                if len(token) > 1:
+                    table.setdefault(token[:2], set()).add(len(token))
+            self._lengths = {k: sorted(v, reverse=True) for k, v in table.items()}
+        ids, lengths, out, i, n = self._id_by_bytes, self._lengths, [], 0, len(data)
+        while i < n:
+            for length in lengths.get(data[i:i + 2], ()):
+                piece = data[i:i + length]  # shorter than ``length`` at the end: then the longest possible
+                token_id = ids.get(piece)
+                if token_id is not None:
+                    break
+            else:
+                piece = data[i:i + 1]
+                token_id = ids.get(piece)
+                if token_id is None:
+                    self._raise_unmatched(data, i)
+            out.append(token_id)
+            i += len(piece)
+        return out
+
+    def _raise_unmatched(self, data: bytes, offset: int) -> None:
         # Every single byte is a token in a complete vocabulary; a truncated one may lack some.
-        offset = 0
-        for match in self._matcher.finditer(data):
-            if match.start() != offset:
-                break
-            offset = match.end()
         raise InvalidArgumentError(
             f"cannot encode byte 0x{data[offset]:02x} at byte offset {offset}: no token of this "
             f"vocabulary ({len(self._id_by_bytes)} text tokens) matches there"

@@ -344,28 +344,48 @@ class _Log:
         self.file.close()
 
 
-def _prepare_out(cfg: TrainConfig, resume: bool) -> TrainConfig:
+def _prepare_out(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, int | None]:
+    """Check the output folder against the run; returns the config and, when resuming, the run's new total steps.
+
+    Resuming keeps the checkpoint's schedule unless ``--steps`` differs from the run's: then the
+    run is extended (or shortened) to that many steps, the cosine stretched from the step reached.
+    A run that has nothing left to do is refused before anything is written.
+    """
     out = Path(cfg.out)
     saved = out / "config.json"
+    total = None
     if resume and saved.is_file():
         old = TrainConfig.from_dict(json.loads(saved.read_text()))
         for key in ("mode", "init_from", "shape", "seq_len", "batch_size", "seed", "data", "lora_rank", "lora_targets"):
             if getattr(old, key) != getattr(cfg, key):
                 raise InvalidArgumentError(f"--resume: {key} differs from the run in {out} "
                                            f"({getattr(old, key)!r} there, {getattr(cfg, key)!r} now)")
+        checkpoints = complete_checkpoints(out)
+        if checkpoints:
+            try:
+                progress = json.loads((checkpoints[-1] / "progress.json").read_text())
+                step, total = int(progress["step"]), int(progress["total"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ModelFileError(checkpoints[-1] / "progress.json", f"unreadable ({e})") from None
+            total = cfg.steps if cfg.steps != old.steps else total
+            if total <= step:
+                raise InvalidArgumentError(
+                    f"--resume: the run in {out} is complete at step {step}"
+                    f"{f' (--steps {cfg.steps})' if cfg.steps != old.steps else ''}; "
+                    f"pass --steps N with N > {step} to extend it")
     elif not resume and complete_checkpoints(out):
         raise InvalidArgumentError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
     if not complete_checkpoints(out):  # a fresh start: no stale log lines from an earlier attempt
         (out / "log.jsonl").unlink(missing_ok=True)
     saved.write_text(cfg.to_json())
-    return cfg
+    return cfg, total
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int, float], None] | None = None,
           quiet: bool = False) -> TrainResult:
     """Run (or continue, with ``resume``) the training ``cfg`` describes."""
-    cfg = _prepare_out(cfg.validate(), resume)
+    cfg, resume_total = _prepare_out(cfg.validate(), resume)
     out = Path(cfg.out)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     mx.random.seed(cfg.seed)
@@ -388,7 +408,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int, flo
         progress = restore_checkpoint(checkpoints[-1], target, optimizer)
         start, total, elapsed = progress["step"], progress["total"], progress["elapsed"]
         best, best_step, tokens_seen = progress.get("best"), progress.get("best_step"), progress.get("tokens", 0)
-        say(f"resumed from {checkpoints[-1]} at step {start}")
+        say(f"resumed from {checkpoints[-1]} at step {start}"
+            + (f"; the run now ends at step {resume_total} (was {total}), the cosine stretched from here"
+               if resume_total not in (None, total) else ""))
+        total = resume_total or total
     step_fn = make_step(model, target, optimizer, cfg)
     tunable_state = (lambda: target.initial_state(1)) if isinstance(target, TunableState) else (lambda: None)
 
@@ -398,6 +421,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int, flo
     tokens_per_step = cfg.batch_size * cfg.seq_len
     every_ckpt = cfg.checkpoint_every or cfg.eval_every
     bar = Progress("train", total, " steps", enabled=not quiet)
+    if not quiet:  # evaluations and notes go above the progress line, never into it
+        say = bar.print_above
     step_times: list[float] = []
     eval_seconds, val_loss, loss = 0.0, None, float("nan")
     last_eval = None
