@@ -93,6 +93,23 @@ def test_compiled_step_is_dropped_after_load_weights(recording):
     assert np.allclose(np.array(after), before * 0.5, rtol=1e-5, atol=1e-6)  # the head is linear: no stale graph
 
 
+def test_modules_replaced_by_assignment_get_new_plans(recording):
+    """Assignment is seen by no method of the model: the runtime checks which module a plan was built from."""
+    model = fresh_model()
+    state = model.initial_state(1)
+    first, _ = model.step(mx.array([3]), state)
+    built = len(recording.built)
+    model.blocks[1] = init_model(SMALL, seed=2).blocks[1]
+    model.head = nn.Linear(model.args.n_embd, model.args.vocab_size, bias=False)
+    second, _ = model.step(mx.array([3]), state)
+    rebuilt = recording.built[built:]
+    assert {id(p.weights) for p in rebuilt} == {id(model.blocks[1]), id(model.head)}  # only those two
+    with kernels_disabled():
+        want, _ = model(mx.array([[3]]), state, logits="last")
+    assert np.allclose(np.array(second), np.array(want)[:, -1], rtol=1e-5, atol=1e-6)  # no stale graph either
+    assert not np.allclose(np.array(first), np.array(second))
+
+
 def weight_changes():
     """Every way rwkv-mlx changes a model's weights, each as fn(model)."""
 
@@ -184,3 +201,6 @@ def test_decode_after_weight_change_matches_pure_path():
     model.load_weights(list(changed.items()), strict=False)
     fused, pure = decode(True), decode(False)
     assert np.abs(fused - pure).max() <= 1e-4 * max(1.0, np.abs(pure).max())
+    # and the fused path really ran: every block's plan and the head's were taken, a step was compiled
+    assert model.runtime._steps and all(p.ok for _, p in model.runtime._blocks.values())
+    assert all(p.ok for _, p in model.runtime._heads.values())

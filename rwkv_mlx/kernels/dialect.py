@@ -272,7 +272,11 @@ def shared_bytes(name: str, defines: tuple[str, ...], template: tuple[tuple[str,
     names = {k: int(v) for k, v in template}
     for d in defines:
         names[d] = 1
-    body = re.sub(r"//[^\n]*", "", src.body)
+    strip = lambda text: re.sub(r"/\*.*?\*/", "", re.sub(r"//[^\n]*", "", text), flags=re.S)  # noqa: E731
+    for part in [src.header, *(load_kern(i).header for i in src.includes)]:
+        if _SHARED_DECL.search(strip(part)):  # uncounted there: shared arrays belong in the body
+            raise ValueError(f"{name}: a SHARED array in a header; declare it in the kernel body")
+    body = strip(src.body)
     for const, expr in _CONSTEXPR.findall(body):
         try:
             names[const] = _int_expr(expr, names)
@@ -353,7 +357,7 @@ class Kernel:
         threads = threadgroup[0] * threadgroup[1] * threadgroup[2]
         if threads > lim.threads:
             raise LaunchError(f"{self.name}: {threads} threads per group, {r.backend} allows {lim.threads}")
-        for name, device, a in zip(r.inputs, self._device_inputs, inputs):
+        for name, device, a in zip(r.inputs, self._device_inputs, inputs) if lim.device_min_elements else ():
             if device and (a.ndim == 0 or a.size < lim.device_min_elements):
                 raise LaunchError(f"{self.name}: input {name} has {a.size} elements; under "
                                   f"{lim.device_min_elements} MLX passes it in Metal's constant address space")
@@ -398,9 +402,13 @@ def launches(kernel: Kernel, signature, trial: Callable[[], object]) -> bool:
         try:
             mx.eval(trial())
             _built[key] = True
+        except LaunchError:
+            raise  # a plan that breaks its backend's rules is our bug, not the user's compiler
         except Exception as e:  # noqa: BLE001 - MLX reports compile errors as several types
-            _built[key] = False
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if first.startswith("[eval]"):  # planned inside a transform (traced weights): no verdict
+                raise
+            _built[key] = False
             logging.getLogger("rwkv_mlx").warning(
                 "rwkv-mlx: kernel %s did not build on %s (%s); its layers use the slower pure-MLX path. "
                 "Please report this with the output of `rwkv-mlx doctor`.", kernel.name, kernel.backend, first)

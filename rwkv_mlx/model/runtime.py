@@ -27,13 +27,18 @@ from .state import State
 
 
 class DecodeRuntime:
-    """Plans and compiled steps of one model, keyed by layer and batch size; dropped by ``invalidate``."""
+    """Plans and compiled steps of one model, keyed by backend, layer and batch size; dropped by ``invalidate``.
+
+    Each plan also remembers the module it was built from: a block or head replaced by
+    assignment (``model.blocks[3] = other``, which no method of the model sees) gets a new
+    plan instead of decoding with the old weights.
+    """
 
     def __init__(self, model):
         self._model = weakref.ref(model)  # the model owns its runtime; no cycle keeps its weights alive
-        self._blocks: dict[tuple[int, int], BlockPlan] = {}
-        self._heads: dict[int, object] = {}
-        self._steps: dict[int, Callable] = {}
+        self._blocks: dict[tuple, tuple[object, BlockPlan]] = {}
+        self._heads: dict[tuple, tuple[tuple, object]] = {}
+        self._steps: dict[tuple, tuple[tuple, Callable]] = {}
         self.invalidations = 0  # how often the weights changed (tests count it)
 
     def invalidate(self) -> None:
@@ -52,11 +57,12 @@ class DecodeRuntime:
         backend = kernel_backend()
         if backend is None:
             return None
-        key = (layer, batch)
-        plan = self._blocks.get(key)
-        if plan is None:
-            plan = self._blocks[key] = BlockPlan(self._model().blocks[layer], batch, backend)
-        return plan
+        block = self._model().blocks[layer]
+        key = (backend, layer, batch)
+        entry = self._blocks.get(key)
+        if entry is None or entry[0] is not block:
+            entry = self._blocks[key] = (block, BlockPlan(block, batch, backend))
+        return entry[1]
 
     def block_step(self, layer: int, x, att_shift, ffn_shift, wkv_state, v_first):
         """One token through block ``layer`` by the decode kernels: what ``Block.__call__`` returns, or None."""
@@ -68,11 +74,13 @@ class DecodeRuntime:
         backend = kernel_backend()
         if backend is None:
             return None
-        batch = x.shape[0]
-        plan = self._heads.get(batch)
-        if plan is None:
-            model = self._model()
-            plan = self._heads[batch] = head_plan(model.ln_out, model.head, batch, backend)
+        model = self._model()
+        modules = (model.ln_out, model.head)
+        key = (backend, x.shape[0])
+        entry = self._heads.get(key)
+        if entry is None or any(a is not b for a, b in zip(entry[0], modules)):
+            entry = self._heads[key] = (modules, head_plan(model.ln_out, model.head, x.shape[0], backend))
+        plan = entry[1]
         return plan(x)[0] if plan.ok else None
 
     def step(self, batch: int):
@@ -81,19 +89,22 @@ class DecodeRuntime:
         Replaying a compiled graph spares the host rebuilding ~250 launches per token
         in Python. The launch plans hold evaluated constants, so they are built by an
         eager warm-up call before tracing; the graph captures the weights, which is
-        why ``invalidate`` drops it.
+        why ``invalidate`` drops it, and why it is rebuilt when a module was replaced.
         """
-        if kernel_backend() is None or hook_active():  # a launch hook needs concrete arrays
+        backend = kernel_backend()
+        if backend is None or hook_active():  # a launch hook needs concrete arrays
             return None
-        step = self._steps.get(batch)
-        if step is None:
+        model = self._model()
+        modules = (model.emb, model.ln0, *model.blocks, model.ln_out, model.head)
+        key = (backend, batch)
+        entry = self._steps.get(key)
+        if entry is None or len(entry[0]) != len(modules) or any(a is not b for a, b in zip(entry[0], modules)):
             model_ref = self._model
-            model = model_ref()
             model(mx.zeros((batch, 1), dtype=mx.uint32), model.initial_state(batch), logits="last")
 
             def one_token(tokens, *arrays):
                 logits, state = model_ref()(tokens[:, None], State.from_arrays(list(arrays)), logits="last")
                 return (logits[:, -1], *state.arrays())
 
-            step = self._steps[batch] = mx.compile(one_token)
-        return step
+            entry = self._steps[key] = (modules, mx.compile(one_token))
+        return entry[1]

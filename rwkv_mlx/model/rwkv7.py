@@ -210,7 +210,7 @@ class Model(nn.Module):
             return None, new_state
         if logits == "last":
             x = x[:, -1:]
-        out = self.runtime.head(x) if x.shape[1] == 1 else None
+        out = self.runtime.head(x) if x.shape[1] == 1 and not self.training else None
         if out is None:
             out = self.head(self.ln_out(x))
         return out.astype(mx.float32), new_state
