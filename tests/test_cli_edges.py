@@ -12,20 +12,18 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from test_state import tiny_model_path
+from conftest import tiny_model_path
 
 import rwkv_mlx
 from rwkv_mlx import LoadOptions, State
 from rwkv_mlx.cli import run
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from fuzz_gguf import run_cli  # noqa: E402
+from rwkv_mlx.testing.fuzz_gguf import run_cli  # the installed command in a fresh interpreter
 
 CPU = LoadOptions.for_backend("cpu")
 

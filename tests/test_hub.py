@@ -17,14 +17,13 @@ import os
 import re
 import shutil
 import socket
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from test_state import tiny_model_path
+from conftest import tiny_model_path
 
 from rwkv_mlx.cli.common import DEFAULT_MODEL
 from rwkv_mlx.errors import InvalidArgumentError, ModelFileError
@@ -32,8 +31,7 @@ from rwkv_mlx.loader.hub import choose_files, parse_hub_id, quant_matches, resol
 
 pytest.importorskip("huggingface_hub", reason="huggingface_hub is a dependency: pip install -e .")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from fuzz_gguf import run_cli  # noqa: E402
+from rwkv_mlx.testing.fuzz_gguf import run_cli  # the installed command in a fresh interpreter
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 import zipfile
 from pathlib import Path
 
@@ -33,8 +32,7 @@ from rwkv_mlx.formats.hf import blinkdl_name, read_hf_dir, read_safetensors, wri
 from rwkv_mlx.formats.pth import load_pth, read_pth
 from rwkv_mlx.model.weights import LoadOptions
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from fuzz_gguf import run_cli  # noqa: E402 - the installed command in a fresh interpreter
+from rwkv_mlx.testing.fuzz_gguf import run_cli  # the installed command in a fresh interpreter
 
 CPU = LoadOptions.for_backend("cpu")
 

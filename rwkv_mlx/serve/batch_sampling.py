@@ -1,6 +1,6 @@
 """One decode step's sampling for every row of the batch at once, each row with its own parameters.
 
-Each row keeps its :class:`rwkv_mlx.sample.Sampler` (batch 1): its parameters,
+Each row keeps its :class:`rwkv_mlx.text.sample.Sampler` (batch 1): its parameters,
 seed, key stream and penalty state, exactly as ``rwkv_mlx.generate`` would
 have them for that request alone. Calling those samplers one by one costs a
 sort of the vocabulary and a dozen launches per row per step, which is most of
@@ -13,7 +13,7 @@ Sampler would compute (the tests compare with ``rwkv_mlx.generate``), and the
 sampler objects are updated as if they had run: key advanced, penalty counts
 moved on.
 
-The formulas are those of ``rwkv_mlx.sample`` (spec 7.1), written for [n, V]
+The formulas are those of ``rwkv_mlx.text.sample`` (spec 7.1), written for [n, V]
 with per-row parameters; ``keep_mask`` there is the one-parameter-set form.
 """
 

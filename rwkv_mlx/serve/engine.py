@@ -14,16 +14,16 @@ Each loop iteration of the engine
    never stalls the rows that are decoding and a burst of short ones starts at once;
 4. runs one decode step for every decoding row together.
 
-The decoding rows live in *slots* of one batched :class:`~rwkv_mlx.state.State`
+The decoding rows live in *slots* of one batched :class:`~rwkv_mlx.model.state.State`
 whose batch size is a bucket (1, 2, 4, ... up to ``max_batch``), the free slots
 padded with idle rows: a GPU compiles its decode graph once per batch size
-(``rwkv_mlx.kernels.compiled_decode_step``), so a handful of sizes are reused.
+(``Model.step``, the decode runtime), so a handful of sizes are reused.
 Rows of a batch are independent (every operation of a decode step is per row),
 so neither padding nor neighbours change a row's numbers; tests check this.
 The step itself is pluggable (``step_fn``) so the GPU decode path can change
 without touching the scheduler.
 
-Every row has its own sampler (``rwkv_mlx.sample.Sampler`` with batch 1: its
+Every row has its own sampler (``rwkv_mlx.text.sample.Sampler`` with batch 1: its
 parameters, penalties, seed and key stream are exactly those of
 ``rwkv_mlx.generate`` for that request alone), stop strings, token limit and
 log-probability options; a decode step samples all rows together

@@ -1,12 +1,12 @@
 """The OpenAI wire format: request bodies in (validated), a :class:`Spec` for the engine out, response bodies.
 
-Sampling follows RWKV semantics (``rwkv_mlx.sample``): temperature is applied
+Sampling follows RWKV semantics (``rwkv_mlx.text.sample``): temperature is applied
 after top-p/top-k, and the presence/frequency penalties decay and count only
 generated tokens. Fields a request leaves out take the ``rwkv`` reference
 defaults: ``SamplingParams.chat()`` for chat, ``SamplingParams()`` for
 completions.
 
-Chat prompts are the G1 format of ``rwkv-mlx chat`` (``rwkv_mlx.chat``), read
+Chat prompts are the G1 format of ``rwkv-mlx chat`` (``rwkv_mlx.text.chat``), read
 as segments that end at message boundaries: the system turn, each past
 exchange (user + assistant), the new user turn with ``Assistant:``. Each
 segment is tokenized alone, so the token ids of a conversation's prefix do not
@@ -206,7 +206,7 @@ def assistant_turn(content: str) -> str:
     The server returns the model's text verbatim (it normally starts with the
     space or newline the model chose after ``Assistant:``), so a resent answer
     is exactly what the model wrote; an answer without leading whitespace gets
-    the one space of ``rwkv_mlx.chat.format_chat_prompt``.
+    the one space of ``rwkv_mlx.text.chat.format_chat_prompt``.
     """
     text = content.replace("\r\n", "\n").replace("\r", "\n").rstrip()
     text = re.sub(r"\n{2,}", "\n", text)

@@ -1,6 +1,6 @@
 """The constrained-decoding logits processor, and the entry points that build one.
 
-:class:`GrammarConstraint` is a :class:`~rwkv_mlx.sample.LogitsProcessor` whose
+:class:`GrammarConstraint` is a :class:`~rwkv_mlx.text.logits.LogitsProcessor` whose
 state is the current token mask of every row (``[B, V]`` bool) plus a flag for
 rows where only end-of-text remains.  The mask is computed on the host, so the
 decode loop tells the processor each sampled token (``advance``) before it
