@@ -368,6 +368,55 @@ def test_save_state_then_fork_from_it_without_changing_it(server, reference):
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "initial_state"
 
 
+def test_saved_states_are_right_in_a_batch_with_a_constrained_row(server, reference):
+    """A batch holding a grammar row is not pipelined: its rows' final states must still include the last token."""
+    model, tok = reference
+    c = http(server)
+    jobs = {"free": {"prompt": "KING:\nWhat", "save_state": "free-beside-grammar"},
+            "constrained": {"prompt": "KING:\nSay", "save_state": "grammar-row", "grammar": 'root ::= " " [a-z]+ "."'}}
+    replies = {}
+
+    def run(name):
+        replies[name] = c.post("/v1/completions", json={"model": NAME, "max_tokens": 12, **PLAIN_GREEDY, **jobs[name]})
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for name, job in jobs.items():
+        r = replies[name]
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        # the grammar row ends on end-of-text (forced once the grammar is complete), which the model read too
+        eot = [tok.end_of_text_id] if choice["finish_reason"] == "stop" else []
+        want = rwkv_mlx.cache_prompt(model, tok, tok.encode(job["prompt"]) + tok.encode(choice["text"]) + eot)
+        got = State.load(server.config.states_directory / f"{job['save_state']}.safetensors", model)
+        assert all(mx.allclose(a, b, atol=1e-5).item() for a, b in zip(got.arrays(), want.arrays())), name
+
+
+def test_a_failing_constraint_fails_its_own_request_only(server):
+    """A grammar that compiles but becomes too ambiguous while generating ends that request with an error;
+    a request beside it finishes normally and the server keeps serving."""
+    c = http(server)
+    ambiguous = 'root ::= e\ne ::= "a" e | "a" e "b" | "a" e "c" | ""'
+    replies = {}
+
+    def run(name, body):
+        replies[name] = c.post("/v1/completions", json={"model": NAME, "prompt": "KING:", **body})
+
+    threads = [threading.Thread(target=run, args=("bad", {"max_tokens": 64, "grammar": ambiguous, **PLAIN_GREEDY})),
+               threading.Thread(target=run, args=("good", {"max_tokens": 24, **PLAIN_GREEDY}))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert replies["good"].status_code == 200 and replies["good"].json()["choices"][0]["text"]
+    bad = replies["bad"]  # greedy, so it always reaches the parse limit within 64 tokens
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "constraint_failed", bad.text
+    assert c.get("/health").json()["status"] == "ok"
+
+
 # -- hostility --------------------------------------------------------------------------------------------
 
 GOOD_CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -382,6 +431,10 @@ HOSTILE = {
     "negative max_tokens": (dict(json={**GOOD_CHAT, "max_tokens": -5}), 400),
     "boolean max_tokens": (dict(json={**GOOD_CHAT, "max_tokens": True}), 400),
     "top_p out of range": (dict(json={**GOOD_CHAT, "top_p": 7}), 400),
+    "penalty that overflows float32": (dict(json={**GOOD_CHAT, "frequency_penalty": 1e39}), 400),
+    "JSON nested 100,000 deep": (dict(content=b"[" * 100_000), 400),
+    "schema bound past 2^63": (dict(json={**GOOD_CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "big", "schema": {"type": "integer", "maximum": 10 ** 400}}}}), 400),
     "unknown model": (dict(json={**GOOD_CHAT, "model": "gpt-9"}), 404),
     "unknown role": (dict(json={**GOOD_CHAT, "messages": [{"role": "wizard", "content": "x"}]}), 400),
     "ends with the assistant": (dict(json={**GOOD_CHAT, "messages": [{"role": "user", "content": "a"},

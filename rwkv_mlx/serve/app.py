@@ -109,6 +109,8 @@ def create_app(config: ServeConfig, engine: Engine, model_name: str) -> Starlett
             body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as e:
             raise bad_request(f"the body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise bad_request("the body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
         return body

@@ -54,11 +54,15 @@ def _processed(logits: mx.array, samplers: list[Sampler]) -> mx.array:
         presence = _column([p.presence if p is not None else 0.0 for p in penalties])
         frequency = _column([p.frequency if p is not None else 0.0 for p in penalties])
         x = x - (presence * seen + frequency * occ)
-    # output constraints last, as in Sampler (make_logits_processors appends them): a grammar's mask
-    for i, s in enumerate(samplers):
-        for p in s.processors:
-            if p.needs_tokens:
-                x[i : i + 1] = p.apply(p.state, x[i : i + 1])
+    # output constraints last, as in Sampler (make_logits_processors appends them): each row's grammar
+    # mask (all allowed for free rows), applied to the whole batch at once by the constraint's own rule
+    constraints = [next((p for p in s.processors if p.needs_tokens), None) for s in samplers]
+    rule = next((p for p in constraints if p is not None), None)
+    if rule is not None:
+        V = x.shape[-1]
+        allowed = mx.concatenate([p.state[0] if p else mx.ones((1, V), dtype=mx.bool_) for p in constraints])
+        only = mx.concatenate([p.state[1] if p else mx.zeros((1, 1), dtype=mx.bool_) for p in constraints])
+        x = rule.apply((allowed, only), x)
     return x
 
 

@@ -4,7 +4,9 @@ A request's output constraint becomes ``SamplingParams`` fields (``json_schema``
 or ``grammar``, text/grammar): the row's sampler then masks every token whose
 bytes cannot continue a valid output, and the engine tells it each sampled
 token before the row's next step. The schema or grammar is compiled here, so a
-bad one is a 400 before the request queues, never a failure halfway through.
+bad one is a 400 before the request queues. A grammar can still give up while
+generating (more parses open at once than its limit): that request alone ends
+with a 422 ``constraint_failed`` error; the others go on.
 """
 
 from __future__ import annotations

@@ -343,9 +343,14 @@ class Engine:
         if end < len(ids):
             return end - start
         self._reading.pop(0)
-        token, entries = self._sample_one(row, logits)
-        if not self._accept(row, token, entries):
-            self._join(row)
+        try:
+            token, entries = self._sample_one(row, logits)
+            if not self._accept(row, token, entries):
+                self._join(row)
+        except Exception:  # noqa: BLE001 - in no list now: answer it here, and keep serving the others
+            log.exception("request failed on its first token")
+            self._remove(row)
+            row.job.deliver(Event("error", error=internal()))
         return end - start
 
     # -- sampling and output --------------------------------------------------------------------
@@ -374,8 +379,12 @@ class Engine:
         data = self.tokenizer.token_bytes(token) or b""
         return {"token": data.decode("utf-8", "replace"), "logprob": float(logprob), "bytes": list(data)}
 
-    def _accept(self, row: _Row, token: int, entries: list[dict]) -> bool:
-        """Record a sampled token and send its text; True when the row is finished (and gone)."""
+    def _accept(self, row: _Row, token: int, entries: list[dict], fed: bool = True) -> bool:
+        """Record a sampled token and send its text; True when the row is finished (and gone).
+
+        ``fed``: the step after the one that sampled ``token`` was launched already, so the
+        batch's state has read it (the pipelined order of _decode_step).
+        """
         now = time.monotonic()
         if row.first_token_at is None:
             row.first_token_at = now
@@ -386,7 +395,13 @@ class Engine:
         row.last_token_at = now
         row.generated.append(token)
         if row.sampler.needs_tokens:  # a grammar masks the row's next step by this token
-            row.sampler.advance([token])
+            try:
+                row.sampler.advance([token])
+            except RwkvMlxError as e:  # the constraint cannot go on (too ambiguous, a broken distribution)
+                self._remove(row)
+                row.job.deliver(Event("error", error=APIError(
+                    422, f"the output constraint failed while generating: {e}", code="constraint_failed")))
+                return True
         text, finish = row.text.add(token)
         row.token = token
         if text or entries:
@@ -394,21 +409,25 @@ class Engine:
             row.job.deliver(Event("piece", text=text, logprobs=entries))
         if finish is None:
             return False
-        self._finish(row, finish)
+        self._finish(row, finish, fed)
         return True
 
-    def _finish(self, row: _Row, finish: str) -> None:
+    def _finish(self, row: _Row, finish: str, fed: bool = True) -> None:
         spec = row.job.spec
-        # In a decode slot, the step launched after the one that sampled the last token has
-        # already read it (see _decode_step); a row that ends on its first token has not.
-        read_last = row.slot is not None
-        state = self._batch[row.slot] if read_last else row.state
+        # In a decode slot of a pipelined batch, the step launched after the one that sampled the
+        # last token has already read it (see _decode_step); a batch with a constrained row is
+        # collected before its next launch, and a row that ends on its first token has no slot.
+        read_last = row.slot is not None and fed
+        state = self._batch[row.slot] if row.slot is not None else row.state
         self._remove(row)
         error = None
         try:
             self._keep_final_state(row, state, read_last)
         except APIError as e:
             error = e
+        except Exception:  # noqa: BLE001 - the row is out of every list: answer it, keep serving
+            log.exception("could not keep the final state")
+            error = internal()
         self.metrics.inc("completion_tokens_total", len(row.generated), help="tokens generated")
         self.metrics.inc("prompt_tokens_total", len(spec.prompt_ids), help="prompt tokens of finished requests")
         self.metrics.observe("request_seconds", time.monotonic() - row.job.submitted, "from arrival to the last token")
@@ -503,7 +522,7 @@ class Engine:
         previous = self._inflight
         if previous is not None and any(r.sampler is not None and r.sampler.needs_tokens for r in previous.rows):
             # a grammar's mask for step k+1 needs step k's tokens on the host: no overlap then
-            self._collect(previous)
+            self._collect(previous, fed=False)
             self._inflight = self._launch(previous) if any(self._slots) else None
             return
         self._inflight = self._launch(previous) if any(self._slots) else None
@@ -539,7 +558,7 @@ class Engine:
         mx.async_eval(sampled, logprobs, *self._batch.arrays(), *[a for s in samplers for a in s.state])
         return _Step(rows, sampled, logprobs, picked_logits, time.perf_counter())
 
-    def _collect(self, step: "_Step") -> None:
+    def _collect(self, step: "_Step", fed: bool = True) -> None:
         tokens, logprobs = step.tokens.tolist(), step.logprobs.tolist()
         self.metrics.observe("decode_step_seconds", time.perf_counter() - step.launched,
                              "from launching a decode step to its tokens being ready")
@@ -547,7 +566,7 @@ class Engine:
         for k, (row, t, lp) in enumerate(zip(step.rows, tokens, logprobs)):
             if row.slot is None or self._slots[row.slot] is not row or row.job.cancelled:
                 continue  # finished or dropped meanwhile
-            self._accept(row, t, self._logprob_entries(row, step.logits[k], t, lp))
+            self._accept(row, t, self._logprob_entries(row, step.logits[k], t, lp), fed)
 
 
 @dataclass(eq=False)

@@ -71,6 +71,9 @@ def _get(body: dict, name: str, types, default=None, *, what: str):
     return value
 
 
+MAX_PENALTY = 1e3  # OpenAI allows [-2, 2]; RWKV's decaying penalties are used up to about 1
+
+
 def _number(body: dict, name: str, lo: float | None = None, hi: float | None = None):
     value = _get(body, name, (int, float), what="a number")
     if value is not None and (not math.isfinite(value) or (lo is not None and value < lo)
@@ -113,8 +116,9 @@ def _sampling(body: dict, base: SamplingParams, vocab_size: int) -> SamplingPara
         "top_p": _number(body, "top_p", 0.0, 1.0),
         "top_k": _integer(body, "top_k", 0),
         "min_p": _number(body, "min_p", 0.0, 1.0),
-        "presence_penalty": _number(body, "presence_penalty"),
-        "frequency_penalty": _number(body, "frequency_penalty"),
+        # bounded so that a penalty stays finite in float32 (1e39 times zero counts is NaN logits)
+        "presence_penalty": _number(body, "presence_penalty", -MAX_PENALTY, MAX_PENALTY),
+        "frequency_penalty": _number(body, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY),
         "penalty_decay": _number(body, "penalty_decay", 0.0, 1.0),
         "seed": _integer(body, "seed", 0, 2**64 - 1),
     }
