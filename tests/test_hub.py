@@ -122,7 +122,7 @@ class FakeHub:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, bytes]:
     """Two distinguishable tiny models (seeds 1 and 2) and a converted directory of the first."""
-    from rwkv_mlx.convert import convert
+    from rwkv_mlx.loader.convert import convert
 
     one, two = tiny_model_path(seed=1), tiny_model_path(seed=2)
     d = tmp_path_factory.mktemp("hub-models") / "converted"

@@ -39,7 +39,8 @@ def load_checkpoint(path: str | os.PathLike, options=None, progress: Callable[[i
     """``(model, tokenizer, LoadInfo)`` for a .pth file or a Hugging Face directory."""
     import mlx.core as mx
 
-    from .convert import matrix_names, open_source
+    from ..arch import matrix_weights
+    from .convert import open_source
     from .info import LoadInfo
     from ..model import Model
     from ..model.weights import FLOAT_TYPES, LORA_MATRICES, LoadOptions, convert_matrix, convert_small
@@ -47,7 +48,7 @@ def load_checkpoint(path: str | os.PathLike, options=None, progress: Callable[[i
     start = time.perf_counter()
     source = open_source(path)
     options = options or LoadOptions.for_backend()
-    matrices = matrix_names(source.args)
+    matrices = matrix_weights(source.args)
     formats, weights, types = {}, [], {}
     for done, (name, t) in enumerate(source.tensors.items(), 1):
         if name in matrices:
