@@ -40,6 +40,7 @@ def load_checkpoint(path: str | os.PathLike, options=None, progress: Callable[[i
     import mlx.core as mx
 
     from ..arch import matrix_weights
+    from ..text.tokenizer import Tokenizer
     from .convert import open_source
     from .info import LoadInfo
     from ..model import Model
@@ -72,4 +73,5 @@ def load_checkpoint(path: str | os.PathLike, options=None, progress: Callable[[i
     model.fingerprint = source.fingerprint()
     info = LoadInfo(source.path, time.perf_counter() - start, sum(f.stat().st_size for f in source.files),
                     sum(v.nbytes for _, v in weights), types)
-    return model, source.tokens.tokenizer(), info
+    tokens = source.tokens
+    return model, Tokenizer.from_gguf(tokens.tokens, tokens.token_types, tokens.eot_token_id), info
