@@ -61,6 +61,27 @@ def test_memory_is_bounded_by_bytes_and_the_disk_copy_comes_back(model, tmp_path
     assert n == 1 and all(mx.array_equal(a, b).item() for a, b in zip(s.arrays(), marked(model, 0).arrays()))
 
 
+def test_evicted_paths_leave_no_nodes_behind(model):
+    """The trie is bounded with the states: a long evicted conversation frees its nodes."""
+    size = marked(model, 0).nbytes
+    cache = StateCache(model, max_bytes=size)
+
+    def count(roots) -> int:
+        todo, n = list(roots), 0
+        while todo:
+            node = todo.pop()
+            n += 1
+            todo += node.children.values()
+        return n
+
+    cache.put("", [1, 2], marked(model, 2))
+    cache.put("", list(range(1000, 1500)), marked(model, 5))  # evicts [1, 2]: memory holds one state
+    assert count(cache.roots.values()) == 1 + 500  # the root and the kept path only
+    cache.put("", [1, 2, 3], marked(model, 3))  # evicts the 500-token path
+    assert count(cache.roots.values()) == 1 + 3
+    assert value_of(cache.lookup("", [1, 2, 3, 4], 4)[1]) == 3
+
+
 def test_a_restart_finds_the_files_and_ignores_other_models(model, tmp_path):
     first = StateCache(model, max_bytes=1 << 30, directory=tmp_path)
     first.put("", [5, 6, 7], marked(model, 7))

@@ -244,9 +244,23 @@ class StateCache:
         entry.path, entry.file_bytes = None, 0
 
     def _drop_from_trie(self, entry: _Entry) -> None:
-        node = self._node(entry.origin, list(entry.tokens), create=False)
-        if node is not None and node.entry is entry:
-            node.entry = None
+        """Forget ``entry``, and the nodes of its path that lead to nothing else any more (a long
+        conversation leaves one node a token: kept, they would outgrow the byte bounds)."""
+        path = [self.roots.get(entry.origin)]
+        for t in entry.tokens:
+            if path[-1] is None:
+                return
+            path.append(path[-1].children.get(t))
+        if path[-1] is None or path[-1].entry is not entry:
+            return
+        path[-1].entry = None
+        for depth in range(len(entry.tokens), 0, -1):
+            node = path[depth]
+            if node.entry is not None or node.children:
+                break
+            del path[depth - 1].children[entry.tokens[depth - 1]]
+        if not path[0].children and path[0].entry is None:
+            del self.roots[entry.origin]
 
     def stats(self) -> dict:
         return {"memory_bytes": self.memory_bytes, "memory_states": len(self.memory), "disk_bytes": self.disk_bytes,
