@@ -433,8 +433,8 @@ HOSTILE = {
     "top_p out of range": (dict(json={**GOOD_CHAT, "top_p": 7}), 400),
     "penalty that overflows float32": (dict(json={**GOOD_CHAT, "frequency_penalty": 1e39}), 400),
     "JSON nested 100,000 deep": (dict(content=b"[" * 100_000), 400),
-    "schema bound past 2^63": (dict(json={**GOOD_CHAT, "response_format": {"type": "json_schema", "json_schema": {
-        "name": "big", "schema": {"type": "integer", "maximum": 10 ** 400}}}}), 400),
+    "schema bound of 400 digits": (dict(json={**GOOD_CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "big", "schema": {"type": "integer", "minimum": 10 ** 400}}}}), 400),
     "unknown model": (dict(json={**GOOD_CHAT, "model": "gpt-9"}), 404),
     "unknown role": (dict(json={**GOOD_CHAT, "messages": [{"role": "wizard", "content": "x"}]}), 400),
     "ends with the assistant": (dict(json={**GOOD_CHAT, "messages": [{"role": "user", "content": "a"},
