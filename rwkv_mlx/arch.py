@@ -186,6 +186,27 @@ def gguf_to_module_name(name: str) -> str | None:
     raise KeyError(name)
 
 
+# The LoRA ranks of ``ModelArgs``, in order, and the down matrix each is the size of.
+LORA_RANKS = {"decay_rank": "att.w1", "iclr_rank": "att.a1", "value_rank": "att.v1", "gate_rank": "att.g1"}
+
+
+def rank_sources(n_layer: int) -> dict[str, str]:
+    """For each LoRA rank, the module path of the matrix a file gives it by: block 0's, but the value
+    LoRA's from block 1 (layer 0 has none; a one-layer model's is the iclr rank, which its v1 copies)."""
+    out = {field: f"blocks.0.{module}" for field, module in LORA_RANKS.items()}
+    out["value_rank"] = "blocks.1.att.v1" if n_layer > 1 else "blocks.0.att.a1"
+    return out
+
+
+def module_to_gguf_name(path: str) -> str:
+    """The GGUF name of a module path (``blocks.0.att.w1`` -> ``blk.0.time_mix_w1.weight``)."""
+    for gguf, module in _GLOBAL_NAMES.items():
+        if module == path:
+            return gguf
+    _, layer, rest = path.split(".", 2)
+    return block_tensor_name(int(layer), next(g for g, m in _BLOCK_NAMES.items() if m == rest))
+
+
 def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every model parameter (module path) with the shape the model holds: the file's, but lerp as (6, C)."""
     shapes = {}

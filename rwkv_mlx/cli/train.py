@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
+from ..arch import LORA_RANKS
 from ..errors import InvalidArgumentError
 from .common import DEVICE_OPTION, print_table, select_device
 
@@ -30,7 +31,7 @@ def parse_shape(shape: str, ffn: Optional[int], ranks: Optional[str], vocab_size
             values = []
         if len(values) != 4 or min(values) < 1:
             raise InvalidArgumentError("--ranks takes four positive integers: decay,iclr,value,gate")
-        args.update(zip(("decay_rank", "iclr_rank", "value_rank", "gate_rank"), values))
+        args.update(zip(LORA_RANKS, values))
     return args
 
 

@@ -49,7 +49,8 @@ from ..formats.hf import is_hf_dir, read_hf_dir
 from ..layers import WeightFormat
 from .gguf import check_tensors, file_fingerprint, model_args_from_gguf, tokenizer_from_gguf
 from ..formats.mlx_dir import SHARD_BYTES, ConvertedTensor, TokenList, dtype_name, format_label, save_mlx_dir
-from ..arch import ModelArgs, check_model_file_args, gguf_tensor_shapes, gguf_to_module_name, matrix_weights, parameter_shapes
+from ..arch import (ModelArgs, check_model_file_args, gguf_tensor_shapes, gguf_to_module_name, matrix_weights,
+                    parameter_shapes, rank_sources)
 from ..formats.pth import StoredTensor, read_magic, read_pth
 from ..model.weights import BF16, F16, F32, FLOAT_TYPES, LORA_MATRICES, LoadOptions, convert_matrix, convert_small, dense_float32
 
@@ -209,9 +210,8 @@ def blinkdl_source(path: Path, kind: str, raw: dict[str, StoredTensor], *, norm_
     rank = lambda n: need(n).shape[-1] if len(need(n).shape) == 2 else 0  # noqa: E731 - (C, rank) in .pth
     args = ModelArgs(
         vocab_size=emb.shape[0], n_embd=emb.shape[-1], n_layer=n_layer, ffn_dim=need("blocks.0.ffn.key.weight").shape[0],
-        decay_rank=rank("blocks.0.att.w1"), iclr_rank=rank("blocks.0.att.a1"),
-        value_rank=rank("blocks.1.att.v1") if n_layer > 1 else rank("blocks.0.att.a1"),
-        gate_rank=rank("blocks.0.att.g1"), head_size=N, norm_eps=float(norm_eps),
+        **{field: rank(path) for field, path in rank_sources(n_layer).items()}, head_size=N,
+        norm_eps=float(norm_eps),
     )
     check_model_file_args(path, args)
 

@@ -15,8 +15,9 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from ..arch import (ARCHITECTURE, DEFAULT_NORM_EPS, METADATA_KEYS, ModelArgs, check_model_file_args, gguf_tensor_shapes,
-                    gguf_to_module_name, matrix_weights, parameter_shapes)
+from ..arch import (ARCHITECTURE, DEFAULT_NORM_EPS, LORA_RANKS, METADATA_KEYS, ModelArgs, check_model_file_args,
+                    gguf_tensor_shapes, gguf_to_module_name, matrix_weights, module_to_gguf_name, parameter_shapes,
+                    rank_sources)
 from ..errors import InvalidArgumentError, ModelFileError, UnsupportedModelError
 from ..formats.gguf_file import GGUFFile, open_gguf
 from ..model import Model
@@ -68,15 +69,13 @@ def model_args_from_gguf(g: GGUFFile) -> ModelArgs:
 
     # LoRA ranks come from tensor shapes (the metadata may lack some); the
     # shape check below then holds every tensor to them.
-    value_src = "blk.1.time_mix_v1.weight" if L > 1 else "blk.0.time_mix_v1.weight"
     args = ModelArgs(
-        vocab_size=rows_of("token_embd.weight"), n_embd=C, n_layer=L, ffn_dim=F,
-        decay_rank=rows_of("blk.0.time_mix_w1.weight"), iclr_rank=rows_of("blk.0.time_mix_a1.weight"),
-        value_rank=rows_of(value_src), gate_rank=rows_of("blk.0.time_mix_g1.weight"),
+        vocab_size=rows_of(module_to_gguf_name("emb.weight")), n_embd=C, n_layer=L, ffn_dim=F,
+        **{field: rows_of(module_to_gguf_name(path)) for field, path in rank_sources(L).items()},
         head_size=N, norm_eps=eps,
     )
     check_model_file_args(g.path, args)
-    for field in ("decay_rank", "iclr_rank", "value_rank", "gate_rank"):
+    for field in LORA_RANKS:
         stated, value = _meta(g, keys[field], required=False), getattr(args, field)
         if stated is not None and stated != value and not (field == "value_rank" and L == 1):
             raise ModelFileError(g.path, f"metadata {keys[field]} = {stated} but the tensors have rank {value}")
@@ -152,7 +151,7 @@ def load_gguf(path: str | os.PathLike, options: LoadOptions | None = None,
         else:
             weights.append((module_path, arrays[""].reshape(shapes[module_path])))
 
-    lora = g.tensors["blk.0.time_mix_a1.weight"].ggml_type
+    lora = g.tensors[module_to_gguf_name(rank_sources(args.n_layer)["iclr_rank"])].ggml_type  # the LoRA matrices' stored type
     lora_dtype = getattr(mx, options.float_dtype or FLOAT_TYPES.get(lora, "float32"))
     model = Model(args, formats, lora_dtype=lora_dtype)
     model.load_weights(weights, strict=True)
