@@ -7,7 +7,9 @@
 #   probe    : decode probe on each synthetic model that is ready
 #   costs    : host and device time per launch, prefill routes (development aids)
 #   bench    : the benchmark log entries, ours and mlx-lm's (needs $TITLE and $CHANGE)
-#   compare  : decode probes of this tree and of .baseline/ (an older commit's package, carried), alternating
+#   compare  : decode probes of this tree and of .baseline/ (an older commit's package, carried), alternating;
+#              make it here with: mkdir .baseline && git archive REV rwkv_mlx custom_kernels scripts | tar -x -C .baseline
+#              && rm .baseline/rwkv_mlx/data/*.gguf && echo REV > .baseline/COMMIT  (and /.baseline/ in .git/info/exclude)
 set -uo pipefail
 export PYTHONPATH=/tmp/mlxsite:$PWD PYTHONUNBUFFERED=1 MLX_ENABLE_TF32=0
 OUT=${OUT:-/tmp/out}

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .dialect import Kernel, build, launches, placeholder
+from .dialect import LIMITS, Kernel, build, launches, placeholder
 
 MAX_STAGED_TOKENS = 16  # tokens staged per step of the serial loop; more gained nothing on CUDA
 
 
 def supports(head_size: int, backend: str) -> bool:
     """A group is 4N threads (a warp per 8 state rows) and N must split into 32-lane warps."""
-    from .dialect import LIMITS
-
     return head_size % 32 == 0 and head_size <= 128 and 4 * head_size <= LIMITS[backend].threads
 
 
@@ -72,7 +70,6 @@ def prefill(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, head_siz
         )
         return y, state_out
 
-    one = mx.zeros((1, 1, C))
-    if not launches(kernel, tuple(tmpl), lambda: run(one, one, one, one, one, one, mx.zeros((1, H, N, N)))):
-        return None
+    if not launches(kernel, tuple(tmpl), lambda: run(*[mx.zeros((1, 1, C))] * 6, mx.zeros((1, H, N, N)))):
+        return None  # (the trial's arrays are made only on the first launch of this template)
     return run(r, k, v, w_raw, a_raw, g, state)

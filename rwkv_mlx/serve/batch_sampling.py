@@ -39,7 +39,7 @@ def _effective(params) -> tuple[float, float]:
 
 
 def _processed(logits: mx.array, samplers: list[Sampler]) -> mx.array:
-    """Bans, then the decayed presence/frequency penalty (rows without them pass unchanged)."""
+    """Bans, the decayed presence/frequency penalty, then output constraints (rows without them pass unchanged)."""
     x = logits.astype(mx.float32)
     bans = [next((p for p in s.processors if isinstance(p, TokenBan)), None) for s in samplers]
     if any(bans):

@@ -517,16 +517,17 @@ class Engine:
         events (the pipelining of ``rwkv_mlx.generate``, with rows joining and leaving). A
         row that finishes at step k has been fed its last token in step k+1: that step's
         state for its slot is the state after the whole answer, and its other outputs are
-        dropped.
+        dropped. A grammar's mask for step k+1 needs step k's tokens on the host, so a batch
+        holding a constrained row is collected first (no overlap; its rows' states then lack
+        their last token, which _finish reads from ``fed``).
         """
         previous = self._inflight
-        if previous is not None and any(r.sampler is not None and r.sampler.needs_tokens for r in previous.rows):
-            # a grammar's mask for step k+1 needs step k's tokens on the host: no overlap then
+        collect_first = previous is not None and any(r.sampler is not None and r.sampler.needs_tokens
+                                                     for r in previous.rows)
+        if collect_first:
             self._collect(previous, fed=False)
-            self._inflight = self._launch(previous) if any(self._slots) else None
-            return
         self._inflight = self._launch(previous) if any(self._slots) else None
-        if previous is not None:
+        if previous is not None and not collect_first:
             self._collect(previous)
 
     def _launch(self, previous: "_Step | None") -> "_Step":
