@@ -7,6 +7,9 @@
 #   probe    : decode probe on each synthetic model that is ready
 #   costs    : host and device time per launch, prefill routes (development aids)
 #   bench    : the benchmark log entries, ours and mlx-lm's (needs $TITLE and $CHANGE)
+#   scaling  : batched decode (scripts/batch_decode.py) per route, lines in $OUT/scaling.jsonl
+#   serve    : scripts/bench_serve.py per model, with the routes scaling's lines favour for it
+#   grammar  : the per-token cost of constrained decoding (scripts/grammar_cost.py) on the first model
 #   compare  : decode probes of this tree and of .baseline/ (an older commit's package, carried), alternating;
 #              make it here with: mkdir .baseline && git archive REV rwkv_mlx custom_kernels scripts | tar -x -C .baseline
 #              && rm .baseline/rwkv_mlx/data/*.gguf && echo REV > .baseline/COMMIT  (and /.baseline/ in .git/info/exclude)
@@ -77,14 +80,35 @@ case $step in
     echo "== MLX_USE_CUDA_GRAPHS=0" | tee -a $OUT/explore.log
     MLX_USE_CUDA_GRAPHS=0 python3 scripts/decode_probe.py /tmp/synth/$1.gguf --no-reference --stream 2>&1 \
       | tee -a $OUT/explore.log ;;
+  scaling)
+    bash "$0" wait "$@"
+    for t in "$@"; do
+      routes="kernels matmul matmul-q"; [ "$t" = F16 ] && routes="kernels matmul"  # (dense: no quantized product)
+      timeout -s KILL ${SCALING_LIMIT:-240} python3 scripts/batch_decode.py /tmp/synth/$t.gguf --batches ${BATCHES:-1 4 16 32 64} \
+        --routes $routes --json $OUT/scaling.jsonl 2>&1 | grep -v Warning | tee -a $OUT/scaling.log
+    done ;;
+  serve)
+    bash "$0" wait "$@"
+    mkdir -p $OUT/results
+    for t in "$@"; do
+      settings=$(python3 scripts/batch_decode.py /tmp/synth/$t.gguf --suggest $OUT/scaling.jsonl 2>/dev/null)
+      echo "== $t: $settings" | tee -a $OUT/serve.log
+      env $settings timeout -s KILL ${SERVE_LIMIT:-240} python3 scripts/bench_serve.py --model /tmp/synth/$t.gguf \
+        --clients ${CLIENTS:-1,4,16,64} --prompt-tokens 64 --gen-tokens 64 --greedy --device gpu \
+        --results-dir $OUT/results --note "$t; $settings" 2>&1 | grep -v Warning | tee -a $OUT/serve.log
+    done ;;
+  grammar)
+    bash "$0" wait "$1"
+    timeout -s KILL ${GRAMMAR_LIMIT:-200} python3 scripts/grammar_cost.py /tmp/synth/$1.gguf 2>&1 | grep -v Warning \
+      | tee -a $OUT/grammar.log ;;
   compare)  # side by side on one machine: .baseline (git archive of an older commit) vs this tree
     bash "$0" wait "$@"
     for t in "$@"; do
       for round in 1 2; do
         for tree in .baseline .; do
           echo "== $t round $round tree $tree ($(cat $tree/COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null))" | tee -a $OUT/compare.log
-          PYTHONPATH=/tmp/mlxsite:$PWD/$tree python3 $tree/scripts/decode_probe.py /tmp/synth/$t.gguf --tokens 128 \
-            $([ $round = 1 ] && [ $tree = . ] || echo --no-reference) 2>&1 | grep -v Warning | tee -a $OUT/compare.log
+          PYTHONPATH=/tmp/mlxsite:$PWD/$tree timeout -s KILL 120 python3 $tree/scripts/decode_probe.py /tmp/synth/$t.gguf \
+            --tokens 128 $([ $round = 1 ] && [ $tree = . ] || echo --no-reference) $([ $round = 2 ] && echo --launches) 2>&1 | grep -v Warning | tee -a $OUT/compare.log
         done
       done
     done ;;

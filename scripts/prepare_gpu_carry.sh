@@ -23,9 +23,15 @@ mv "$tmp/cudapart_aa" .mlx-cuda-3/a/; mv "$tmp/cudapart_ab" .mlx-cuda-3/b/; mv "
 cp .mlx-cuda-b/*.whl .mlx-cuda-b/cuda-wheel-name .mlx-cuda-3/c/
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 -d .mlx-cuda-3/c "mlx-lm==0.32.2"
+# rwkv-mlx serve's stack and scripts/bench_serve.py's client (pure Python, about 1 MB): the machine has none
+for w in starlette==1.10.0 uvicorn==0.55.0 click==8.5.1 h11==0.16.0 anyio==4.16.0 sniffio==1.3.1 idna==3.21 \
+         typing_extensions==4.16.0 httpx==0.29.0 httpcore==1.0.9 certifi==2026.10.19.post1; do
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 -d .mlx-cuda-3/c "$w"
+done
 cat > .mlx-cuda-3/c/install.sh <<'INNER'
 #!/usr/bin/env bash
-# Joins the three parts of MLX's CUDA wheel and installs it (+ gguf, mlx-lm) into /tmp/mlxsite.
+# Joins the three parts of MLX's CUDA wheel and installs it (+ gguf, mlx-lm, the serve stack) into /tmp/mlxsite.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 if [ -f /tmp/mlxsite/.done ]; then echo "mlx-cuda already installed"; exit 0; fi

@@ -12,6 +12,7 @@ evaluated once, so a decoded token adds the kernel call and nothing else.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -26,6 +27,10 @@ WARPS = 8
 _DENSE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 _KINDS = {"dense": 0, "affine": 1, "q6_k": 2, "q3_k": 3, "q2_k": 4}
 MAX_SEGMENTS = 8
+# Activation rows above which a launch is not planned: each warp keeps RPW * NB accumulators,
+# and for many rows MLX's matrix products (with the fused WKV kernel) serve better. Set per
+# backend from scripts/batch_decode.py's routes; 0 means no bound.
+MAX_BATCH = int(os.environ.get("RWKV_MLX_KERNEL_MAX_BATCH", "0"))
 
 
 @dataclass
@@ -98,7 +103,8 @@ class MatvecPlan:
                  bias: mx.array | None = None, ln: nn.LayerNorm | None = None, mix: mx.array | None = None,
                  x_stride: int | None = None, out_shape: tuple[int, ...] | None = None):
         weights = [_weights(s.weight) for s in segments]
-        self.ok = all(w is not None for w in weights) and len(weights) <= MAX_SEGMENTS
+        self.ok = (all(w is not None for w in weights) and len(weights) <= MAX_SEGMENTS
+                   and not 0 < MAX_BATCH < batch)
         if not self.ok:
             return
         affine = [w for w in weights if w.fmt[0] == "affine"]
