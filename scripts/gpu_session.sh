@@ -83,7 +83,7 @@ case $step in
   scaling)
     bash "$0" wait "$@"
     for t in "$@"; do
-      routes="kernels matmul matmul-q"; [ "$t" = F16 ] && routes="kernels matmul"  # (dense: no quantized product)
+      routes="matmul matmul-q kernels"; [ "$t" = F16 ] && routes="matmul kernels"  # (dense: no quantized product)
       timeout -s KILL ${SCALING_LIMIT:-240} python3 scripts/batch_decode.py /tmp/synth/$t.gguf --batches ${BATCHES:-1 4 16 32 64} \
         --routes $routes --json $OUT/scaling.jsonl 2>&1 | grep -v Warning | tee -a $OUT/scaling.log
     done ;;
