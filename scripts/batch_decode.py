@@ -59,8 +59,9 @@ def run(model, batch: int, n_tokens: int):
     logits, state = model(prompts(model, batch), logits="last")
     token = mx.argmax(logits[:, -1], axis=-1)
     mx.eval(token, *state.arrays())
-    for _ in range(3):  # compile the step for this batch size
-        model.step(token, state)
+    for _ in range(3):  # compile the step for this batch size, and run it (MLX builds GPU kernels on first use)
+        logits, after = model.step(token, state)
+        mx.eval(logits, *after.arrays())
     rows, seconds = greedy_steps(model, token, state, n_tokens)
     return rows, batch * n_tokens / seconds
 
