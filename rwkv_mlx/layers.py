@@ -32,6 +32,11 @@ GROUP_SIZE = 32  # ggml sub-blocks are 32 (or 16) elements: only group 32 follow
 CUDA_DEQUANT_MIN_ROWS = int(os.environ.get("RWKV_MLX_CUDA_DEQUANT_MIN_ROWS", "64"))
 
 
+def product(x: mx.array, w: mx.array) -> mx.array:
+    """x @ w.T in w's dtype (LoRA matrices may be float16), result float32."""
+    return (x.astype(w.dtype) @ w.T).astype(mx.float32)
+
+
 @dataclass(frozen=True)
 class WeightFormat:
     """How one matrix is stored: saved in config.json of converted models."""
@@ -61,6 +66,11 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = mx.zeros((out_dims, in_dims), dtype=fmt.mx_dtype)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_dims, in_dims) of the matrix."""
+        return self.weight.shape
+
     def __call__(self, x: mx.array) -> mx.array:
         w = self.weight
         return (x.astype(w.dtype) @ w.T).astype(x.dtype)
@@ -79,6 +89,10 @@ class AffineLinear(nn.Module):
         self.weight = mx.zeros((out_dims, in_dims * fmt.bits // 32), dtype=mx.uint32)
         self.scales = mx.zeros((out_dims, in_dims // fmt.group_size), dtype=fmt.mx_dtype)
         self.biases = mx.zeros((out_dims, in_dims // fmt.group_size), dtype=fmt.mx_dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.scales.shape[0], self.scales.shape[1] * self.group_size
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
@@ -108,6 +122,10 @@ class GGMLLinear(nn.Module):
         self.ggml_type = fmt.ggml_type
         self.in_dims = in_dims
         self.weight = mx.zeros((out_dims, in_dims // block.block_elems * block.block_bytes), dtype=mx.uint8)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape[0], self.in_dims
 
     def dequantized(self) -> mx.array:
         return quants.dequantize(self.weight, self.ggml_type, xp=mx)

@@ -7,8 +7,10 @@ tokens of the same prompt decoded alone; a batch size whose rows disagree report
 Each batch size is measured by every route asked for:
 
 * kernels:  the decode kernels (kernels/decode.py), the usual plan;
-* matmul:   no matvec plan (``kernels.matvec.MAX_BATCH`` below B): MLX's matrix products and
-            the fused WKV kernel, quantized weights expanded for 64 rows or more on CUDA;
+* matmul:   no matvec plan (``kernels.matvec.MAX_BATCH`` below B): MLX's matrix products
+            (kernels/products.py) and the time-mix kernel, quantized weights expanded for 64 rows
+            or more on CUDA (before commit "products route", the whole pure block with the
+            prefill WKV kernel);
 * matmul-q: the same with MLX's quantized products at every row count;
 * pure:     the pure-MLX path, no custom kernel at all.
 

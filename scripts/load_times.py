@@ -52,7 +52,7 @@ def main() -> None:
             times[p].append(r["seconds"])
             sizes[p] = r["weight_bytes"]
         loads.append(os.getloadavg()[0])
-    print(f"| path | load times (s) | median | weights in memory | load average |")
+    print("| path | load times (s) | median | weights in memory | load average |")
     print("|---|---|---|---|---|")
     for p in args.paths:
         ts = " / ".join(f"{t:.3f}" for t in times[p])

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ORACLE, make_layer, oracle_logits, oracle_models, oracle_tokens
+from conftest import ORACLE, make_layer, oracle_logits, oracle_models, oracle_tokens, tiny_model_path
 
 import rwkv_mlx
 from rwkv_mlx.kernels import fused_time_mix, kernel_backend, kernels_disabled
@@ -225,3 +225,27 @@ def test_fused_decode_matches_oracle(name):
     diff = fused[0] - ref
     assert np.abs(diff).max() < 1e-3 and np.sqrt((diff ** 2).mean()) < 1e-4
     assert (fused[0].argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_products_route_matches_pure_path(monkeypatch):
+    """Above matvec.MAX_BATCH rows a decoded token's products are MLX's, the time mix the kernel's
+    (kernels/products.py): the same logits as the pure path, row by row."""
+    from rwkv_mlx.kernels import matvec
+
+    model, _ = rwkv_mlx.load(tiny_model_path(), LoadOptions(float_dtype="float32", ggml_native=True))
+    tokens = mx.array([[3, 1, 4, 1, 5, 9, 2, 6][b:b + 4] for b in range(4)], dtype=mx.uint32)
+
+    def decode() -> np.ndarray:
+        state, rows = None, []
+        for t in range(tokens.shape[1]):
+            logits, state = model(tokens[:, t:t + 1], state)
+            rows.append(np.array(logits[:, 0]))
+        return np.stack(rows, axis=1)
+
+    monkeypatch.setattr(matvec, "MAX_BATCH", 2)
+    model.runtime.invalidate()
+    routed = decode()
+    assert model.runtime.block_plan(0, 4).ok and type(model.runtime.block_plan(0, 4).proj).__name__ == "ProductPlan"
+    with kernels_disabled():
+        plain = decode()
+    assert rel_err(routed, plain) < 1e-5

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import wkv7
+from . import matvec, wkv7
 from .dialect import build, launches, placeholder
 from .matvec import _DENSE_CODES, MatvecPlan, Segment
+from .products import ProductPlan
 
 LERP_R, LERP_W, LERP_K, LERP_V, LERP_A, LERP_G = range(6)
 
 
 class BlockPlan:
-    """The five launches of one block for one batch size."""
+    """The five launches of one block for one batch size (above ``matvec.MAX_BATCH`` rows launches
+    1, 3, 4 and 5 are MLX's products, kernels/products.py)."""
 
     def __init__(self, block, batch: int, backend: str):
         att, ffn = block.att, block.ffn
@@ -40,11 +42,16 @@ class BlockPlan:
         ups = [att.w2, att.a2, att.v2 if self.mix_v else None, att.g2]
         segments = [Segment(att.receptance, mode=LERP_R), Segment(att.key, mode=LERP_K),
                     Segment(att.value, mode=LERP_V)] + [Segment(w, mode=m) for w, m in downs if w is not None]
-        self.proj = MatvecPlan(segments, B, backend=backend, prologue=1, ln=block.ln1, mix=att.x_lerp)
-        self.out = MatvecPlan([Segment(att.output)], B, backend=backend, epilogue=2, out_shape=(B, 1, C))
-        self.key = MatvecPlan([Segment(ffn.key)], B, backend=backend, prologue=1, epilogue=1, ln=block.ln2,
-                              mix=ffn.x_k.reshape(1, -1))
-        self.value = MatvecPlan([Segment(ffn.value)], B, backend=backend, epilogue=2, out_shape=(B, 1, C))
+        # Many rows: MLX's products instead of the matvec kernel (kernels/products.py), the time mix unchanged.
+        products = 0 < matvec.MAX_BATCH < B
+
+        def plan(segs, **options):
+            return ProductPlan(segs, B, **options) if products else MatvecPlan(segs, B, backend=backend, **options)
+
+        self.proj = plan(segments, prologue=1, ln=block.ln1, mix=att.x_lerp)
+        self.out = plan([Segment(att.output)], epilogue=2, out_shape=(B, 1, C))
+        self.key = plan([Segment(ffn.key)], prologue=1, epilogue=1, ln=block.ln2, mix=ffn.x_k.reshape(1, -1))
+        self.value = plan([Segment(ffn.value)], epilogue=2, out_shape=(B, 1, C))
         self.ok = wkv7.supports(N, backend) and all(p.ok for p in (self.proj, self.out, self.key, self.value))
 
         # The time-mix kernel reads the LoRA down outputs where launch 1 wrote them (after r|k|v).

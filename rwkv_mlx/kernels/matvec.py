@@ -27,10 +27,12 @@ WARPS = 8
 _DENSE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 _KINDS = {"dense": 0, "affine": 1, "q6_k": 2, "q3_k": 3, "q2_k": 4}
 MAX_SEGMENTS = 8
-# Activation rows above which a launch is not planned: each warp keeps RPW * NB accumulators,
-# and for many rows MLX's matrix products (with the fused WKV kernel) serve better. Set per
-# backend from scripts/batch_decode.py's routes; 0 means no bound.
-MAX_BATCH = int(os.environ.get("RWKV_MLX_KERNEL_MAX_BATCH", "0"))
+# Activation rows above which no launch is planned: each warp keeps RPW * NB accumulators and
+# re-reads the staged input per row, so the kernel's cost grows almost linearly with rows. Above
+# it a decoded block's products are MLX's (kernels/products.py). On an H100 (scripts/batch_decode.py,
+# results/serve_bench.md) the kernels won at 16 rows (1.5-1.8x one row's tok/s against 0.9x for the
+# pure block) and lost at 64 (0.8x against 9-10x); Apple GPUs are not measured. 0: no bound.
+MAX_BATCH = int(os.environ.get("RWKV_MLX_KERNEL_MAX_BATCH", "16"))
 
 
 @dataclass

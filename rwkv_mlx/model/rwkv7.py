@@ -17,16 +17,10 @@ import mlx.nn as nn
 
 from ..backend import active_backend
 from ..arch import ModelArgs, matrix_modules
-from ..layers import WeightFormat, make_linear
+from ..layers import WeightFormat, make_linear, product
 from .state import State
 from .runtime import DecodeRuntime
 from .wkv import time_mix_core
-
-
-
-def _mm(x: mx.array, w: mx.array) -> mx.array:
-    """x @ w.T in w's dtype (LoRA matrices may be float16), result float32."""
-    return (x.astype(w.dtype) @ w.T).astype(mx.float32)
 
 
 def token_shift(x: mx.array, prev: mx.array) -> mx.array:
@@ -70,10 +64,10 @@ class TimeMix(nn.Module):
         if self.layer == 0:
             v_first = v
         else:
-            v = v + (v_first - v) * mx.sigmoid(self.v0 + _mm(_mm(xv, self.v1), self.v2))
-        w_raw = self.w0 + _mm(mx.tanh(_mm(xw, self.w1)), self.w2)  # decay, before sigmoid
-        a_raw = self.a0 + _mm(_mm(xa, self.a1), self.a2)  # in-context learning rate, before sigmoid
-        g = _mm(mx.sigmoid(_mm(xg, self.g1)), self.g2)
+            v = v + (v_first - v) * mx.sigmoid(self.v0 + product(product(xv, self.v1), self.v2))
+        w_raw = self.w0 + product(mx.tanh(product(xw, self.w1)), self.w2)  # decay, before sigmoid
+        a_raw = self.a0 + product(product(xa, self.a1), self.a2)  # in-context learning rate, before sigmoid
+        g = product(mx.sigmoid(product(xg, self.g1)), self.g2)
         y, wkv_state = time_mix_core(
             r, k, v, w_raw, a_raw, g, self.k_k, self.k_a, self.r_k, self.ln_x.weight, self.ln_x.bias,
             wkv_state, self.head_size, differentiable=self.training)
