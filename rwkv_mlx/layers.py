@@ -26,10 +26,12 @@ from .backend import active_backend
 
 GROUP_SIZE = 32  # ggml sub-blocks are 32 (or 16) elements: only group 32 follows them
 
-# MLX's CUDA quantized matmul is built for few rows: for a prompt chunk, expanding the
-# weights (exactly, in the scales' dtype) and calling the dense GEMM is faster
-# (results/kernel_log.md, step 4). 0 turns this off.
-CUDA_DEQUANT_MIN_ROWS = int(os.environ.get("RWKV_MLX_CUDA_DEQUANT_MIN_ROWS", "64"))
+# MLX's CUDA quantized matmul costs about linearly in rows: from 16 rows on, expanding the
+# weights (exactly, in the scales' dtype) and calling the dense GEMM is faster. Measured for a
+# 512-token prompt chunk (results/kernel_log.md, step 4) and for decoded batches on an H100
+# (results/serve_bench.md): a 2.9B Q4_K_M step of the pure block path took 86 ms at 16 rows and
+# 330 ms at 64 with the quantized product, 34 ms at 64 with the weights expanded. 0 turns this off.
+CUDA_DEQUANT_MIN_ROWS = int(os.environ.get("RWKV_MLX_CUDA_DEQUANT_MIN_ROWS", "16"))
 
 
 def product(x: mx.array, w: mx.array) -> mx.array:
