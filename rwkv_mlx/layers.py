@@ -32,6 +32,18 @@ GROUP_SIZE = 32  # ggml sub-blocks are 32 (or 16) elements: only group 32 follow
 # (results/serve_bench.md): a 2.9B Q4_K_M step of the pure block path took 86 ms at 16 rows and
 # 330 ms at 64 with the quantized product, 34 ms at 64 with the weights expanded. 0 turns this off.
 CUDA_DEQUANT_MIN_ROWS = int(os.environ.get("RWKV_MLX_CUDA_DEQUANT_MIN_ROWS", "16"))
+# The dtype quantized weights are expanded to for those products. float32 (the default) is exact
+# and multiplies on CUDA cores; float16 rounds weights and activations to 2^-11 (as an F16 file's
+# prompt products do) for half the expanded bytes and the tensor cores. Not yet measured: set it
+# to compare (results/kernel_log.md step 11 shows what float16 products cost in accuracy).
+CUDA_EXPAND_DTYPE = os.environ.get("RWKV_MLX_CUDA_EXPAND_DTYPE", "float32")
+
+
+def _expand_on_cuda(rows: int) -> mx.Dtype | None:
+    """The dtype to expand quantized weights to for a product of ``rows`` rows, or None: don't."""
+    if 0 < CUDA_DEQUANT_MIN_ROWS <= rows and active_backend() == "cuda":
+        return getattr(mx, CUDA_EXPAND_DTYPE)
+    return None
 
 
 def product(x: mx.array, w: mx.array) -> mx.array:
@@ -97,9 +109,10 @@ class AffineLinear(nn.Module):
         return self.scales.shape[0], self.scales.shape[1] * self.group_size
 
     def __call__(self, x: mx.array) -> mx.array:
-        rows = x.size // x.shape[-1]
-        if 0 < CUDA_DEQUANT_MIN_ROWS <= rows and active_backend() == "cuda":
-            w = mx.dequantize(self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+        dtype = _expand_on_cuda(x.size // x.shape[-1])
+        if dtype is not None:
+            w = mx.dequantize(self.weight, self.scales.astype(dtype), self.biases.astype(dtype),
+                              group_size=self.group_size, bits=self.bits)
             return (x.astype(w.dtype) @ w.T).astype(x.dtype)
         y = mx.quantized_matmul(
             x.astype(self.scales.dtype), self.weight, self.scales, self.biases,
@@ -135,7 +148,8 @@ class GGMLLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         # Decoded tokens reach these blocks through the matvec kernel (kernels/decode.py),
         # which reads them as stored; here (prefill, CPU) they are dequantized for the product.
-        return (x.astype(mx.float32) @ self.dequantized().T).astype(x.dtype)
+        dtype = _expand_on_cuda(x.size // x.shape[-1]) or mx.float32
+        return (x.astype(dtype) @ self.dequantized().astype(dtype).T).astype(x.dtype)
 
     def rows(self, ids: mx.array) -> mx.array:
         return quants.dequantize(self.weight[ids], self.ggml_type, xp=mx)
