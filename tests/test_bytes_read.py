@@ -151,3 +151,29 @@ def test_recipes_at_the_2_9b_shape(file_type):
     matrix, ffn_value0 = RECIPE_TYPES[file_type]
     plan = plan_bytes(model, "cuda")
     check_counts(model, plan, lambda p: ffn_value0 if p in ("blocks.0.ffn.value", "head") else matrix)
+
+
+def test_benchmark_records_the_gpu_plans_bytes(require_oracle, monkeypatch):
+    """The benchmark's column: the GPU backend's count beside the GGUF's, '-' on the CPU and in older entries."""
+    from types import SimpleNamespace
+
+    from rwkv_mlx.bench import benchmark as bench_run
+    from rwkv_mlx.bench.record import BenchmarkResult, compare_table
+
+    path = require_oracle / "models" / "fixa-Q6_K.gguf"
+    model, _ = load(path, LoadOptions.for_backend("metal"))
+    assert bench_run.gpu_bytes_read(model, path) is None  # this machine's CPU backend: no kernel runs
+    monkeypatch.setattr(bench_run, "kernel_backend", lambda: "metal")
+    figures = bench_run.gpu_bytes_read(model, path)
+    gguf = gguf_bytes(path)
+    assert figures["gguf_gb_per_token"] == round(gguf.per_token / 1e9, 6)
+    assert figures["matrices"]["Q6_K"]["ratio"] == 1.0 and figures["pure_modules"] == []
+    assert figures["ratio"] == round(sum(figures["parts"].values()) / gguf.per_token, 4)
+    cell = BenchmarkResult.bytes_read_cell(SimpleNamespace(bytes_read=figures))
+    assert cell.startswith(f"{figures['gb_read_per_token']:.3f} GB (") and "Q6_K 1.00x" in cell
+    assert BenchmarkResult.bytes_read_cell(SimpleNamespace(bytes_read=None)) == "-"
+    old = {"prefill_tps": 1.0, "generation_tps": 1.0}
+    new = {**old, "gb_read_per_token": figures["gb_read_per_token"], "gb_read_ratio": figures["ratio"]}
+    header, rows = compare_table([old, new])
+    column = header.index("GB read / token")
+    assert rows[0][column] == "-" and rows[1][column] == f"{figures['gb_read_per_token']:.3f} ({figures['ratio']:.2f}x GGUF)"

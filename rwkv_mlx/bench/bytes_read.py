@@ -107,9 +107,9 @@ def plan_bytes(model, backend: str) -> PlanBytes:
         seen = set()
         for name, a in zip(launch.kernel.rendered.inputs, launch.inputs):
             key = _address(a)
-            if key in seen:
+            if key in seen or id(a) in seen:
                 continue
-            seen.add(key)
+            seen.update((key, id(a)))
             param = owner.get(key)
             if param is not None:
                 parts[_part(param)] += a.nbytes
@@ -137,6 +137,10 @@ def plan_bytes(model, backend: str) -> PlanBytes:
     finally:
         runtime.invalidate()
 
+    taken = [f"blocks.{i}.{m}" for i in range(len(model.blocks)) if f"blocks.{i}" not in pure for m in MATRIX_MODULES]
+    if any(m not in modules for m in taken) or ("head" not in pure and not parts.get("head")):
+        # a backend whose arrays numpy cannot see in place (no shared buffer): no figure beats a wrong one
+        raise RuntimeError("bytes read: the launches' inputs could not be matched to the model's weights")
     for prefix in pure:  # the pure-MLX path reads each of these parameters once
         for name, a in params.items():
             if name.startswith(prefix + "."):
