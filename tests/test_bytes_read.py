@@ -16,6 +16,7 @@ stored, taken from the kernels' own table, so a type added there is held to it h
 from __future__ import annotations
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import pytest
 
 from rwkv_mlx import quants
@@ -177,3 +178,22 @@ def test_benchmark_records_the_gpu_plans_bytes(require_oracle, monkeypatch):
     header, rows = compare_table([old, new])
     column = header.index("GB read / token")
     assert rows[0][column] == "-" and rows[1][column] == f"{figures['gb_read_per_token']:.3f} ({figures['ratio']:.2f}x GGUF)"
+
+
+def test_blocks_the_kernels_cannot_take_are_counted_whole():
+    """An FFN of 200 (not a multiple of the kernel's 32) keeps every block on the pure-MLX path, which
+    reads each of the block's parameters once: they are counted and named, not left out."""
+    from rwkv_mlx.model.rwkv7 import default_formats
+    from rwkv_mlx.testing.synthetic import synthetic_args
+
+    args = synthetic_args(n_layer=2, n_embd=128, ffn=200, ranks=(8, 8, 8, 8), vocab=64)
+    model = Model(args, default_formats(args))
+    mx.eval(model.parameters())
+    plan = plan_bytes(model, "metal")
+    # launches: the head, and each block's time mix by the fused WKV kernel (the pure path's, on a GPU)
+    assert plan.pure_modules == ["blocks.0", "blocks.1"] and plan.launches == 3
+    block_bytes = sum(a.nbytes for b in model.blocks for _, a in tree_flatten(b.parameters()))
+    matrices = sum(a.nbytes for b in model.blocks for n, a in tree_flatten(b.parameters())
+                   if n.split(".")[1] in LORA or ".".join(n.split(".")[:2]) in MATRIX_MODULES)
+    assert matrices <= plan.parts["pure"] <= block_bytes  # none of them left out; vectors the WKV launch read once
+    assert plan.modules["blocks.1.ffn.value"] == 128 * 200 * 4

@@ -15,7 +15,8 @@ Metal proof does), decodes one token at batch 1, and sums the inputs every launc
 
 What runs outside the kernels is counted from the model: the embedding (one row: a lookup
 reads one row, not the table) and ``ln0``; a block or head whose plan the kernels cannot take
-runs the pure-MLX path, which reads every parameter of it once (listed in ``pure_modules``).
+runs the pure-MLX path, which reads every parameter of it once (listed in ``pure_modules``; on a
+GPU its time mix still goes through the fused WKV kernel, whose launch is counted like the others).
 
 ``gguf_bytes`` reads a file's tensor table (each tensor's stored size), with the embedding
 counted as one row, for the like-for-like ratio; ``compare`` puts both side by side, matrices
@@ -101,6 +102,7 @@ def plan_bytes(model, backend: str) -> PlanBytes:
     parts: dict[str, int] = defaultdict(int)
     modules: dict[str, int] = defaultdict(int)
     count = {"launches": 0, "placeholders": 0, "placeholder_bytes": 0}
+    read: set[str] = set()  # parameters some launch was handed
 
     def hook(launch):
         count["launches"] += 1
@@ -112,6 +114,7 @@ def plan_bytes(model, backend: str) -> PlanBytes:
             seen.update((key, id(a)))
             param = owner.get(key)
             if param is not None:
+                read.add(param)
                 parts[_part(param)] += a.nbytes
                 if matrix_module(param):
                     modules[matrix_module(param)] += a.nbytes
@@ -141,9 +144,9 @@ def plan_bytes(model, backend: str) -> PlanBytes:
     if any(m not in modules for m in taken) or ("head" not in pure and not parts.get("head")):
         # a backend whose arrays numpy cannot see in place (no shared buffer): no figure beats a wrong one
         raise RuntimeError("bytes read: the launches' inputs could not be matched to the model's weights")
-    for prefix in pure:  # the pure-MLX path reads each of these parameters once
+    for prefix in pure:  # the pure-MLX path reads each of these parameters once (its WKV launch counted above)
         for name, a in params.items():
-            if name.startswith(prefix + "."):
+            if name.startswith(prefix + ".") and name not in read:
                 parts["pure"] += a.nbytes
                 if matrix_module(name):
                     modules[matrix_module(name)] += a.nbytes
