@@ -39,7 +39,7 @@ from ..kernels import forced_backend, head_plan
 from ..kernels.dialect import PLACEHOLDER_ELEMENTS, launch_hook
 
 # Kernel inputs that are no parameter: what they are (the names are the .kern files' inputs)
-STATE_INPUTS = {"prev": "state", "state_in": "state"}  # token shift, WKV state
+STATE_INPUTS = {"prev", "state_in"}  # token shift, WKV state
 ACTIVATION_INPUTS = {"x", "residual", "proj", "v_first"}
 _LORA = {"w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"}
 
@@ -118,7 +118,7 @@ def plan_bytes(model, backend: str) -> PlanBytes:
                 parts[_part(param)] += a.nbytes
                 if matrix_module(param):
                     modules[matrix_module(param)] += a.nbytes
-            elif a.ndim == 1 and a.size == PLACEHOLDER_ELEMENTS:
+            elif a.ndim == 1 and a.size == PLACEHOLDER_ELEMENTS:  # dialect.placeholder(); no real input has 8
                 count["placeholders"] += 1
                 count["placeholder_bytes"] += a.nbytes
             elif name in STATE_INPUTS:
