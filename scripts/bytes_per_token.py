@@ -31,7 +31,8 @@ def row(path: str, backend: str, scale_dtype: str) -> tuple[list[str], dict]:
     del model
     gc.collect()
     parts = tb.plan.parts
-    matrices = ", ".join(f"{t} {p / 1e9:.3f} / {g / 1e9:.3f} GB = {p / g:.3f}x" for t, (p, g) in sorted(tb.matrices.items()))
+    matrices = ", ".join(f"{t} {p / 1e9:.3f} / {g / 1e9:.3f} GB = {p / g:.3f}x"
+                         for t, (p, g) in sorted(tb.matrices.items()))
     cells = [path.rsplit("/", 1)[-1], str(n_layer), f"{tb.gguf.per_token / 1e9:.3f}", f"{tb.plan.total / 1e9:.3f}",
              f"{tb.ratio:.3f}x", matrices, f"{parts.get('head', 0) / 1e9:.3f}", f"{parts.get('lora', 0) / 1e9:.3f}",
              f"{parts.get('state', 0) / 1e6:.1f}"]

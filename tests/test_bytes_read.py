@@ -177,7 +177,8 @@ def test_benchmark_records_the_gpu_plans_bytes(require_oracle, monkeypatch):
     new = {**old, "gb_read_per_token": figures["gb_read_per_token"], "gb_read_ratio": figures["ratio"]}
     header, rows = compare_table([old, new])
     column = header.index("GB read / token")
-    assert rows[0][column] == "-" and rows[1][column] == f"{figures['gb_read_per_token']:.3f} ({figures['ratio']:.2f}x GGUF)"
+    assert rows[0][column] == "-"
+    assert rows[1][column] == f"{figures['gb_read_per_token']:.3f} ({figures['ratio']:.2f}x GGUF)"
 
 
 def test_blocks_the_kernels_cannot_take_are_counted_whole():
