@@ -81,6 +81,7 @@ def check_entry(entry: dict, model: Path, args) -> None:
     assert entry["table"][:2] == ["| Metric | Value |", "| Model | " + model.name + " |"]
     assert rows["Version"] == "V7" and rows["Layers"] == str(args.n_layer) and rows["Embedding"] == str(args.n_embd)
     assert rows["GPU"] == device_name() and rows["Backend"].startswith("cpu")
+    assert rows["GB read / token"] == "-"  # no kernel runs on the CPU backend
     for key in ("**Load Time**", "**Prefill**", "**Generation**"):
         assert re.fullmatch(r"\*\*\d+\.\d\d (ms|tok/s)\*\*", rows[key]), rows[key]
     assert len(entry["tokens"]) == 16

@@ -1,5 +1,6 @@
 """The benchmark: measuring a model (``measure``), the quality gate (``quality``), the records under
-results/ (``record``), and the run that ties them together (``benchmark``); ``peers`` runs mlx-lm beside it.
+results/ (``record``), and the run that ties them together (``benchmark``); ``bytes_read`` counts what a decoded
+token reads from the launch plans; ``peers`` runs mlx-lm beside it.
 """
 
 from .measure import (  # noqa: F401
@@ -16,5 +17,8 @@ from .record import (  # noqa: F401
     insert_entry, load_entries, log_line, markdown_entry, record, record_rejected, rejected_record,
 )
 from .benchmark import (  # noqa: F401
-    PROMPT_FILE, benchmark_prompt, check_counts, run_benchmark,
+    PROMPT_FILE, benchmark_prompt, check_counts, gpu_bytes_read, run_benchmark,
+)
+from .bytes_read import (  # noqa: F401
+    GGUFBytes, PlanBytes, TokenBytes, compare, gguf_bytes, plan_bytes, token_bytes,
 )

@@ -15,6 +15,7 @@ markdown and JSON-lines logs under results/); this module runs them in order.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,8 +24,10 @@ from typing import Callable
 import mlx.core as mx
 
 from ..errors import InvalidArgumentError
+from ..kernels import kernel_backend
 from ..loader import load
 from ..model.weights import LoadOptions
+from .bytes_read import token_bytes
 from .measure import decode_step_primitives, environment, timed_run
 from .quality import (QUALITY_TOKENS, QualityGateError, ReferenceCache, consistency_reason, path_gaps, quality_verdict,
                       tie_note)
@@ -53,6 +56,22 @@ def check_counts(prompt_tokens: int, gen_tokens: int, runs: int, warmup: int) ->
         raise InvalidArgumentError(f"--runs must be >= 1, got {runs}")
     if warmup < 0:
         raise InvalidArgumentError(f"--warmup must be >= 0, got {warmup}")
+
+
+def gpu_bytes_read(model, path: Path) -> dict | None:
+    """What one decoded token reads by this GPU backend's launch plans, beside the GGUF's bytes (bytes_read.py).
+
+    None on the CPU backend (no kernel runs, and the model is loaded in the CPU's dense float32 form,
+    not the GPU's) and for files that are not GGUF (no stored bytes to compare with).
+    """
+    backend = kernel_backend()
+    if backend is None or path.suffix.lower() != ".gguf":
+        return None
+    try:
+        return token_bytes(model, path, backend).to_json()
+    except RuntimeError as e:  # the inputs could not be matched to the weights: no figure
+        logging.getLogger("rwkv_mlx").warning("rwkv-mlx: %s; 'GB read / token' is left out", e)
+        return None
 
 
 def run_benchmark(
@@ -95,6 +114,7 @@ def run_benchmark(
         if on_run:
             on_run(i + 1, warmup + runs)
     dispatch = decode_step_primitives(model, token=prompt[-1])
+    bytes_read = gpu_bytes_read(model, path)
     fingerprint, args = model.fingerprint, model.args.to_dict()
     del model
     gc.collect()
@@ -106,7 +126,7 @@ def run_benchmark(
         model_path=str(path), model_name=path.name, fingerprint=fingerprint, args=args,
         tensor_types=dict(info.tensor_types), load_seconds=load_seconds, load_peak_bytes=load_peak,
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, warmup=warmup, runs=timings, dispatch=dispatch,
-        tokens=list(timings[0].tokens[:QUALITY_TOKENS]), reference=reference, env=env,
+        tokens=list(timings[0].tokens[:QUALITY_TOKENS]), reference=reference, env=env, bytes_read=bytes_read,
     )
     runs_tokens = [t.tokens for t in timings]
     gaps = None

@@ -51,6 +51,14 @@ class BenchmarkResult:
     reference: Reference
     env: dict
     quality_note: str | None = None  # how the tokens passed the gate when they left the reference's path
+    bytes_read: dict | None = None  # bytes_read.TokenBytes.to_json() of the GPU plans; None on the CPU backend
+
+    def bytes_read_cell(self) -> str:
+        b = self.bytes_read
+        if b is None:
+            return "-"
+        return (f"{b['gb_read_per_token']:.3f} GB ({b['ratio']:.2f}x the GGUF's {b['gguf_gb_per_token']:.3f} GB; "
+                + ", ".join(f"{t} {v['ratio']:.2f}x" for t, v in sorted(b["matrices"].items())) + " matrices)")
 
     @property
     def prefill(self) -> Spread:
@@ -89,6 +97,7 @@ class BenchmarkResult:
             ("Peak Memory", f"{_mb(self.load_peak_bytes)} load, {_mb(self.prefill_peak_bytes)} prefill, "
                             f"{_mb(self.decode_peak_bytes)} decode"),
             ("Dispatches / Token", self.dispatch.summary()),
+            ("GB read / token", self.bytes_read_cell()),
             ("Backend", f"{self.env['backend']} (MLX {self.env['mlx']})"),
             ("Runs", f"{len(self.runs)} timed + {self.warmup} warm-up; median, min-max"),
             ("Commit", (self.env.get("commit") or "unknown") + (" (modified)" if self.env.get("commit_dirty") else "")),
@@ -115,6 +124,8 @@ class BenchmarkResult:
             "dispatches_per_layer": round(self.dispatch.kernels_per_layer, 2),
             "primitives_per_token": self.dispatch.primitives,
             "primitives_by_name": self.dispatch.by_name,
+            "gb_read_per_token": self.bytes_read and self.bytes_read["gb_read_per_token"],
+            "gb_read_ratio": self.bytes_read and self.bytes_read["ratio"], "bytes_read": self.bytes_read,
             "quality_tokens": self.tokens, "quality_hash": self.quality_hash, "quality_note": self.quality_note,
             "reference": self.reference.to_json(),
             **self.env,
@@ -233,7 +244,7 @@ def _ratio(value, first) -> str:
 def compare_table(entries: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     """Entries side by side; each figure with its ratio to the first entry."""
     header = ["#", "date", "change", "engine", "model", "device", "prefill tok/s", "generation tok/s", "load ms",
-              "peak MB", "dispatches/token", "hash"]
+              "peak MB", "dispatches/token", "GB read / token", "hash"]
     first = entries[0]
     rows = []
     for i, e in enumerate(entries, start=1):
@@ -249,6 +260,8 @@ def compare_table(entries: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
             ("dispatches", e.get("dispatches_per_token"), first.get("dispatches_per_token"), "{}"),
         ):
             cells.append("-" if value is None else f"{fmt.format(value)} ({_ratio(value, base)})")
+        gb = e.get("gb_read_per_token")  # older entries have none
+        cells.append("-" if gb is None else f"{gb:.3f} ({e['gb_read_ratio']:.2f}x GGUF)")
         cells.append(e.get("quality_hash", ""))
         rows.append(cells)
     return header, rows
