@@ -3,10 +3,12 @@
 * ``dense``  -- a float array (float32/float16/bfloat16), for F32/F16/BF16 files
   or block types dequantized at load time;
 * ``affine`` -- MLX affine quantization at group 32 (``mx.quantized_matmul``),
-  the exact image of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, IQ4_*;
-* ``ggml``   -- the GGUF blocks as stored (uint8), for block types MLX cannot
-  express (Q6_K, Q3_K, Q2_K): our decode kernels read the blocks as stored;
-  otherwise (prefill, CPU) they are dequantized when used.
+  the exact image of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, IQ4_* (the CPU,
+  converted directories, mlx-lm export);
+* ``ggml``   -- the GGUF blocks as stored (uint8): on GPU backends every block
+  type our decode kernels read as stored, and elsewhere those MLX cannot express
+  (Q6_K, Q3_K, Q2_K); outside the decode kernels (prefill, CPU) they are
+  dequantized when used.
 
 Activations arrive in float32 and leave in float32; each layer casts to the
 dtype its weights need only for the product, so the residual stream, norms
@@ -115,6 +117,8 @@ class GGMLLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         # Decoded tokens reach these blocks through the matvec kernel (kernels/decode.py),
         # which reads them as stored; here (prefill, CPU) they are dequantized for the product.
+        # That is already the expansion AffineLinear does for many rows on CUDA
+        # (CUDA_DEQUANT_MIN_ROWS), so the blocks need no threshold of their own.
         return (x.astype(mx.float32) @ self.dequantized().T).astype(x.dtype)
 
     def rows(self, ids: mx.array) -> mx.array:

@@ -60,13 +60,14 @@ def recorded() -> Recorder:
     for name in oracle_models():
         record_launches(load(name, LoadOptions.for_backend("metal")), name, rec)
     for name in SCALE_FILES if oracle_models() else []:
-        for scale in ("float16", "bfloat16"):
-            model = load(name, LoadOptions.for_backend("metal", scale_dtype=scale))
+        # affine codes (GPUs meet them from `convert --quantize N --group-size 32`)
+        for scale in ("float32", "float16", "bfloat16"):
+            model = load(name, LoadOptions.for_backend("metal", scale_dtype=scale, ggml_native=False))
             record_launches(model, f"{name} scales {scale}", rec)
     for label, hp in SHAPES.items():
         for file_type in ("Q4_K_M", "Q8_0", "F16"):
             record_launches(shaped_model(hp, file_type), f"{label} {file_type}", rec)
-    for scale in ("float16", "bfloat16"):
+    for scale in ("float32", "float16", "bfloat16"):
         record_launches(shaped_model(synth.G1B_2_9B, "Q4_K_M", scale_dtype=scale), f"2.9B Q4_K_M scales {scale}", rec)
     head = shaped_model(synth.G1B_2_9B, "Q4_K_M", n_layer=1, vocab=65536)
     record_launches(head, "2.9B vocab 65536", rec, prefill_batches=(), decode_batches=(1,))
