@@ -217,4 +217,8 @@ def make_layer(kind: str, rows: int, k: int, rng):
 
 
 GGML_ENCODERS = {"q6_k": (14, quants.quantize_q6_k), "q3_k": (11, quants.quantize_q3_k),
-                 "q2_k": (10, quants.quantize_q2_k)}
+                 "q2_k": (10, quants.quantize_q2_k), "q8_0": (8, quants.quantize_q8_0),
+                 "q4_0": (2, quants.quantize_q4_0), "q4_1": (3, quants.quantize_q4_1),
+                 "q5_0": (6, quants.quantize_q5_0), "q5_1": (7, quants.quantize_q5_1),
+                 "iq4_nl": (20, quants.quantize_iq4_nl), "q4_k": (12, quants.quantize_q4_k),
+                 "q5_k": (13, quants.quantize_q5_k), "iq4_xs": (23, quants.quantize_iq4_xs)}

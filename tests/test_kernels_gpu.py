@@ -129,7 +129,8 @@ def test_wkv7_kernel_up_projections_and_value_mix():
 # ---- matvec: every weight format, prologue and epilogue ------------------------------------
 
 FORMATS = ["float32", "float16", "bfloat16", "affine-4-float32", "affine-4-float16", "affine-5-float32",
-           "affine-8-float32", "affine-8-bfloat16", "q6_k", "q3_k", "q2_k"]
+           "affine-8-float32", "affine-8-bfloat16", "q6_k", "q3_k", "q2_k",
+           "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "iq4_xs"]
 
 
 @pytest.mark.parametrize("kind", FORMATS)
@@ -148,7 +149,7 @@ def test_matvec_segments_match_numpy(kind, B):
     assert rel_err(y, want) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "q6_k", "q3_k", "q2_k"])
+@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "q6_k", "q3_k", "q2_k", "q8_0", "q4_k", "iq4_xs"])
 def test_matvec_layernorm_lerp_prologue_and_epilogues(kind):
     rng = np.random.default_rng(5)
     C, F, B = 512, 1024, 2
@@ -170,7 +171,7 @@ def test_matvec_layernorm_lerp_prologue_and_epilogues(kind):
     assert rel_err(y2, xd @ w2.T + res) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "affine-8-float16", "q6_k", "q3_k"])
+@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "affine-8-float16", "q6_k", "q3_k", "q8_0", "q4_k"])
 @pytest.mark.parametrize("B", [2, 4, 16])
 def test_matvec_long_rows_walk_tiles(kind, B):
     """Rows longer than the shared memory holds (the 2.9B FFN's K = 10240 at B >= 2 here, at B = 1 on
