@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
+from conftest import layer_norm64
+
 from rwkv_mlx import quants
 from rwkv_mlx.kernels.matvec import STORED_BLOCK_TYPES, MatvecPlan, Segment
 from rwkv_mlx.layers import GGMLLinear, WeightFormat
@@ -93,9 +95,7 @@ def test_block_types_with_layernorm_prologue_in_one_launch():
                           prologue=1, ln=ln, mix=mx.array(mix))
         assert plan.ok
         y, _ = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
-    xd = x.astype(np.float64)
-    norm = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5)
-    norm = norm * np.array(ln.weight) + np.array(ln.bias)
+    norm = layer_norm64(x, ln)
     want = np.concatenate([(norm + (prev - norm) * mix[i]) @ w.T for i, (_, w) in enumerate(layers)], axis=1)
     for i, t in enumerate(types):
         cols = slice(32 * i, 32 * (i + 1))

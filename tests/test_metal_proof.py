@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ORACLE, ORACLE_MISSING, make_layer, oracle_logits, oracle_models, oracle_tokens
+from conftest import ORACLE, ORACLE_MISSING, layer_norm64, make_layer, oracle_logits, oracle_models, oracle_tokens
 
 import rwkv_mlx
 from rwkv_mlx.kernels import kernels_disabled
@@ -323,9 +323,7 @@ def test_emulated_long_rows_walk_tiles(kind):
         plan = MatvecPlan([Segment(layer, mode=0)], B, backend="metal", prologue=1, ln=ln, mix=mx.array(mix))
         assert plan.ok and dict(plan.template)["KT"] < K, plan.template
         y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
-    xd = x.astype(np.float64)
-    norm = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5)
-    norm = norm * np.array(ln.weight) + np.array(ln.bias)
+    norm = layer_norm64(x, ln)
     assert rel_err(xn, norm) < 1e-5 and rel_err(y, (norm + (prev - norm) * mix[0]) @ w.T) < 1e-5
 
 
