@@ -3,10 +3,12 @@
 * ``dense``  -- a float array (float32/float16/bfloat16), for F32/F16/BF16 files
   or block types dequantized at load time;
 * ``affine`` -- MLX affine quantization at group 32 (``mx.quantized_matmul``),
-  the exact image of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, IQ4_*;
-* ``ggml``   -- the GGUF blocks as stored (uint8), for block types MLX cannot
-  express (Q6_K, Q3_K, Q2_K): our decode kernels read the blocks as stored;
-  otherwise (prefill, CPU) they are dequantized when used.
+  the exact image of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, IQ4_* (the CPU,
+  converted directories, mlx-lm export);
+* ``ggml``   -- the GGUF blocks as stored (uint8): on GPU backends every block
+  type our decode kernels read as stored, and elsewhere those MLX cannot express
+  (Q6_K, Q3_K, Q2_K); outside the decode kernels (prefill, CPU) they are
+  dequantized when used.
 
 Activations arrive in float32 and leave in float32; each layer casts to the
 dtype its weights need only for the product, so the residual stream, norms
@@ -148,6 +150,7 @@ class GGMLLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         # Decoded tokens reach these blocks through the matvec kernel (kernels/decode.py),
         # which reads them as stored; here (prefill, CPU) they are dequantized for the product.
+        # That is the expansion AffineLinear does for many rows on CUDA; its dtype follows the same setting.
         dtype = _expand_on_cuda(x.size // x.shape[-1]) or mx.float32
         return (x.astype(dtype) @ self.dequantized().astype(dtype).T).astype(x.dtype)
 

@@ -216,5 +216,16 @@ def make_layer(kind: str, rows: int, k: int, rng):
     return layer, gguf_dequantize(blocks, ggml_type).astype(np.float64).reshape(rows, k)
 
 
+def layer_norm64(x: np.ndarray, ln) -> np.ndarray:
+    """LayerNorm of float32 rows in float64 numpy (eps 1e-5), the reference for the kernels' prologue."""
+    xd = x.astype(np.float64)
+    norm = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5)
+    return norm * np.array(ln.weight) + np.array(ln.bias)
+
+
 GGML_ENCODERS = {"q6_k": (14, quants.quantize_q6_k), "q3_k": (11, quants.quantize_q3_k),
-                 "q2_k": (10, quants.quantize_q2_k)}
+                 "q2_k": (10, quants.quantize_q2_k), "q8_0": (8, quants.quantize_q8_0),
+                 "q4_0": (2, quants.quantize_q4_0), "q4_1": (3, quants.quantize_q4_1),
+                 "q5_0": (6, quants.quantize_q5_0), "q5_1": (7, quants.quantize_q5_1),
+                 "iq4_nl": (20, quants.quantize_iq4_nl), "q4_k": (12, quants.quantize_q4_k),
+                 "q5_k": (13, quants.quantize_q5_k), "iq4_xs": (23, quants.quantize_iq4_xs)}

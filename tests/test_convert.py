@@ -81,19 +81,22 @@ def test_keep_stores_exact_forms_and_loads_them_for_gpus(tiny_gguf_files, tmp_pa
     convert(src, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["weight_formats"]["head"] == {"kind": "ggml", "dtype": "float32", "group_size": 32, "ggml_type": 14}
-    assert config["weight_formats"]["blocks.0.att.key"] == {"kind": "affine", "dtype": "float32", "bits": 4,
-                                                           "group_size": 32}
+    # Q4_K as stored too: GPUs read the blocks, the CPU maps them to affine at load (as for the GGUF)
+    assert config["weight_formats"]["blocks.0.att.key"] == {"kind": "ggml", "dtype": "float32", "group_size": 32,
+                                                           "ggml_type": 12}
     assert config["lora_dtype"] == "float16" and config["tokenizer"]["full_world_vocab"] is False
-    gpu = LoadOptions.for_backend("gpu")  # keep blocks for kernels, floats as stored
-    gguf_model, _ = rwkv_mlx.load(src, gpu)
-    dir_model, _ = rwkv_mlx.load(tmp_path / "out", gpu)
-    assert dict(dir_model.formats) == dict(gguf_model.formats)
     from mlx.utils import tree_flatten
 
-    ours, theirs = dict(tree_flatten(dir_model.parameters())), dict(tree_flatten(gguf_model.parameters()))
-    assert ours.keys() == theirs.keys()
-    for k in ours:
-        assert ours[k].dtype == theirs[k].dtype and mx.array_equal(ours[k], theirs[k]).item(), k
+    # keep blocks for kernels, floats as stored; and the CPU's affine codes and float32
+    for options in (LoadOptions.for_backend("gpu"), CPU):
+        gguf_model, _ = rwkv_mlx.load(src, options)
+        dir_model, _ = rwkv_mlx.load(tmp_path / "out", options)
+        assert dict(dir_model.formats) == dict(gguf_model.formats)
+        ours, theirs = dict(tree_flatten(dir_model.parameters())), dict(tree_flatten(gguf_model.parameters()))
+        assert ours.keys() == theirs.keys()
+        for k in ours:
+            assert ours[k].dtype == theirs[k].dtype and mx.array_equal(ours[k], theirs[k]).item(), k
+    assert dir_model.formats["blocks.0.att.key"].kind == "affine"
 
 
 @pytest.mark.slow
@@ -168,9 +171,9 @@ def test_quantize_keeps_small_tensors_and_exact_affine_forms(tiny_gguf_files, tm
     src = tiny_gguf_files["Q4_K_M"]
     report = convert(src, tmp_path / "out", quantize=4, group_size=128, dtype="float16")
     forms = {r.name: r for r in report.rows}
-    # Q4_K is already an exact 4-bit MLX form: kept (group 32, float32 scales), no error
-    assert forms["blocks.1.ffn.key.weight"].fmt.to_dict() == {"kind": "affine", "dtype": "float32", "bits": 4,
-                                                              "group_size": 32}
+    # Q4_K already has an exact 4-bit MLX form: kept as stored (its blocks), no error
+    assert forms["blocks.1.ffn.key.weight"].fmt.to_dict() == {"kind": "ggml", "dtype": "float32", "group_size": 32,
+                                                              "ggml_type": 12}
     assert forms["blocks.1.ffn.key.weight"].rel_error is None
     # the Q6_K head has no MLX form: requantized to 8 bits (embeddings default)
     assert forms["head.weight"].fmt.bits == 8 and forms["head.weight"].fmt.group_size == 128

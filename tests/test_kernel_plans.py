@@ -26,7 +26,9 @@ from rwkv_mlx.testing.synthetic import G1_7_2B, G1B_2_9B
 
 SHAPES = {"2.9B": G1B_2_9B, "7.2B": G1_7_2B}
 FORMATS = {
-    "Q4_K_M": WeightFormat("affine", "float32", bits=4),
+    "Q4_K_M": WeightFormat("ggml", ggml_type=12),  # Q4_K blocks, as a GPU loads a GGUF
+    "Q8_0": WeightFormat("ggml", ggml_type=8),
+    "Q4_K-affine": WeightFormat("affine", "float32", bits=4),  # as a GPU loads a converted directory
     "Q8_0-f16-scales": WeightFormat("affine", "float16", bits=8),
     "Q6_K": WeightFormat("ggml", ggml_type=14),
     "F16": WeightFormat("dense", "float16"),

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ORACLE, make_layer, oracle_logits, oracle_models, oracle_tokens, tiny_model_path
+from conftest import ORACLE, layer_norm64, make_layer, oracle_logits, oracle_models, oracle_tokens, tiny_model_path
 
 import rwkv_mlx
 from rwkv_mlx.kernels import fused_time_mix, kernel_backend, kernels_disabled
@@ -129,7 +129,8 @@ def test_wkv7_kernel_up_projections_and_value_mix():
 # ---- matvec: every weight format, prologue and epilogue ------------------------------------
 
 FORMATS = ["float32", "float16", "bfloat16", "affine-4-float32", "affine-4-float16", "affine-5-float32",
-           "affine-8-float32", "affine-8-bfloat16", "q6_k", "q3_k", "q2_k"]
+           "affine-8-float32", "affine-8-bfloat16", "q6_k", "q3_k", "q2_k",
+           "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "iq4_xs"]
 
 
 @pytest.mark.parametrize("kind", FORMATS)
@@ -148,7 +149,7 @@ def test_matvec_segments_match_numpy(kind, B):
     assert rel_err(y, want) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "q6_k", "q3_k", "q2_k"])
+@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "q6_k", "q3_k", "q2_k", "q8_0", "q4_k", "iq4_xs"])
 def test_matvec_layernorm_lerp_prologue_and_epilogues(kind):
     rng = np.random.default_rng(5)
     C, F, B = 512, 1024, 2
@@ -159,18 +160,16 @@ def test_matvec_layernorm_lerp_prologue_and_epilogues(kind):
     ln.weight, ln.bias = mx.array(rng.uniform(0.5, 1.5, C).astype(np.float32)), mx.array(rng.standard_normal(C).astype(np.float32))
     y, xn = matvec(mx.array(x), [Segment(layer, mode=2)], prologue=1, epilogue=1, prev=mx.array(prev), ln=ln,
                    mix=mx.array(mix), eps=1e-5, backend=BACKEND)
-    xd = x.astype(np.float64)
-    norm = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5)
-    norm = norm * np.array(ln.weight) + np.array(ln.bias)
+    norm = layer_norm64(x, ln)
     want = np.maximum((norm + (prev - norm) * mix[2]) @ w.T, 0) ** 2
     assert rel_err(xn, norm) < 1e-5 and rel_err(y, want) < 1e-5
     res = rng.standard_normal((B, F)).astype(np.float32)
     (layer2, w2) = make_layer(kind, F, C, rng)
     y2 = matvec(mx.array(x), [Segment(layer2)], epilogue=2, residual=mx.array(res), backend=BACKEND)
-    assert rel_err(y2, xd @ w2.T + res) < 1e-5
+    assert rel_err(y2, x.astype(np.float64) @ w2.T + res) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "affine-8-float16", "q6_k", "q3_k"])
+@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "affine-8-float16", "q6_k", "q3_k", "q8_0", "q4_k"])
 @pytest.mark.parametrize("B", [2, 4, 16])
 def test_matvec_long_rows_walk_tiles(kind, B):
     """Rows longer than the shared memory holds (the 2.9B FFN's K = 10240 at B >= 2 here, at B = 1 on
@@ -187,13 +186,11 @@ def test_matvec_long_rows_walk_tiles(kind, B):
     plan = MatvecPlan([Segment(layer, mode=0)], B, backend=BACKEND, prologue=1, ln=ln, mix=mx.array(mix))
     assert plan.ok and dict(plan.template)["KT"] < K, plan.template
     y, xn = plan(mx.array(x), mx.array(prev))
-    xd = x.astype(np.float64)
-    norm = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5)
-    norm = norm * np.array(ln.weight) + np.array(ln.bias)
+    norm = layer_norm64(x, ln)
     assert rel_err(xn, norm) < 1e-5 and rel_err(y, (norm + (prev - norm) * mix[0]) @ w.T) < 1e-5
     res = rng.standard_normal((B, F)).astype(np.float32)
     y2 = matvec(mx.array(x), [Segment(layer)], epilogue=2, residual=mx.array(res), backend=BACKEND)
-    assert rel_err(y2, xd @ w.T + res) < 1e-5
+    assert rel_err(y2, x.astype(np.float64) @ w.T + res) < 1e-5
 
 
 # ---- the whole model, one token at a time through the fused decode kernels -------------------

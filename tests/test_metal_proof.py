@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ORACLE, ORACLE_MISSING, make_layer, oracle_logits, oracle_models, oracle_tokens
+from conftest import ORACLE, ORACLE_MISSING, layer_norm64, make_layer, oracle_logits, oracle_models, oracle_tokens
 
 import rwkv_mlx
 from rwkv_mlx.kernels import kernels_disabled
@@ -60,13 +60,14 @@ def recorded() -> Recorder:
     for name in oracle_models():
         record_launches(load(name, LoadOptions.for_backend("metal")), name, rec)
     for name in SCALE_FILES if oracle_models() else []:
-        for scale in ("float16", "bfloat16"):
-            model = load(name, LoadOptions.for_backend("metal", scale_dtype=scale))
+        # affine codes (GPUs meet them from `convert --quantize N --group-size 32`)
+        for scale in ("float32", "float16", "bfloat16"):
+            model = load(name, LoadOptions.for_backend("metal", scale_dtype=scale, ggml_native=False))
             record_launches(model, f"{name} scales {scale}", rec)
     for label, hp in SHAPES.items():
         for file_type in ("Q4_K_M", "Q8_0", "F16"):
             record_launches(shaped_model(hp, file_type), f"{label} {file_type}", rec)
-    for scale in ("float16", "bfloat16"):
+    for scale in ("float32", "float16", "bfloat16"):
         record_launches(shaped_model(synth.G1B_2_9B, "Q4_K_M", scale_dtype=scale), f"2.9B Q4_K_M scales {scale}", rec)
     head = shaped_model(synth.G1B_2_9B, "Q4_K_M", n_layer=1, vocab=65536)
     record_launches(head, "2.9B vocab 65536", rec, prefill_batches=(), decode_batches=(1,))
@@ -339,9 +340,7 @@ def test_emulated_long_rows_walk_tiles(kind):
         plan = MatvecPlan([Segment(layer, mode=0)], B, backend="metal", prologue=1, ln=ln, mix=mx.array(mix))
         assert plan.ok and dict(plan.template)["KT"] < K, plan.template
         y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
-    xd = x.astype(np.float64)
-    norm = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5)
-    norm = norm * np.array(ln.weight) + np.array(ln.bias)
+    norm = layer_norm64(x, ln)
     assert rel_err(xn, norm) < 1e-5 and rel_err(y, (norm + (prev - norm) * mix[0]) @ w.T) < 1e-5
 
 

@@ -85,7 +85,8 @@ DECAY_OPTION = typer.Option(None, "--penalty-decay", help="Occurrence counts are
 SEED_OPTION = typer.Option(None, "--seed", help="Random seed; the same seed reproduces a run.")
 GREEDY_OPTION = typer.Option(False, "--greedy", help="Always take the most likely token, no penalties.")
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto, gpu or cpu.")
-SCALE_DTYPE_OPTION = typer.Option("float32", "--scale-dtype", help="Affine scale dtype: float32 (exact) or float16 (1 bit/weight smaller).")
+SCALE_DTYPE_OPTION = typer.Option("float32", "--scale-dtype", help="Affine scale dtype: float32 (exact) or float16 "
+                                  "(1 bit/weight smaller); GGUF blocks on GPUs are kept as stored.")
 
 
 def sampling_from_options(base: SamplingParams, *, greedy: bool = False, **knobs) -> SamplingParams:

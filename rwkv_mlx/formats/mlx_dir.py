@@ -11,7 +11,8 @@ A directory holds
 * ``model.safetensors`` (or ``model-0000K-of-0000N.safetensors`` shards): every
   model parameter under its module path, in the form the model uses it --
   ``.weight``/``.scales``/``.biases`` for affine layers (MLX's packed layout),
-  raw uint8 GGUF blocks for ``ggml`` layers (Q6_K/Q3_K/Q2_K stay exact), float
+  raw uint8 GGUF blocks for ``ggml`` layers (a kept GGUF's block types, as stored:
+  GPUs read them so, the CPU maps them at load as it maps a GGUF's), float
   arrays for the rest;
 * the tokenizer: ``rwkv_vocab_v20230424.txt`` when it is the full world
   vocabulary, else ``tokenizer_tokens.json`` (the GGUF token list and types).

@@ -3,7 +3,7 @@
 A launch multiplies up to eight weight matrices, each by its own input vector,
 with an optional LayerNorm + token-shift prologue and relu^2 / residual
 epilogues. Layers of every storage form (rwkv_mlx/layers.py) take part:
-dense, affine (MLX's packed codes), and GGUF Q6_K, Q3_K and Q2_K blocks as stored.
+dense, affine (MLX's packed codes), and GGUF blocks as stored (``STORED_BLOCK_TYPES``).
 
 A ``MatvecPlan`` holds everything about a launch that does not change from
 token to token (weight byte views, the segment table, constants), built and
@@ -18,14 +18,21 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import quants
 from ..layers import AffineLinear, GGMLLinear, Linear
 from .dialect import launches
 
-# GGUF block types the kernel reads as stored (gguf.GGMLQuantizationType ids -> kernel kind)
-_GGML_KINDS = {14: "q6_k", 11: "q3_k", 10: "q2_k"}
+# GGUF block types the kernel reads as stored (gguf.GGMLQuantizationType ids -> kernel kind, each
+# kind a decode_<kind> in custom_kernels/matvec_formats.kern). The loader keeps exactly these as
+# blocks on GPU backends (model/weights.py), so this table is the one place that says which.
+_GGML_KINDS = {14: "q6_k", 11: "q3_k", 10: "q2_k", 8: "q8_0", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1",
+               20: "iq4_nl", 12: "q4_k", 13: "q5_k", 23: "iq4_xs"}
+STORED_BLOCK_TYPES = frozenset(_GGML_KINDS)
 WARPS = 8
 _DENSE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
-_KINDS = {"dense": 0, "affine": 1, "q6_k": 2, "q3_k": 3, "q2_k": 4}
+# the kernel's kind numbers (matvec.kern's segment table; group_rows' cases)
+_KINDS = {"dense": 0, "affine": 1, "q6_k": 2, "q3_k": 3, "q2_k": 4, "q8_0": 5, "q4_0": 6, "q4_1": 7,
+          "q5_0": 8, "q5_1": 9, "iq4_nl": 10, "q4_k": 11, "q5_k": 12, "iq4_xs": 13}
 MAX_SEGMENTS = 8
 # Activation rows above which no launch is planned: each warp keeps RPW * NB accumulators and
 # re-reads the staged input per row, so the kernel's cost grows almost linearly with rows. Above
@@ -65,7 +72,9 @@ def _weights(w) -> _Weights | None:
     if isinstance(w, AffineLinear) and w.group_size == 32:
         rows, k = w.scales.shape[0], w.scales.shape[1] * 32
         return _Weights(w.weight.view(mx.uint8), w.scales, w.biases, ("affine", w.bits), rows, k, 0)
-    if isinstance(w, GGMLLinear) and w.ggml_type in _GGML_KINDS and w.in_dims % 256 == 0:
+    # rows are whole blocks: 256 elements for K-quants and IQ4_XS, 32 for the others
+    if (isinstance(w, GGMLLinear) and w.ggml_type in _GGML_KINDS
+            and w.in_dims % quants.BLOCK_TYPES[w.ggml_type].block_elems == 0):
         kind = _GGML_KINDS[w.ggml_type]
         return _Weights(w.weight.view(mx.uint8), None, None, (kind, 0), w.weight.shape[0], w.in_dims, 0)
     return None

@@ -287,8 +287,10 @@ class QuantPolicy:
         ``bits`` is set, else keep).
     dtype: float dtype of dense matrices, LoRA matrices and new scales (None:
         as stored; new scales float16).
-    allow_ggml: keep GGUF-only block types (Q6_K, Q3_K, Q2_K) as blocks; False
-        (mlx-lm) dequantizes them exactly to float32 (or ``dtype``) when kept.
+    allow_ggml: keep GGUF blocks as stored (the types the GPU decode kernels read, and
+        those without an MLX form), which each backend then maps at load as it maps a
+        GGUF's; False (mlx-lm) maps them onto MLX affine codes, or dequantizes them exactly
+        to float32 (or ``dtype``) when they have no affine image.
     """
 
     bits: int | None = None

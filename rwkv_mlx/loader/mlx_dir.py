@@ -1,8 +1,9 @@
 """Load a converted directory (formats/mlx_dir.py) into a model: ``load_mlx_dir``.
 
 Loading is ``mx.load`` of the shards plus at most one cast per tensor that the
-``LoadOptions`` ask for (float32 on the CPU, dequantized ``ggml`` layers where no
-kernel runs), so no numpy conversion happens.  ``mx.load`` (MLX 0.32) does not
+``LoadOptions`` ask for (float32 on the CPU); only ``ggml`` layers where no kernel
+runs go through numpy, to take the form a GGUF file's blocks take under the same
+options (affine codes or float32, weights.convert_matrix).  ``mx.load`` (MLX 0.32) does not
 memory-map safetensors: it returns lazy arrays and reads each one from the file
 into MLX memory when first evaluated (checked: resident memory grows by the
 file size on eval, the file is not in ``/proc/self/maps``).
@@ -13,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 
 from .. import quants
 from ..arch import LORA_MATRICES
@@ -26,7 +29,7 @@ from ..formats.mlx_dir import dtype_name, format_label, model_description, read_
 from ..formats.vocab import load_world_vocab
 from ..layers import WeightFormat
 from ..model import Model
-from ..model.weights import LoadOptions
+from ..model.weights import LoadOptions, convert_matrix
 from ..text.tokenizer import Tokenizer
 from .info import LoadInfo
 
@@ -44,13 +47,23 @@ def load_tokenizer(path: Path, entry: dict) -> Tokenizer:
         raise ModelFileError(file, f"unreadable token list ({e})") from None
 
 
+@dataclass(frozen=True)
+class _Blocks:
+    """A stored ``ggml`` matrix as weights.convert_matrix sees a GGUF tensor."""
+
+    ggml_type: int
+    shape: tuple[int, int]
+
+
 def _adapt_matrix(fmt: WeightFormat, arrays: dict[str, mx.array], opts: LoadOptions):
     """A stored matrix in the form ``opts`` asks for (mirrors weights.convert_matrix for GGUF)."""
     float_dtype = opts.float_dtype
     if fmt.kind == "ggml" and not opts.ggml_native:
-        dense = quants.dequantize(arrays["weight"], fmt.ggml_type, xp=mx)
-        dtype = float_dtype or "float32"
-        return WeightFormat("dense", dtype), {"weight": dense.astype(getattr(mx, dtype))}
+        # GGUF blocks where no kernel reads them: the form the file's own blocks take here
+        block = quants.BLOCK_TYPES[fmt.ggml_type]
+        raw = np.array(arrays["weight"])
+        shape = (raw.shape[0], raw.shape[1] // block.block_bytes * block.block_elems)
+        return convert_matrix(raw, _Blocks(fmt.ggml_type, shape), opts)
     if fmt.kind == "affine" and not opts.affine:
         dense = mx.dequantize(arrays["weight"], arrays["scales"], arrays["biases"], group_size=fmt.group_size, bits=fmt.bits)
         dtype = float_dtype or "float32"

@@ -9,11 +9,14 @@ and Q6_K; a file with short rows mixes Q4_K, Q5_0 and Q8_0):
 * small tensors (norms, lerp factors, w0/w1/w2, k_k, k_a, r_k, ...) -> float32;
 * F32/F16/BF16 matrices -> dense, upcast to float32 where ``float_dtype`` says so
   (the CPU backend computes float16 very slowly and inexactly);
-* block types with an exact affine image (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
-  Q5_K, IQ4_NL, IQ4_XS) -> MLX affine quantization at group 32, no loss with
-  float32 scales;
-* the rest (Q6_K, Q3_K, Q2_K) -> kept as GGUF blocks for our GPU kernels, or
-  dequantized exactly to float32 where no kernel backend runs.
+* on GPU backends (``ggml_native``), every block type the decode kernels read as
+  stored (kernels.matvec.STORED_BLOCK_TYPES: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
+  Q5_K, Q6_K, Q3_K, Q2_K, IQ4_NL, IQ4_XS) -> kept as GGUF blocks, so a decoded
+  token reads the file's bytes and no more (the affine form with float32 scales
+  takes about 1.28x of them for Q4_K);
+* elsewhere (CPU, mlx-lm export), block types with an exact affine image (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, IQ4_NL, IQ4_XS) -> MLX
+  affine quantization at group 32 (MLX's own quantized products; no loss with
+  float32 scales), the rest dequantized exactly to float32.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from .. import arch, quants
 from ..backend import active_backend
+from ..kernels.matvec import STORED_BLOCK_TYPES
 from ..layers import WeightFormat
 
 class StoredTensor(Protocol):
@@ -46,8 +50,11 @@ class LoadOptions:
     float_dtype: dtype for float matrices (F16/BF16 kept as stored when None).
     scale_dtype: dtype of affine scales and biases; float32 keeps K-quants exact
         (d * sc has up to 17 significant bits), float16 saves 1 bit per weight.
-    ggml_native: keep Q6_K/Q3_K/Q2_K as blocks for GPU kernels (else dequantize).
-    affine: map the exact block types onto MLX affine quantization (else dequantize).
+    ggml_native: keep GGUF blocks for the GPU kernels: every type they read as stored
+        (STORED_BLOCK_TYPES), and any other type without an affine image (dequantized per
+        product then); else such blocks are mapped to affine or dequantized at load.
+    affine: map the exact block types onto MLX affine quantization where they do not
+        stay as blocks (else dequantize).
     """
 
     float_dtype: str | None = None
@@ -89,7 +96,10 @@ def convert_matrix(raw: np.ndarray, info: StoredTensor, opts: LoadOptions) -> tu
         dtype = opts.float_dtype or FLOAT_TYPES[t]
         return WeightFormat("dense", dtype), {"weight": float_array(raw, t, info.shape, dtype)}
     block = quants.BLOCK_TYPES[t]
-    if opts.affine and block.to_affine is not None:
+    as_affine = opts.affine and block.to_affine is not None
+    if opts.ggml_native and (not as_affine or t in STORED_BLOCK_TYPES):
+        return WeightFormat("ggml", ggml_type=t), {"weight": mx.array(np.asarray(raw))}
+    if as_affine:
         aff = block.to_affine(np.asarray(raw))
         scale_dtype = getattr(mx, opts.scale_dtype)
         fmt = WeightFormat("affine", opts.scale_dtype, bits=aff.bits)
@@ -98,8 +108,6 @@ def convert_matrix(raw: np.ndarray, info: StoredTensor, opts: LoadOptions) -> tu
             "scales": mx.array(aff.scales).astype(scale_dtype),
             "biases": mx.array(aff.biases).astype(scale_dtype),
         }
-    if opts.ggml_native:
-        return WeightFormat("ggml", ggml_type=t), {"weight": mx.array(np.asarray(raw))}
     dtype = opts.float_dtype or "float32"
     return WeightFormat("dense", dtype), {"weight": dense_float32(raw, info).astype(getattr(mx, dtype))}
 

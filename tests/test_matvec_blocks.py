@@ -1,0 +1,102 @@
+"""Every GGUF block type the decode kernels read as stored, by the Metal text under the CPU emulation.
+
+Blocks are random bytes (every bit pattern of codes, scales and high bits), with
+their fp16 fields set to finite values; the gguf package dequantizes them (an
+implementation independent of ours and of the kernel) and float64 numpy
+multiplies. Each block type runs through the matvec kernel at B = 1 and 2, and
+once with the LayerNorm + token-shift prologue; all types of a case share one
+compiled instantiation (the kind is read at run time), so this costs little.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from gguf.quants import dequantize as gguf_dequantize
+
+from conftest import layer_norm64
+
+from rwkv_mlx import quants
+from rwkv_mlx.kernels.matvec import STORED_BLOCK_TYPES, MatvecPlan, Segment
+from rwkv_mlx.layers import GGMLLinear, WeightFormat
+
+pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                                reason="the emulator's context switch is x86-64 assembly")
+
+# byte offsets of each block's fp16 fields (d, and dmin or m where present), from gguf-py's layouts
+FP16_FIELDS = {8: (0,), 2: (0,), 3: (0, 2), 6: (0,), 7: (0, 2), 20: (0,), 12: (0, 2), 13: (0, 2), 23: (0,),
+               14: (208,), 11: (108,), 10: (80, 82)}
+NEW_TYPES = [8, 2, 3, 6, 7, 20, 12, 13, 23]  # Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 IQ4_NL Q4_K Q5_K IQ4_XS
+
+
+def random_blocks(ggml_type: int, rows: int, k: int, rng) -> np.ndarray:
+    block = quants.BLOCK_TYPES[ggml_type]
+    n = rows * k // block.block_elems
+    raw = rng.integers(0, 256, (n, block.block_bytes), dtype=np.uint8)
+    for off in FP16_FIELDS[ggml_type]:
+        d = (rng.uniform(0.5, 1.0, n) * rng.choice([-1, 1], n) / 64).astype(np.float16)
+        raw[:, off:off + 2] = d.view(np.uint8).reshape(n, 2)
+    return raw.reshape(rows, -1)
+
+
+def block_layer(ggml_type: int, rows: int, k: int, rng) -> tuple[GGMLLinear, np.ndarray]:
+    blocks = random_blocks(ggml_type, rows, k, rng)
+    layer = GGMLLinear(k, rows, WeightFormat("ggml", ggml_type=ggml_type))
+    layer.weight = mx.array(blocks)
+    return layer, gguf_dequantize(blocks, ggml_type).astype(np.float64).reshape(rows, k)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_fp16_fields_cover_every_stored_type():
+    assert set(FP16_FIELDS) == STORED_BLOCK_TYPES and set(NEW_TYPES) <= STORED_BLOCK_TYPES
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_each_block_type_matches_gguf_dequantize(B):
+    from rwkv_mlx.testing.metal_proof.emulate import Emulator
+
+    rng = np.random.default_rng(18 + B)
+    K, rows = 512, 64
+    x = rng.standard_normal((B, K)).astype(np.float32)
+    with Emulator().running():
+        for t in NEW_TYPES:
+            layer, w = block_layer(t, rows, K, rng)
+            plan = MatvecPlan([Segment(layer)], B, backend="metal")
+            assert plan.ok, quants.BLOCK_TYPES[t].name
+            y = np.array(plan(mx.array(x)))
+            err = rel_err(y, x.astype(np.float64) @ w.T)
+            assert err < 1e-5, (quants.BLOCK_TYPES[t].name, err)
+
+
+def test_block_types_with_layernorm_prologue_in_one_launch():
+    """Eight block types as the eight segments of one launch (the r|k|v|LoRA launch's shape), after
+    LayerNorm and the token-shift lerp, against float64 numpy."""
+    from rwkv_mlx.testing.metal_proof.emulate import Emulator
+
+    rng = np.random.default_rng(7)
+    K, B = 256, 2
+    types = [t for t in NEW_TYPES if t != 23][:8]  # eight slots; IQ4_XS shares IQ4_NL's levels
+    layers = [block_layer(t, 32, K, rng) for t in types]
+    x, prev = (rng.standard_normal((B, K)).astype(np.float32) for _ in range(2))
+    mix = rng.uniform(0, 1, (len(types), K)).astype(np.float32)
+    ln = nn.LayerNorm(K)
+    ln.weight = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32))
+    ln.bias = mx.array(rng.standard_normal(K).astype(np.float32))
+    with Emulator().running():
+        plan = MatvecPlan([Segment(layer, mode=i) for i, (layer, _) in enumerate(layers)], B, backend="metal",
+                          prologue=1, ln=ln, mix=mx.array(mix))
+        assert plan.ok
+        y, _ = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
+    norm = layer_norm64(x, ln)
+    want = np.concatenate([(norm + (prev - norm) * mix[i]) @ w.T for i, (_, w) in enumerate(layers)], axis=1)
+    for i, t in enumerate(types):
+        cols = slice(32 * i, 32 * (i + 1))
+        assert rel_err(y[:, cols], want[:, cols]) < 1e-5, quants.BLOCK_TYPES[t].name
