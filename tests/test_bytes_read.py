@@ -24,7 +24,7 @@ from rwkv_mlx.arch import MATRIX_MODULES, module_to_gguf_name
 from rwkv_mlx.bench.bytes_read import compare, gguf_bytes, plan_bytes
 from rwkv_mlx.formats.gguf_file import open_gguf
 # The kernels' table of GGUF block types they read as stored (keys: gguf.GGMLQuantizationType ids).
-from rwkv_mlx.kernels.matvec import _GGML_KINDS as STORED_BLOCK_TYPES
+from rwkv_mlx.kernels.matvec import STORED_BLOCK_TYPES
 from rwkv_mlx.layers import AffineLinear, GGMLLinear, Linear, WeightFormat
 from rwkv_mlx.loader import load
 from rwkv_mlx.model import Model
@@ -93,7 +93,7 @@ def check_counts(model, plan, stored_type_of) -> dict[int, list[int]]:
     row_bytes = sum(a.nbytes // a.shape[0] for a in (
         [emb.weight] if not isinstance(emb, AffineLinear) else [emb.weight, emb.scales, emb.biases]))
     assert plan.parts["embedding"] == row_bytes
-    for t in by_type.keys() & STORED_BLOCK_TYPES.keys():  # the issue's bar, types read as stored
+    for t in by_type.keys() & STORED_BLOCK_TYPES:  # the issue's bar, types read as stored
         p, g = by_type[t]
         assert p == g and p / g <= BAR, quants.BLOCK_TYPES[t].name
     return by_type
