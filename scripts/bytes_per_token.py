@@ -17,6 +17,7 @@ import sys
 
 from rwkv_mlx.bench.bytes_read import token_bytes
 from rwkv_mlx.bench.record import format_table
+from rwkv_mlx.errors import RwkvMlxError
 from rwkv_mlx.loader import load
 from rwkv_mlx.model.weights import LoadOptions
 
@@ -48,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = []
     for path in args.files:
-        cells, figures = row(path, args.backend, args.scale_dtype)
+        try:
+            cells, figures = row(path, args.backend, args.scale_dtype)
+        except RwkvMlxError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
         rows.append(cells)
         if args.json:
             print(json.dumps({"file": path, **figures}), flush=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .matvec import _KINDS
+
 
 @dataclass(frozen=True)
 class KernelInstance:
@@ -25,7 +27,9 @@ class KernelInstance:
 def _matvec(scales: str, slots: int = 8, **template) -> KernelInstance:
     # x prev ln_w ln_b mix eps | seg | bias residual | w0..w7 | s0..s7 | z0..z7 (one of each: ONE_SEGMENT)
     inputs = ("float32",) * 6 + ("int32",) + ("float32",) * 2 + ("uint8",) * slots + (scales,) * (2 * slots)
-    t = {"NB": 1, "RPW": 4, "KT": 2560, "TILED": 0, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0, **template}
+    # KINDS: every reader compiled in (bit k: kind k, kernels/matvec.py _KINDS), unless an entry narrows it
+    t = {"NB": 1, "RPW": 4, "KT": 2560, "TILED": 0, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0, "KINDS": (1 << len(_KINDS)) - 1,
+         **template}
     return KernelInstance("matvec", inputs, ("float32", "float32"), t, ("ONE_SEGMENT",) if slots == 1 else ())
 
 

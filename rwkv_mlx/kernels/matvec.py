@@ -135,7 +135,8 @@ class MatvecPlan:
         self.kernel = build("matvec", backend, ("ONE_SEGMENT",) if slots == 1 else ())
         bits = affine[0].fmt[1] if affine else 0
         template = {"NB": batch, "RPW": rpw, "PRO": prologue, "EPI": epilogue, "BITS": bits,
-                    "HAS_BIAS": int(bias is not None)}
+                    "HAS_BIAS": int(bias is not None),
+                    "KINDS": sum(1 << k for k in {_KINDS[w.fmt[0]] for w in weights})}  # readers compiled in
         kt = tile_length(self.kernel, max(ks), template)
         self.ok = kt is not None
         if not self.ok:
