@@ -6,7 +6,11 @@
 #   tests    : the GPU tests against the carried oracle part ($ORACLE_PART, default .oracle-1)
 #   probe    : decode probe on each synthetic model that is ready
 #   costs    : host and device time per launch, prefill routes (development aids)
-#   bench    : the benchmark log entries, ours and mlx-lm's (needs $TITLE and $CHANGE)
+#   llamacpp : build llama.cpp's llama-bench (CUDA, sm_90) from the carried .llama-cpp/ (scripts/prepare_llama_cpp.sh,
+#              about 2.5 MB) into /tmp/llama.cpp, about 3 minutes; later calls reuse it while the machine stays warm
+#   bench    : the benchmark log entries, ours and the peers' (needs $TITLE and $CHANGE): PEERS="mlx-lm llama.cpp"
+#              (default; PEERS=0: ours only); with llama.cpp among them ours runs at every prompt length of
+#              bench.benchmark.PREFILL_LENGTHS, and llama-bench (built by the llamacpp step) on the same files
 #   scaling  : batched decode (scripts/batch_decode.py) per route, lines in $OUT/scaling.jsonl
 #   serve    : scripts/bench_serve.py per model, with the routes scaling's lines favour for it
 #   grammar  : the per-token cost of constrained decoding (scripts/grammar_cost.py) on the first model
@@ -45,19 +49,33 @@ case $step in
     mkdir -p $OUT/demo
     python3 scripts/train_demo_model.py --data .gpu-train/tinyshakespeare.txt --run /tmp/demo-run --out $OUT/demo \
       2>&1 | tee $OUT/train.log | grep -v '^step [0-9]*/' ;;
-  bench)  # the benchmark log entries for the 2.9B-shaped models ($TYPES), ours and mlx-lm's
+  llamacpp)
+    bash scripts/build_llama_bench.sh /tmp/llama.cpp 2>&1 | tee -a $OUT/llamacpp.log | tail -8 ;;
+  bench)  # the benchmark log entries for the 2.9B-shaped models ($TYPES), ours and the peers' ($PEERS)
     types=${TYPES:-Q4_K_M Q8_0 F16}  # a type named twice is benchmarked twice, in a fresh process
+    peers=${PEERS:-mlx-lm llama.cpp}; [ "$peers" = 0 ] && peers=""
+    llama_bench=${LLAMA_BENCH:-/tmp/llama.cpp/build/bin/llama-bench}
+    case " $peers " in *" llama.cpp "*)
+      [ -x "$llama_bench" ] || { echo "no $llama_bench: run the llamacpp step first (or PEERS=mlx-lm)"; exit 2; }
+      lengths=$(python3 -c "from rwkv_mlx.bench.benchmark import PREFILL_LENGTHS as p; print(*p)") || exit 1 ;;
+    esac
     bash "$0" wait $types
     mkdir -p $OUT/results
     cp results/BENCHMARKS.md results/benchmarks.jsonl $OUT/results/ 2>/dev/null
     for t in $types; do
-      python3 -c "from rwkv_mlx.cli import main; main()" benchmark --model /tmp/synth/$t.gguf --title "$TITLE" \
-        --change "$CHANGE ($t)" --device gpu --results-dir $OUT/results --quiet 2>&1 | tail -30
+      for p in ${lengths:-default}; do
+        python3 -c "from rwkv_mlx.cli import main; main()" benchmark --model /tmp/synth/$t.gguf --title "$TITLE" \
+          --change "$CHANGE ($t$([ $p = default ] || echo ", $p-token prompt"))" --device gpu --results-dir $OUT/results \
+          --quiet $([ $p = default ] || echo --prompt-tokens $p) 2>&1 | tail -30
+      done
     done
-    [ "${PEERS:-1}" = 1 ] || exit 0  # PEERS=0: ours only
     for pair in 4bit:Q4_K_M 8bit:Q8_0 float16:F16; do
-      python3 scripts/bench_peers.py --model /tmp/synth/${pair#*:}.gguf --mode ${pair%%:*} --ours log \
-        --results-dir $OUT/results --title "$TITLE" 2>&1 | tail -20
+      case " $types " in *" ${pair#*:} "*) ;; *) continue ;; esac
+      for peer in $peers; do
+        python3 scripts/bench_peers.py --peer $peer --llama-bench "$llama_bench" --model /tmp/synth/${pair#*:}.gguf \
+          --mode ${pair%%:*} --ours log --results-dir $OUT/results --title "$TITLE" \
+          $([ $peer = llama.cpp ] && echo --prompt-tokens $lengths) 2>&1 | tail -20
+      done
     done ;;
   costs)  # host and device time per launch (scripts/launch_cost.py), prefill routes and the WKV share
     bash "$0" wait "$@"

@@ -4,6 +4,8 @@
 #                        script, gguf and mlx-lm fit in one call beside the oracle subset (64 MiB a call)
 #   .oracle-1, -2, ...   every oracle file with its ref64 and llama.cpp logits, in parts of at most 36.5 MB
 #   .gpu-train/          Tiny Shakespeare for scripts/train_demo_model.py
+#   .llama-cpp/          llama.cpp's source trimmed to llama-bench (scripts/prepare_llama_cpp.sh, 2.5 MB), for the
+#                        `llamacpp` step, which builds the llama.cpp peer of scripts/bench_peers.py
 # Then: call 1 carries .mlx-cuda-3/a (`cp .mlx-cuda-3/a/* /tmp/`), call 2 .mlx-cuda-3/b (the same), call 3
 # .mlx-cuda-3/c (`bash scripts/gpu_session.sh install`), each within 30 s of the last; later calls carry
 # an .oracle-N part or .gpu-train for their step. The checkout itself travels every time (the bundled demo
@@ -76,4 +78,5 @@ for i, part in enumerate(parts, 1):
     print(f".oracle-{i}: {' '.join(part)}")
 PACK
 mkdir -p .gpu-train && cp "$shared/data/tinyshakespeare.txt" .gpu-train/
-rm -rf "$tmp"; du -sh .mlx-cuda-3/* .oracle-[0-9] .gpu-train
+[ -f .llama-cpp/llama.cpp.tar.gz ] || bash scripts/prepare_llama_cpp.sh
+rm -rf "$tmp"; du -sh .mlx-cuda-3/* .oracle-[0-9] .gpu-train .llama-cpp

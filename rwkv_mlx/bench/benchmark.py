@@ -35,6 +35,9 @@ from .record import BenchmarkResult, rejected_record
 
 
 PROMPT_FILE = Path(__file__).resolve().parents[1] / "data" / "benchmark_prompt.txt"
+PROMPT_TOKENS = 512  # the default prompt and generation lengths of every benchmark entry
+GEN_TOKENS = 128
+PREFILL_LENGTHS = (PROMPT_TOKENS, 4096)  # the prompt lengths prefill is judged at beside llama.cpp (issue 18)
 
 
 def benchmark_prompt(tokenizer, n_tokens: int) -> list[int]:
@@ -77,8 +80,8 @@ def gpu_bytes_read(model, path: Path) -> dict | None:
 def run_benchmark(
     path: str | os.PathLike,
     *,
-    prompt_tokens: int = 512,
-    gen_tokens: int = 128,
+    prompt_tokens: int = PROMPT_TOKENS,
+    gen_tokens: int = GEN_TOKENS,
     runs: int = 3,
     warmup: int = 1,
     options: LoadOptions | None = None,

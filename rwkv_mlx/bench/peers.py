@@ -1,7 +1,13 @@
-"""Time mlx-lm's RWKV-7 on the same weights, prompt and lengths as ``rwkv-mlx benchmark``; print the ratios.
+"""Time a peer on the same weights, prompt and lengths as ``rwkv-mlx benchmark``; print the ratios.
 
     python scripts/bench_peers.py --model rwkv7-2.9b-Q4_K_M.gguf --mode 4bit
     python scripts/bench_peers.py --model fixa-f32.gguf --mode float32      # token agreement check
+    python scripts/bench_peers.py --model rwkv7-2.9b-Q4_K_M.gguf --llama-bench /tmp/llama.cpp/build/bin/llama-bench
+
+The peers: mlx-lm's RWKV-7 (below), and llama.cpp's llama-bench on the GGUF file as
+stored (``--llama-bench PATH`` or ``--peer llama.cpp`` with $RWKV_MLX_LLAMA_BENCH;
+rwkv_mlx/bench/llama_cpp.py says what it measures), at every prompt length of
+``PREFILL_LENGTHS`` unless ``--prompt-tokens`` names others.
 
 The GGUF tensors are dequantized exactly to float32 (rwkv-mlx's loader), mapped
 onto mlx-lm's parameter names (``mlx_lm.models.rwkv7``), cast to the mode's
@@ -12,7 +18,8 @@ and is timed the way mlx-lm's ``stream_generate`` times it.  The rwkv-mlx
 figure comes from running rwkv-mlx's benchmark in the same process (its
 quality gate included), or with ``--ours log`` from the latest matching entry
 of benchmarks.jsonl.  Results: results/peers.md and ``"engine": "mlx-lm"``
-lines in results/benchmarks.jsonl.
+lines in results/benchmarks.jsonl (``"engine": "llama.cpp"`` for llama.cpp, one per
+prompt length).
 
 Numerics mlx-lm does differently (its model file, 0.32.x): the WKV state and
 the whole residual stream are in the weights' dtype (float16 in a float16 or
@@ -36,14 +43,15 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..backend import select_device
-from ..errors import InvalidArgumentError, RwkvMlxError
+from ..errors import InvalidArgumentError, ModelFileError, RwkvMlxError
 from ..io import atomic_write_text
 from ..formats.gguf_file import open_gguf
 from ..loader.gguf import model_args_from_gguf, tokenizer_from_gguf
 from ..loader.info import file_fingerprint
 from ..model.weights import dense_float32
 from ..backend import device_name
-from .benchmark import benchmark_prompt, check_counts, run_benchmark
+from . import llama_cpp
+from .benchmark import GEN_TOKENS, PREFILL_LENGTHS, PROMPT_TOKENS, benchmark_prompt, check_counts, run_benchmark
 from .measure import PrimitiveCount, Spread, count_primitives, environment
 from .quality import QUALITY_TOKENS, first_difference, quality_hash
 from .record import JSONL_NAME, append_jsonl, format_table, load_entries, log_line
@@ -177,23 +185,39 @@ def ours_from_log(results_dir: Path, fingerprint: str, prompt_tokens: int, gen_t
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Time mlx-lm's RWKV-7 on the same GGUF weights; print rwkv-mlx / mlx-lm.")
+    ap = argparse.ArgumentParser(description="Time mlx-lm's RWKV-7 or llama.cpp's llama-bench on the same GGUF file; "
+                                             "print rwkv-mlx / peer.")
     ap.add_argument("--model", required=True, type=Path, help="RWKV-7 GGUF file")
+    ap.add_argument("--peer", choices=("mlx-lm", llama_cpp.ENGINE),
+                    help="the peer to time (default mlx-lm; llama.cpp when --llama-bench is given)")
+    ap.add_argument("--llama-bench", metavar="PATH", help=f"llama.cpp's llama-bench binary (default ${llama_cpp.BINARY_ENV}; "
+                                                          "scripts/build_llama_bench.sh builds it)")
     ap.add_argument("--mode", default="float16", choices=MODES, help="mlx-lm's weights: dtype or 4bit/8bit (default float16)")
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, nargs="+", metavar="N",
+                    help=f"prompt length (default {PROMPT_TOKENS}); llama.cpp takes several (default "
+                         f"{' '.join(map(str, PREFILL_LENGTHS))})")
+    ap.add_argument("--gen-tokens", type=int, default=GEN_TOKENS)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"))
     ap.add_argument("--ours", default="run", choices=("run", "log"),
                     help="rwkv-mlx figures: run the benchmark here (default) or take the latest matching log entry")
     ap.add_argument("--results-dir", type=Path, default=Path("results"))
-    ap.add_argument("--title", default="mlx-lm peers", help="title of the JSON line (for --compare and the plot)")
+    ap.add_argument("--title", help="title of the JSON lines (for --compare and the plot; default 'PEER peers')")
     ap.add_argument("--no-record", action="store_true")
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
     a.command = shlex.join(["python", "scripts/bench_peers.py", *argv])
+    a.peer = a.peer or (llama_cpp.ENGINE if a.llama_bench else "mlx-lm")
+    a.title = a.title or f"{a.peer} peers"
     try:
+        if a.peer == llama_cpp.ENGINE:
+            a.prompt_tokens = a.prompt_tokens or list(PREFILL_LENGTHS)
+            return run_llama_cpp(a)
+        a.prompt_tokens = (a.prompt_tokens or [PROMPT_TOKENS])
+        if len(a.prompt_tokens) > 1:
+            raise InvalidArgumentError("--prompt-tokens: mlx-lm is timed at one prompt length per call")
+        a.prompt_tokens = a.prompt_tokens[0]
         return run(a)
     except RwkvMlxError as e:
         print(f"bench_peers: error: {e}", file=sys.stderr)
@@ -271,14 +295,63 @@ def run(a) -> int:
             **env,
         })
         append_jsonl(a.results_dir, line)
-        peers = a.results_dir / PEERS_NAME
-        document = peers.read_text(encoding="utf-8") if peers.is_file() else (
-            "# rwkv-mlx vs mlx-lm on the same weights\n\n"
-            "Written by scripts/bench_peers.py (see docs/benchmarks.md). Each entry names its device.\n")
-        entry = (f"\n### {when.strftime('%Y-%m-%d %H:%M:%S')} - {line['change']} ({env['device']}, {env['backend']})\n"
-                 f"{a.prompt_tokens} prompt tokens, {a.gen_tokens} generated, median of {a.runs} runs "
-                 f"(+{a.warmup} warm-up); `{command}`\n\n{table}")
-        atomic_write_text(peers, document.rstrip("\n") + "\n" + entry)
-        print(f"recorded: {peers} and {a.results_dir / JSONL_NAME}", file=sys.stderr)
+        record_peers_md(a.results_dir, when, f"{line['change']} ({env['device']}, {env['backend']})",
+                        f"{a.prompt_tokens} prompt tokens, {a.gen_tokens} generated, median of {a.runs} runs "
+                        f"(+{a.warmup} warm-up); `{command}`", table)
+    return 0
+
+
+def record_peers_md(results_dir: Path, when: dt.datetime, heading: str, how: str, table: str) -> None:
+    """Append one side-by-side entry to results/peers.md."""
+    peers = results_dir / PEERS_NAME
+    document = peers.read_text(encoding="utf-8") if peers.is_file() else (
+        "# rwkv-mlx beside its peers (mlx-lm, llama.cpp) on the same weights\n\n"
+        "Written by scripts/bench_peers.py (see docs/benchmarks.md). Each entry names its device.\n")
+    entry = f"\n### {when.strftime('%Y-%m-%d %H:%M:%S')} - {heading}\n{how}\n\n{table}"
+    atomic_write_text(peers, document.rstrip("\n") + "\n" + entry)
+    print(f"recorded: {peers} and {results_dir / JSONL_NAME}", file=sys.stderr)
+
+
+def run_llama_cpp(a) -> int:
+    """llama-bench on the same file and lengths, beside our figures (run here, or the log's with --ours log)."""
+    binary = llama_cpp.find_binary(a.llama_bench)
+    if not a.model.is_file():
+        raise ModelFileError(a.model, "no such file")
+    for p in a.prompt_tokens:
+        check_counts(p, a.gen_tokens, a.runs, a.warmup)
+    select_device(a.device)
+    if a.ours == "run":
+        ours = {p: run_benchmark(a.model, prompt_tokens=p, gen_tokens=a.gen_tokens, runs=a.runs,
+                                 warmup=a.warmup).to_json() for p in a.prompt_tokens}
+    else:
+        fingerprint = file_fingerprint(a.model)
+        ours = {p: ours_from_log(a.results_dir, fingerprint, p, a.gen_tokens) for p in a.prompt_tokens}
+    gc.collect()
+    mx.clear_cache()  # llama.cpp gets the GPU memory our run held
+
+    command = llama_cpp.bench_command(binary, a.model, a.prompt_tokens, a.gen_tokens, a.runs)
+    tests = llama_cpp.parse_output(llama_cpp.run_llama_bench(command), binary)
+    prefill, decode = llama_cpp.speeds(tests, a.prompt_tokens, a.gen_tokens, binary)
+    info = llama_cpp.about(tests)
+    build = f"llama.cpp {info.get('build_commit', '?')} ({info.get('backends', '?')})"
+    table = format_table(["metric", f"rwkv-mlx ({a.model.name})", f"{build}, mean ± sd", "rwkv-mlx / llama.cpp"],
+                         llama_cpp.rows(ours, prefill, decode, a.gen_tokens))
+    sys.stdout.write(table)
+    env = environment()
+    print(f"llama-bench: {shlex.join(command)}\ndevice: {env['device']} ({env['backend']})")
+
+    if not a.no_record:
+        when = dt.datetime.now().astimezone()
+        change = f"{build} on {a.model.name}"
+        for p in a.prompt_tokens:
+            append_jsonl(a.results_dir, log_line(a.title, change, a.command, when, {
+                **llama_cpp.log_figures(ours[p], prefill[p], decode, p, a.gen_tokens, info),
+                "model": a.model.name, "model_path": str(a.model), "fingerprint": ours[p]["fingerprint"],
+                "runs": a.runs, "llama_bench_command": shlex.join(command), **env,
+            }))
+        record_peers_md(a.results_dir, when, f"{change} ({env['device']}, {env['backend']})",
+                        f"prompts of {', '.join(map(str, a.prompt_tokens))} tokens, {a.gen_tokens} generated; ours "
+                        f"median of {a.runs} runs (+{a.warmup} warm-up), llama-bench mean of {a.runs} (+1 warm-up); "
+                        f"`{a.command}`", table)
     return 0
 
