@@ -14,6 +14,7 @@
 #   scaling  : batched decode (scripts/batch_decode.py) per route, lines in $OUT/scaling.jsonl
 #   serve    : scripts/bench_serve.py per model, with the routes scaling's lines favour for it
 #   grammar  : the per-token cost of constrained decoding (scripts/grammar_cost.py) on the first model
+#   forms    : decode and prefill probes of GGUF blocks as stored against MLX's affine form, alternating
 #   compare  : decode probes of this tree and of .baseline/ (an older commit's package, carried), alternating;
 #              make it here with: mkdir .baseline && git archive REV rwkv_mlx custom_kernels scripts | tar -x -C .baseline
 #              && rm .baseline/rwkv_mlx/data/*.gguf && echo REV > .baseline/COMMIT  (and /.baseline/ in .git/info/exclude)
@@ -119,6 +120,18 @@ case $step in
     bash "$0" wait "$1"
     timeout -s KILL ${GRAMMAR_LIMIT:-200} python3 scripts/grammar_cost.py /tmp/synth/$1.gguf 2>&1 | grep -v Warning \
       | tee -a $OUT/grammar.log ;;
+  forms)  # GGUF blocks as stored vs MLX's affine form (RWKV_MLX_GPU_BLOCKS), alternating, one tree: decode and prefill
+    bash "$0" wait "$@"
+    for t in "$@"; do
+      for round in 1 2; do
+        for form in affine stored; do
+          echo "== $t round $round form $form" | tee -a $OUT/forms.log
+          RWKV_MLX_GPU_BLOCKS=$form timeout -s KILL 150 python3 scripts/decode_probe.py /tmp/synth/$t.gguf --tokens 128 \
+            --prefill 512 $([ $round = 1 ] && [ $form = stored ] || echo --no-reference) 2>&1 | grep -v Warning \
+            | tee -a $OUT/forms.log
+        done
+      done
+    done ;;
   compare)  # side by side on one machine: .baseline (git archive of an older commit) vs this tree
     bash "$0" wait "$@"
     for t in "$@"; do

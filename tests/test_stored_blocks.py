@@ -76,3 +76,19 @@ def test_converted_directory_round_trips_the_blocks(tmp_path, require_oracle):
         with kernels_disabled():
             a, b = (np.array(m(tokens)[0]) for m in (from_dir, from_gguf))
         assert np.array_equal(a, b), backend
+
+
+def test_gpu_blocks_setting_gives_the_affine_form(monkeypatch, require_oracle):
+    """$RWKV_MLX_GPU_BLOCKS=affine (for timing the two forms side by side) maps the block types with an
+    exact affine image to affine on a GPU load, keeps Q6_K blocks, and computes the same logits."""
+    path = ORACLE / "models" / "fixb-Q4_K_M.gguf"
+    stored = rwkv_mlx.load(path, LoadOptions.for_backend("metal"))[0]
+    monkeypatch.setenv("RWKV_MLX_GPU_BLOCKS", "affine")
+    affine = rwkv_mlx.load(path, LoadOptions.for_backend("metal"))[0]
+    kinds = {type(m).__name__ for m in matrices(affine).values()}
+    assert "AffineLinear" in kinds and {type(m).__name__ for m in matrices(stored).values()} == {"GGMLLinear"}
+    assert all(m.ggml_type not in (12, 13, 8) for m in matrices(affine).values() if isinstance(m, GGMLLinear))
+    tokens = mx.array([oracle_tokens("fixb-Q4_K_M")])
+    with kernels_disabled():
+        a, b = (np.array(m(tokens)[0]) for m in (stored, affine))
+    assert np.abs(a - b).max() < 1e-4

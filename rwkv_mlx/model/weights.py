@@ -21,6 +21,8 @@ and Q6_K; a file with short rows mixes Q4_K, Q5_0 and Q8_0):
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +42,7 @@ class StoredTensor(Protocol):
 
 
 F32, F16, BF16 = 0, 1, 30
+GPU_BLOCKS_ENV = "RWKV_MLX_GPU_BLOCKS"
 FLOAT_TYPES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
 
 
@@ -55,12 +58,17 @@ class LoadOptions:
         product then); else such blocks are mapped to affine or dequantized at load.
     affine: map the exact block types onto MLX affine quantization where they do not
         stay as blocks (else dequantize).
+    keep_blocks: with ggml_native, the types the kernels read as stored stay blocks; False maps
+        those with an exact affine image to affine instead (the GPU form before every block type
+        was read as stored). GPU loads take it from ``$RWKV_MLX_GPU_BLOCKS`` (``stored``, the
+        default, or ``affine``), so that the two forms can be timed side by side in one tree.
     """
 
     float_dtype: str | None = None
     scale_dtype: str = "float32"
     ggml_native: bool = False
     affine: bool = True
+    keep_blocks: bool = True
 
     @classmethod
     def for_backend(cls, backend: str | None = None, **overrides) -> "LoadOptions":
@@ -68,7 +76,7 @@ class LoadOptions:
         if backend == "cpu":
             base = cls(float_dtype="float32", ggml_native=False)
         else:
-            base = cls(float_dtype=None, ggml_native=True)
+            base = cls(float_dtype=None, ggml_native=True, keep_blocks=os.environ.get(GPU_BLOCKS_ENV) != "affine")
         return cls(**{**base.__dict__, **overrides})
 
 
@@ -97,7 +105,7 @@ def convert_matrix(raw: np.ndarray, info: StoredTensor, opts: LoadOptions) -> tu
         return WeightFormat("dense", dtype), {"weight": float_array(raw, t, info.shape, dtype)}
     block = quants.BLOCK_TYPES[t]
     as_affine = opts.affine and block.to_affine is not None
-    if opts.ggml_native and (not as_affine or t in STORED_BLOCK_TYPES):
+    if opts.ggml_native and (not as_affine or (opts.keep_blocks and t in STORED_BLOCK_TYPES)):
         return WeightFormat("ggml", ggml_type=t), {"weight": mx.array(np.asarray(raw))}
     if as_affine:
         aff = block.to_affine(np.asarray(raw))
