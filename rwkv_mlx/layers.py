@@ -4,11 +4,11 @@
   or block types dequantized at load time;
 * ``affine`` -- MLX affine quantization at group 32 (``mx.quantized_matmul``),
   the exact image of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, IQ4_* (the CPU,
-  converted directories, mlx-lm export);
-* ``ggml``   -- the GGUF blocks as stored (uint8): on GPU backends every block
-  type our decode kernels read as stored, and elsewhere those MLX cannot express
-  (Q6_K, Q3_K, Q2_K); outside the decode kernels (prefill, CPU) they are
-  dequantized when used.
+  the mlx-lm export, and GPUs where model/weights.py ``GPU_BLOCKS_DEFAULT`` says so);
+* ``ggml``   -- the GGUF blocks as stored (uint8): on GPUs every block type our decode
+  kernels read as stored (or, in the affine GPU form, those MLX cannot express:
+  Q6_K, Q3_K, Q2_K); outside the decode kernels (prefill, CPU) they are expanded
+  when used. Converted directories keep blocks, mapped at load like a GGUF's.
 
 Activations arrive in float32 and leave in float32; each layer casts to the
 dtype its weights need only for the product, so the residual stream, norms
@@ -17,7 +17,6 @@ and the WKV state stay float32 everywhere (llama.cpp does the same).
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
@@ -25,27 +24,35 @@ import mlx.nn as nn
 
 from . import quants
 from .backend import active_backend
+from .settings import env_choice, env_int
 
 GROUP_SIZE = 32  # ggml sub-blocks are 32 (or 16) elements: only group 32 follows them
 
-# MLX's CUDA quantized matmul costs about linearly in rows: from 16 rows on, expanding the
-# weights (exactly, in the scales' dtype) and calling the dense GEMM is faster. Measured for a
-# 512-token prompt chunk (results/kernel_log.md, step 4) and for decoded batches on an H100
-# (results/serve_bench.md): a 2.9B Q4_K_M step of the pure block path took 86 ms at 16 rows and
-# 330 ms at 64 with the quantized product, 34 ms at 64 with the weights expanded. 0 turns this off.
-CUDA_DEQUANT_MIN_ROWS = int(os.environ.get("RWKV_MLX_CUDA_DEQUANT_MIN_ROWS", "16"))
-# The dtype quantized weights are expanded to for those products. float32 (the default) is exact
-# and multiplies on CUDA cores; float16 rounds weights and activations to 2^-11 (as an F16 file's
-# prompt products do) for half the expanded bytes and the tensor cores. Not yet measured: set it
-# to compare (results/kernel_log.md step 11 shows what float16 products cost in accuracy).
-CUDA_EXPAND_DTYPE = os.environ.get("RWKV_MLX_CUDA_EXPAND_DTYPE", "float32")
+# MLX's CUDA quantized matmul is built for few rows: for a 512-token prompt chunk, expanding the
+# weights and calling the dense GEMM was faster (results/kernel_log.md, step 4), and for decoded
+# batches on an H100 a 2.9B Q4_K_M step of the pure block path took 86 ms at 16 rows and 330 ms at
+# 64 by the quantized product against 34 ms at 64 expanded (results/serve_bench.md). That expansion
+# is also faster at 16 rows is inferred from those figures (expanding costs the same at 16 rows, the
+# product less), not measured. None: $RWKV_MLX_CUDA_DEQUANT_MIN_ROWS or 16; 0 turns this off.
+CUDA_DEQUANT_MIN_ROWS: int | None = None
+# The dtype they are expanded to. float32 (the default) is exact and multiplies on CUDA cores; float16
+# rounds weights and activations to 2^-11 (as an F16 file's prompt products do) for half the expanded
+# bytes and the tensor cores. Not measured yet (results/kernel_log.md step 11 shows what float16
+# products cost in accuracy). None: $RWKV_MLX_CUDA_EXPAND_DTYPE or float32.
+CUDA_EXPAND_DTYPE: str | None = None
+
+
+def cuda_dequant_min_rows() -> int:
+    if CUDA_DEQUANT_MIN_ROWS is not None:
+        return CUDA_DEQUANT_MIN_ROWS
+    return env_int("RWKV_MLX_CUDA_DEQUANT_MIN_ROWS", 16)
 
 
 def _expand_on_cuda(rows: int) -> mx.Dtype | None:
     """The dtype to expand quantized weights to for a product of ``rows`` rows, or None: don't."""
-    if 0 < CUDA_DEQUANT_MIN_ROWS <= rows and active_backend() == "cuda":
-        return getattr(mx, CUDA_EXPAND_DTYPE)
-    return None
+    if active_backend() != "cuda" or not 0 < cuda_dequant_min_rows() <= rows:
+        return None
+    return getattr(mx, CUDA_EXPAND_DTYPE or env_choice("RWKV_MLX_CUDA_EXPAND_DTYPE", "float32", ("float32", "float16")))
 
 
 def product(x: mx.array, w: mx.array) -> mx.array:
@@ -88,8 +95,7 @@ class Linear(nn.Module):
         return self.weight.shape
 
     def __call__(self, x: mx.array) -> mx.array:
-        w = self.weight
-        return (x.astype(w.dtype) @ w.T).astype(x.dtype)
+        return product(x, self.weight).astype(x.dtype)
 
     def rows(self, ids: mx.array) -> mx.array:
         """Rows of W (an embedding lookup), float32."""

@@ -8,10 +8,12 @@ Each batch size is measured by every route asked for:
 
 * kernels:  the decode kernels (kernels/decode.py), the usual plan;
 * matmul:   no matvec plan (``kernels.matvec.MAX_BATCH`` below B): MLX's matrix products
-            (kernels/products.py) and the time-mix kernel, quantized weights expanded for 64 rows
-            or more on CUDA (before commit "products route", the whole pure block with the
-            prefill WKV kernel);
-* matmul-q: the same with MLX's quantized products at every row count;
+            (kernels/products.py) and the time-mix kernel, quantized weights expanded on CUDA
+            from ``layers.cuda_dequant_min_rows()`` rows (before commit c685d75: the whole pure
+            block with the prefill WKV kernel, and expansion from 64 rows);
+* matmul-q: the same with MLX's quantized products at every row count (affine weights only:
+            GGUF blocks have no quantized product, they are always expanded; run it with
+            RWKV_MLX_GPU_BLOCKS=affine);
 * pure:     the pure-MLX path, no custom kernel at all.
 
 A development aid for the server's batching (issue: batched decode must scale) and for
@@ -83,7 +85,7 @@ def suggest(lines: list[dict], model: str) -> str:
         max_batch = batch
     if max_batch == max(best, default=0):
         max_batch = 0  # kernels everywhere measured: no bound
-    dequant = 0 if best and best[max(best)][1] == "matmul-q" else layers.CUDA_DEQUANT_MIN_ROWS
+    dequant = 0 if best and best[max(best)][1] == "matmul-q" else layers.cuda_dequant_min_rows()
     return f"RWKV_MLX_KERNEL_MAX_BATCH={max_batch} RWKV_MLX_CUDA_DEQUANT_MIN_ROWS={dequant}"
 
 

@@ -11,7 +11,11 @@ dir=${1:-${LLAMA_CPP_DIR:-/tmp/llama.cpp}}
 here=$(cd "$(dirname "$0")/.." && pwd)
 archive=$here/.llama-cpp/llama.cpp.tar.gz
 bin=$dir/build/bin/llama-bench
-if [ -x "$bin" ]; then echo "llama-bench already built"; echo "$bin"; exit 0; fi
+# reused only if built for the same backend (a --cpu build in DIR must not stand in for the CUDA one)
+if [ -x "$bin" ] && [ "$(cat "$dir/BACKEND" 2>/dev/null)" = "cuda=$cuda" ]; then
+  echo "llama-bench already built (GGML_CUDA=$cuda)"; echo "$bin"; exit 0
+fi
+[ -x "$bin" ] && { echo "build_llama_bench: error: $dir holds a llama-bench of another backend; use another DIR" >&2; exit 2; }
 [ -f "$archive" ] || { echo "build_llama_bench: error: $archive missing: run scripts/prepare_llama_cpp.sh" >&2; exit 3; }
 if [ $cuda = ON ] && ! command -v nvcc > /dev/null; then export PATH=/usr/local/cuda/bin:$PATH; fi
 generator=Ninja; command -v ninja > /dev/null || generator="Unix Makefiles"
@@ -26,5 +30,6 @@ cmake -S "$dir" -B "$dir/build" -G "$generator" -DCMAKE_BUILD_TYPE=Release -DBUI
   || { tail -30 "$dir/configure.log" >&2; echo "build_llama_bench: error: cmake configure failed ($dir/configure.log)" >&2; exit 1; }
 cmake --build "$dir/build" --target llama-bench -j "$jobs" > "$dir/build.log" 2>&1 \
   || { tail -30 "$dir/build.log" >&2; echo "build_llama_bench: error: build failed ($dir/build.log)" >&2; exit 1; }
+echo "cuda=$cuda" > "$dir/BACKEND"
 echo "built llama-bench (GGML_CUDA=$cuda, -j$jobs) in $(( $(date +%s) - tic )) s"
 echo "$bin"

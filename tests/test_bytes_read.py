@@ -141,8 +141,8 @@ def test_stored_types_read_as_stored_at_the_2_9b_shape(ggml_type):
     assert plan.parts["head"] == 512 * 2560 // block.block_elems * block.block_bytes  # as stored
 
 
-# The file types' recipes of the Metal proof (K-quants and Q8_0 as affine with float32 scales, Q6_K
-# for the head and block 0's FFN value in Q4_K_M), at the 2.9B shape.
+# The file types' recipes of the Metal proof (GGUF blocks as stored, Q6_K for the head and block 0's
+# FFN value in Q4_K_M), at the 2.9B shape.
 RECIPE_TYPES = {"Q4_K_M": (12, 14), "Q8_0": (8, 8), "F16": (1, 1)}  # (matrix type, block 0 ffn.value type)
 
 

@@ -86,9 +86,8 @@ def test_keep_stores_exact_forms_and_loads_them_for_gpus(tiny_gguf_files, tmp_pa
                                                            "ggml_type": 12}
     assert config["lora_dtype"] == "float16" and config["tokenizer"]["full_world_vocab"] is False
     from mlx.utils import tree_flatten
-
-    # keep blocks for kernels, floats as stored; and the CPU's affine codes and float32
-    for options in (LoadOptions.for_backend("gpu"), CPU):
+    # GPUs: blocks for the kernels (Metal) or affine (CUDA), floats as stored; the CPU: affine codes, float32
+    for options in (LoadOptions.for_backend("metal"), LoadOptions.for_backend("cuda"), CPU):
         gguf_model, _ = rwkv_mlx.load(src, options)
         dir_model, _ = rwkv_mlx.load(tmp_path / "out", options)
         assert dict(dir_model.formats) == dict(gguf_model.formats)

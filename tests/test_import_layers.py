@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rwkv_mlx"
 # A unit is a subpackage (rwkv_mlx.model) or a top-level module (rwkv_mlx.arch).
 LAYERS = [
     {"errors", "version"},
-    {"backend", "progress", "io"},
+    {"backend", "progress", "io", "settings"},
     {"arch", "quants"},
     {"layers"},  # storage-form matrix layers: below the kernels that read them
     {"kernels"},

@@ -4,8 +4,8 @@ Blocks are random bytes (every bit pattern of codes, scales and high bits), with
 their fp16 fields set to finite values; the gguf package dequantizes them (an
 implementation independent of ours and of the kernel) and float64 numpy
 multiplies. Each block type runs through the matvec kernel at B = 1 and 2, and
-once with the LayerNorm + token-shift prologue; all types of a case share one
-compiled instantiation (the kind is read at run time), so this costs little.
+once with the LayerNorm + token-shift prologue (each case compiles the readers of
+its own types: the KINDS template constant).
 """
 
 from __future__ import annotations

@@ -60,9 +60,9 @@ def recorded() -> Recorder:
     for name in oracle_models():
         record_launches(load(name, LoadOptions.for_backend("metal")), name, rec)
     for name in SCALE_FILES if oracle_models() else []:
-        # affine codes (GPUs meet them from `convert --quantize N --group-size 32`)
+        # affine codes beside Q6_K blocks: the GPUs' affine form (RWKV_MLX_GPU_BLOCKS=affine, CUDA's default)
         for scale in ("float32", "float16", "bfloat16"):
-            model = load(name, LoadOptions.for_backend("metal", scale_dtype=scale, ggml_native=False))
+            model = load(name, LoadOptions.for_backend("metal", scale_dtype=scale, keep_blocks=False))
             record_launches(model, f"{name} scales {scale}", rec)
     for label, hp in SHAPES.items():
         for file_type in ("Q4_K_M", "Q8_0", "F16"):

@@ -340,5 +340,5 @@ def test_affine_layer_prompt_rows_take_the_dequantized_gemm_on_cuda(monkeypatch,
     monkeypatch.setattr(layers.mx, "dequantize", lambda *a, **k: calls.append(1) or real_dequantize(*a, **k))
     monkeypatch.setattr(layers, "active_backend", lambda: "cuda")
     y = np.array(layer(x))
-    assert bool(calls) == (rows >= layers.CUDA_DEQUANT_MIN_ROWS)
+    assert bool(calls) == (rows >= layers.cuda_dequant_min_rows())
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())

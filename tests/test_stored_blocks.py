@@ -1,6 +1,7 @@
-"""Which form each block type takes per backend (issue 18): GPU loads keep every block type the
-decode kernels read as stored as the file's own bytes; the CPU, converted directories and the
-mlx-lm export keep MLX's affine form. No weight is held in both forms."""
+"""Which form each block type takes per backend (issue 18): a GPU load in the stored form keeps every
+block type the decode kernels read as stored as the file's own bytes; the CPU, the affine GPU form and
+the mlx-lm export use MLX's affine codes; converted directories keep the blocks and map them at load
+as a GGUF's. No weight is held in both forms."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import ORACLE, oracle_models, oracle_tokens
 
 import rwkv_mlx
 from rwkv_mlx.arch import module_to_gguf_name
+from rwkv_mlx.errors import InvalidArgumentError
 from rwkv_mlx.kernels import dialect, forced_backend, head_plan, kernels_disabled
 from rwkv_mlx.kernels.decode import BlockPlan
 from rwkv_mlx.kernels.matvec import STORED_BLOCK_TYPES
@@ -78,17 +80,31 @@ def test_converted_directory_round_trips_the_blocks(tmp_path, require_oracle):
         assert np.array_equal(a, b), backend
 
 
-def test_gpu_blocks_setting_gives_the_affine_form(monkeypatch, require_oracle):
-    """$RWKV_MLX_GPU_BLOCKS=affine (for timing the two forms side by side) maps the block types with an
-    exact affine image to affine on a GPU load, keeps Q6_K blocks, and computes the same logits."""
+@pytest.mark.parametrize("backend", ["metal", "cuda"])
+def test_gpu_blocks_setting_gives_the_affine_form(monkeypatch, tmp_path, require_oracle, backend):
+    """$RWKV_MLX_GPU_BLOCKS (for timing the two forms side by side) picks the GPU form on either GPU
+    backend, for a GGUF and for a directory converted from it: 'affine' maps the block types with an
+    exact affine image to affine and keeps Q6_K blocks, 'stored' keeps them all; the logits agree."""
     path = ORACLE / "models" / "fixb-Q4_K_M.gguf"
-    stored = rwkv_mlx.load(path, LoadOptions.for_backend("metal"))[0]
-    monkeypatch.setenv("RWKV_MLX_GPU_BLOCKS", "affine")
-    affine = rwkv_mlx.load(path, LoadOptions.for_backend("metal"))[0]
-    kinds = {type(m).__name__ for m in matrices(affine).values()}
-    assert "AffineLinear" in kinds and {type(m).__name__ for m in matrices(stored).values()} == {"GGMLLinear"}
-    assert all(m.ggml_type not in (12, 13, 8) for m in matrices(affine).values() if isinstance(m, GGMLLinear))
+    convert(path, tmp_path / "dir")
     tokens = mx.array([oracle_tokens("fixb-Q4_K_M")])
-    with kernels_disabled():
-        a, b = (np.array(m(tokens)[0]) for m in (stored, affine))
-    assert np.abs(a - b).max() < 1e-4
+    logits = []
+    for form in ("stored", "affine"):
+        monkeypatch.setenv("RWKV_MLX_GPU_BLOCKS", form)
+        for source in (path, tmp_path / "dir"):
+            model = rwkv_mlx.load(source, LoadOptions.for_backend(backend))[0]
+            kinds = {type(m).__name__ for m in matrices(model).values()}
+            if form == "stored":
+                assert kinds == {"GGMLLinear"}, source
+            else:
+                assert "AffineLinear" in kinds, source
+                assert all(m.ggml_type == 14 for m in matrices(model).values() if isinstance(m, GGMLLinear))  # Q6_K
+            with kernels_disabled():
+                logits.append(np.array(model(tokens)[0]))
+    assert max(np.abs(a - logits[0]).max() for a in logits) < 1e-4
+
+
+def test_gpu_blocks_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("RWKV_MLX_GPU_BLOCKS", "blocks")
+    with pytest.raises(InvalidArgumentError, match=r"\$RWKV_MLX_GPU_BLOCKS='blocks': expected one of stored, affine"):
+        LoadOptions.for_backend("metal")

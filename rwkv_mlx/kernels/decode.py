@@ -29,8 +29,8 @@ LERP_R, LERP_W, LERP_K, LERP_V, LERP_A, LERP_G = range(6)
 
 
 class BlockPlan:
-    """The five launches of one block for one batch size (above ``matvec.MAX_BATCH`` rows launches
-    1, 3, 4 and 5 are MLX's products, kernels/products.py)."""
+    """The five launches of one block for one batch size (above ``matvec.max_batch(backend)`` rows
+    launches 1, 3, 4 and 5 are MLX's products, kernels/products.py)."""
 
     def __init__(self, block, batch: int, backend: str):
         att, ffn = block.att, block.ffn
@@ -43,7 +43,7 @@ class BlockPlan:
         segments = [Segment(att.receptance, mode=LERP_R), Segment(att.key, mode=LERP_K),
                     Segment(att.value, mode=LERP_V)] + [Segment(w, mode=m) for w, m in downs if w is not None]
         # Many rows: MLX's products instead of the matvec kernel (kernels/products.py), the time mix unchanged.
-        products = 0 < matvec.MAX_BATCH < B
+        products = not matvec.kernel_rows(B, backend)
 
         def plan(segs, **options):
             return ProductPlan(segs, B, **options) if products else MatvecPlan(segs, B, backend=backend, **options)

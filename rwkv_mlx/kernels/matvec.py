@@ -12,7 +12,6 @@ evaluated once, so a decoded token adds the kernel call and nothing else.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -20,6 +19,7 @@ import mlx.nn as nn
 
 from .. import quants
 from ..layers import AffineLinear, GGMLLinear, Linear
+from ..settings import env_int
 from .dialect import launches
 
 # GGUF block types the kernel reads as stored (gguf.GGMLQuantizationType ids -> kernel kind, each
@@ -35,11 +35,25 @@ _KINDS = {"dense": 0, "affine": 1, "q6_k": 2, "q3_k": 3, "q2_k": 4, "q8_0": 5, "
           "q5_0": 8, "q5_1": 9, "iq4_nl": 10, "q4_k": 11, "q5_k": 12, "iq4_xs": 13}
 MAX_SEGMENTS = 8
 # Activation rows above which no launch is planned: each warp keeps RPW * NB accumulators and
-# re-reads the staged input per row, so the kernel's cost grows almost linearly with rows. Above
-# it a decoded block's products are MLX's (kernels/products.py). On an H100 (scripts/batch_decode.py,
-# results/serve_bench.md) the kernels won at 16 rows (1.5-1.8x one row's tok/s against 0.9x for the
-# pure block) and lost at 64 (0.8x against 9-10x); Apple GPUs are not measured. 0: no bound.
-MAX_BATCH = int(os.environ.get("RWKV_MLX_KERNEL_MAX_BATCH", "16"))
+# recomputes its weights for every row, so the kernel's cost grows almost linearly with rows; above
+# the bound a decoded block's products are MLX's (kernels/products.py). CUDA: measured on an H100
+# (results/serve_bench.md, "Reading the GPU figures"): the kernels won at 16 rows and lost at 64.
+# Apple GPUs are not measured, so Metal keeps the kernels at every batch size, as before. 0: no bound.
+MAX_BATCH_DEFAULT = {"cuda": 16, "metal": 0}
+MAX_BATCH: int | None = None  # set by scripts and tests; None: $RWKV_MLX_KERNEL_MAX_BATCH or the default
+
+
+def max_batch(backend: str) -> int:
+    """Decoded rows above which ``backend`` takes a block's products from MLX (0: never)."""
+    if MAX_BATCH is not None:
+        return MAX_BATCH
+    return env_int("RWKV_MLX_KERNEL_MAX_BATCH", MAX_BATCH_DEFAULT[backend])
+
+
+def kernel_rows(batch: int, backend: str) -> bool:
+    """Whether the matvec kernel takes ``batch`` activation rows on ``backend``."""
+    bound = max_batch(backend)
+    return not 0 < bound < batch
 
 
 @dataclass
@@ -115,7 +129,7 @@ class MatvecPlan:
                  x_stride: int | None = None, out_shape: tuple[int, ...] | None = None):
         weights = [_weights(s.weight) for s in segments]
         self.ok = (all(w is not None for w in weights) and len(weights) <= MAX_SEGMENTS
-                   and not 0 < MAX_BATCH < batch)
+                   and kernel_rows(batch, backend))
         if not self.ok:
             return
         affine = [w for w in weights if w.fmt[0] == "affine"]

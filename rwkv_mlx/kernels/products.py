@@ -5,7 +5,8 @@ for every row, so their cost grows with B almost linearly; past ``matvec.MAX_BAT
 decoded token's products go to MLX (each layer's own ``__call__``: dense, affine or GGUF blocks)
 while the rest of the block keeps its kernels: the whole time mix (LoRA up-projections, WKV-7,
 GroupNorm, gate) stays one launch. Without this, a batch above the bound fell back to the whole
-pure-MLX block, about 180 operations a block against about 25 here (results/serve_bench.md).
+pure-MLX block: about three times the graph (245 nodes a layer against 84 here, a 2-layer model's
+uncompiled decode step at 32 rows, counted on the CPU with the launches recorded).
 
 ``ProductPlan`` takes a ``MatvecPlan``'s arguments and is called the same way, so a block plan
 (kernels/decode.py) holds either; it computes what the pure path computes (same LayerNorm, same

@@ -58,8 +58,8 @@ class _Blocks:
 def _adapt_matrix(fmt: WeightFormat, arrays: dict[str, mx.array], opts: LoadOptions):
     """A stored matrix in the form ``opts`` asks for (mirrors weights.convert_matrix for GGUF)."""
     float_dtype = opts.float_dtype
-    if fmt.kind == "ggml" and not opts.ggml_native:
-        # GGUF blocks where no kernel reads them: the form the file's own blocks take here
+    if fmt.kind == "ggml" and not (opts.ggml_native and opts.keep_blocks):
+        # GGUF blocks where no kernel reads them (or the affine GPU form): the form a GGUF's blocks take here
         block = quants.BLOCK_TYPES[fmt.ggml_type]
         raw = np.array(arrays["weight"])
         shape = (raw.shape[0], raw.shape[1] // block.block_bytes * block.block_elems)

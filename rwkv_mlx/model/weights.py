@@ -9,19 +9,17 @@ and Q6_K; a file with short rows mixes Q4_K, Q5_0 and Q8_0):
 * small tensors (norms, lerp factors, w0/w1/w2, k_k, k_a, r_k, ...) -> float32;
 * F32/F16/BF16 matrices -> dense, upcast to float32 where ``float_dtype`` says so
   (the CPU backend computes float16 very slowly and inexactly);
-* on GPU backends (``ggml_native``), every block type the decode kernels read as
-  stored (kernels.matvec.STORED_BLOCK_TYPES: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
-  Q5_K, Q6_K, Q3_K, Q2_K, IQ4_NL, IQ4_XS) -> kept as GGUF blocks, so a decoded
-  token reads the file's bytes and no more (the affine form with float32 scales
-  takes about 1.28x of them for Q4_K);
-* elsewhere (CPU, mlx-lm export), block types with an exact affine image (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, IQ4_NL, IQ4_XS) -> MLX
-  affine quantization at group 32 (MLX's own quantized products; no loss with
-  float32 scales), the rest dequantized exactly to float32.
+* on GPU backends (``ggml_native``) in the stored form (``keep_blocks``; ``GPU_BLOCKS_DEFAULT``
+  below says where), every block type the decode kernels read as stored
+  (kernels.matvec.STORED_BLOCK_TYPES) -> kept as GGUF blocks, so a decoded token reads
+  the file's bytes and no more (results/bytes_per_token.md);
+* elsewhere (CPU, the affine GPU form, mlx-lm export), block types with an exact affine
+  image -> MLX affine quantization at group 32 (MLX's own quantized products; no loss
+  with float32 scales); on GPUs the rest stay blocks, on the CPU they are dequantized
+  exactly to float32.
 """
 
 from __future__ import annotations
-
-import os
 
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,6 +29,7 @@ import numpy as np
 
 from .. import arch, quants
 from ..backend import active_backend
+from ..settings import env_choice
 from ..kernels.matvec import STORED_BLOCK_TYPES
 from ..layers import WeightFormat
 
@@ -42,7 +41,13 @@ class StoredTensor(Protocol):
 
 
 F32, F16, BF16 = 0, 1, 30
-GPU_BLOCKS_ENV = "RWKV_MLX_GPU_BLOCKS"
+# The form of GGUF blocks on a GPU, until $RWKV_MLX_GPU_BLOCKS says otherwise. "stored": the decode kernel
+# reads the file's blocks (1.00x their bytes a token); "affine": MLX's affine codes with float32 scales
+# (about 1.33x for Q4_K, 1.18x for Q8_0: results/bytes_per_token.md). Apple GPUs decode at the speed of
+# memory, so Metal reads the blocks. On CUDA, where decode is bound by launches and the affine form's
+# speed is measured (results/kernel_log.md), the new readers' speed is not yet: CUDA keeps the affine
+# form until `bash scripts/gpu_session.sh forms` shows the blocks as fast.
+GPU_BLOCKS_DEFAULT = {"metal": "stored", "cuda": "affine"}
 FLOAT_TYPES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
 
 
@@ -59,9 +64,9 @@ class LoadOptions:
     affine: map the exact block types onto MLX affine quantization where they do not
         stay as blocks (else dequantize).
     keep_blocks: with ggml_native, the types the kernels read as stored stay blocks; False maps
-        those with an exact affine image to affine instead (the GPU form before every block type
-        was read as stored). GPU loads take it from ``$RWKV_MLX_GPU_BLOCKS`` (``stored``, the
-        default, or ``affine``), so that the two forms can be timed side by side in one tree.
+        those with an exact affine image to affine instead. GPU loads take it from
+        ``GPU_BLOCKS_DEFAULT`` or ``$RWKV_MLX_GPU_BLOCKS`` (``stored`` or ``affine``), so that the
+        two forms can be timed side by side in one tree.
     """
 
     float_dtype: str | None = None
@@ -76,7 +81,8 @@ class LoadOptions:
         if backend == "cpu":
             base = cls(float_dtype="float32", ggml_native=False)
         else:
-            base = cls(float_dtype=None, ggml_native=True, keep_blocks=os.environ.get(GPU_BLOCKS_ENV) != "affine")
+            form = env_choice("RWKV_MLX_GPU_BLOCKS", GPU_BLOCKS_DEFAULT[backend], ("stored", "affine"))
+            base = cls(float_dtype=None, ggml_native=True, keep_blocks=form == "stored")
         return cls(**{**base.__dict__, **overrides})
 
 

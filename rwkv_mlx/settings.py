@@ -1,0 +1,49 @@
+"""Tuning settings read from the environment: named in one table, read when used, checked.
+
+Each is a speed choice with a measured default (where the comment at its use says how it was
+measured); the settings exist so that one tree can time the alternatives side by side. A bad value
+is an InvalidArgumentError naming the variable (exit 2, one line), not a traceback at import.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import InvalidArgumentError
+
+# name -> what it sets (README's "Environment settings" lists the same names; a test keeps them equal)
+SETTINGS = {
+    "RWKV_MLX_KERNEL_MAX_BATCH": "decoded rows above which a block's products are MLX's (0: no bound)",
+    "RWKV_MLX_CUDA_DEQUANT_MIN_ROWS": "rows from which CUDA expands quantized weights for a product (0: never)",
+    "RWKV_MLX_CUDA_EXPAND_DTYPE": "the dtype of those expanded weights: float32 (exact) or float16",
+    "RWKV_MLX_GPU_BLOCKS": "GGUF blocks on a GPU: stored (read as stored by the kernels) or affine",
+}
+
+
+def _raw(name: str) -> str | None:
+    if name not in SETTINGS:
+        raise KeyError(f"{name} is not in settings.SETTINGS")
+    value = os.environ.get(name)
+    return None if value is None or value.strip() == "" else value.strip()
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    value = _raw(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise InvalidArgumentError(f"${name}={value!r}: expected an integer >= {minimum} ({SETTINGS[name]})")
+    return number
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _raw(name)
+    if value is None:
+        return default
+    if value not in choices:
+        raise InvalidArgumentError(f"${name}={value!r}: expected one of {', '.join(choices)} ({SETTINGS[name]})")
+    return value
