@@ -134,7 +134,7 @@ FORMATS = ["float32", "float16", "bfloat16", "affine-4-float32", "affine-4-float
 
 
 @pytest.mark.parametrize("kind", FORMATS)
-@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("B", [1, 2, 4, 16])  # 4 and 16: chunk_rows_many
 def test_matvec_segments_match_numpy(kind, B):
     rng = np.random.default_rng(hash(kind) % 1000 + B)
     K = 512

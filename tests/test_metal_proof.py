@@ -299,10 +299,13 @@ def test_broken_kernel_text_fails_the_comparison(require_oracle):
     assert rel_err(got, plain_logits(model, tokens)) > 1e-3
 
 
+MANY_ROWS = [("float32", 3), ("float32", 4), ("float16", 4), ("bfloat16", 4), ("affine-4-float16", 4),
+             ("affine-8-bfloat16", 4)]  # chunk_rows_many: more than two rows, every chunk width
+
+
 @needs_emulator
-@pytest.mark.parametrize("B", [1, 2])
-@pytest.mark.parametrize("kind", ["float32", "float16", "bfloat16", "affine-4-float16", "affine-5-float32",
-                                  "affine-8-bfloat16", "q6_k", "q3_k", "q2_k"])
+@pytest.mark.parametrize("kind,B", [(k, b) for b in (1, 2) for k in ["float32", "float16", "bfloat16", "affine-4-float16",
+                                    "affine-5-float32", "affine-8-bfloat16", "q6_k", "q3_k", "q2_k"]] + MANY_ROWS)
 def test_emulated_matvec_formats(kind, B):
     """Every weight format and scale dtype, by the Metal text, against float64 numpy."""
 
