@@ -142,6 +142,12 @@ case $step in
             --tokens 128 $([ $round = 1 ] && [ $tree = . ] || echo --no-reference) $([ $round = 2 ] && echo --launches) 2>&1 | grep -v Warning | tee -a $OUT/compare.log
         done
       done
+      [ -n "${BATCHES:-}" ] || continue  # BATCHES="4 16": also the batched decode kernels of both trees
+      for tree in .baseline .; do
+        echo "== $t batched, tree $tree" | tee -a $OUT/compare.log
+        PYTHONPATH=/tmp/mlxsite:$PWD/$tree RWKV_MLX_KERNEL_MAX_BATCH=0 timeout -s KILL 150 python3 $tree/scripts/batch_decode.py \
+          /tmp/synth/$t.gguf --batches $BATCHES --tokens 32 2>&1 | grep -v Warning | tee -a $OUT/compare.log
+      done
     done ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
