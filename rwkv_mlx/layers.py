@@ -52,7 +52,8 @@ def _expand_on_cuda(rows: int) -> mx.Dtype | None:
     """The dtype to expand quantized weights to for a product of ``rows`` rows, or None: don't."""
     if active_backend() != "cuda" or not 0 < cuda_dequant_min_rows() <= rows:
         return None
-    return getattr(mx, CUDA_EXPAND_DTYPE or env_choice("RWKV_MLX_CUDA_EXPAND_DTYPE", "float32", ("float32", "float16")))
+    name = CUDA_EXPAND_DTYPE or env_choice("RWKV_MLX_CUDA_EXPAND_DTYPE", "float32", ("float32", "float16"))
+    return getattr(mx, name)
 
 
 def product(x: mx.array, w: mx.array) -> mx.array:
