@@ -24,14 +24,17 @@ class KernelInstance:
         return "-".join([self.kernel, *self.defines, *(f"{k}{v}" for k, v in self.template.items())])
 
 
-def _matvec(scales: str, slots: int = 8, **template) -> KernelInstance:
-    # x prev ln_w ln_b mix eps | seg | bias residual | w0..w7 | s0..s7 | z0..z7 (one of each: ONE_SEGMENT)
-    inputs = ("float32",) * 6 + ("int32",) + ("float32",) * 2 + ("uint8",) * slots + (scales,) * (2 * slots)
+def _matvec(scales: str | None, slots: int = 8, **template) -> KernelInstance:
+    # x prev ln_w ln_b mix eps | seg | bias residual | w0..w7 | s0..s7 | z0..z7 (one of each: ONE_SEGMENT;
+    # scales None: no scale or offset slots, NO_SCALES)
+    inputs = ("float32",) * 6 + ("int32",) + ("float32",) * 2 + ("uint8",) * slots
+    inputs += (scales,) * (2 * slots) if scales else ()
     # KINDS: every reader compiled in (bit k: kind k, kernels/matvec.py _KINDS), unless an entry narrows it
     every_kind = (1 << len(_KINDS)) - 1
     t = {"NB": 1, "RPW": 4, "KT": 2560, "TILED": 0, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0, "KINDS": every_kind,
          **template}
-    return KernelInstance("matvec", inputs, ("float32", "float32"), t, ("ONE_SEGMENT",) if slots == 1 else ())
+    defines = (("ONE_SEGMENT",) if slots == 1 else ()) + (() if scales else ("NO_SCALES",))
+    return KernelInstance("matvec", inputs, ("float32", "float32"), t, defines)
 
 
 def _wkv7(**template) -> KernelInstance:
@@ -54,8 +57,11 @@ KERNEL_INSTANCES: list[KernelInstance] = [
     _matvec("float32", BITS=6, PRO=1, NB=3, RPW=2),
     _matvec("float32", slots=1, BITS=4, PRO=1, EPI=1),
     _matvec("float16", slots=1, EPI=2, KT=5120, TILED=1, RPW=1),
-    # narrowed as plans narrow them: dense only (an F16 file), dense + 4-bit affine, dense + Q4_K + Q6_K blocks
-    _matvec("float32", PRO=1, KINDS=1 << _KINDS["dense"]),
+    # narrowed as plans narrow them: dense only (an F16 file), dense + 4-bit affine, dense + Q4_K + Q6_K blocks;
+    # without affine weights a plan also drops the scale slots (NO_SCALES)
+    _matvec(None, PRO=1, KINDS=1 << _KINDS["dense"]),
+    _matvec(None, slots=1, EPI=2, KINDS=1 << _KINDS["dense"]),
     _matvec("float32", BITS=4, PRO=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["affine"])),
-    _matvec("float32", PRO=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["q4_k"]) | (1 << _KINDS["q6_k"])),
+    _matvec(None, PRO=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["q4_k"]) | (1 << _KINDS["q6_k"])),
+    _matvec(None, slots=1, PRO=1, EPI=1, KINDS=1 << _KINDS["q4_k"]),
 ]

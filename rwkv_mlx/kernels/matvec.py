@@ -144,9 +144,11 @@ class MatvecPlan:
             return
         from .dialect import build, placeholder
 
-        # One matrix: the ONE_SEGMENT variant, without the seven unused weight slots.
+        # One matrix: the ONE_SEGMENT variant, without the seven unused weight slots; no affine matrix:
+        # NO_SCALES, without the scale and offset slots (each input costs host time at every launch).
         slots = 1 if len(weights) == 1 else MAX_SEGMENTS
-        self.kernel = build("matvec", backend, ("ONE_SEGMENT",) if slots == 1 else ())
+        variants = (("ONE_SEGMENT",) if slots == 1 else ()) + (() if affine else ("NO_SCALES",))
+        self.kernel = build("matvec", backend, variants)
         bits = affine[0].fmt[1] if affine else 0
         template = {"NB": batch, "RPW": rpw, "PRO": prologue, "EPI": epilogue, "BITS": bits,
                     "HAS_BIAS": int(bias is not None),
@@ -179,9 +181,10 @@ class MatvecPlan:
             mx.array(table, dtype=mx.int32),
             bias.astype(mx.float32) if bias is not None else self.dummy,
         ]
-        self.tail = (eight([w.data for w in weights])
-                     + eight([w.scales if w.scales is not None else dummy_scales for w in weights])
-                     + eight([w.offsets if w.offsets is not None else dummy_scales for w in weights]))
+        self.tail = eight([w.data for w in weights])
+        if affine:
+            self.tail += (eight([w.scales if w.scales is not None else dummy_scales for w in weights])
+                          + eight([w.offsets if w.offsets is not None else dummy_scales for w in weights]))
         mx.eval(*self.head, *self.tail)
         self.grid = (total // rpw * 32, 1, 1)
         self.prologue = prologue
