@@ -166,9 +166,7 @@ class MatvecPlan:
             table.append([start, w.k, seg.x_offset, seg.mode, w.wtype, _KINDS[w.fmt[0]]])
             start += w.rows
         table.append([total, x_stride, 0, 0, 0, 0])
-        scale_dtype = affine[0].scales.dtype if affine else mx.float32
         self.dummy = placeholder()
-        dummy_scales = placeholder(scale_dtype)
 
         def eight(values):
             return values + [values[-1]] * (slots - len(values))
@@ -182,7 +180,8 @@ class MatvecPlan:
             bias.astype(mx.float32) if bias is not None else self.dummy,
         ]
         self.tail = eight([w.data for w in weights])
-        if affine:
+        if affine:  # (else the NO_SCALES variant: no scale or offset slots)
+            dummy_scales = placeholder(affine[0].scales.dtype)
             self.tail += (eight([w.scales if w.scales is not None else dummy_scales for w in weights])
                           + eight([w.offsets if w.offsets is not None else dummy_scales for w in weights]))
         mx.eval(*self.head, *self.tail)
