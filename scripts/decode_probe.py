@@ -77,19 +77,22 @@ def _median_seconds(fn, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def prefill_times(model, n_tokens: int) -> None:
-    """Prompt tok/s with the quantized matmul and with dequantize + GEMM, and the WKV kernel's share."""
+def prefill_times(model, n_tokens: int, expand_dtypes=("float32",), quantized_products: bool = True) -> None:
+    """Prompt tok/s with the quantized matmul and with weights expanded to each of ``expand_dtypes``
+    for the GEMM (``layers.CUDA_EXPAND_DTYPE``), and the WKV kernel's share."""
     ids = probe_ids(model, n_tokens)
-    saved = layers.CUDA_DEQUANT_MIN_ROWS
-    for label, rows in (("quantized matmul", 0), ("dequantize + GEMM", 1)):
-        layers.CUDA_DEQUANT_MIN_ROWS = rows
+    saved = layers.CUDA_DEQUANT_MIN_ROWS, layers.CUDA_EXPAND_DTYPE
+    routes = [("quantized matmul", 0, None)] if quantized_products else []
+    routes += [(f"expanded {dtype}", 1, dtype) for dtype in expand_dtypes]
+    for label, rows, dtype in routes:
+        layers.CUDA_DEQUANT_MIN_ROWS, layers.CUDA_EXPAND_DTYPE = rows, dtype
         base = mx.get_active_memory()
         mx.reset_peak_memory()
         s = _median_seconds(lambda: mx.eval(prefill(model, ids)[0]))
         extra = (mx.get_peak_memory() - base) / 1e6
         print(f"  prefill {n_tokens} ({label:18s}) {n_tokens / s:9.1f} tok/s  {s * 1e3:8.1f} ms  "
               f"peak {extra:8.1f} MB over the weights")
-    layers.CUDA_DEQUANT_MIN_ROWS = saved
+    layers.CUDA_DEQUANT_MIN_ROWS, layers.CUDA_EXPAND_DTYPE = saved
     C, N = model.args.n_embd, model.args.head_size
     H = C // N
     r, k, v, w, a, g = (mx.random.normal((1, n_tokens, C)) * 0.5 for _ in range(6))
@@ -121,7 +124,10 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--launches", action="store_true", help="time each decode launch of one block")
-    ap.add_argument("--prefill", type=int, default=0, help="also time a prompt of this many tokens")
+    ap.add_argument("--prefill", type=int, nargs="+", default=[], help="also time prompts of these many tokens")
+    ap.add_argument("--expand", nargs="+", default=["float32"], choices=["float32", "float16"],
+                    help="the dtypes weights are expanded to for prefill's products, each timed")
+    ap.add_argument("--no-quantized-products", action="store_true", help="skip prefill by MLX's quantized matmul")
     ap.add_argument("--stream", action="store_true", help="also time stream_generate (what the benchmark times)")
     args = ap.parse_args()
     t = time.perf_counter()
@@ -135,8 +141,8 @@ def main():
         launch_times(model)
     if args.stream:
         stream_rate(model, tokenizer, 512, 128)
-    if args.prefill:
-        prefill_times(model, args.prefill)
+    for n in args.prefill:
+        prefill_times(model, n, args.expand, not args.no_quantized_products)
     if not args.no_reference:
         with kernels_disabled():
             decode(model, args.prompt, 2)

@@ -15,6 +15,8 @@
 #   serve    : scripts/bench_serve.py per model, with the routes scaling's lines favour for it
 #   grammar  : the per-token cost of constrained decoding (scripts/grammar_cost.py) on the first model
 #   forms    : decode and prefill probes of GGUF blocks as stored against MLX's affine form, alternating
+#   prefill  : prompt tok/s at 512 and 4,096 tokens, weights expanded to float32 and to float16
+#   profile  : GPU time per kernel (CUPTI) of decode and of a 512-token prompt, for each weight form
 #   compare  : decode probes of this tree and of .baseline/ (an older commit's package, carried), alternating;
 #              make it here with: mkdir .baseline && git archive REV rwkv_mlx custom_kernels scripts | tar -x -C .baseline
 #              && rm .baseline/rwkv_mlx/data/*.gguf && echo REV > .baseline/COMMIT  (and /.baseline/ in .git/info/exclude)
@@ -131,6 +133,21 @@ case $step in
             | tee -a $OUT/forms.log
         done
       done
+    done ;;
+  prefill)  # prompt tok/s at 512 and 4,096 tokens, weights expanded to float32 and to float16 (RWKV_MLX_CUDA_EXPAND_DTYPE)
+    bash "$0" wait "$@"
+    for t in "$@"; do
+      echo "== $t prefill, form ${RWKV_MLX_GPU_BLOCKS:-default}" | tee -a $OUT/prefill.log
+      timeout -s KILL ${PREFILL_LIMIT:-150} python3 scripts/decode_probe.py /tmp/synth/$t.gguf --tokens 16 --no-reference \
+        --prefill ${LENGTHS:-512 4096} --expand float32 float16 --no-quantized-products 2>&1 | grep -v Warning \
+        | tee -a $OUT/prefill.log
+    done ;;
+  profile)  # GPU time per kernel (CUPTI, scripts/kernel_profile.py): decode and a 512-token prompt, each form
+    bash "$0" wait "$1"
+    for form in ${FORMS:-affine stored}; do
+      echo "== $1 profile, form $form" | tee -a $OUT/profile.log
+      RWKV_MLX_GPU_BLOCKS=$form timeout -s KILL ${PROFILE_LIMIT:-120} python3 scripts/kernel_profile.py /tmp/synth/$1.gguf \
+        --tokens 32 2>&1 | grep -v Warning | tee -a $OUT/profile.log
     done ;;
   compare)  # side by side on one machine: .baseline (git archive of an older commit) vs this tree
     bash "$0" wait "$@"
