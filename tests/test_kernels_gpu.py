@@ -83,7 +83,13 @@ def test_wkv7_kernel_state_carries_across_calls():
     assert rel_err(s_k, s_r) < 1e-5
 
 
-def test_wkv7_kernel_up_projections_and_value_mix():
+# Ranks whose rows are whole 16-byte loads (multiples of 4 float32 or 8 float16/bfloat16 weights),
+# and ranks whose rows are not (the a and g rows below), which the kernel reads a weight at a time.
+UP_RANKS = [{"w": 32, "a": 32, "v": 16, "g": 64}, {"w": 20, "a": 36, "v": 24, "g": 68}]
+
+
+@pytest.mark.parametrize("ranks", UP_RANKS, ids=["rows-of-16-bytes", "odd-rows"])
+def test_wkv7_kernel_up_projections_and_value_mix(ranks):
     """Decode mode: the kernel computes the LoRA up-projections from the down outputs written after
     r|k|v (tanh for w, sigmoid for g, float32 and float16 matrices) and mixes v with v_first."""
     from rwkv_mlx.kernels import wkv7
@@ -93,7 +99,6 @@ def test_wkv7_kernel_up_projections_and_value_mix():
     B, H, N = 2, 4, 64
     C = H * N
     seq, chan, state = wkv_inputs(rng, B, 1, H)
-    ranks = {"w": 32, "a": 32, "v": 16, "g": 64}
     dtypes = {"w": mx.float32, "a": mx.float16, "v": mx.float16, "g": mx.bfloat16}
     down = {n: mx.array(rng.standard_normal((B, 1, r)).astype(np.float32)) for n, r in ranks.items()}
     up = {n: mx.array((rng.standard_normal((C, r)) / np.sqrt(r)).astype(np.float32)).astype(dtypes[n])
