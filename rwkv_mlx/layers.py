@@ -35,10 +35,12 @@ GROUP_SIZE = 32  # ggml sub-blocks are 32 (or 16) elements: only group 32 follow
 # is also faster at 16 rows is inferred from those figures (expanding costs the same at 16 rows, the
 # product less), not measured. None: $RWKV_MLX_CUDA_DEQUANT_MIN_ROWS or 16; 0 turns this off.
 CUDA_DEQUANT_MIN_ROWS: int | None = None
-# The dtype they are expanded to. float32 (the default) is exact and multiplies on CUDA cores; float16
-# rounds weights and activations to 2^-11 (as an F16 file's prompt products do) for half the expanded
-# bytes and the tensor cores. Not measured yet (results/kernel_log.md step 11 shows what float16
-# products cost in accuracy). None: $RWKV_MLX_CUDA_EXPAND_DTYPE or float32.
+# The dtype they are expanded to. float16 (the default) rounds weights and activations to 2^-11, as an
+# F16 file's prompt products do (llama.cpp rounds activations to 8 bits in its quantized products), for
+# half the expanded bytes and the tensor cores: a 2.9B Q4_K_M prompt of 4,096 tokens ran at 9,609 tok/s
+# against 5,471 in float32 on an H100 (results/kernel_log.md step 12; the accuracy cost is measured there
+# by scripts/prefill_fidelity.py). float32 is exact and multiplies on CUDA cores (MLX_ENABLE_TF32=0).
+# None: $RWKV_MLX_CUDA_EXPAND_DTYPE or float16.
 CUDA_EXPAND_DTYPE: str | None = None
 
 
@@ -52,7 +54,7 @@ def _expand_on_cuda(rows: int) -> mx.Dtype | None:
     """The dtype to expand quantized weights to for a product of ``rows`` rows, or None: don't."""
     if active_backend() != "cuda" or not 0 < cuda_dequant_min_rows() <= rows:
         return None
-    name = CUDA_EXPAND_DTYPE or env_choice("RWKV_MLX_CUDA_EXPAND_DTYPE", "float32", ("float32", "float16"))
+    name = CUDA_EXPAND_DTYPE or env_choice("RWKV_MLX_CUDA_EXPAND_DTYPE", "float16", ("float16", "float32"))
     return getattr(mx, name)
 
 

@@ -15,7 +15,7 @@ from .errors import InvalidArgumentError
 SETTINGS = {
     "RWKV_MLX_KERNEL_MAX_BATCH": "decoded rows above which a block's products are MLX's (0: no bound)",
     "RWKV_MLX_CUDA_DEQUANT_MIN_ROWS": "rows from which CUDA expands quantized weights for a product (0: never)",
-    "RWKV_MLX_CUDA_EXPAND_DTYPE": "the dtype of those expanded weights: float32 (exact) or float16",
+    "RWKV_MLX_CUDA_EXPAND_DTYPE": "the dtype of those expanded weights: float16 (tensor cores) or float32 (exact)",
     "RWKV_MLX_GPU_BLOCKS": "GGUF blocks on a GPU: stored (read as stored by the kernels) or affine",
 }
 

@@ -41,10 +41,12 @@ def test_defaults_and_overrides(monkeypatch):
 def test_expand_dtype_is_checked(monkeypatch):
     monkeypatch.setattr(layers, "active_backend", lambda: "cuda")
     monkeypatch.setenv("RWKV_MLX_CUDA_EXPAND_DTYPE", "uint8")
-    with pytest.raises(InvalidArgumentError, match=r"expected one of float32, float16"):
+    with pytest.raises(InvalidArgumentError, match=r"expected one of float16, float32"):
         layers._expand_on_cuda(64)
-    monkeypatch.setenv("RWKV_MLX_CUDA_EXPAND_DTYPE", "float16")
-    assert layers._expand_on_cuda(64) == layers.mx.float16 and layers._expand_on_cuda(1) is None
+    monkeypatch.setenv("RWKV_MLX_CUDA_EXPAND_DTYPE", "float32")
+    assert layers._expand_on_cuda(64) == layers.mx.float32 and layers._expand_on_cuda(1) is None
+    monkeypatch.delenv("RWKV_MLX_CUDA_EXPAND_DTYPE")
+    assert layers._expand_on_cuda(64) == layers.mx.float16  # the default: the tensor cores
 
 
 def test_readme_lists_every_setting():

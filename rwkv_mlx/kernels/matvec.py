@@ -37,9 +37,10 @@ MAX_SEGMENTS = 8
 # Activation rows above which no launch is planned: each warp keeps RPW * NB accumulators and
 # recomputes its weights for every row, so the kernel's cost grows almost linearly with rows; above
 # the bound a decoded block's products are MLX's (kernels/products.py). CUDA: measured on an H100
-# (results/serve_bench.md, "Reading the GPU figures"): the kernels won at 16 rows and lost at 64.
-# Apple GPUs are not measured, so Metal keeps the kernels at every batch size, as before. 0: no bound.
-MAX_BATCH_DEFAULT = {"cuda": 16, "metal": 0}
+# (results/serve_bench.md, scaling at 4e654af): for Q4_K_M and F16 the kernels won at 4 rows (374 and
+# 426 tok/s against 253 and 133) and lost at 16 (320 and 337 against 655 and 926); 5 to 15 rows are
+# not measured. Apple GPUs are not measured, so Metal keeps the kernels at every batch size. 0: no bound.
+MAX_BATCH_DEFAULT = {"cuda": 4, "metal": 0}
 MAX_BATCH: int | None = None  # set by scripts and tests; None: $RWKV_MLX_KERNEL_MAX_BATCH or the default
 
 
