@@ -16,6 +16,7 @@
 #   grammar  : the per-token cost of constrained decoding (scripts/grammar_cost.py) on the first model
 #   forms    : decode and prefill probes of GGUF blocks as stored against MLX's affine form, alternating
 #   prefill  : prompt tok/s at 512 and 4,096 tokens, weights expanded to float32 and to float16
+#   fidelity : prompt logits of the carried oracle part against exact math, per expansion dtype
 #   profile  : GPU time per kernel (CUPTI) of decode and of a 512-token prompt, for each weight form
 #   compare  : decode probes of this tree and of .baseline/ (an older commit's package, carried), alternating;
 #              make it here with: mkdir .baseline && git archive REV rwkv_mlx custom_kernels scripts | tar -x -C .baseline
@@ -142,6 +143,8 @@ case $step in
         --prefill ${LENGTHS:-512 4096} --expand float32 float16 --no-quantized-products 2>&1 | grep -v Warning \
         | tee -a $OUT/prefill.log
     done ;;
+  fidelity)  # prompt logits against the oracle's exact logits, weights expanded to float32 and to float16
+    python3 scripts/prefill_fidelity.py ${ORACLE_PART:-.oracle-1} 2>&1 | grep -v Warning | tee -a $OUT/fidelity.log ;;
   profile)  # GPU time per kernel (CUPTI, scripts/kernel_profile.py): decode and a 512-token prompt, each form
     bash "$0" wait "$1"
     for form in ${FORMS:-affine stored}; do
