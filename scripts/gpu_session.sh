@@ -20,7 +20,8 @@
 #   profile  : GPU time per kernel (CUPTI) of decode and of a 512-token prompt, for each weight form
 #   compare  : decode probes of this tree and of .baseline/ (an older commit's package, carried), alternating;
 #              make it here with: mkdir .baseline && git archive REV rwkv_mlx custom_kernels scripts | tar -x -C .baseline
-#              && rm .baseline/rwkv_mlx/data/*.gguf && echo REV > .baseline/COMMIT  (and /.baseline/ in .git/info/exclude)
+#              && rm .baseline/rwkv_mlx/data/*.gguf && echo REV > .baseline/COMMIT  (and /.baseline/ in .git/info/exclude);
+#              PREFILL="512 4096" also times both trees' prompts (weights expanded to float16) in round 1
 set -uo pipefail
 export PYTHONPATH=/tmp/mlxsite:$PWD PYTHONUNBUFFERED=1 MLX_ENABLE_TF32=0
 OUT=${OUT:-/tmp/out}
@@ -159,7 +160,9 @@ case $step in
         for tree in .baseline .; do
           echo "== $t round $round tree $tree ($(cat $tree/COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null))" | tee -a $OUT/compare.log
           PYTHONPATH=/tmp/mlxsite:$PWD/$tree timeout -s KILL 120 python3 $tree/scripts/decode_probe.py /tmp/synth/$t.gguf \
-            --tokens 128 $([ $round = 1 ] && [ $tree = . ] || echo --no-reference) $([ $round = 2 ] && echo --launches) 2>&1 | grep -v Warning | tee -a $OUT/compare.log
+            --tokens 128 $([ $round = 1 ] && [ $tree = . ] || echo --no-reference) $([ $round = 2 ] && echo --launches) \
+            $([ -n "${PREFILL:-}" ] && [ $round = 1 ] && echo --prefill $PREFILL --expand float16 --no-quantized-products) \
+            2>&1 | grep -v Warning | tee -a $OUT/compare.log
         done
       done
       [ -n "${BATCHES:-}" ] || continue  # BATCHES="4 16": also the batched decode kernels of both trees
