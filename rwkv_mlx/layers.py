@@ -17,6 +17,7 @@ and the WKV state stay float32 everywhere (llama.cpp does the same).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
@@ -42,6 +43,18 @@ CUDA_DEQUANT_MIN_ROWS: int | None = None
 # by scripts/prefill_fidelity.py). float32 is exact and multiplies on CUDA cores (MLX_ENABLE_TF32=0).
 # None: $RWKV_MLX_CUDA_EXPAND_DTYPE or float16.
 CUDA_EXPAND_DTYPE: str | None = None
+
+
+@contextlib.contextmanager
+def exact_products():
+    """Expanded weights in float32 whatever the setting: for references (the benchmark's quality gate),
+    which must be float32 math."""
+    global CUDA_EXPAND_DTYPE
+    saved, CUDA_EXPAND_DTYPE = CUDA_EXPAND_DTYPE, "float32"
+    try:
+        yield
+    finally:
+        CUDA_EXPAND_DTYPE = saved
 
 
 def cuda_dequant_min_rows() -> int:

@@ -69,9 +69,13 @@ case $step in
     cp results/BENCHMARKS.md results/benchmarks.jsonl $OUT/results/ 2>/dev/null
     for t in $types; do
       for p in ${lengths:-default}; do
-        python3 -c "from rwkv_mlx.cli import main; main()" benchmark --model /tmp/synth/$t.gguf --title "$TITLE" \
-          --change "$CHANGE ($t$([ $p = default ] || echo ", $p-token prompt"))" --device gpu --results-dir $OUT/results \
-          --quiet $([ $p = default ] || echo --prompt-tokens $p) 2>&1 | tail -30
+        for expand in "" float32; do  # float32: only when the default's entry was refused by the quality gate (exit 5)
+          RWKV_MLX_CUDA_EXPAND_DTYPE=$expand python3 -c "from rwkv_mlx.cli import main; main()" benchmark \
+            --model /tmp/synth/$t.gguf --title "$TITLE" --device gpu --results-dir $OUT/results --quiet \
+            --change "$CHANGE ($t$([ $p = default ] || echo ", $p-token prompt")${expand:+, RWKV_MLX_CUDA_EXPAND_DTYPE=$expand})" \
+            $([ $p = default ] || echo --prompt-tokens $p) 2>&1 | tail -30
+          [ "${PIPESTATUS[0]}" = 5 ] || break
+        done
       done
     done
     for pair in 4bit:Q4_K_M 8bit:Q8_0 float16:F16; do

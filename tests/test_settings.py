@@ -47,6 +47,9 @@ def test_expand_dtype_is_checked(monkeypatch):
     assert layers._expand_on_cuda(64) == layers.mx.float32 and layers._expand_on_cuda(1) is None
     monkeypatch.delenv("RWKV_MLX_CUDA_EXPAND_DTYPE")
     assert layers._expand_on_cuda(64) == layers.mx.float16  # the default: the tensor cores
+    with layers.exact_products():  # references (the quality gate) stay float32 math
+        assert layers._expand_on_cuda(64) == layers.mx.float32
+    assert layers._expand_on_cuda(64) == layers.mx.float16
 
 
 def test_readme_lists_every_setting():

@@ -23,6 +23,7 @@ from ..backend import active_backend, device_name
 from ..errors import ModelFileError, RwkvMlxError
 from ..io import atomic_write_text
 from ..kernels import kernels_disabled
+from ..layers import exact_products
 from ..loader import load
 from ..model.weights import LoadOptions
 from ..text.generate import prefill
@@ -103,7 +104,7 @@ def reference_walk(path: str | os.PathLike, prompt: Sequence[int], n: int = QUAL
     Deliberately the plainest loop -- one evaluated model call per token, no pipelining -- so
     it shares nothing with the timed path but the model math.
     """
-    with kernels_disabled():
+    with kernels_disabled(), exact_products():
         model, _ = load(path, REFERENCE_OPTIONS)
         logits, state = prefill(model, prompt)
         tokens, margins, gaps = [], [], []
