@@ -1,6 +1,6 @@
 """GPU time of every kernel in decoded tokens and in a prompt chunk, read with CUPTI.
 
-    python scripts/kernel_profile.py MODEL.gguf [--tokens 16] [--prompt 512]
+    python scripts/kernel_profile.py MODEL.gguf [--tokens 16] [--prompt 512] [--batch 1]
 
 A development aid for kernel work (results/kernel_log.md). MLX has no kernel
 profiler of its own; torch.profiler's CUPTI tracer records every kernel the
@@ -40,11 +40,13 @@ def main():
     ap.add_argument("model")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1, help="decode this many rows at once (model.step's batch)")
     args = ap.parse_args()
     torch.cuda.init()
     model, _ = rwkv_mlx.load(args.model)
     ids = [(7 * i + 3) % model.args.vocab_size for i in range(args.prompt)]
-    logits, state = prefill(model, ids[:16])
+    logits, state = model(mx.array([ids[:16]] * args.batch), logits="last")
+    logits = logits[:, -1]
     token = mx.argmax(logits, axis=-1)
     for _ in range(4):  # compile the decode step
         logits, state = model.step(token, state)
@@ -58,7 +60,7 @@ def main():
             mx.async_eval(token, *state.arrays())
         mx.eval(token)
         wall = (time.perf_counter() - tic) * 1e6
-    table(prof, args.tokens, wall, "decode")
+    table(prof, args.tokens, wall, f"decode ({args.batch} rows a step)")
     mx.eval(prefill(model, ids)[0])  # warm
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         tic = time.perf_counter()
