@@ -21,7 +21,7 @@
 #   compare  : decode probes of this tree and of .baseline/ (an older commit's package, carried), alternating;
 #              make it here with: mkdir .baseline && git archive REV rwkv_mlx custom_kernels scripts | tar -x -C .baseline
 #              && rm .baseline/rwkv_mlx/data/*.gguf && echo REV > .baseline/COMMIT  (and /.baseline/ in .git/info/exclude);
-#              PREFILL="512 4096" also times both trees' prompts (weights expanded to float16) in round 1
+#              ROUNDS=1: one round only; PREFILL="512 4096" also times both trees' prompts (weights expanded to float16) in round 1
 set -uo pipefail
 export PYTHONPATH=/tmp/mlxsite:$PWD PYTHONUNBUFFERED=1 MLX_ENABLE_TF32=0
 OUT=${OUT:-/tmp/out}
@@ -160,7 +160,7 @@ case $step in
   compare)  # side by side on one machine: .baseline (git archive of an older commit) vs this tree
     bash "$0" wait "$@"
     for t in "$@"; do
-      for round in 1 2; do
+      for round in ${ROUNDS:-1 2}; do
         for tree in .baseline .; do
           echo "== $t round $round tree $tree ($(cat $tree/COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null))" | tee -a $OUT/compare.log
           PYTHONPATH=/tmp/mlxsite:$PWD/$tree timeout -s KILL 120 python3 $tree/scripts/decode_probe.py /tmp/synth/$t.gguf \
