@@ -66,7 +66,7 @@ case $step in
     esac
     bash "$0" wait $types
     mkdir -p $OUT/results
-    cp results/BENCHMARKS.md results/benchmarks.jsonl $OUT/results/ 2>/dev/null
+    cp results/BENCHMARKS.md results/benchmarks.jsonl results/peers.md $OUT/results/ 2>/dev/null
     for t in $types; do
       for p in ${lengths:-default}; do
         for expand in "" float32; do  # float32: only when the default's entry was refused by the quality gate (exit 5)
