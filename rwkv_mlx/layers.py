@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -152,6 +153,11 @@ class AffineLinear(nn.Module):
         ).astype(mx.float32)
 
 
+# GGUF blocks expanded by a kernel: (weight, ggml_type, in_dims) -> float32 matrix, or None where none runs
+# now. The kernels package, which sits above this module, sets it (kernels.expand_blocks).
+BLOCK_EXPANDER: Callable[[mx.array, int, int], mx.array | None] | None = None
+
+
 class GGMLLinear(nn.Module):
     """y = x @ W.T with W kept as GGUF blocks; custom kernel where one exists."""
 
@@ -167,7 +173,8 @@ class GGMLLinear(nn.Module):
         return self.weight.shape[0], self.in_dims
 
     def dequantized(self) -> mx.array:
-        return quants.dequantize(self.weight, self.ggml_type, xp=mx)
+        fast = BLOCK_EXPANDER(self.weight, self.ggml_type, self.in_dims) if BLOCK_EXPANDER else None
+        return fast if fast is not None else quants.dequantize(self.weight, self.ggml_type, xp=mx)
 
     def __call__(self, x: mx.array) -> mx.array:
         # Decoded tokens reach these blocks through the matvec kernel (kernels/decode.py),

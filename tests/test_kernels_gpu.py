@@ -138,6 +138,20 @@ FORMATS = ["float32", "float16", "bfloat16", "affine-4-float32", "affine-4-float
            "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "iq4_xs"]
 
 
+@pytest.mark.parametrize("kind", [f for f in FORMATS if not f.startswith(("float", "affine"))])
+def test_dequant_kernel_expands_blocks_as_gguf_does(kind):
+    """A prompt's products of blocks kept as stored: the dequant kernel against the gguf package."""
+    from rwkv_mlx.kernels.dequant import expand
+
+    layer, w = make_layer(kind, 96, 512, np.random.default_rng(len(kind)))
+    got = expand(layer.weight, layer.ggml_type, 512, BACKEND)
+    assert got is not None
+    np.testing.assert_allclose(np.array(got), w, rtol=1e-6, atol=1e-30)
+    # and through the layer, as a prompt chunk takes it
+    x = mx.array(np.random.default_rng(1).standard_normal((1, 24, 512)).astype(np.float32))
+    assert rel_err(layer(x), np.array(x, np.float64) @ w.T) < 2e-3  # (CUDA: float16 products by default)
+
+
 @pytest.mark.parametrize("kind", FORMATS)
 @pytest.mark.parametrize("B", [1, 2, 4, 16])  # 4 and 16: chunk_rows_many
 def test_matvec_segments_match_numpy(kind, B):

@@ -100,3 +100,20 @@ def test_block_types_with_layernorm_prologue_in_one_launch():
     for i, t in enumerate(types):
         cols = slice(32 * i, 32 * (i + 1))
         assert rel_err(y[:, cols], want[:, cols]) < 1e-5, quants.BLOCK_TYPES[t].name
+
+
+def test_every_block_type_expands_for_prompts():
+    """The dequant kernel (a prompt's products of blocks kept as stored) by its Metal text: every block type
+    the decode kernels read, against the gguf package's dequantization, to float32 rounding."""
+    from rwkv_mlx.kernels.dequant import expand
+    from rwkv_mlx.testing.metal_proof.emulate import Emulator
+
+    rng = np.random.default_rng(5)
+    with Emulator().running():
+        for t in sorted(STORED_BLOCK_TYPES):
+            blocks = random_blocks(t, 3, 512, rng)
+            got = expand(mx.array(blocks), t, 512, "metal")
+            want = gguf_dequantize(blocks, t).reshape(3, 512)
+            assert got is not None and got.dtype == mx.float32, quants.BLOCK_TYPES[t].name
+            np.testing.assert_allclose(np.array(got), want, rtol=1e-6, atol=1e-30, err_msg=quants.BLOCK_TYPES[t].name)
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+from .. import layers
 from ..backend import active_backend
 
 _enabled = True
@@ -63,6 +64,19 @@ def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, h
     from .wkv7 import prefill
 
     return prefill(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, head_size, backend)
+
+
+def expand_blocks(weight, ggml_type: int, in_dims: int):
+    """GGUF blocks as a float32 matrix by the dequant kernel (kernels/dequant.py), or None."""
+    backend = kernel_backend()
+    if backend is None:
+        return None
+    from .dequant import expand
+
+    return expand(weight, ggml_type, in_dims, backend)
+
+
+layers.BLOCK_EXPANDER = expand_blocks  # (layers sit below the kernels and can't import them)
 
 
 def head_plan(ln_out, head, batch: int, backend: str):

@@ -64,4 +64,6 @@ KERNEL_INSTANCES: list[KernelInstance] = [
     _matvec("float32", BITS=4, PRO=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["affine"])),
     _matvec(None, PRO=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["q4_k"]) | (1 << _KINDS["q6_k"])),
     _matvec(None, slots=1, PRO=1, EPI=1, KINDS=1 << _KINDS["q4_k"]),
+    # blocks -> float32 matrix (w, shape): one instance per block type a prompt can expand
+    *(KernelInstance("dequant", ("uint8", "int32"), ("float32",), {"KIND": k}) for k in range(2, len(_KINDS))),
 ]

@@ -79,6 +79,11 @@ class _Weights:
     wtype: int
 
 
+def kind_number(ggml_type: int) -> int:
+    """The kernels' kind number of a GGUF block type they read as stored (group_rows' cases)."""
+    return _KINDS[_GGML_KINDS[ggml_type]]
+
+
 def _weights(w) -> _Weights | None:
     if isinstance(w, mx.array):
         return _Weights(w.view(mx.uint8), None, None, ("dense", 0), w.shape[0], w.shape[1], _DENSE_CODES[w.dtype])
