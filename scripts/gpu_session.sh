@@ -158,6 +158,8 @@ case $step in
         --tokens 32 2>&1 | grep -v Warning | tee -a $OUT/profile.log
     done ;;
   compare)  # side by side on one machine: .baseline (git archive of an older commit) vs this tree
+    # (carry .baseline in the call that runs this step: carried in an earlier call, it was gone by this one)
+    [ -f .baseline/scripts/decode_probe.py ] || { echo "compare: no .baseline/ here: carry it in this call"; exit 2; }
     bash "$0" wait "$@"
     for t in "$@"; do
       for round in ${ROUNDS:-1 2}; do
