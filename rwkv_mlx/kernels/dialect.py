@@ -250,7 +250,7 @@ def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = ())
 
 _SHARED_DECL = re.compile(r"\bSHARED\s+(\w+)\s+(\w+)\s*\[([^\]]+)\]\s*;")
 _CONSTEXPR = re.compile(r"\bconstexpr\s+int\s+(\w+)\s*=\s*([^;]+);")
-_TYPE_BYTES = {"float": 4, "int": 4, "u32": 4, "i32": 4, "f16": 2, "bf16": 2, "u16": 2, "u8": 1, "i8": 1}
+_TYPE_BYTES = {"float4": 16, "float": 4, "int": 4, "u32": 4, "i32": 4, "f16": 2, "bf16": 2, "u16": 2, "u8": 1, "i8": 1}
 
 
 def _int_expr(expr: str, names: dict[str, int]) -> int:
