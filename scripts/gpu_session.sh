@@ -18,6 +18,7 @@
 #   prefill  : prompt tok/s at 512 and 4,096 tokens, weights expanded to float32 and to float16
 #   fidelity : prompt logits of the carried oracle part against exact math, per expansion dtype
 #   profile  : GPU time per kernel (CUPTI) of decode and of a 512-token prompt, for each weight form
+#   ncu      : Nsight Compute's sections (speed of light, warp stalls, memory, occupancy) of chosen decode launches
 #   compare  : decode probes of this tree and of .baseline/ (an older commit's package, carried), alternating;
 #              make it here with: mkdir .baseline && git archive REV rwkv_mlx custom_kernels scripts | tar -x -C .baseline
 #              && rm .baseline/rwkv_mlx/data/*.gguf && echo REV > .baseline/COMMIT  (and /.baseline/ in .git/info/exclude);
@@ -157,6 +158,14 @@ case $step in
       RWKV_MLX_GPU_BLOCKS=$form timeout -s KILL ${PROFILE_LIMIT:-120} python3 scripts/kernel_profile.py /tmp/synth/$1.gguf \
         --tokens 32 2>&1 | grep -v Warning | tee -a $OUT/profile.log
     done ;;
+  ncu)  # hardware counters (Nsight Compute; Firecracker machines) of the decode launches named by $KERNELS
+    # (a regex of MLX's kernel names; default: the FFN-key matvec of a Q4_K_M file and the time mix)
+    bash "$0" wait "$1"
+    ${NCU:-ncu} --clock-control none --target-processes all -k "regex:${KERNELS:-matvec_one_segment_1_4_1_1|wkv7_40_64_1_}" \
+      --launch-skip ${SKIP:-300} --launch-count ${COUNT:-2} --section SpeedOfLight --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+      python3 scripts/decode_probe.py /tmp/synth/$1.gguf --tokens 8 --no-reference 2>&1 | grep -v Warning \
+      | tee -a $OUT/ncu.log ;;
   compare)  # side by side on one machine: .baseline (git archive of an older commit) vs this tree
     # (carry .baseline in the call that runs this step: carried in an earlier call, it was gone by this one)
     [ -f .baseline/scripts/decode_probe.py ] || { echo "compare: no .baseline/ here: carry it in this call"; exit 2; }
