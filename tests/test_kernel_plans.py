@@ -72,6 +72,19 @@ def test_decode_plans_fit_the_backend(shape, fmt, backend):
         assert launch.threadgroup[0] <= limits.threads
 
 
+@pytest.mark.parametrize("batch,rpw", [(1, 4), (16, 4), (32, 2), (64, 1)])
+def test_many_rows_take_fewer_rows_per_warp(batch, rpw):
+    """A lane's accumulators (rows per warp x activation rows) stay within MAX_ACCUMULATORS: the FFN key
+    of the 2.9B shape (10,240 rows) takes 4 rows per warp up to 16 activation rows, then fewer."""
+    from rwkv_mlx.kernels.matvec import MAX_ACCUMULATORS
+
+    blk = block("2.9B", FORMATS["Q4_K_M"])
+    with dialect.launch_hook(Recorder()), forced_backend("metal"):
+        plan = MatvecPlan([Segment(blk.ffn.key)], batch, backend="metal", prologue=1, epilogue=1, ln=blk.ln2,
+                          mix=blk.ffn.x_k.reshape(1, -1))
+    assert plan.ok and dict(plan.template)["RPW"] == rpw and rpw * batch <= max(MAX_ACCUMULATORS, batch)
+
+
 def test_ffn_value_row_is_tiled_on_metal_only():
     """K = 10240 at one row needs 46,176 bytes staged whole: CUDA's 48 KB hold it, Metal's 32 KB don't."""
     blk = block("2.9B", FORMATS["Q4_K_M"])

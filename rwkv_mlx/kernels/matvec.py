@@ -113,9 +113,16 @@ def tile_length(kernel, k_max: int, template: dict) -> int | None:
     return None
 
 
-def _rows_per_warp(segment_rows: list[int]) -> int | None:
+# A lane keeps RPW x NB accumulators in registers (plus RPW x 8 decoded weights for NB > 2): past 64 they
+# would spill to memory (CUDA gives a thread at most 255 registers), so many rows take fewer rows per warp.
+MAX_ACCUMULATORS = 64
+
+
+def _rows_per_warp(segment_rows: list[int], batch: int = 1) -> int | None:
     total = sum(segment_rows)
     for rpw in (4, 2, 1):
+        if rpw > 1 and rpw * batch > MAX_ACCUMULATORS:
+            continue
         if all(r % (WARPS * rpw) == 0 for r in segment_rows) and (total // (WARPS * rpw) >= 264 or rpw == 1):
             return rpw
     return None
@@ -144,7 +151,7 @@ class MatvecPlan:
         if not self.ok:
             return
         rows, ks = [w.rows for w in weights], [w.k for w in weights]
-        rpw = _rows_per_warp(rows)
+        rpw = _rows_per_warp(rows, batch)
         self.ok = rpw is not None and all(k % 32 == 0 for k in ks)
         if not self.ok:
             return
