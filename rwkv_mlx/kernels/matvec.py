@@ -90,13 +90,12 @@ def _weights(w) -> _Weights | None:
     if isinstance(w, Linear):
         return _weights(w.weight)
     if isinstance(w, AffineLinear) and w.group_size == 32:
-        rows, k = w.scales.shape[0], w.scales.shape[1] * 32
-        return _Weights(w.weight.view(mx.uint8), w.scales, w.biases, ("affine", w.bits), rows, k, 0)
+        return _Weights(w.weight.view(mx.uint8), w.scales, w.biases, ("affine", w.bits), *w.shape, 0)
     # rows are whole blocks: 256 elements for K-quants and IQ4_XS, 32 for the others
     if (isinstance(w, GGMLLinear) and w.ggml_type in _GGML_KINDS
             and w.in_dims % quants.BLOCK_TYPES[w.ggml_type].block_elems == 0):
         kind = _GGML_KINDS[w.ggml_type]
-        return _Weights(w.weight.view(mx.uint8), None, None, (kind, 0), w.weight.shape[0], w.in_dims, 0)
+        return _Weights(w.weight.view(mx.uint8), None, None, (kind, 0), *w.shape, 0)
     return None
 
 
