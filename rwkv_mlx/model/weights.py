@@ -44,9 +44,9 @@ F32, F16, BF16 = 0, 1, 30
 # The form of GGUF blocks on a GPU, until $RWKV_MLX_GPU_BLOCKS says otherwise. "stored": the decode kernel
 # reads the file's blocks (1.00x their bytes a token); "affine": MLX's affine codes with float32 scales
 # (about 1.33x for Q4_K, 1.18x for Q8_0: results/bytes_per_token.md). Apple GPUs decode at the speed of
-# memory, so Metal reads the blocks. On CUDA, where decode is bound by launches and the affine form's
-# speed is measured (results/kernel_log.md), the new readers' speed is not yet: CUDA keeps the affine
-# form until `bash scripts/gpu_session.sh forms` shows the blocks as fast.
+# memory, so Metal reads the blocks. On CUDA the block readers were slower on an H100 (5.4 against 4.6 ms
+# of GPU time per 2.9B Q4_K_M token, results/kernel_log.md step 12), so CUDA keeps the affine form until
+# `bash scripts/gpu_session.sh forms` shows the blocks as fast.
 GPU_BLOCKS_DEFAULT = {"metal": "stored", "cuda": "affine"}
 FLOAT_TYPES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
 
