@@ -17,7 +17,7 @@ import rwkv_mlx
 from rwkv_mlx import layers
 from rwkv_mlx.bench.measure import count_primitives, greedy_steps
 from rwkv_mlx.text.generate import prefill, stream_generate
-from rwkv_mlx.kernels import fused_time_mix, kernels_disabled
+from rwkv_mlx.kernels import fused_time_mix, kernels_disabled, layernorm_lerp
 from rwkv_mlx.text.sample import SamplingParams
 
 
@@ -58,7 +58,8 @@ def launch_times(model, repeats: int = 50) -> None:
              ("ffn value", plan.value, lambda: plan.value(hidden, residual=x)),
              ("block", None, lambda: plan(x, shift, shift, state, x)[0])]
     for name, p, fn in cases:
-        nbytes = sum({id(a): a.nbytes for a in p.tail if a.size > 1}.values()) if p else 0
+        weights = p.inner.tail if p is not None and p.pre is not None else p.tail if p is not None else []
+        nbytes = sum({id(a): a.nbytes for a in weights if a.size > 1}.values())
         mx.eval(fn())
         tic = time.perf_counter()
         mx.eval([fn() for _ in range(repeats)])
@@ -129,6 +130,10 @@ def main():
                     help="the dtypes weights are expanded to for prefill's products, each timed")
     ap.add_argument("--no-quantized-products", action="store_true", help="skip prefill by MLX's quantized matmul")
     ap.add_argument("--stream", action="store_true", help="also time stream_generate (what the benchmark times)")
+    ap.add_argument("--separate", type=int, nargs="+", choices=[0, 1], default=[],
+                    help="also decode with the LayerNorm prologues fused (0) and separate (1), alternating, "
+                         "--rounds times, in this process (kernels/layernorm_lerp.py)")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     t = time.perf_counter()
     model, tokenizer = rwkv_mlx.load(args.model)
@@ -137,6 +142,17 @@ def main():
     toks, tps, ops = decode(model, args.prompt, args.tokens)
     print(f"kernels : {tps:8.1f} tok/s  primitives/token {sum(ops.values())}  first tokens {toks[:8]}")
     print("   ", dict(ops.most_common(12)))
+    for r in range(args.rounds if args.separate else 0):
+        for v in args.separate:
+            layernorm_lerp.SEPARATE = v
+            model.runtime.invalidate()  # the plans are built again, the prologue as $v says
+            decode(model, args.prompt, 4)
+            stoks, stps, sops = decode(model, args.prompt, args.tokens)
+            agree = sum(a == b for a, b in zip(toks, stoks))
+            print(f"round {r + 1} separate prologue {v}: {stps:8.1f} tok/s  primitives/token {sum(sops.values())}  "
+                  f"tokens as above {agree}/{len(toks)}")
+    layernorm_lerp.SEPARATE = None
+    model.runtime.invalidate()
     if args.launches:
         launch_times(model)
     if args.stream:

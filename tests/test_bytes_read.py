@@ -24,6 +24,7 @@ from rwkv_mlx.arch import MATRIX_MODULES, module_to_gguf_name
 from rwkv_mlx.bench.bytes_read import compare, gguf_bytes, plan_bytes
 from rwkv_mlx.formats.gguf_file import open_gguf
 # The kernels' table of GGUF block types they read as stored (keys: gguf.GGMLQuantizationType ids).
+from rwkv_mlx.kernels.layernorm_lerp import separate
 from rwkv_mlx.kernels.matvec import STORED_BLOCK_TYPES
 from rwkv_mlx.layers import AffineLinear, GGMLLinear, Linear, WeightFormat
 from rwkv_mlx.loader import load
@@ -61,7 +62,9 @@ def check_counts(model, plan, stored_type_of) -> dict[int, list[int]]:
     """Every block matrix, the state and the embedding row against the math; returns type -> [plan, gguf]."""
     args = model.args
     assert plan.pure_modules == []  # every block and the head went through the kernels
-    assert plan.launches == 5 * args.n_layer + 1
+    # five launches a block and one for the head, and one more for each LayerNorm prologue (two a block,
+    # the head's) where they run as launches of their own
+    assert plan.launches == 5 * args.n_layer + 1 + (2 * args.n_layer + 1) * separate(plan.backend)
     by_type: dict[int, list[int]] = {}
     for i in range(args.n_layer):
         for m in MATRIX_MODULES:

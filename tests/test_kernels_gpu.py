@@ -177,8 +177,12 @@ def test_matvec_segments_match_numpy(kind, B, every_batch):
     assert rel_err(y, want) < 1e-5
 
 
+@pytest.mark.parametrize("separate", [0, 1])  # the prologue in every group, or a launch of its own
 @pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "q6_k", "q3_k", "q2_k", "q8_0", "q4_k", "iq4_xs"])
-def test_matvec_layernorm_lerp_prologue_and_epilogues(kind):
+def test_matvec_layernorm_lerp_prologue_and_epilogues(kind, separate, monkeypatch):
+    from rwkv_mlx.kernels import layernorm_lerp
+
+    monkeypatch.setattr(layernorm_lerp, "SEPARATE", separate)
     rng = np.random.default_rng(5)
     C, F, B = 512, 1024, 2
     (layer, w) = make_layer(kind, F, C, rng)
@@ -199,11 +203,14 @@ def test_matvec_layernorm_lerp_prologue_and_epilogues(kind):
 
 @pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "affine-8-float16", "q6_k", "q3_k", "q8_0", "q4_k"])
 @pytest.mark.parametrize("B", [2, 4, 16])
-def test_matvec_long_rows_walk_tiles(kind, B, every_batch):
+@pytest.mark.parametrize("separate", [0, 1])
+def test_matvec_long_rows_walk_tiles(kind, B, separate, every_batch, monkeypatch):
     """Rows longer than the shared memory holds (the 2.9B FFN's K = 10240 at B >= 2 here, at B = 1 on
     Apple GPUs) are staged tile by tile, with the LayerNorm moments taken over the whole row first."""
+    from rwkv_mlx.kernels import layernorm_lerp
     from rwkv_mlx.kernels.matvec import MatvecPlan
 
+    monkeypatch.setattr(layernorm_lerp, "SEPARATE", separate)
     rng = np.random.default_rng(B + len(kind))
     K, F = 10240, 256
     (layer, w) = make_layer(kind, F, K, rng)

@@ -24,7 +24,7 @@ import pytest
 from conftest import ORACLE, ORACLE_MISSING, layer_norm64, make_layer, oracle_logits, oracle_models, oracle_tokens
 
 import rwkv_mlx
-from rwkv_mlx.kernels import kernels_disabled
+from rwkv_mlx.kernels import kernels_disabled, layernorm_lerp
 from rwkv_mlx.kernels.dialect import Kernel, Launch, parse_kern, render
 from rwkv_mlx.testing.metal_proof import Recorder, record_launches
 from rwkv_mlx.testing.metal_proof.compile import APPLE_THREADS_PER_GROUP, check, check_all, prepare
@@ -71,6 +71,13 @@ def recorded() -> Recorder:
         record_launches(shaped_model(synth.G1B_2_9B, "Q4_K_M", scale_dtype=scale), f"2.9B Q4_K_M scales {scale}", rec)
     head = shaped_model(synth.G1B_2_9B, "Q4_K_M", n_layer=1, vocab=65536)
     record_launches(head, "2.9B vocab 65536", rec, prefill_batches=(), decode_batches=(1,))
+    layernorm_lerp.SEPARATE = 1  # CUDA's default (Metal's is 0): the prologues as launches of their own
+    try:
+        for file_type in ("Q4_K_M", "F16"):
+            record_launches(shaped_model(synth.G1B_2_9B, file_type), f"2.9B {file_type} separate prologue", rec,
+                            prefill_batches=())
+    finally:
+        layernorm_lerp.SEPARATE = None
     return rec
 
 
@@ -91,8 +98,10 @@ def test_recording_covers_every_case(recorded):
     assert {1, 2, 4} <= nb
     names = {i.kernel.name for i in recorded.instantiations.values()}
     assert names == {"rwkv_matvec", "rwkv_matvec_one_segment", "rwkv_matvec_no_scales", "rwkv_matvec_one_segment_no_scales",
-                     "rwkv_wkv7", "rwkv_dequant"}, names  # every variant the plans use (NO_SCALES: no affine matrix
-    # in the launch); rwkv_dequant: the prompts' products of GGUF blocks kept as stored (Metal's default)
+                     "rwkv_wkv7", "rwkv_dequant", "rwkv_layernorm_lerp"}, names  # every variant the plans use
+    # (NO_SCALES: no affine matrix in the launch); rwkv_dequant: the prompts' products of GGUF blocks kept as
+    # stored (Metal's default); rwkv_layernorm_lerp: the decode prologues as launches of their own (CUDA's default)
+    assert "2.9B Q4_K_M separate prologue decode B=4" in cases
     if not oracle_models():
         pytest.skip(f"the oracle files were not recorded: {ORACLE_MISSING}")
     for name in oracle_models():
@@ -351,6 +360,69 @@ def test_emulated_long_rows_walk_tiles(kind):
         y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
     norm = layer_norm64(x, ln)
     assert rel_err(xn, norm) < 1e-5 and rel_err(y, (norm + (prev - norm) * mix[0]) @ w.T) < 1e-5
+
+
+def lerp_inputs(rng, B: int, K: int, mixes: int):
+    import mlx.nn as nn
+
+    x, prev = (rng.standard_normal((B, K)).astype(np.float32) for _ in range(2))
+    mix = rng.uniform(0, 1, (mixes, K)).astype(np.float32)
+    ln = nn.LayerNorm(K)
+    ln.weight = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32))
+    ln.bias = mx.array(rng.standard_normal(K).astype(np.float32))
+    return x, prev, mix, ln
+
+
+@needs_emulator
+@pytest.mark.parametrize("B", [1, 2, 4])
+@pytest.mark.parametrize("separate", [0, 1])
+def test_emulated_prologue_fused_or_separate(B, separate, monkeypatch):
+    """The LayerNorm + lerp prologue of a launch of three segments (lerp rows 2 and 0, and none), in every
+    group (matvec.kern PRO 1) or once in a launch of its own (layernorm_lerp.kern): both against float64."""
+    from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
+
+    monkeypatch.setattr(layernorm_lerp, "SEPARATE", separate)
+    rng = np.random.default_rng(B)
+    K = 512
+    x, prev, mix, ln = lerp_inputs(rng, B, K, 3)
+    layers = [make_layer(kind, rows, K, rng) for kind, rows in (("float16", 256), ("q6_k", 128), ("float32", 256))]
+    modes = (2, 0, -1)
+    emu = Emulator()
+    with emu.running():
+        plan = MatvecPlan([Segment(layer, mode=m) for (layer, _), m in zip(layers, modes)], B, backend="metal",
+                          prologue=1, ln=ln, mix=mx.array(mix))
+        assert plan.ok
+        y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
+    assert {b.inst.kernel.name for b in emu.built.values()} >= ({"rwkv_layernorm_lerp"} if separate else set())
+    norm = layer_norm64(x, ln)
+    inputs = [norm if m < 0 else norm + (prev - norm) * mix[m] for m in modes]
+    want = np.concatenate([inp @ w.T for inp, (_, w) in zip(inputs, layers)], axis=1)
+    assert rel_err(xn, norm) < 1e-5 and rel_err(y, want) < 1e-5
+
+
+@needs_emulator
+def test_emulated_separate_prologue_model(require_oracle, monkeypatch):
+    """A whole model decoding with its prologues as launches of their own (CUDA's default) gives the pure
+    path's logits; a lerp turned the wrong way in that kernel's text (negative control) does not."""
+    monkeypatch.setattr(layernorm_lerp, "SEPARATE", 1)
+    model = load("fixb-Q4_K_M", EXACT)
+    tokens = oracle_tokens("fixb-Q4_K_M")
+    plain = plain_logits(model, tokens)
+    emu = Emulator()
+    got = emulated_logits(model, tokens, decoded=2, emu=emu)[0]
+    assert "rwkv_layernorm_lerp" in {b.inst.kernel.name for b in emu.built.values()}
+    assert rel_err(got, plain) < 1e-5
+
+    def turn_lerp(source: str) -> str:
+        good = "v + (p - v) * mix[m * K + c]"
+        if "rwkv_layernorm_lerp" not in source:
+            return source
+        assert source.count(good) == 1, "the negative control's target changed; update it"
+        return source.replace(good, "p + (v - p) * mix[m * K + c]")
+
+    model.runtime.invalidate()
+    bad = emulated_logits(model, tokens, decoded=2, emu=Emulator(edit=turn_lerp))[0]
+    assert rel_err(bad, plain) > 1e-3
 
 
 @needs_emulator

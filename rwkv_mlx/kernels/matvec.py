@@ -21,6 +21,7 @@ from .. import quants
 from ..layers import AffineLinear, GGMLLinear, Linear
 from ..settings import env_int
 from .dialect import launches
+from .layernorm_lerp import LayerNormLerpPlan, lerp_row, separate
 
 # GGUF block types the kernel reads as stored (gguf.GGMLQuantizationType ids -> kernel kind, each
 # kind a decode_<kind> in custom_kernels/matvec_formats.kern). The loader keeps exactly these as
@@ -132,13 +133,18 @@ class MatvecPlan:
 
     prologue 1 normalizes x (K values per row) with ``ln`` and lerps towards
     ``prev`` by ``mix[mode]``; the call then also returns the normalized x
-    (the next token-shift state). ``ok`` is False when these weights do not fit
-    the kernel; callers then use plain MLX ops.
+    (the next token-shift state). Where ``layernorm_lerp.separate`` says so, that
+    prologue is a launch of its own ahead of a PRO 0 launch (``pre``, ``inner``).
+    ``ok`` is False when these weights do not fit the kernel; callers then use plain MLX ops.
     """
 
     def __init__(self, segments: list[Segment], batch: int, *, backend: str, prologue: int = 0, epilogue: int = 0,
                  bias: mx.array | None = None, ln: nn.LayerNorm | None = None, mix: mx.array | None = None,
                  x_stride: int | None = None, out_shape: tuple[int, ...] | None = None):
+        self.prologue, self.pre = prologue, None
+        if prologue == 1 and separate(backend):
+            self._split(segments, batch, backend, epilogue, bias, ln, mix, out_shape)
+            return
         weights = [_weights(s.weight) for s in segments]
         self.ok = (all(w is not None for w in weights) and len(weights) <= MAX_SEGMENTS
                    and kernel_rows(batch, backend))
@@ -198,14 +204,28 @@ class MatvecPlan:
                           + eight([w.offsets if w.offsets is not None else dummy_scales for w in weights]))
         mx.eval(*self.head, *self.tail)
         self.grid = (total // rpw * 32, 1, 1)
-        self.prologue = prologue
         self.out_shapes = [out_shape or (batch, total), (batch, ks[0]) if prologue == 1 else (1,)]
         signature = (tuple(self.template), tuple(str(a.dtype) for a in self.head + self.tail))
         self.ok = launches(self.kernel, signature, lambda: self(
             mx.zeros((batch, x_stride)), mx.zeros((batch, ks[0])) if prologue == 1 else None,
             mx.zeros(self.out_shapes[0]) if epilogue == 2 else None))
 
+    def _split(self, segments, batch, backend, epilogue, bias, ln, mix, out_shape) -> None:
+        """The prologue as a launch of its own: each segment reads its lerp's row of the prologue's output."""
+        self.pre = LayerNormLerpPlan(ln, mix, batch, backend)
+        M, K = self.pre.M, self.pre.K
+        rows = [Segment(s.weight, x_offset=lerp_row(s.mode, M) * K) for s in segments]
+        self.inner = MatvecPlan(rows, batch, backend=backend, epilogue=epilogue, bias=bias, x_stride=(M + 1) * K,
+                                out_shape=out_shape)
+        self.ok = self.pre.ok and self.inner.ok
+        if self.ok:
+            self.template = self.inner.template
+            self.out_shapes = [self.inner.out_shapes[0], (batch, K)]
+
     def __call__(self, x: mx.array, prev: mx.array | None = None, residual: mx.array | None = None):
+        if self.pre is not None:
+            xn, xin = self.pre(x, prev)
+            return self.inner(xin, residual=residual), xn
         y, xn = self.kernel(
             inputs=[x, prev if prev is not None else self.dummy, *self.head[:5],
                     self.head[5], residual if residual is not None else self.dummy, *self.tail],

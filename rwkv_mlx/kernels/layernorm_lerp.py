@@ -1,0 +1,63 @@
+"""The LayerNorm + token-shift prologue of a matvec launch, as a launch of its own (custom_kernels/layernorm_lerp.kern).
+
+With the prologue fused (matvec.kern PRO 1) every group of the launch normalizes and lerps the
+whole input again: 498 groups for a 2.9B block's r/k/v + LoRA down launch at one row, 320 for its
+FFN key. Split, one small launch writes each activation row's lerped inputs once, side by side
+(``xin`` [B, M + 1, K]), and the matvec launch reads its segments' rows from there (PRO 0, each
+segment's x_offset at its mix row). ``separate(backend)`` says which way a backend goes.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..settings import env_int
+from .dialect import build, launches, placeholder
+
+WARPS = 8  # layernorm_lerp.kern's WARPS: a group is 32 * WARPS threads
+# Whether a launch's LayerNorm prologue runs as a launch of its own (1) or in every group (0).
+# Unmeasured when written: results/kernel_log.md step 13 times both on an H100. None: $RWKV_MLX_SEPARATE_PROLOGUE
+# or the backend's default.
+SEPARATE_DEFAULT = {"cuda": 1, "metal": 0}
+SEPARATE: int | None = None
+
+
+def separate(backend: str) -> bool:
+    """Whether ``backend``'s matvec plans take their LayerNorm prologue from a launch of its own."""
+    if SEPARATE is not None:
+        return bool(SEPARATE)
+    return bool(env_int("RWKV_MLX_SEPARATE_PROLOGUE", SEPARATE_DEFAULT[backend]))
+
+
+def lerp_row(mode: int, mixes: int) -> int:
+    """The row of ``xin`` a segment of lerp ``mode`` reads (mode < 0: the normalized input itself)."""
+    return mode if mode >= 0 else mixes
+
+
+class LayerNormLerpPlan:
+    """``(x [B, K], prev [B, K]) -> (xn [B, K], xin [B, M + 1, K])`` in one launch, for a fixed B
+    (``mix`` [M, K]; None for a LayerNorm alone, as the head's: M = 0)."""
+
+    def __init__(self, ln: nn.LayerNorm, mix: mx.array | None, batch: int, backend: str):
+        K = ln.weight.shape[0]
+        self.K, self.M, self.B = K, 0 if mix is None else mix.size // K, batch  # no mix (the head): xin = xn
+        self.kernel = build("layernorm_lerp", backend)
+        self.template = [("K", self.K), ("M", self.M)]
+        self.consts = [ln.weight.astype(mx.float32), ln.bias.astype(mx.float32),
+                       placeholder() if mix is None else mix.reshape(self.M, K).astype(mx.float32),
+                       mx.array([ln.eps], dtype=mx.float32)]
+        mx.eval(*self.consts)
+        self.ok = self.K % 32 == 0 and launches(self.kernel, tuple(self.template), lambda: self(
+            mx.zeros((batch, self.K)), mx.zeros((batch, self.K))))
+
+    def __call__(self, x: mx.array, prev: mx.array | None):
+        B, K, M = self.B, self.K, self.M
+        return self.kernel(
+            inputs=[x, self.consts[2] if prev is None else prev, *self.consts],  # (no prev: M = 0, never read)
+            template=self.template,
+            grid=(B * 32 * WARPS, 1, 1),
+            threadgroup=(32 * WARPS, 1, 1),
+            output_shapes=[(B, K), (B, (M + 1) * K)],
+            output_dtypes=[mx.float32, mx.float32],
+        )
