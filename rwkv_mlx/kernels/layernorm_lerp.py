@@ -15,7 +15,7 @@ import mlx.nn as nn
 from ..settings import env_int
 from .dialect import build, launches, placeholder
 
-WARPS = 8  # layernorm_lerp.kern's WARPS: a group is 32 * WARPS threads
+WARPS = 8  # layernorm_lerp.kern's WARPS: a group is 32 * WARPS threads, a thread per element of a row
 # Whether a launch's LayerNorm prologue runs as a launch of its own (1) or in every group (0).
 # Unmeasured when written: results/kernel_log.md step 13 times both on an H100. None: $RWKV_MLX_SEPARATE_PROLOGUE
 # or the backend's default.
@@ -56,7 +56,7 @@ class LayerNormLerpPlan:
         return self.kernel(
             inputs=[x, self.consts[2] if prev is None else prev, *self.consts],  # (no prev: M = 0, never read)
             template=self.template,
-            grid=(B * 32 * WARPS, 1, 1),
+            grid=(B * -(-K // (32 * WARPS)) * 32 * WARPS, 1, 1),  # a thread per element, whole groups
             threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(B, K), (B, (M + 1) * K)],
             output_dtypes=[mx.float32, mx.float32],
