@@ -16,7 +16,7 @@ import pytest
 
 from rwkv_mlx.kernels import dialect, forced_backend
 from rwkv_mlx.kernels.decode import BlockPlan
-from rwkv_mlx.kernels.layernorm_lerp import separate
+from rwkv_mlx.kernels import layernorm_lerp
 from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
 from dataclasses import replace
 
@@ -53,10 +53,12 @@ class Recorder:
         return [mx.zeros(s, dtype=d) for s, d in zip(launch.output_shapes, launch.output_dtypes)]
 
 
+@pytest.mark.parametrize("split", [0, 1])  # RWKV_MLX_SEPARATE_PROLOGUE
 @pytest.mark.parametrize("backend", dialect.BACKENDS)
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_decode_plans_fit_the_backend(shape, fmt, backend):
+def test_decode_plans_fit_the_backend(shape, fmt, backend, split, monkeypatch):
+    monkeypatch.setattr(layernorm_lerp, "SEPARATE", split)
     blk = block(shape, FORMATS[fmt], layer=0 if fmt == "F16" else 1)  # layer 0: no value LoRA
     C = SHAPES[shape].n_embd
     rec = Recorder()
@@ -67,7 +69,7 @@ def test_decode_plans_fit_the_backend(shape, fmt, backend):
             z = mx.zeros((batch, 1, C))
             plan(z, z[:, 0], z[:, 0], mx.zeros((batch, C // 64, 64, 64)), z)
     # five launches a block, and two more where the LayerNorm prologues run as launches of their own
-    assert len(rec.launches) == 3 * (5 + 2 * separate(backend))
+    assert len(rec.launches) == 3 * (5 + 2 * split)
     limits = dialect.LIMITS[backend]
     for launch in rec.launches:  # the hook saw them after Kernel.check; say so in numbers too
         assert launch.kernel.shared_bytes(launch.template) <= limits.shared_bytes

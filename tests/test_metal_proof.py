@@ -71,7 +71,7 @@ def recorded() -> Recorder:
         record_launches(shaped_model(synth.G1B_2_9B, "Q4_K_M", scale_dtype=scale), f"2.9B Q4_K_M scales {scale}", rec)
     head = shaped_model(synth.G1B_2_9B, "Q4_K_M", n_layer=1, vocab=65536)
     record_launches(head, "2.9B vocab 65536", rec, prefill_batches=(), decode_batches=(1,))
-    layernorm_lerp.SEPARATE = 1  # CUDA's default (Metal's is 0): the prologues as launches of their own
+    layernorm_lerp.SEPARATE = 1  # RWKV_MLX_SEPARATE_PROLOGUE=1 (the default is 0): prologues as launches of their own
     try:
         for file_type in ("Q4_K_M", "F16"):
             record_launches(shaped_model(synth.G1B_2_9B, file_type), f"2.9B {file_type} separate prologue", rec,
@@ -100,7 +100,7 @@ def test_recording_covers_every_case(recorded):
     assert names == {"rwkv_matvec", "rwkv_matvec_one_segment", "rwkv_matvec_no_scales", "rwkv_matvec_one_segment_no_scales",
                      "rwkv_wkv7", "rwkv_dequant", "rwkv_layernorm_lerp"}, names  # every variant the plans use
     # (NO_SCALES: no affine matrix in the launch); rwkv_dequant: the prompts' products of GGUF blocks kept as
-    # stored (Metal's default); rwkv_layernorm_lerp: the decode prologues as launches of their own (CUDA's default)
+    # stored (Metal's default); rwkv_layernorm_lerp: the decode prologues as launches of their own (a setting)
     assert "2.9B Q4_K_M separate prologue decode B=4" in cases
     if not oracle_models():
         pytest.skip(f"the oracle files were not recorded: {ORACLE_MISSING}")
@@ -393,7 +393,7 @@ def test_emulated_prologue_fused_or_separate(B, separate, monkeypatch):
                           prologue=1, ln=ln, mix=mx.array(mix))
         assert plan.ok
         y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
-    assert {b.inst.kernel.name for b in emu.built.values()} >= ({"rwkv_layernorm_lerp"} if separate else set())
+    assert ("rwkv_layernorm_lerp" in {b.inst.kernel.name for b in emu.built.values()}) == bool(separate)
     norm = layer_norm64(x, ln)
     inputs = [norm if m < 0 else norm + (prev - norm) * mix[m] for m in modes]
     want = np.concatenate([inp @ w.T for inp, (_, w) in zip(inputs, layers)], axis=1)
@@ -402,7 +402,7 @@ def test_emulated_prologue_fused_or_separate(B, separate, monkeypatch):
 
 @needs_emulator
 def test_emulated_separate_prologue_model(require_oracle, monkeypatch):
-    """A whole model decoding with its prologues as launches of their own (CUDA's default) gives the pure
+    """A whole model decoding with its prologues as launches of their own (RWKV_MLX_SEPARATE_PROLOGUE=1) gives the pure
     path's logits; a lerp turned the wrong way in that kernel's text (negative control) does not."""
     monkeypatch.setattr(layernorm_lerp, "SEPARATE", 1)
     model = load("fixb-Q4_K_M", EXACT)
