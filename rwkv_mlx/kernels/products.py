@@ -28,7 +28,11 @@ class ProductPlan:
     def __init__(self, segments: list[Segment], batch: int, *, prologue: int = 0, epilogue: int = 0,
                  ln: nn.LayerNorm | None = None, mix: mx.array | None = None,
                  out_shape: tuple[int, ...] | None = None):
-        self.segments, self.prologue, self.epilogue, self.ln, self.mix = segments, prologue, epilogue, ln, mix
+        self.segments, self.prologue, self.epilogue, self.ln = segments, prologue, epilogue, ln
+        # Each segment's lerp row, taken out once: indexing ``mix`` at every step was a gather launch per
+        # segment (224 of a 2.9B step's ~2,000 launches on an H100, results/raw/*-65272d1-profile-batch16.log).
+        self.mix_rows = {s.mode: mix[s.mode] for s in segments if prologue == 1 and s.mode >= 0}
+        mx.eval(*self.mix_rows.values())
         rows = sum(s.weight.shape[0] for s in segments)  # (a matrix layer's shape is (out, in) as an array's)
         k = segments[0].weight.shape[1]
         self.out_shapes = [out_shape or (batch, rows), (batch, k) if prologue == 1 else (1,)]
@@ -36,7 +40,7 @@ class ProductPlan:
 
     def _input(self, x: mx.array, xn: mx.array | None, prev: mx.array | None, seg: Segment, k: int) -> mx.array:
         if self.prologue == 1:  # LayerNorm, then the token-shift lerp by mix[mode] (mode < 0: none)
-            return xn if seg.mode < 0 else xn + (prev - xn) * self.mix[seg.mode]
+            return xn if seg.mode < 0 else xn + (prev - xn) * self.mix_rows[seg.mode]
         v = x[:, seg.x_offset : seg.x_offset + k]
         return mx.tanh(v) if seg.mode == 1 else mx.sigmoid(v) if seg.mode == 2 else v
 
