@@ -20,9 +20,9 @@ WARPS = 8  # layernorm_lerp.kern's WARPS: a group is 32 * WARPS threads, a threa
 # Measured on an H100 (results/kernel_log.md step 13, 196d720, CUPTI): split, the two matvec launches
 # with a prologue took 12.5 and 14.9 us instead of 28.6 and 32.7, and the prologue launches 7.4 and
 # 7.2 us, so a Q4_K_M token kept the GPU busy 3.1 ms instead of about 4.0. But decode did not get
-# faster: each launch costs MLX's host about 20 us, and the 65 launches a token more left the host
-# setting the pace (F16 202 tok/s split against 233 fused, Q8_0 186-224 against 189-252, alternating
-# in one process). So both backends keep the prologue fused until a token's launches cost the host
+# faster (F16 202 tok/s split against 233 fused, Q8_0 186-224 against 189-252, alternating in one
+# process): the split adds 65 launches a token, and at about 20 us of MLX host time a launch (inferred
+# from those rates) the host sets the pace. So both backends keep the prologue fused until a token's launches cost the host
 # less; Apple GPUs are unmeasured. None: $RWKV_MLX_SEPARATE_PROLOGUE or the backend's default.
 SEPARATE_DEFAULT = {"cuda": 0, "metal": 0}
 SEPARATE: int | None = None
