@@ -23,6 +23,7 @@
 #              make it here with: mkdir .baseline && git archive REV rwkv_mlx custom_kernels scripts | tar -x -C .baseline
 #              && rm .baseline/rwkv_mlx/data/*.gguf && echo REV > .baseline/COMMIT  (and /.baseline/ in .git/info/exclude);
 #              ROUNDS=1: one round only; PREFILL="512 4096" also times both trees' prompts (weights expanded to float16) in round 1
+#   ab       : one tree, settings side by side in separate processes (AB="VAR=a VAR=b", ROUNDS, BATCHES)
 set -uo pipefail
 export PYTHONPATH=/tmp/mlxsite:$PWD PYTHONUNBUFFERED=1 MLX_ENABLE_TF32=0
 OUT=${OUT:-/tmp/out}
@@ -185,6 +186,23 @@ case $step in
         echo "== $t batched, tree $tree" | tee -a $OUT/compare.log
         PYTHONPATH=/tmp/mlxsite:$PWD/$tree RWKV_MLX_KERNEL_MAX_BATCH=0 timeout -s KILL 150 python3 $tree/scripts/batch_decode.py \
           /tmp/synth/$t.gguf --batches $BATCHES --tokens 32 2>&1 | grep -v Warning | tee -a $OUT/compare.log
+      done
+    done ;;
+  ab)  # one tree, settings A/B in separate processes (an in-process alternation may bias: kernel_log step 13):
+    # AB="VAR=a VAR=b" (each word one process's environment), ROUNDS (default 2), BATCHES (batched kernels
+    # route, RWKV_MLX_KERNEL_MAX_BATCH=0; default none)
+    [ -n "${AB:-}" ] || { echo "ab: set AB, e.g. AB=\"RWKV_MLX_SEPARATE_PROLOGUE=0 RWKV_MLX_SEPARATE_PROLOGUE=1\""; exit 2; }
+    bash "$0" wait "$@"
+    for t in "$@"; do
+      for round in $(seq ${ROUNDS:-2}); do
+        for setting in $AB; do
+          echo "== $t round $round $setting" | tee -a $OUT/ab.log
+          env $setting timeout -s KILL 90 python3 scripts/decode_probe.py /tmp/synth/$t.gguf --tokens 128 --no-reference \
+            2>&1 | grep "^kernels" | tee -a $OUT/ab.log
+          [ -n "${BATCHES:-}" ] || continue
+          env $setting RWKV_MLX_KERNEL_MAX_BATCH=0 timeout -s KILL 120 python3 scripts/batch_decode.py /tmp/synth/$t.gguf \
+            --batches $BATCHES --tokens 32 2>&1 | grep "^|" | tee -a $OUT/ab.log
+        done
       done
     done ;;
   *) echo "unknown step $step"; exit 2 ;;
