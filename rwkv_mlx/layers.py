@@ -153,9 +153,9 @@ class AffineLinear(nn.Module):
         ).astype(mx.float32)
 
 
-# GGUF blocks expanded by a kernel: (weight, ggml_type, in_dims) -> float32 matrix, or None where none runs
-# now. The kernels package, which sits above this module, sets it (kernels.expand_blocks).
-BLOCK_EXPANDER: Callable[[mx.array, int, int], mx.array | None] | None = None
+# GGUF blocks expanded by a kernel: (weight, ggml_type, in_dims, dtype) -> the matrix in that dtype, or None
+# where none runs now. The kernels package, which sits above this module, sets it (kernels.expand_blocks).
+BLOCK_EXPANDER: Callable[[mx.array, int, int, mx.Dtype], mx.array | None] | None = None
 
 
 class GGMLLinear(nn.Module):
@@ -172,16 +172,17 @@ class GGMLLinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return self.weight.shape[0], self.in_dims
 
-    def dequantized(self) -> mx.array:
-        fast = BLOCK_EXPANDER(self.weight, self.ggml_type, self.in_dims) if BLOCK_EXPANDER else None
-        return fast if fast is not None else quants.dequantize(self.weight, self.ggml_type, xp=mx)
+    def dequantized(self, dtype: mx.Dtype = mx.float32) -> mx.array:
+        """W in ``dtype``: written so by the dequant kernel where it runs (no second pass), else cast."""
+        fast = BLOCK_EXPANDER(self.weight, self.ggml_type, self.in_dims, dtype) if BLOCK_EXPANDER else None
+        return fast if fast is not None else quants.dequantize(self.weight, self.ggml_type, xp=mx).astype(dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
         # Decoded tokens reach these blocks through the matvec kernel (kernels/decode.py),
         # which reads them as stored; here (prefill, CPU) they are dequantized for the product.
         # That is the expansion AffineLinear does for many rows on CUDA; its dtype follows the same setting.
         dtype = _expand_on_cuda(x.size // x.shape[-1]) or mx.float32
-        return (x.astype(dtype) @ self.dequantized().astype(dtype).T).astype(x.dtype)
+        return (x.astype(dtype) @ self.dequantized(dtype).T).astype(x.dtype)
 
     def rows(self, ids: mx.array) -> mx.array:
         return quants.dequantize(self.weight[ids], self.ggml_type, xp=mx)

@@ -140,13 +140,17 @@ FORMATS = ["float32", "float16", "bfloat16", "affine-4-float32", "affine-4-float
 
 @pytest.mark.parametrize("kind", [f for f in FORMATS if not f.startswith(("float", "bfloat", "affine"))])
 def test_dequant_kernel_expands_blocks_as_gguf_does(kind):
-    """A prompt's products of blocks kept as stored: the dequant kernel against the gguf package."""
+    """A prompt's products of blocks kept as stored: the dequant kernel against the gguf package, in float32
+    and in float16 (CUDA's prompt products: the float32 value rounded to nearest)."""
     from rwkv_mlx.kernels.dequant import expand
 
     layer, w = make_layer(kind, 96, 512, np.random.default_rng(len(kind)))
     got = expand(layer.weight, layer.ggml_type, 512, BACKEND)
     assert got is not None
     np.testing.assert_allclose(np.array(got), w, rtol=1e-6, atol=1e-30)
+    half = expand(layer.weight, layer.ggml_type, 512, BACKEND, mx.float16)
+    assert half is not None and half.dtype == mx.float16
+    np.testing.assert_array_equal(np.array(half), np.array(got).astype(np.float16))
     # and through the layer, as a prompt chunk takes it
     x = mx.array(np.random.default_rng(1).standard_normal((1, 24, 512)).astype(np.float32))
     assert rel_err(layer(x), np.array(x, np.float64) @ w.T) < 2e-3  # (CUDA: float16 products by default)

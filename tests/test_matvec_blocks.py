@@ -102,9 +102,11 @@ def test_block_types_with_layernorm_prologue_in_one_launch():
         assert rel_err(y[:, cols], want[:, cols]) < 1e-5, quants.BLOCK_TYPES[t].name
 
 
-def test_every_block_type_expands_for_prompts():
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_every_block_type_expands_for_prompts(dtype):
     """The dequant kernel (a prompt's products of blocks kept as stored) by its Metal text: every block type
-    the decode kernels read, against the gguf package's dequantization, to float32 rounding."""
+    the decode kernels read, against the gguf package's dequantization, to float32 rounding; in float16
+    (what CUDA's prompt products take), exactly numpy's rounding of that to nearest."""
     from rwkv_mlx.kernels.dequant import expand
     from rwkv_mlx.testing.metal_proof.emulate import Emulator
 
@@ -112,8 +114,12 @@ def test_every_block_type_expands_for_prompts():
     with Emulator().running():
         for t in sorted(STORED_BLOCK_TYPES):
             blocks = random_blocks(t, 3, 512, rng)
-            got = expand(mx.array(blocks), t, 512, "metal")
+            got = expand(mx.array(blocks), t, 512, "metal", getattr(mx, dtype))
             want = gguf_dequantize(blocks, t).reshape(3, 512)
-            assert got is not None and got.dtype == mx.float32, quants.BLOCK_TYPES[t].name
-            np.testing.assert_allclose(np.array(got), want, rtol=1e-6, atol=1e-30, err_msg=quants.BLOCK_TYPES[t].name)
+            name = quants.BLOCK_TYPES[t].name
+            assert got is not None and got.dtype == getattr(mx, dtype), name
+            if dtype == "float32":
+                np.testing.assert_allclose(np.array(got), want, rtol=1e-6, atol=1e-30, err_msg=name)
+            else:  # float16 of the float32 expansion (every block type decodes to float32 exactly)
+                np.testing.assert_array_equal(np.array(got), want.astype(np.float32).astype(np.float16), err_msg=name)
 

@@ -66,14 +66,14 @@ def fused_time_mix(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, h
     return prefill(r, k, v, w_raw, a_raw, g, k_k, k_a, r_k, ln_w, ln_b, state, head_size, backend)
 
 
-def expand_blocks(weight, ggml_type: int, in_dims: int):
-    """GGUF blocks as a float32 matrix by the dequant kernel (kernels/dequant.py), or None."""
+def expand_blocks(weight, ggml_type: int, in_dims: int, dtype):
+    """GGUF blocks as a float32 or float16 matrix by the dequant kernel (kernels/dequant.py), or None."""
     backend = kernel_backend()
     if backend is None:
         return None
     from .dequant import expand
 
-    return expand(weight, ggml_type, in_dims, backend)
+    return expand(weight, ggml_type, in_dims, backend, dtype)
 
 
 layers.BLOCK_EXPANDER = expand_blocks  # (layers sit below the kernels and can't import them)

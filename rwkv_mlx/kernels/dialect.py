@@ -96,6 +96,7 @@ _PRELUDES = {
 #define F32(x) static_cast<float>(x)
 #define HALF_BITS(u) __half2float(__ushort_as_half(static_cast<unsigned short>(u)))
 #define FLOAT_BITS(u) __uint_as_float(static_cast<unsigned int>(u))
+#define BITS_HALF(x) static_cast<unsigned int>(__half_as_ushort(__float2half_rn(x)))
 #define LOCAL_PTR(T) T*
 #define EXP(x) expf(x)
 #define LOG(x) logf(x)
@@ -124,6 +125,7 @@ __device__ __forceinline__ float rwkv_warp_max(float x) {
 #define F32(x) static_cast<float>(x)
 #define HALF_BITS(u) float(as_type<half>(static_cast<ushort>(u)))
 #define FLOAT_BITS(u) as_type<float>(static_cast<uint>(u))
+#define BITS_HALF(x) static_cast<uint>(as_type<ushort>(static_cast<half>(x)))
 #define LOCAL_PTR(T) thread T*
 #define EXP(x) metal::exp(x)
 #define LOG(x) metal::log(x)
@@ -146,7 +148,7 @@ BACKEND_ONLY = {
               "bfloat16_t", "[[", "uint3"],
 }
 DIALECT_WORDS = ["THREAD_ID", "GROUP_ID", "LANE_ID", "WARP_ID", "DEVICE", "SHARED", "IN", "OUT", "SHARED_PTR",
-                 "BARRIER", "WARP_SUM", "WARP_MAX", "SHFL_XOR", "F32", "HALF_BITS", "FLOAT_BITS", "LOCAL_PTR", "EXP", "LOG", "TANH",
+                 "BARRIER", "WARP_SUM", "WARP_MAX", "SHFL_XOR", "F32", "HALF_BITS", "FLOAT_BITS", "BITS_HALF", "LOCAL_PTR", "EXP", "LOG", "TANH",
                  "SQRT", "RSQRT", "FMAX", "FMIN"]
 
 

@@ -64,8 +64,9 @@ KERNEL_INSTANCES: list[KernelInstance] = [
     _matvec("float32", BITS=4, PRO=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["affine"])),
     _matvec(None, PRO=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["q4_k"]) | (1 << _KINDS["q6_k"])),
     _matvec(None, slots=1, PRO=1, EPI=1, KINDS=1 << _KINDS["q4_k"]),
-    # blocks -> float32 matrix (w, shape): one instance per block type a prompt can expand
-    *(KernelInstance("dequant", ("uint8", "int32"), ("float32",), {"KIND": k}) for k in range(2, len(_KINDS))),
+    # blocks -> float32 or float16 matrix (w, shape): one instance per block type a prompt can expand
+    *(KernelInstance("dequant", ("uint8", "int32"), (out,), {"KIND": k})
+      for k in range(2, len(_KINDS)) for out in ("float32", "float16")),
     # a decode launch's LayerNorm + lerps (x, prev, ln_w, ln_b, mix, eps): r/k/v + LoRA down (6 mixes), FFN key, head
     *(KernelInstance("layernorm_lerp", ("float32",) * 6, ("float32", "float32"), {"K": 2560, "M": m}) for m in (6, 1, 0)),
 ]
