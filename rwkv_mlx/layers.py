@@ -138,7 +138,7 @@ class AffineLinear(nn.Module):
         if dtype is not None:
             w = mx.dequantize(self.weight, self.scales.astype(dtype), self.biases.astype(dtype),
                               group_size=self.group_size, bits=self.bits)
-            return (x.astype(w.dtype) @ w.T).astype(x.dtype)
+            return product(x, w).astype(x.dtype)
         y = mx.quantized_matmul(
             x.astype(self.scales.dtype), self.weight, self.scales, self.biases,
             transpose=True, group_size=self.group_size, bits=self.bits,
@@ -182,7 +182,7 @@ class GGMLLinear(nn.Module):
         # which reads them as stored; here (prefill, CPU) they are dequantized for the product.
         # That is the expansion AffineLinear does for many rows on CUDA; its dtype follows the same setting.
         dtype = _expand_on_cuda(x.size // x.shape[-1]) or mx.float32
-        return (x.astype(dtype) @ self.dequantized(dtype).T).astype(x.dtype)
+        return product(x, self.dequantized(dtype)).astype(x.dtype)
 
     def rows(self, ids: mx.array) -> mx.array:
         return quants.dequantize(self.weight[ids], self.ggml_type, xp=mx)

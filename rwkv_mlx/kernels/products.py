@@ -60,4 +60,3 @@ class ProductPlan:
         if self.epilogue == 2:
             y = y + residual
         return (y, xn) if self.prologue == 1 else y
-
