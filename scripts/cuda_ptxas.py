@@ -24,8 +24,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import mlx.core as mx
-
 from rwkv_mlx.kernels import forced_backend
 from rwkv_mlx.kernels.dialect import launch_hook
 from rwkv_mlx.testing import synthetic as synth
@@ -55,22 +53,24 @@ class Nvrtc:
 
     def ptx(self, source: str, name: str) -> str:
         lib, prog = self.lib, ctypes.c_void_p()
-        check = lambda rc, what: rc == 0 or (_ for _ in ()).throw(RuntimeError(f"{name}: {what} returned {rc}"))
-        check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), f"{name}.cu".encode(), 0, None, None),
-              "nvrtcCreateProgram")
-        opts = [b"--gpu-architecture=compute_90", b"--std=c++17", b"-default-device", f"-I{self.include}".encode()]
-        arr = (ctypes.c_char_p * len(opts))(*opts)
-        rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
+        rc = lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), f"{name}.cu".encode(), 0, None, None)
         if rc != 0:
-            raise RuntimeError(f"{name}: NVRTC failed:\n{log.value.decode()[:3000]}")
-        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        out = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetPTX(prog, out)
-        return out.value.decode()
+            raise RuntimeError(f"{name}: nvrtcCreateProgram returned {rc}")
+        try:
+            opts = [b"--gpu-architecture=compute_90", b"--std=c++17", b"-default-device", f"-I{self.include}".encode()]
+            rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            if rc != 0:
+                raise RuntimeError(f"{name}: NVRTC failed:\n{log.value.decode()[:3000]}")
+            lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+            out = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetPTX(prog, out)
+            return out.value.decode()
+        finally:
+            lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 def ptxas_report(ptxas: str, ptx: str) -> str:
@@ -118,7 +118,6 @@ def main():
         t = ",".join(f"{k}={v}" for k, v in inst.template)
         dtypes = "/".join(sorted({d for _, d, _ in inst.inputs} - {"uint8", "int32"}))
         print(f"| {inst.kernel.name} | {t} | {dtypes} | {'; '.join(sorted(inst.cases))[:60]} | {report} |")
-    mx.eval()
 
 
 if __name__ == "__main__":
