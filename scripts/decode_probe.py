@@ -58,8 +58,8 @@ def launch_times(model, repeats: int = 50) -> None:
              ("ffn value", plan.value, lambda: plan.value(hidden, residual=x)),
              ("block", None, lambda: plan(x, shift, shift, state, x)[0])]
     for name, p, fn in cases:
-        weights = p.inner.tail if p is not None and p.pre is not None else p.tail if p is not None else []
-        nbytes = sum({id(a): a.nbytes for a in weights if a.size > 1}.values())
+        launch = p.inner if p is not None and p.pre is not None else p  # (the matvec launch of a split prologue)
+        nbytes = sum({id(a): a.nbytes for a in launch.tail if a.size > 1}.values()) if launch else 0
         mx.eval(fn())
         tic = time.perf_counter()
         mx.eval([fn() for _ in range(repeats)])
