@@ -339,30 +339,8 @@ def test_emulated_matvec_formats(kind, B):
     assert rel_err(y, want) < 1e-5
 
 
-@needs_emulator
-@pytest.mark.parametrize("kind", ["float16", "q6_k"])
-def test_emulated_long_rows_walk_tiles(kind):
-    """The 2.9B FFN's K = 10240 at B = 1: longer than Apple's 32 KB stage, walked in tiles of K."""
-
-    import mlx.nn as nn
-    from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
-
-    rng = np.random.default_rng(3)
-    K, F, B = 10240, 64, 1
-    layer, w = make_layer(kind, F, K, rng)
-    x, prev = (rng.standard_normal((B, K)).astype(np.float32) for _ in range(2))
-    mix = rng.uniform(0, 1, (1, K)).astype(np.float32)
-    ln = nn.LayerNorm(K)
-    ln.weight, ln.bias = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32)), mx.array(rng.standard_normal(K).astype(np.float32))
-    with Emulator().running():
-        plan = MatvecPlan([Segment(layer, mode=0)], B, backend="metal", prologue=1, ln=ln, mix=mx.array(mix))
-        assert plan.ok and dict(plan.template)["KT"] < K, plan.template
-        y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
-    norm = layer_norm64(x, ln)
-    assert rel_err(xn, norm) < 1e-5 and rel_err(y, (norm + (prev - norm) * mix[0]) @ w.T) < 1e-5
-
-
 def lerp_inputs(rng, B: int, K: int, mixes: int):
+    """x, prev [B, K], mix [mixes, K] and a LayerNorm of K, drawn from rng in that order."""
     import mlx.nn as nn
 
     x, prev = (rng.standard_normal((B, K)).astype(np.float32) for _ in range(2))
@@ -371,6 +349,25 @@ def lerp_inputs(rng, B: int, K: int, mixes: int):
     ln.weight = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32))
     ln.bias = mx.array(rng.standard_normal(K).astype(np.float32))
     return x, prev, mix, ln
+
+
+@needs_emulator
+@pytest.mark.parametrize("kind", ["float16", "q6_k"])
+def test_emulated_long_rows_walk_tiles(kind):
+    """The 2.9B FFN's K = 10240 at B = 1: longer than Apple's 32 KB stage, walked in tiles of K."""
+
+    from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
+
+    rng = np.random.default_rng(3)
+    K, F, B = 10240, 64, 1
+    layer, w = make_layer(kind, F, K, rng)
+    x, prev, mix, ln = lerp_inputs(rng, B, K, 1)
+    with Emulator().running():
+        plan = MatvecPlan([Segment(layer, mode=0)], B, backend="metal", prologue=1, ln=ln, mix=mx.array(mix))
+        assert plan.ok and dict(plan.template)["KT"] < K, plan.template
+        y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
+    norm = layer_norm64(x, ln)
+    assert rel_err(xn, norm) < 1e-5 and rel_err(y, (norm + (prev - norm) * mix[0]) @ w.T) < 1e-5
 
 
 @needs_emulator
