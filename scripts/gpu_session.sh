@@ -189,19 +189,23 @@ case $step in
       done
     done ;;
   ab)  # one tree, settings A/B in separate processes (an in-process alternation may bias: kernel_log step 13):
-    # AB="VAR=a VAR=b" (each word one process's environment), ROUNDS (default 2), BATCHES (batched kernels
-    # route, RWKV_MLX_KERNEL_MAX_BATCH=0; default none)
+    # AB="VAR=a VAR=b,OTHER=c" (each word one process's environment, its assignments joined by commas),
+    # ROUNDS (default 2), TOKENS (one-row decode, default 128), BATCHES (batched decode, default none) by
+    # ROUTES (scripts/batch_decode.py's, default kernels), PIN (taskset cores for the timed processes, e.g.
+    # while a build runs on the others)
     [ -n "${AB:-}" ] || { echo "ab: set AB, e.g. AB=\"RWKV_MLX_SEPARATE_PROLOGUE=0 RWKV_MLX_SEPARATE_PROLOGUE=1\""; exit 2; }
     bash "$0" wait "$@"
+    pin=(); [ -n "${PIN:-}" ] && pin=(taskset -c "$PIN")
     for t in "$@"; do
       for round in $(seq ${ROUNDS:-2}); do
         for setting in $AB; do
           echo "== $t round $round $setting" | tee -a $OUT/ab.log
-          env $setting timeout -s KILL 90 python3 scripts/decode_probe.py /tmp/synth/$t.gguf --tokens 128 --no-reference \
-            2>&1 | grep "^kernels" | tee -a $OUT/ab.log
+          env ${setting//,/ } "${pin[@]}" timeout -s KILL 90 python3 scripts/decode_probe.py /tmp/synth/$t.gguf \
+            --tokens ${TOKENS:-128} --no-reference 2>&1 | grep "^kernels" | tee -a $OUT/ab.log
           [ -n "${BATCHES:-}" ] || continue
-          env $setting RWKV_MLX_KERNEL_MAX_BATCH=0 timeout -s KILL 120 python3 scripts/batch_decode.py /tmp/synth/$t.gguf \
-            --batches $BATCHES --tokens 32 2>&1 | grep "^|" | tee -a $OUT/ab.log
+          env ${setting//,/ } "${pin[@]}" timeout -s KILL 150 python3 scripts/batch_decode.py /tmp/synth/$t.gguf \
+            --batches $BATCHES --routes ${ROUTES:-kernels} --tokens ${BATCH_TOKENS:-32} 2>&1 \
+            | grep "^|" | tee -a $OUT/ab.log
         done
       done
     done ;;
