@@ -39,11 +39,15 @@ def timed_chain(launch, x0) -> tuple[float, float]:
     return best[0] / CHAIN * 1e6, best[1] / CHAIN * 1e6
 
 
-def null_kernel(n_inputs: int):
+def null_kernel(n_inputs: int, pad_kb: int = 0):
+    """A kernel that does nearly nothing; ``pad_kb`` KB of comment lines in its header (the text MLX
+    keeps, and hashes at every launch on CUDA: mlx/backend/cuda/custom_kernel.cpp)."""
     names = [f"in{i}" for i in range(n_inputs)]
     body = ("if (threadIdx.x == 0 && blockIdx.x == 0) { float s = 0.0f; "
             + " ".join(f"s += {n}[0];" for n in names) + " out[0] = s; }")
-    kernel = mx.fast.cuda_kernel(name=f"null_{n_inputs}", input_names=names, output_names=["out"], source=body)
+    header = ("// " + "x" * 60 + "\n") * (pad_kb * 1024 // 64)
+    kernel = mx.fast.cuda_kernel(name=f"null_{n_inputs}_{pad_kb}", input_names=names, output_names=["out"],
+                                 source=body, header=header)
     extra = [mx.zeros((16,)) for _ in range(n_inputs - 1)]
     mx.eval(extra)
 
@@ -52,6 +56,26 @@ def null_kernel(n_inputs: int):
                       output_dtypes=[mx.float32])[0]
 
     return launch
+
+
+def compiled_chain(launch, x0, n: int = 100) -> float:
+    """Wall us per launch of a compiled chain of ``n`` dependent launches, replayed: no Python per launch,
+    only what MLX does for each primitive when it evaluates (as in the compiled decode step)."""
+    def chain(x):
+        out = launch(x)
+        for _ in range(n - 1):
+            out = launch(mx.depends(x, out))
+        return out
+
+    fn = mx.compile(chain)
+    mx.eval(fn(x0))
+    best = float("inf")
+    for _ in range(5):
+        mx.synchronize()
+        tic = time.perf_counter()
+        mx.eval(fn(x0))
+        best = min(best, time.perf_counter() - tic)
+    return best / n * 1e6
 
 
 def row(name: str, host: float, total: float) -> None:
@@ -68,6 +92,8 @@ def main():
     if mx.cuda.is_available():
         for n in (1, 3, 9, 17, 33):
             row(f"null custom kernel, {n} inputs", *timed_chain(null_kernel(n), x0))
+        for kb in (0, 16, 32, 64):  # the rendered matvec source is about 28 KB, the time mix's 15 KB
+            print(f"| compiled chain, null kernel, source + {kb} KB | | {compiled_chain(null_kernel(1, kb), x0):.1f} |")
     from rwkv_mlx.kernels import kernel_backend
 
     if not args.model or kernel_backend() is None:
