@@ -113,3 +113,58 @@ def test_cuda_text_compiles_with_nvcc(tmp_path):
     result = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-c", str(src), "-o", str(tmp_path / "k.o")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+# ---- the text MLX keeps: compacted, each variant's conditionals decided (dialect.compact, resolve_variants)
+
+def _preprocessed(text: str) -> list[str]:
+    """``text`` through clang's C preprocessor (the ziglang wheel's, as the Metal proof uses): its tokens."""
+    from rwkv_mlx.testing.metal_proof.compile import ProofError, zig
+
+    try:
+        cmd = [zig(), "clang", "-E", "-P", "-x", "c", "-"]
+    except ProofError as e:
+        pytest.skip(str(e))
+    result = subprocess.run(cmd, input=text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.split()
+
+
+def _variant_sets(name: str) -> list[tuple[str, ...]]:
+    """Every combination of a kernel's declared variants, in declaration order."""
+    names = list(dialect.load_kern(name).variants)
+    return [tuple(v for i, v in enumerate(names) if mask >> i & 1) for mask in range(1 << len(names))]
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_compacted_text_preprocesses_as_written(name):
+    """The text MLX gets (no comments, no indentation, variant conditionals decided) reads to the same
+    tokens as the text as written, through a real C preprocessor, for every combination of variants."""
+    for defines in _variant_sets(name):
+        short = dialect.render(name, "metal", defines)  # (the Metal prelude includes no system header)
+        full = dialect.render(name, "metal", defines, compacted=False)
+        assert len(short.header) + len(short.body) < 0.8 * (len(full.header) + len(full.body))
+        assert "//" not in short.header + short.body
+        got = _preprocessed(short.header + short.body)
+        assert got == _preprocessed(full.header + full.body), f"{name} {defines}"
+
+
+def test_resolve_variants_decides_only_variant_conditionals():
+    text = "\n".join([
+        "a", "#ifdef V", "b", "#ifndef W", "c", "#else", "d", "#endif", "#else", "e", "#endif",
+        "#if defined(OTHER)", "f", "#if !defined(V)", "g", "#elif defined(W)", "h", "#else", "i", "#endif", "#endif",
+        "#ifndef V", "j", "#endif"])
+    got = dialect.resolve_variants(text, {"V", "W"}, {"V"}).split("\n")
+    # V defined, W not: b and c; OTHER is no variant, so its #if stays (and what it guards is decided inside)
+    assert got == ["a", "b", "c", "#if defined(OTHER)", "f", "i", "#endif"]
+    got = dialect.resolve_variants(text, {"V", "W"}, {"W"}).split("\n")
+    assert got == ["a", "e", "#if defined(OTHER)", "f", "g", "#endif", "j"]
+    with pytest.raises(ValueError, match="without #endif"):
+        dialect.resolve_variants("#ifdef V\nx", {"V"}, set())
+    with pytest.raises(ValueError, match="not a variant"):
+        dialect.resolve_variants("#ifdef V\nx\n#elif defined(OTHER)\ny\n#endif", {"V"}, set())
+
+
+def test_a_define_that_is_no_variant_is_refused():
+    with pytest.raises(ValueError, match="no variant"):
+        dialect.render("matvec", "cuda", ("ONE_SEGMNET",))

@@ -219,13 +219,16 @@ class Rendered:
     constants: tuple[str, ...] = ()
 
 
-def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = ()) -> Rendered:
+def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = (), *,
+           compacted: bool = True) -> Rendered:
     """The (header, body) MLX needs for ``backend``, includes resolved in order.
 
     ``defines`` become ``#define NAME 1`` lines ahead of the header: a variant of
     one source (a weight format, say) without a second copy of the text. A variant
     declared with ``//! variant: NAME inputs...`` also leaves those inputs out of the
-    signature (each input costs host time at every launch).
+    signature (each input costs host time at every launch), and its conditionals are
+    decided here (``resolve_variants``). ``compacted=False`` gives the text as written
+    (comments, every variant's code), which a C preprocessor reads the same: tests compare them.
     """
     if isinstance(src, str):
         src = load_kern(src)
@@ -240,14 +243,110 @@ def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = ())
                 seen.append(inc)
 
     collect(src)
+    unknown = set(defines) - set(src.variants)
+    if unknown:
+        raise ValueError(f"{src.name}: no variant {sorted(unknown)} (declare it with //! variant:)")
     header = "".join(f"#define {d} 1\n" for d in defines) + _PRELUDES[backend]
     header += "\n".join(substitute(load_kern(i).header, backend) for i in seen)
     header += "\n" + substitute(src.header, backend)
+
+    def final(text: str) -> str:
+        return compact(resolve_variants(text, set(src.variants), set(defines))) if compacted else text
+
     name = "_".join([src.name, *(d.lower() for d in defines)])
     dropped = {i for d in defines for i in src.variants.get(d, ())}
-    return Rendered(name, backend, header, substitute(src.body, backend),
+    return Rendered(name, backend, final(header), final(substitute(src.body, backend)),
                     tuple(i for i in src.inputs if i not in dropped), tuple(src.outputs), tuple(src.template),
                     tuple(src.constants))
+
+
+_COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
+
+
+def compact(text: str) -> str:
+    """``text`` without comments, indentation or blank lines, each line's spaces collapsed.
+
+    MLX's CUDA backend hashes a kernel's whole source at every launch it evaluates
+    (mlx/backend/cuda/custom_kernel.cpp, to find the compiled module): on an H100's host about
+    0.2 us per KB, 4 us a launch at no text and 11-12.5 us with 32 KB more (scripts/launch_cost.py,
+    results/kernel_log.md step 14). So the .kern files keep their comments and the GPU gets none.
+    Lines stay lines (a preprocessor directive needs its own, and the text ends with a newline:
+    MLX appends the kernel's signature to the header); kernels hold no string literals.
+    """
+    code = _COMMENT.sub("", text)
+    if '"' in code or "'" in code:
+        raise ValueError("compact() keeps no string or character literal intact: kernels may hold none")
+    lines = (" ".join(line.split()) for line in code.splitlines())
+    return "".join(line + "\n" for line in lines if line)
+
+
+_DIRECTIVE = re.compile(r"^\s*#\s*(ifdef|ifndef|if|elif|else|endif)\b\s*(.*?)\s*$")
+_TEST = re.compile(r"^(!?)\s*defined\s*\(\s*(\w+)\s*\)$")
+
+
+def resolve_variants(text: str, variants: set[str], defined: set[str]) -> str:
+    """``text`` with each ``#ifdef``/``#ifndef``/``#if [!]defined(V)`` chain on a variant V decided here.
+
+    A variant's code is then absent from the text MLX keeps (and hashes at every launch, see
+    ``compact``), not merely skipped by the compiler; the kept lines are what the preprocessor
+    would keep with the variants' ``#define`` lines, which stay. Conditionals on other names
+    pass through untouched.
+    """
+    out: list[str] = []
+    stack: list[list[bool] | None] = []  # per open conditional: None (passed through) or [live, taken]
+
+    def live() -> bool:
+        return all(f is None or f[0] for f in stack)
+
+    def decide(kind: str, cond: str) -> bool | None:
+        """The condition's value if it tests one variant, else None."""
+        if kind in ("ifdef", "ifndef"):
+            name, negate = cond, kind == "ifndef"
+        else:
+            m = _TEST.match(cond)
+            if not m:
+                return None
+            name, negate = m.group(2), m.group(1) == "!"
+        return None if name not in variants else (name in defined) != negate
+
+    for line in text.splitlines():
+        m = _DIRECTIVE.match(line)
+        if not m:
+            if live():
+                out.append(line)
+            continue
+        kind, cond = m.groups()
+        if kind in ("ifdef", "ifndef", "if"):
+            value = decide(kind, cond)
+            if value is None:
+                if live():
+                    out.append(line)
+                stack.append(None)
+            else:
+                stack.append([value, value])
+            continue
+        if not stack:
+            raise ValueError(f"#{kind} without #if: {line.strip()!r}")
+        frame = stack[-1]
+        if frame is None:  # (its lines are kept where the conditionals around it keep them)
+            if kind == "endif":
+                stack.pop()
+            if live():
+                out.append(line)
+            continue
+        if kind == "elif":
+            value = decide("if", cond)
+            if value is None:
+                raise ValueError(f"#elif on a name that is not a variant, in a chain on variants: {line.strip()!r}")
+            frame[0] = value and not frame[1]
+            frame[1] = frame[1] or value
+        elif kind == "else":
+            frame[0], frame[1] = not frame[1], True
+        else:
+            stack.pop()
+    if stack:
+        raise ValueError("#if without #endif")
+    return "\n".join(out)
 
 
 _SHARED_DECL = re.compile(r"\bSHARED\s+(\w+)\s+(\w+)\s*\[([^\]]+)\]\s*;")
