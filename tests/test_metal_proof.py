@@ -31,7 +31,8 @@ from rwkv_mlx.testing.metal_proof.compile import APPLE_THREADS_PER_GROUP, check,
 from rwkv_mlx.testing.metal_proof.emulate import Emulator
 from rwkv_mlx.testing.metal_proof.record import Instantiation
 from rwkv_mlx.testing.metal_proof.render import metal_sources
-from rwkv_mlx.testing.metal_proof.shapes import shaped_model
+from rwkv_mlx.testing.metal_proof.shapes import Q6_K, shaped_model
+from rwkv_mlx.layers import WeightFormat
 from rwkv_mlx.model.weights import LoadOptions
 
 from rwkv_mlx.testing import synthetic as synth  # the 2.9B and 7.2B shape presets
@@ -69,6 +70,11 @@ def recorded() -> Recorder:
             record_launches(shaped_model(hp, file_type), f"{label} {file_type}", rec)
     for scale in ("float32", "float16", "bfloat16"):
         record_launches(shaped_model(synth.G1B_2_9B, "Q4_K_M", scale_dtype=scale), f"2.9B Q4_K_M scales {scale}", rec)
+    # affine codes and GGUF blocks in one launch (a file whose v is Q6_K among Q4_K r and k): the matvec
+    # text with both readers (no variant drops either), which no recipe above launches
+    mixed = shaped_model(synth.G1B_2_9B, "Q4_K_M", scale_dtype="float32",
+                         overrides={"blocks.1.att.value": WeightFormat("ggml", ggml_type=Q6_K)})
+    record_launches(mixed, "2.9B Q4_K_M scales float32, v in Q6_K", rec, prefill_batches=(), decode_batches=(1,))
     head = shaped_model(synth.G1B_2_9B, "Q4_K_M", n_layer=1, vocab=65536)
     record_launches(head, "2.9B vocab 65536", rec, prefill_batches=(), decode_batches=(1,))
     layernorm_lerp.SEPARATE = 1  # RWKV_MLX_SEPARATE_PROLOGUE=1 (the default is 0): prologues as launches of their own
@@ -97,10 +103,12 @@ def test_recording_covers_every_case(recorded):
     nb = {dict(i.template).get("NB") for i in recorded.instantiations.values()}
     assert {1, 2, 4} <= nb
     names = {i.kernel.name for i in recorded.instantiations.values()}
-    assert names == {"rwkv_matvec", "rwkv_matvec_one_segment", "rwkv_matvec_no_scales", "rwkv_matvec_one_segment_no_scales",
-                     "rwkv_wkv7", "rwkv_dequant", "rwkv_layernorm_lerp"}, names  # every variant the plans use
-    # (NO_SCALES: no affine matrix in the launch); rwkv_dequant: the prompts' products of GGUF blocks kept as
-    # stored (Metal's default); rwkv_layernorm_lerp: the decode prologues as launches of their own (a setting)
+    matvecs = {"rwkv_matvec", "rwkv_matvec_no_scales", "rwkv_matvec_one_segment_no_scales",
+               *(f"rwkv_matvec{v}_no_blocks" for v in ("", "_no_scales", "_one_segment", "_one_segment_no_scales"))}
+    assert names == matvecs | {"rwkv_wkv7", "rwkv_dequant", "rwkv_layernorm_lerp"}, names  # every variant the plans use
+    # (NO_SCALES: no affine matrix in the launch; NO_BLOCKS: no GGUF blocks; one matrix is affine or blocks, never
+    # both); rwkv_dequant: the prompts' products of GGUF blocks kept as stored (Metal's default);
+    # rwkv_layernorm_lerp: the decode prologues as launches of their own (a setting)
     assert "2.9B Q4_K_M separate prologue decode B=4" in cases
     if not oracle_models():
         pytest.skip(f"the oracle files were not recorded: {ORACLE_MISSING}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .matvec import _KINDS
+from .matvec import _KINDS, variant_names
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,14 @@ class KernelInstance:
 
 def _matvec(scales: str | None, slots: int = 8, **template) -> KernelInstance:
     # x prev ln_w ln_b mix eps | seg | bias residual | w0..w7 | s0..s7 | z0..z7 (one of each: ONE_SEGMENT;
-    # scales None: no scale or offset slots, NO_SCALES)
+    # scales None: no scale or offset slots, NO_SCALES; KINDS without blocks: NO_BLOCKS)
     inputs = ("float32",) * 6 + ("int32",) + ("float32",) * 2 + ("uint8",) * slots
     inputs += (scales,) * (2 * slots) if scales else ()
     # KINDS: every reader compiled in (bit k: kind k, kernels/matvec.py _KINDS), unless an entry narrows it
     every_kind = (1 << len(_KINDS)) - 1
     t = {"NB": 1, "RPW": 4, "KT": 2560, "TILED": 0, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0, "KINDS": every_kind,
          **template}
-    defines = (("ONE_SEGMENT",) if slots == 1 else ()) + (() if scales else ("NO_SCALES",))
+    defines = variant_names(slots == 1, scales is not None, t["KINDS"] >> _KINDS["q6_k"] != 0)
     return KernelInstance("matvec", inputs, ("float32", "float32"), t, defines)
 
 

@@ -49,9 +49,11 @@ def file_type_formats(file_type: str, n_layer: int, scale_dtype: str | None = No
 
 
 def shaped_model(shape: ModelArgs, file_type: str, *, n_layer: int = 2, vocab: int = 512,
-                 scale_dtype: str | None = None) -> Model:
-    """A model of ``shape``'s blocks (rwkv_mlx.testing.synthetic presets), n_layer of them, zero weights."""
+                 scale_dtype: str | None = None, overrides: dict[str, WeightFormat] | None = None) -> Model:
+    """A model of ``shape``'s blocks (rwkv_mlx.testing.synthetic presets), n_layer of them, zero weights;
+    ``overrides`` replace the recipe's format of the matrices they name."""
     args = replace(shape, vocab_size=vocab, n_layer=n_layer)
-    model = Model(args, file_type_formats(file_type, n_layer, scale_dtype), lora_dtype=mx.float16)
+    formats = {**file_type_formats(file_type, n_layer, scale_dtype), **(overrides or {})}
+    model = Model(args, formats, lora_dtype=mx.float16)
     mx.eval(model.parameters())
     return model
