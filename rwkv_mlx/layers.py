@@ -119,6 +119,14 @@ class Linear(nn.Module):
         return self.weight[ids].astype(mx.float32)
 
 
+# Quantized matrices expanded by a kernel, or None where none runs now. The kernels package, which sits
+# above this module, sets both (kernels.expand_blocks, kernels.expand_affine):
+# GGUF blocks: (weight, ggml_type, in_dims, dtype) -> the matrix in that dtype;
+BLOCK_EXPANDER: Callable[[mx.array, int, int, mx.Dtype], mx.array | None] | None = None
+# MLX affine codes: (weight, scales, biases, bits, group_size, dtype) -> the matrix in that dtype.
+AFFINE_EXPANDER: Callable[[mx.array, mx.array, mx.array, int, int, mx.Dtype], mx.array | None] | None = None
+
+
 class AffineLinear(nn.Module):
     """y = x @ dequantize(W).T, W affine-quantized along its rows in groups of 32."""
 
@@ -133,12 +141,20 @@ class AffineLinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return self.scales.shape[0], self.scales.shape[1] * self.group_size
 
+    def dequantized(self, dtype: mx.Dtype) -> mx.array:
+        """W in ``dtype``: by the dequant kernel where it runs (one launch, rounded once from float32),
+        else by MLX with the scales and offsets cast first."""
+        fast = AFFINE_EXPANDER(self.weight, self.scales, self.biases, self.bits, self.group_size, dtype) \
+            if AFFINE_EXPANDER else None
+        if fast is not None:
+            return fast
+        return mx.dequantize(self.weight, self.scales.astype(dtype), self.biases.astype(dtype),
+                             group_size=self.group_size, bits=self.bits)
+
     def __call__(self, x: mx.array) -> mx.array:
         dtype = _expand_on_cuda(x.size // x.shape[-1])
         if dtype is not None:
-            w = mx.dequantize(self.weight, self.scales.astype(dtype), self.biases.astype(dtype),
-                              group_size=self.group_size, bits=self.bits)
-            return product(x, w).astype(x.dtype)
+            return product(x, self.dequantized(dtype)).astype(x.dtype)
         y = mx.quantized_matmul(
             x.astype(self.scales.dtype), self.weight, self.scales, self.biases,
             transpose=True, group_size=self.group_size, bits=self.bits,
@@ -153,9 +169,6 @@ class AffineLinear(nn.Module):
         ).astype(mx.float32)
 
 
-# GGUF blocks expanded by a kernel: (weight, ggml_type, in_dims, dtype) -> the matrix in that dtype, or None
-# where none runs now. The kernels package, which sits above this module, sets it (kernels.expand_blocks).
-BLOCK_EXPANDER: Callable[[mx.array, int, int, mx.Dtype], mx.array | None] | None = None
 
 
 class GGMLLinear(nn.Module):

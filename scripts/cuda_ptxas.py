@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from rwkv_mlx import layers
 from rwkv_mlx.kernels import forced_backend
 from rwkv_mlx.kernels.dialect import launch_hook
 from rwkv_mlx.testing import synthetic as synth
@@ -98,6 +99,9 @@ def main():
     ap.add_argument("--dump", help="write each translation unit into this folder")
     args = ap.parse_args()
     nvrtc = Nvrtc(args.nvrtc, args.include)
+    # The layers expand quantized weights for many rows only on CUDA (layers._expand_on_cuda asks MLX's
+    # backend, which is the CPU here): answer as CUDA would, so the products route's launches are recorded.
+    layers.active_backend = lambda: "cuda"
     rec = Recorder()
     for t in args.types:
         scale = None if t == "F16" else "float32"  # CUDA's default: Q4_K and Q8_0 as affine codes

@@ -156,6 +156,23 @@ def test_dequant_kernel_expands_blocks_as_gguf_does(kind):
     assert rel_err(layer(x), np.array(x, np.float64) @ w.T) < 2e-3  # (CUDA: float16 products by default)
 
 
+@pytest.mark.parametrize("kind", [f for f in FORMATS if f.startswith("affine")])
+def test_dequant_kernel_expands_affine_codes(kind):
+    """CUDA's products of many rows expand affine codes by the dequant kernel: float32 against MLX's own
+    dequantize (float32 scales), float16 that value rounded once; and through the layer at 24 rows."""
+    from rwkv_mlx.kernels.dequant import expand_affine
+
+    layer, w = make_layer(kind, 96, 512, np.random.default_rng(len(kind) + 3))
+    got = expand_affine(layer.weight, layer.scales, layer.biases, layer.bits, 32, BACKEND)
+    assert got is not None
+    np.testing.assert_allclose(np.array(got), w, rtol=1e-6, atol=1e-7)
+    half = expand_affine(layer.weight, layer.scales, layer.biases, layer.bits, 32, BACKEND, mx.float16)
+    assert half is not None and half.dtype == mx.float16
+    np.testing.assert_array_equal(np.array(half), np.array(got).astype(np.float16))
+    x = mx.array(np.random.default_rng(2).standard_normal((1, 24, 512)).astype(np.float32))
+    assert rel_err(layer(x), np.array(x, np.float64) @ w.T) < 2e-3  # (CUDA: float16 products by default)
+
+
 @pytest.fixture
 def every_batch(monkeypatch):
     """The matvec kernel at every row count a backend may give it: Metal takes it at all of them,

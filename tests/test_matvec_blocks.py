@@ -5,7 +5,8 @@ their fp16 fields set to finite values; the gguf package dequantizes them (an
 implementation independent of ours and of the kernel) and float64 numpy
 multiplies. Each block type runs through the matvec kernel at B = 1 and 2, and
 once with the LayerNorm + token-shift prologue (each case compiles the readers of
-its own types: the KINDS template constant).
+its own types: the KINDS template constant). The dequant kernel expands each block type,
+and MLX's affine codes, for the products of many rows.
 """
 
 from __future__ import annotations
@@ -122,4 +123,38 @@ def test_every_block_type_expands_for_prompts(dtype):
                 np.testing.assert_allclose(np.array(got), want, rtol=1e-6, atol=1e-30, err_msg=name)
             else:  # float16 of the float32 expansion (every block type decodes to float32 exactly)
                 np.testing.assert_array_equal(np.array(got), want.astype(np.float32).astype(np.float16), err_msg=name)
+
+
+def affine_codes64(words: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> np.ndarray:
+    """MLX's affine layout in numpy: each row's uint32 words are a little-endian bit stream of ``bits``-bit
+    codes, 32 to a group of one scale and one offset; weight = scale * code + offset, in float64."""
+    rows = words.shape[0]
+    stream = np.unpackbits(words.astype("<u4").view(np.uint8), axis=1, bitorder="little")
+    codes = stream.reshape(rows, -1, bits) @ (1 << np.arange(bits))
+    s = np.repeat(scales.astype(np.float64), 32, axis=1)
+    return s * codes + np.repeat(biases.astype(np.float64), 32, axis=1)
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16"])
+def test_affine_codes_expand_for_many_rows(scale_dtype):
+    """The dequant kernel's affine variant (CUDA's products of many rows: layers.AffineLinear) by its Metal
+    text: every code width, against the layout's math in numpy, float32 to rounding; float16 rounded once,
+    to nearest, from that float32 value."""
+    from rwkv_mlx.kernels.dequant import expand_affine
+    from rwkv_mlx.testing.metal_proof.emulate import Emulator
+
+    rng = np.random.default_rng(11)
+    rows, k = 3, 256
+    with Emulator().running():
+        for bits in (2, 3, 4, 5, 6, 8):
+            words = rng.integers(0, 2**32, (rows, k * bits // 32), dtype=np.uint32)
+            scales = mx.array(rng.uniform(-0.1, 0.1, (rows, k // 32)).astype(np.float32)).astype(getattr(mx, scale_dtype))
+            biases = mx.array(rng.uniform(-0.5, 0.5, (rows, k // 32)).astype(np.float32)).astype(getattr(mx, scale_dtype))
+            want = affine_codes64(words, np.array(scales.astype(mx.float32)), np.array(biases.astype(mx.float32)), bits)
+            got = expand_affine(mx.array(words), scales, biases, bits, 32, "metal", mx.float32)
+            assert got is not None and got.dtype == mx.float32
+            np.testing.assert_allclose(np.array(got), want, rtol=1e-6, atol=1e-7, err_msg=f"{bits} bits")
+            half = expand_affine(mx.array(words), scales, biases, bits, 32, "metal", mx.float16)
+            assert half is not None and half.dtype == mx.float16
+            np.testing.assert_array_equal(np.array(half), np.array(got).astype(np.float16), err_msg=f"{bits} bits")
 

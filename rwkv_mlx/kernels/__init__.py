@@ -76,7 +76,18 @@ def expand_blocks(weight, ggml_type: int, in_dims: int, dtype):
     return expand(weight, ggml_type, in_dims, backend, dtype)
 
 
-layers.BLOCK_EXPANDER = expand_blocks  # (layers sit below the kernels and can't import them)
+def expand_affine(weight, scales, biases, bits: int, group_size: int, dtype):
+    """MLX affine codes as a float32 or float16 matrix by the dequant kernel (kernels/dequant.py), or None."""
+    backend = kernel_backend()
+    if backend is None:
+        return None
+    from .dequant import expand_affine as expand
+
+    return expand(weight, scales, biases, bits, group_size, backend, dtype)
+
+
+# (layers sit below the kernels and can't import them)
+layers.BLOCK_EXPANDER, layers.AFFINE_EXPANDER = expand_blocks, expand_affine
 
 
 def head_plan(ln_out, head, batch: int, backend: str):

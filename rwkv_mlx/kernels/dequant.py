@@ -1,9 +1,11 @@
-"""GGUF blocks expanded to a dense float32 or float16 matrix in one launch (custom_kernels/dequant.kern).
+"""Quantized matrices expanded to a dense float32 or float16 matrix in one launch (custom_kernels/dequant.kern).
 
-A prompt's products multiply blocks kept as stored (``layers.GGMLLinear``) by the expanded matrix;
-this is that expansion on a GPU, by the decode kernels' own block readers. ``kernels.expand_blocks``
-hands it to the layers, which fall back to plain MLX operations (``quants.dequantize``) where it
-doesn't run: on the CPU, inside ``kernels_disabled()``, or for a type the readers don't know.
+A prompt's products -- and, on CUDA, the products of many decoded rows -- multiply quantized weights
+by the expanded matrix; this is that expansion on a GPU, by the decode kernels' own readers: GGUF
+blocks kept as stored (``layers.GGMLLinear``, ``expand``) and MLX's affine codes (``layers.AffineLinear``,
+``expand_affine``). ``kernels.expand_blocks`` and ``kernels.expand_affine`` hand them to the layers,
+which fall back to plain MLX operations where no kernel runs: on the CPU, inside ``kernels_disabled()``,
+or for a form the readers don't know.
 """
 
 from __future__ import annotations
@@ -12,12 +14,25 @@ import mlx.core as mx
 
 from .. import quants
 from .dialect import build, launches
-from .matvec import STORED_BLOCK_TYPES, kind_number
+from .matvec import STORED_BLOCK_TYPES, kind_number, _KINDS
 
 THREADS = 256  # threads per group: dequant.kern's THREADS
-
+GROUP = 32  # weights per thread: one block group, or one affine group (the only affine group size read)
 
 OUT_DTYPES = (mx.float32, mx.float16)  # what dequant.kern writes (its store_group overloads)
+
+
+def _expand(kernel, inputs: list, template: list, rows: int, in_dims: int, dtype: mx.Dtype) -> mx.array | None:
+    """One launch, a thread per group of 32 weights; None if this instantiation doesn't build here."""
+    groups = rows * in_dims // GROUP
+    inputs = [inputs[0], mx.array([rows, in_dims], dtype=mx.int32), *inputs[1:]]
+
+    def run():
+        return kernel(inputs=inputs, template=template, grid=(-(-groups // THREADS) * THREADS, 1, 1),
+                      threadgroup=(THREADS, 1, 1), output_shapes=[(rows, in_dims)], output_dtypes=[dtype])[0]
+
+    signature = (*template, str(dtype), *(str(a.dtype) for a in inputs[2:]))  # (dtypes make instantiations)
+    return run() if launches(kernel, signature, run) else None
 
 
 def expand(weight: mx.array, ggml_type: int, in_dims: int, backend: str, dtype: mx.Dtype = mx.float32) -> mx.array | None:
@@ -27,14 +42,17 @@ def expand(weight: mx.array, ggml_type: int, in_dims: int, backend: str, dtype: 
         return None
     if ggml_type not in STORED_BLOCK_TYPES or in_dims % quants.BLOCK_TYPES[ggml_type].block_elems:
         return None
-    kernel = build("dequant", backend)
-    rows = weight.shape[0]
-    groups = rows * in_dims // 32
-    template = [("KIND", kind_number(ggml_type))]  # (the output dtype makes its own instantiation)
+    template = [("KIND", kind_number(ggml_type)), ("BITS", 4)]  # (BITS: affine only)
+    return _expand(build("dequant", backend, ("NO_SCALES",)), [weight], template, weight.shape[0], in_dims, dtype)
 
-    def run():
-        return kernel(inputs=[weight, mx.array([rows, in_dims], dtype=mx.int32)], template=template,
-                      grid=(-(-groups // THREADS) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-                      output_shapes=[(rows, in_dims)], output_dtypes=[dtype])[0]
 
-    return run() if launches(kernel, (*template, str(dtype)), run) else None
+def expand_affine(weight: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int, backend: str,
+                  dtype: mx.Dtype = mx.float32) -> mx.array | None:
+    """``mx.dequantize(weight, scales, biases, group_size, bits)`` (rows, in_dims) in ``dtype``: scale * code
+    + offset in float32, then rounded to ``dtype`` once; or None where no kernel runs."""
+    if dtype not in OUT_DTYPES or group_size != GROUP or not 1 <= bits <= 8 or weight.dtype != mx.uint32:
+        return None
+    rows, in_dims = scales.shape[0], scales.shape[1] * GROUP
+    template = [("KIND", _KINDS["affine"]), ("BITS", bits)]
+    return _expand(build("dequant", backend, ("NO_BLOCKS",)), [weight, scales, biases], template, rows, in_dims,
+                   dtype)

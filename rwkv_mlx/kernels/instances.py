@@ -65,8 +65,12 @@ KERNEL_INSTANCES: list[KernelInstance] = [
     _matvec(None, PRO=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["q4_k"]) | (1 << _KINDS["q6_k"])),
     _matvec(None, slots=1, PRO=1, EPI=1, KINDS=1 << _KINDS["q4_k"]),
     # blocks -> float32 or float16 matrix (w, shape): one instance per block type a prompt can expand
-    *(KernelInstance("dequant", ("uint8", "int32"), (out,), {"KIND": k})
+    *(KernelInstance("dequant", ("uint8", "int32"), (out,), {"KIND": k, "BITS": 4}, ("NO_SCALES",))
       for k in range(2, len(_KINDS)) for out in ("float32", "float16")),
+    # affine codes -> float32 or float16 matrix (w, shape, scales, offsets): CUDA's products of many rows
+    *(KernelInstance("dequant", ("uint32", "int32", scale, scale), (out,), {"KIND": _KINDS["affine"], "BITS": bits},
+                     ("NO_BLOCKS",))
+      for bits, scale in ((4, "float32"), (8, "float32"), (5, "float16"), (4, "bfloat16")) for out in ("float32", "float16")),
     # a decode launch's LayerNorm + lerps (x, prev, ln_w, ln_b, mix, eps): r/k/v + LoRA down (6 mixes), FFN key, head
     *(KernelInstance("layernorm_lerp", ("float32",) * 6, ("float32", "float32"), {"K": 2560, "M": m}) for m in (6, 1, 0)),
 ]
