@@ -96,6 +96,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--types", nargs="+", default=["Q4_K_M", "F16"])
     ap.add_argument("--kernels", default="", help="only kernels whose name contains this")
+    ap.add_argument("--form", choices=["affine", "stored"], default="affine",
+                    help="Q4_K and Q8_0 as MLX affine codes (CUDA's default) or GGUF blocks as stored (Metal's)")
     ap.add_argument("--dump", help="write each translation unit into this folder")
     args = ap.parse_args()
     nvrtc = Nvrtc(args.nvrtc, args.include)
@@ -104,7 +106,7 @@ def main():
     layers.active_backend = lambda: "cuda"
     rec = Recorder()
     for t in args.types:
-        scale = None if t == "F16" else "float32"  # CUDA's default: Q4_K and Q8_0 as affine codes
+        scale = None if t == "F16" or args.form == "stored" else "float32"  # affine: CUDA's default
         model = shaped_model(synth.G1B_2_9B, t, scale_dtype=scale)
         for case, run in model_runs(model, prefill_batches=(), decode_batches=tuple(args.batches)):
             rec.case = f"{t} {case}"

@@ -60,7 +60,7 @@ def test_fp16_fields_cover_every_stored_type():
     assert set(FP16_FIELDS) == STORED_BLOCK_TYPES and set(NEW_TYPES) <= STORED_BLOCK_TYPES
 
 
-@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("B", [1, 2, 4])  # 4: the loop that decodes each weight once for all rows (NB > 2)
 def test_each_block_type_matches_gguf_dequantize(B):
     from rwkv_mlx.testing.metal_proof.emulate import Emulator
 

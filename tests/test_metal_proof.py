@@ -361,19 +361,22 @@ def lerp_inputs(rng, B: int, K: int, mixes: int):
 
 
 @needs_emulator
-@pytest.mark.parametrize("kind", ["float16", "q6_k"])
-def test_emulated_long_rows_walk_tiles(kind):
-    """The 2.9B FFN's K = 10240 at B = 1: longer than Apple's 32 KB stage, walked in tiles of K."""
+@pytest.mark.parametrize("kind,B", [("float16", 1), ("q6_k", 1), ("q4_k", 2), ("q5_k", 4)])
+def test_emulated_long_rows_walk_tiles(kind, B):
+    """The 2.9B FFN's K = 10240: longer than Apple's 32 KB stage, walked in tiles of K. Q4_K and Q5_K
+    lanes read weights of two groups 32 apart: their tiles hold whole pairs of groups (at B = 2 a
+    multiple of 32 alone would give 3424, which splits one)."""
 
     from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
 
     rng = np.random.default_rng(3)
-    K, F, B = 10240, 64, 1
+    K, F = 10240, 64
     layer, w = make_layer(kind, F, K, rng)
     x, prev, mix, ln = lerp_inputs(rng, B, K, 1)
     with Emulator().running():
         plan = MatvecPlan([Segment(layer, mode=0)], B, backend="metal", prologue=1, ln=ln, mix=mx.array(mix))
-        assert plan.ok and dict(plan.template)["KT"] < K, plan.template
+        kt = dict(plan.template)["KT"]
+        assert plan.ok and kt < K and (kind not in ("q4_k", "q5_k") or kt % 64 == 0), plan.template
         y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
     norm = layer_norm64(x, ln)
     assert rel_err(xn, norm) < 1e-5 and rel_err(y, (norm + (prev - norm) * mix[0]) @ w.T) < 1e-5

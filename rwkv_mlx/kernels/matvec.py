@@ -107,15 +107,20 @@ def _weights(w) -> _Weights | None:
     return None
 
 
-def tile_length(kernel, k_max: int, template: dict) -> int | None:
-    """The staged tile (a multiple of 32 elements) for rows of up to ``k_max``: the whole row
-    if the backend's shared memory holds it, else the fewest equal tiles that fit (10240 at
-    one activation row on Metal's 32 KB: two tiles of 5120). None: not even 32 fit."""
+# Q4_K and Q5_K rows are read a lane per 16 bytes of qs, which hold weights of two groups 32 apart
+# (matvec_formats.kern k_rows): a tile must hold whole 64-element pairs of groups.
+_PAIRED_KINDS = ("q4_k", "q5_k")
+
+
+def tile_length(kernel, k_max: int, template: dict, align: int = 32) -> int | None:
+    """The staged tile (a multiple of ``align`` elements, 32 or 64) for rows of up to ``k_max``: the
+    whole row if the backend's shared memory holds it, else the fewest equal tiles that fit (10240 at
+    one activation row on Metal's 32 KB: two tiles of 5120). None: not even ``align`` fit."""
     for tiles in range(1, k_max + 1):
-        kt = -(-k_max // (tiles * 32)) * 32  # ceil(k_max / tiles), rounded up to 32
+        kt = -(-k_max // (tiles * align)) * align  # ceil(k_max / tiles), rounded up to align
         if kernel.shared_bytes({**template, "KT": kt, "TILED": int(tiles > 1)}.items()) <= kernel.limits.shared_bytes:
             return kt
-        if kt <= 32:
+        if kt <= align:
             return None
     return None
 
@@ -180,7 +185,8 @@ class MatvecPlan:
         template = {"NB": batch, "RPW": rpw, "PRO": prologue, "EPI": epilogue, "BITS": bits,
                     "HAS_BIAS": int(bias is not None),
                     "KINDS": sum(1 << k for k in {_KINDS[w.fmt[0]] for w in weights})}  # readers compiled in
-        kt = tile_length(self.kernel, max(ks), template)
+        paired = any(w.fmt[0] in _PAIRED_KINDS for w in weights)
+        kt = tile_length(self.kernel, max(ks), template, 64 if paired else 32)
         self.ok = kt is not None
         if not self.ok:
             return
