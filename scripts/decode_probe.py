@@ -16,7 +16,7 @@ import mlx.core as mx
 import rwkv_mlx
 from rwkv_mlx import layers
 from rwkv_mlx.bench.measure import count_primitives, greedy_steps
-from rwkv_mlx.text.generate import prefill, stream_generate
+from rwkv_mlx.text.generate import DEFAULT_PREFILL_CHUNK, prefill, stream_generate
 from rwkv_mlx.kernels import fused_time_mix, kernels_disabled, layernorm_lerp
 from rwkv_mlx.text.sample import SamplingParams
 
@@ -78,9 +78,11 @@ def _median_seconds(fn, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def prefill_times(model, n_tokens: int, expand_dtypes=("float32",), quantized_products: bool = True) -> None:
+def prefill_times(model, n_tokens: int, expand_dtypes=("float32",), quantized_products: bool = True,
+                  chunks=(DEFAULT_PREFILL_CHUNK,)) -> None:
     """Prompt tok/s with the quantized matmul and with weights expanded to each of ``expand_dtypes``
-    for the GEMM (``layers.CUDA_EXPAND_DTYPE``), and the WKV kernel's share."""
+    for the GEMM (``layers.CUDA_EXPAND_DTYPE``), per prompt chunk length in ``chunks`` (CUDA expands
+    every quantized matrix once a chunk), and the WKV kernel's share."""
     ids = probe_ids(model, n_tokens)
     saved = layers.CUDA_DEQUANT_MIN_ROWS, layers.CUDA_EXPAND_DTYPE
     routes = [("quantized matmul", 0, None)] if quantized_products else []
@@ -89,10 +91,12 @@ def prefill_times(model, n_tokens: int, expand_dtypes=("float32",), quantized_pr
         layers.CUDA_DEQUANT_MIN_ROWS, layers.CUDA_EXPAND_DTYPE = rows, dtype
         base = mx.get_active_memory()
         mx.reset_peak_memory()
-        s = _median_seconds(lambda: mx.eval(prefill(model, ids)[0]))
-        extra = (mx.get_peak_memory() - base) / 1e6
-        print(f"  prefill {n_tokens} ({label:18s}) {n_tokens / s:9.1f} tok/s  {s * 1e3:8.1f} ms  "
-              f"peak {extra:8.1f} MB over the weights")
+        for chunk in chunks:
+            mx.reset_peak_memory()
+            s = _median_seconds(lambda: mx.eval(prefill(model, ids, chunk_size=chunk)[0]))
+            extra = (mx.get_peak_memory() - base) / 1e6
+            print(f"  prefill {n_tokens} ({label:18s}, chunks of {chunk:5d}) {n_tokens / s:9.1f} tok/s  "
+                  f"{s * 1e3:8.1f} ms  peak {extra:8.1f} MB over the weights")
     layers.CUDA_DEQUANT_MIN_ROWS, layers.CUDA_EXPAND_DTYPE = saved
     C, N = model.args.n_embd, model.args.head_size
     H = C // N
@@ -129,6 +133,8 @@ def main():
     ap.add_argument("--expand", nargs="+", default=["float32"], choices=["float32", "float16"],
                     help="the dtypes weights are expanded to for prefill's products, each timed")
     ap.add_argument("--no-quantized-products", action="store_true", help="skip prefill by MLX's quantized matmul")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[DEFAULT_PREFILL_CHUNK],
+                    help="prompt chunk lengths to time prefill with (prefill's chunk_size)")
     ap.add_argument("--stream", action="store_true", help="also time stream_generate (what the benchmark times)")
     ap.add_argument("--separate", type=int, nargs="+", choices=[0, 1], default=[],
                     help="also decode with the LayerNorm prologues fused (0) and separate (1), alternating, "
@@ -158,7 +164,7 @@ def main():
     if args.stream:
         stream_rate(model, tokenizer, 512, 128)
     for n in args.prefill:
-        prefill_times(model, n, args.expand, not args.no_quantized_products)
+        prefill_times(model, n, args.expand, not args.no_quantized_products, args.chunks)
     if not args.no_reference:
         with kernels_disabled():
             decode(model, args.prompt, 2)

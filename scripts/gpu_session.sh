@@ -142,12 +142,14 @@ case $step in
         done
       done
     done ;;
-  prefill)  # prompt tok/s at 512 and 4,096 tokens, weights expanded to float32 and to float16 (RWKV_MLX_CUDA_EXPAND_DTYPE)
+  prefill)  # prompt tok/s at 512 and 4,096 tokens ($LENGTHS), weights expanded to float32 and to float16 ($EXPAND;
+    # RWKV_MLX_CUDA_EXPAND_DTYPE), per prompt chunk length ($CHUNKS: CUDA expands each quantized matrix once a chunk)
     bash "$0" wait "$@"
     for t in "$@"; do
       echo "== $t prefill, form ${RWKV_MLX_GPU_BLOCKS:-default}" | tee -a $OUT/prefill.log
       timeout -s KILL ${PREFILL_LIMIT:-150} python3 scripts/decode_probe.py /tmp/synth/$t.gguf --tokens 16 --no-reference \
-        --prefill ${LENGTHS:-512 4096} --expand float32 float16 --no-quantized-products 2>&1 | grep -v Warning \
+        --prefill ${LENGTHS:-512 4096} --expand ${EXPAND:-float32 float16} --chunks ${CHUNKS:-512} --no-quantized-products 2>&1 \
+        | grep -v Warning \
         | tee -a $OUT/prefill.log
     done ;;
   fidelity)  # prompt logits against the oracle's exact logits, weights expanded to float32 and to float16
