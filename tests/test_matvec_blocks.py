@@ -77,6 +77,23 @@ def test_each_block_type_matches_gguf_dequantize(B):
             assert err < 1e-5, (quants.BLOCK_TYPES[t].name, err)
 
 
+@pytest.mark.parametrize("B", [1, 4])
+def test_q8_0_rows_of_odd_block_counts_take_the_group_reader(B):
+    """Q8_0 rows of a multiple of 64 weights are read a pair of blocks a lane (q8_pair_rows); a row of an
+    odd number of blocks is not 4-byte aligned and keeps the group reader, in the same launch."""
+    from rwkv_mlx.testing.metal_proof.emulate import Emulator
+
+    rng = np.random.default_rng(40 + B)
+    (paired, w_paired), (odd, w_odd) = block_layer(8, 64, 512, rng), block_layer(8, 64, 480, rng)
+    x = rng.standard_normal((B, 512 + 480)).astype(np.float32)
+    with Emulator().running():
+        plan = MatvecPlan([Segment(paired), Segment(odd, x_offset=512)], B, backend="metal", x_stride=992)
+        assert plan.ok
+        y = np.array(plan(mx.array(x)))
+    want = np.concatenate([x[:, :512].astype(np.float64) @ w_paired.T, x[:, 512:].astype(np.float64) @ w_odd.T], 1)
+    assert rel_err(y, want) < 1e-5
+
+
 def test_block_types_with_layernorm_prologue_in_one_launch():
     """Eight block types as the eight segments of one launch (the r|k|v|LoRA launch's shape), after
     LayerNorm and the token-shift lerp, against float64 numpy."""

@@ -108,8 +108,9 @@ def _weights(w) -> _Weights | None:
 
 
 # Q4_K and Q5_K rows are read a lane per 16 bytes of qs, which hold weights of two groups 32 apart
-# (matvec_formats.kern k_rows): a tile must hold whole 64-element pairs of groups.
-_PAIRED_KINDS = ("q4_k", "q5_k")
+# (matvec_formats.kern k_rows), and Q8_0 rows a lane per pair of blocks (q8_pair_rows): a tile must hold
+# whole 64-element pairs.
+_PAIRED_KINDS = ("q4_k", "q5_k", "q8_0")
 
 
 def tile_length(kernel, k_max: int, template: dict, align: int = 32) -> int | None:
