@@ -169,8 +169,6 @@ class AffineLinear(nn.Module):
         ).astype(mx.float32)
 
 
-
-
 class GGMLLinear(nn.Module):
     """y = x @ W.T with W kept as GGUF blocks; custom kernel where one exists."""
 

@@ -35,13 +35,6 @@ _DENSE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 _KINDS = {"dense": 0, "affine": 1, "q6_k": 2, "q3_k": 3, "q2_k": 4, "q8_0": 5, "q4_0": 6, "q4_1": 7,
           "q5_0": 8, "q5_1": 9, "iq4_nl": 10, "q4_k": 11, "q5_k": 12, "iq4_xs": 13}
 MAX_SEGMENTS = 8
-
-
-def variant_names(one_segment: bool, affine: bool, blocks: bool) -> tuple[str, ...]:
-    """matvec.kern's variants for a launch of one or more matrices, with or without affine ones and GGUF blocks."""
-    return (("ONE_SEGMENT",) if one_segment else ()) + (() if affine else ("NO_SCALES",)) + \
-        (() if blocks else ("NO_BLOCKS",))
-
 # Activation rows above which no launch is planned: the kernel's cost grows with the rows (1.5-2.0x one
 # row's tok/s at 16 rows with the staged input read 16 bytes a read, results/kernel_log.md step 13); above
 # the bound a decoded block's products are MLX's (kernels/products.py). CUDA: measured on an H100
@@ -105,6 +98,12 @@ def _weights(w) -> _Weights | None:
         kind = _GGML_KINDS[w.ggml_type]
         return _Weights(w.weight.view(mx.uint8), None, None, (kind, 0), *w.shape, 0)
     return None
+
+
+def variant_names(one_segment: bool, affine: bool, blocks: bool) -> tuple[str, ...]:
+    """matvec.kern's variants for a launch of one or more matrices, with or without affine ones and GGUF blocks."""
+    return (("ONE_SEGMENT",) if one_segment else ()) + (() if affine else ("NO_SCALES",)) + \
+        (() if blocks else ("NO_BLOCKS",))
 
 
 # Q4_K and Q5_K rows are read a lane per 16 bytes of qs, which hold weights of two groups 32 apart
@@ -179,7 +178,7 @@ class MatvecPlan:
         # NO_SCALES, without the scale and offset slots (each input costs host time at every launch); no
         # GGUF blocks: NO_BLOCKS, without their readers' text (so does each KB of it).
         slots = 1 if len(weights) == 1 else MAX_SEGMENTS
-        blocks = any(_KINDS[w.fmt[0]] >= _KINDS["q6_k"] for w in weights)
+        blocks = any(_KINDS[w.fmt[0]] >= _KINDS["q6_k"] for w in weights)  # (kinds from 2 on are GGUF blocks)
         variants = variant_names(slots == 1, bool(affine), blocks)
         self.kernel = build("matvec", backend, variants)
         bits = affine[0].fmt[1] if affine else 0
