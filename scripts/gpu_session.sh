@@ -10,7 +10,8 @@
 #              about 2.5 MB) into /tmp/llama.cpp, about 3 minutes; later calls reuse it while the machine stays warm
 #   bench    : the benchmark log entries, ours and the peers' (needs $TITLE and $CHANGE): PEERS="mlx-lm llama.cpp"
 #              (default; PEERS=0: ours only); with llama.cpp among them ours runs at every prompt length of
-#              bench.benchmark.PREFILL_LENGTHS, and llama-bench (built by the llamacpp step) on the same files
+#              bench.benchmark.PREFILL_LENGTHS, and llama-bench (built by the llamacpp step) on the same files;
+#              PROCESSES=N runs ours N times, each in a process of its own, and the peers take their median
 #   scaling  : batched decode (scripts/batch_decode.py) per route, lines in $OUT/scaling.jsonl
 #   serve    : scripts/bench_serve.py per model, with the routes scaling's lines favour for it
 #   grammar  : the per-token cost of constrained decoding (scripts/grammar_cost.py) on the first model
@@ -71,12 +72,14 @@ case $step in
     cp results/BENCHMARKS.md results/benchmarks.jsonl results/peers.md $OUT/results/ 2>/dev/null
     for t in $types; do
       for p in ${lengths:-default}; do
+        for _ in $(seq ${PROCESSES:-1}); do  # PROCESSES > 1: bench_peers compares the median of those processes
         for expand in "" float32; do  # float32: only when the default's entry was refused by the quality gate (exit 5)
           RWKV_MLX_CUDA_EXPAND_DTYPE=$expand python3 -c "from rwkv_mlx.cli import main; main()" benchmark \
             --model /tmp/synth/$t.gguf --title "$TITLE" --device gpu --results-dir $OUT/results --quiet \
             --change "$CHANGE ($t$([ $p = default ] || echo ", $p-token prompt")${expand:+, RWKV_MLX_CUDA_EXPAND_DTYPE=$expand})" \
             $([ $p = default ] || echo --prompt-tokens $p) 2>&1 | tail -30
           [ "${PIPESTATUS[0]}" = 5 ] || break
+        done
         done
       done
     done

@@ -131,6 +131,28 @@ def test_peer_records_side_by_side_from_a_fake_llama_bench(tmp_path, capsys):
     assert "rwkv-mlx / llama.cpp" in (results / "peers.md").read_text()
 
 
+def test_ours_from_log_takes_the_median_of_one_titles_processes(tmp_path):
+    """Several processes of one title and commit: their median rates (one process is one draw); entries of
+    another commit or title are left out, and a single entry is taken as it is."""
+    from rwkv_mlx.bench.peers import ours_from_log
+
+    fingerprint = file_fingerprint(DEMO)
+
+    def entry(title, commit, prefill, decode):
+        return {"title": title, "commit": commit, "commit_dirty": False, "engine": "rwkv-mlx", "model": DEMO.name,
+                "fingerprint": fingerprint, "prompt_tokens": 512, "gen_tokens": GEN_TOKENS, "prefill_tps": prefill,
+                "generation_tps": decode, "device": device_name(), "date": "2026-12-06T00:00:00+00:00"}
+
+    lines = [entry("s", "old", 1.0, 999.0), entry("other", "new", 2.0, 5.0), entry("s", "new", 30.0, 190.0),
+             entry("s", "new", 10.0, 266.0), entry("s", "new", 20.0, 201.0)]
+    (tmp_path / "benchmarks.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    got = ours_from_log(tmp_path, fingerprint, 512, GEN_TOKENS)
+    assert got["processes"] == 3 and got["prefill_tps"] == 20.0 and got["generation_tps"] == 201.0
+    assert got["generation_tps_processes"] == [190.0, 201.0, 266.0]
+    (tmp_path / "benchmarks.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    assert ours_from_log(tmp_path, fingerprint, 512, GEN_TOKENS)["generation_tps"] == 999.0
+
+
 @pytest.mark.parametrize("script, message", [
     ("echo 'error: unknown model architecture: rwkv7' >&2; exit 1", "exited with code 1 on .*unknown model architecture"),
     ("echo 'main: warming up'", "not llama-bench's JSON"),
