@@ -17,6 +17,7 @@ import pytest
 from rwkv_mlx.kernels import dialect, forced_backend
 from rwkv_mlx.kernels.decode import BlockPlan
 from rwkv_mlx.kernels import layernorm_lerp
+from rwkv_mlx.errors import InvalidArgumentError
 from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
 from dataclasses import replace
 
@@ -87,6 +88,25 @@ def test_many_rows_take_fewer_rows_per_warp(batch, rpw):
         plan = MatvecPlan([Segment(blk.ffn.key)], batch, backend="metal", prologue=1, epilogue=1, ln=blk.ln2,
                           mix=blk.ffn.x_k.reshape(1, -1))
     assert plan.ok and dict(plan.template)["RPW"] == rpw and rpw * batch <= max(MAX_ACCUMULATORS, batch)
+
+
+def test_fewer_accumulators_give_fewer_rows_per_warp(monkeypatch):
+    """$RWKV_MLX_MATVEC_ACCUMULATORS bounds rows per warp x activation rows (a setting to time, CUDA's
+    16-row launches taking one group per SM at the default): 16 rows take 1 row a warp at 16, 4 at 64."""
+    blk = block("2.9B", FORMATS["Q4_K_M"])
+
+    def rpw() -> int:
+        with dialect.launch_hook(Recorder()), forced_backend("metal"):
+            plan = MatvecPlan([Segment(blk.ffn.key)], 16, backend="metal", prologue=1, epilogue=1, ln=blk.ln2,
+                              mix=blk.ffn.x_k.reshape(1, -1))
+        return dict(plan.template)["RPW"]
+
+    assert rpw() == 4
+    monkeypatch.setenv("RWKV_MLX_MATVEC_ACCUMULATORS", "16")
+    assert rpw() == 1
+    monkeypatch.setenv("RWKV_MLX_MATVEC_ACCUMULATORS", "0")
+    with pytest.raises(InvalidArgumentError, match="RWKV_MLX_MATVEC_ACCUMULATORS"):
+        rpw()
 
 
 def test_ffn_value_row_is_tiled_on_metal_only():

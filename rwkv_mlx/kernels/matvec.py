@@ -127,13 +127,19 @@ def tile_length(kernel, k_max: int, template: dict, align: int = 32) -> int | No
 
 # A lane keeps RPW x NB accumulators in registers (plus RPW x 8 decoded weights for NB > 2): past 64 they
 # would spill to memory (CUDA gives a thread at most 255 registers), so many rows take fewer rows per warp.
+# At 16 rows RPW 4 takes 157-254 registers a thread (scripts/cuda_ptxas.py): one group per SM; fewer rows per
+# warp give more, smaller groups, which $RWKV_MLX_MATVEC_ACCUMULATORS lets a session time (not yet measured).
 MAX_ACCUMULATORS = 64
+
+
+def max_accumulators() -> int:
+    return env_int("RWKV_MLX_MATVEC_ACCUMULATORS", MAX_ACCUMULATORS, minimum=1)
 
 
 def _rows_per_warp(segment_rows: list[int], batch: int = 1) -> int | None:
     total = sum(segment_rows)
     for rpw in (4, 2, 1):
-        if rpw > 1 and rpw * batch > MAX_ACCUMULATORS:
+        if rpw > 1 and rpw * batch > max_accumulators():
             continue
         if all(r % (WARPS * rpw) == 0 for r in segment_rows) and (total // (WARPS * rpw) >= 264 or rpw == 1):
             return rpw
