@@ -304,6 +304,27 @@ def test_emulated_products_route_for_many_rows(require_oracle, monkeypatch):
 
 
 @needs_emulator
+def test_emulated_many_rows_expand_affine_codes_as_on_cuda(require_oracle, monkeypatch):
+    """CUDA's many-row products multiply affine matrices expanded by the dequant kernel's affine variant (one
+    launch a matrix, layers.AffineLinear). Its Metal text under the emulator, the layers answering as on CUDA
+    with float32 expansion, gives a 16-row prefill and decoded token (the products route) the logits that MLX's
+    own quantized products give the same emulated run: the expansion is exact."""
+    from rwkv_mlx import layers
+    from rwkv_mlx.kernels import matvec
+
+    monkeypatch.setattr(matvec, "MAX_BATCH", 1)
+    model = load("fixa-Q4_K_M", LoadOptions.for_backend("metal", scale_dtype="float32", keep_blocks=False))
+    tokens = oracle_tokens("fixa-Q4_K_M")
+    quantized = emulated_logits(model, tokens, decoded=1, batch=16)
+    monkeypatch.setattr(layers, "active_backend", lambda: "cuda")  # expand affine weights from 16 rows
+    monkeypatch.setattr(layers, "CUDA_EXPAND_DTYPE", "float32")
+    emu = Emulator()
+    expanded = emulated_logits(model, tokens, decoded=1, batch=16, emu=emu)
+    assert "rwkv_dequant_no_blocks" in {b.inst.kernel.name for b in emu.built.values()}
+    assert rel_err(expanded, quantized) < 1e-6
+
+
+@needs_emulator
 def test_broken_kernel_text_fails_the_comparison(require_oracle):
     """Negative control: one lane index changed in the WKV kernel's row sum must be caught."""
     edits = []
