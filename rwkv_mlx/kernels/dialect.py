@@ -266,8 +266,8 @@ _COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
 def compact(text: str) -> str:
     """``text`` without comments, indentation or blank lines, each line's spaces collapsed.
 
-    MLX's CUDA backend hashes a kernel's whole source at every launch it evaluates
-    (mlx/backend/cuda/custom_kernel.cpp, to find the compiled module): on an H100's host about
+    MLX hashes a kernel's whole source at every launch it evaluates, to find the compiled module
+    (mlx/backend/cuda/custom_kernel.cpp; Metal's custom_kernel.cpp does the same): on an H100's host about
     0.2 us per KB, 4 us a launch at no text and 11-12.5 us with 32 KB more (scripts/launch_cost.py,
     results/kernel_log.md step 14). So the .kern files keep their comments and the GPU gets none.
     Lines stay lines (a preprocessor directive needs its own, and the text ends with a newline:
