@@ -382,11 +382,11 @@ def lerp_inputs(rng, B: int, K: int, mixes: int):
 
 
 @needs_emulator
-@pytest.mark.parametrize("kind,B", [("float16", 1), ("q6_k", 1), ("q4_k", 2), ("q5_k", 4)])
+@pytest.mark.parametrize("kind,B", [("float16", 1), ("q6_k", 1), ("q4_k", 2), ("q5_k", 4), ("q8_0", 4)])
 def test_emulated_long_rows_walk_tiles(kind, B):
     """The 2.9B FFN's K = 10240: longer than Apple's 32 KB stage, walked in tiles of K. Q4_K and Q5_K
-    lanes read weights of two groups 32 apart: their tiles hold whole pairs of groups (at B = 2 a
-    multiple of 32 alone would give 3424, which splits one)."""
+    lanes read weights of two groups 32 apart, Q8_0 lanes pairs of blocks: their tiles hold whole
+    64-element pairs (at B = 2 a multiple of 32 alone would give 3424, which splits one)."""
 
     from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
 
@@ -397,7 +397,7 @@ def test_emulated_long_rows_walk_tiles(kind, B):
     with Emulator().running():
         plan = MatvecPlan([Segment(layer, mode=0)], B, backend="metal", prologue=1, ln=ln, mix=mx.array(mix))
         kt = dict(plan.template)["KT"]
-        assert plan.ok and kt < K and (kind not in ("q4_k", "q5_k") or kt % 64 == 0), plan.template
+        assert plan.ok and kt < K and (kind not in ("q4_k", "q5_k", "q8_0") or kt % 64 == 0), plan.template
         y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
     norm = layer_norm64(x, ln)
     assert rel_err(xn, norm) < 1e-5 and rel_err(y, (norm + (prev - norm) * mix[0]) @ w.T) < 1e-5
