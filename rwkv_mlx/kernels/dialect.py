@@ -373,11 +373,10 @@ def shared_bytes(name: str, defines: tuple[str, ...], template: tuple[tuple[str,
     names = {k: int(v) for k, v in template}
     for d in defines:
         names[d] = 1
-    strip = lambda text: re.sub(r"/\*.*?\*/", "", re.sub(r"//[^\n]*", "", text), flags=re.S)  # noqa: E731
     for part in [src.header, *(load_kern(i).header for i in src.includes)]:
-        if _SHARED_DECL.search(strip(part)):  # uncounted there: shared arrays belong in the body
+        if _SHARED_DECL.search(_COMMENT.sub("", part)):  # uncounted there: shared arrays belong in the body
             raise ValueError(f"{name}: a SHARED array in a header; declare it in the kernel body")
-    body = strip(src.body)
+    body = _COMMENT.sub("", src.body)
     for const, expr in _CONSTEXPR.findall(body):
         try:
             names[const] = _int_expr(expr, names)
