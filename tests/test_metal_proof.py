@@ -444,11 +444,11 @@ def test_emulated_separate_prologue_model(require_oracle, monkeypatch):
     assert rel_err(got, plain) < 1e-5
 
     def turn_lerp(source: str) -> str:
-        good = "v + (p - v) * mv[m]"
+        good = "shift_lerp(v, p, mv[m])"  # (common.kern's helper; turned: p + (v - p) * mv[m])
         if "rwkv_layernorm_lerp" not in source:
             return source
         assert source.count(good) == 1, "the negative control's target changed; update it"
-        return source.replace(good, "p + (v - p) * mv[m]")
+        return source.replace(good, "shift_lerp(p, v, mv[m])")
 
     model.runtime.invalidate()
     bad = emulated_logits(model, tokens, decoded=2, emu=Emulator(edit=turn_lerp))[0]
