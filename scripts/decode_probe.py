@@ -90,7 +90,6 @@ def prefill_times(model, n_tokens: int, expand_dtypes=("float32",), quantized_pr
     for label, rows, dtype in routes:
         layers.CUDA_DEQUANT_MIN_ROWS, layers.CUDA_EXPAND_DTYPE = rows, dtype
         base = mx.get_active_memory()
-        mx.reset_peak_memory()
         for chunk in chunks:
             mx.reset_peak_memory()
             s = _median_seconds(lambda: mx.eval(prefill(model, ids, chunk_size=chunk)[0]))

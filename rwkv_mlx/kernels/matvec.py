@@ -184,13 +184,12 @@ class MatvecPlan:
         # NO_SCALES, without the scale and offset slots (each input costs host time at every launch); no
         # GGUF blocks: NO_BLOCKS, without their readers' text (so does each KB of it).
         slots = 1 if len(weights) == 1 else MAX_SEGMENTS
-        blocks = any(_KINDS[w.fmt[0]] >= _KINDS["q6_k"] for w in weights)  # (kinds from 2 on are GGUF blocks)
-        variants = variant_names(slots == 1, bool(affine), blocks)
+        kinds = {_KINDS[w.fmt[0]] for w in weights}
+        variants = variant_names(slots == 1, bool(affine), max(kinds) >= _KINDS["q6_k"])  # (kinds from 2 on: blocks)
         self.kernel = build("matvec", backend, variants)
         bits = affine[0].fmt[1] if affine else 0
         template = {"NB": batch, "RPW": rpw, "PRO": prologue, "EPI": epilogue, "BITS": bits,
-                    "HAS_BIAS": int(bias is not None),
-                    "KINDS": sum(1 << k for k in {_KINDS[w.fmt[0]] for w in weights})}  # readers compiled in
+                    "HAS_BIAS": int(bias is not None), "KINDS": sum(1 << k for k in kinds)}  # readers compiled in
         paired = any(w.fmt[0] in _PAIRED_KINDS for w in weights)
         kt = tile_length(self.kernel, max(ks), template, 64 if paired else 32)
         self.ok = kt is not None
