@@ -19,6 +19,7 @@ SETTINGS = {
     "RWKV_MLX_SEPARATE_PROLOGUE": "1: a decode launch's LayerNorm and lerps run once, in a launch of their own; 0: in every group",
     "RWKV_MLX_GPU_BLOCKS": "GGUF blocks on a GPU: stored (read as stored by the kernels) or affine",
     "RWKV_MLX_MATVEC_ACCUMULATORS": "the most accumulators a matvec lane keeps (rows per warp x activation rows)",
+    "RWKV_MLX_MMA_MIN_ROWS": "activation rows from which a decode launch multiplies on the matrix units (float16 operands); 0: never",
 }
 
 

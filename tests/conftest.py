@@ -216,6 +216,12 @@ def make_layer(kind: str, rows: int, k: int, rng):
     return layer, gguf_dequantize(blocks, ggml_type).astype(np.float64).reshape(rows, k)
 
 
+def half_rounded(a) -> np.ndarray:
+    """a rounded to float16 (from float32, to nearest), as float64: the operands of the matrix-unit kernels,
+    whose products the tests hold to float64 math on these rounded values."""
+    return np.asarray(a, np.float32).astype(np.float16).astype(np.float64)
+
+
 def layer_norm64(x: np.ndarray, ln) -> np.ndarray:
     """LayerNorm of float32 rows in float64 numpy (eps 1e-5), the reference for the kernels' prologue."""
     xd = x.astype(np.float64)

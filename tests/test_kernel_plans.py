@@ -78,10 +78,14 @@ def test_decode_plans_fit_the_backend(shape, fmt, backend, split, monkeypatch):
 
 
 @pytest.mark.parametrize("batch,rpw", [(1, 4), (16, 4), (32, 2), (64, 1)])
-def test_many_rows_take_fewer_rows_per_warp(batch, rpw):
+def test_many_rows_take_fewer_rows_per_warp(batch, rpw, monkeypatch):
     """A lane's accumulators (rows per warp x activation rows) stay within MAX_ACCUMULATORS: the FFN key
-    of the 2.9B shape (10,240 rows) takes 4 rows per warp up to 16 activation rows, then fewer."""
+    of the 2.9B shape (10,240 rows) takes 4 rows per warp up to 16 activation rows, then fewer (the float32
+    loops, where the matrix units are turned off)."""
+    from rwkv_mlx.kernels import matvec
     from rwkv_mlx.kernels.matvec import MAX_ACCUMULATORS
+
+    monkeypatch.setattr(matvec, "MMA_MIN_ROWS", 0)
 
     blk = block("2.9B", FORMATS["Q4_K_M"])
     with dialect.launch_hook(Recorder()), forced_backend("metal"):
@@ -93,6 +97,9 @@ def test_many_rows_take_fewer_rows_per_warp(batch, rpw):
 def test_fewer_accumulators_give_fewer_rows_per_warp(monkeypatch):
     """$RWKV_MLX_MATVEC_ACCUMULATORS bounds rows per warp x activation rows (a setting to time, CUDA's
     16-row launches taking one group per SM at the default): 16 rows take 1 row a warp at 16, 4 at 64."""
+    from rwkv_mlx.kernels import matvec
+
+    monkeypatch.setattr(matvec, "MMA_MIN_ROWS", 0)
     blk = block("2.9B", FORMATS["Q4_K_M"])
 
     def rpw() -> int:

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ORACLE, layer_norm64, make_layer, oracle_logits, oracle_models, oracle_tokens, tiny_model_path
+from conftest import ORACLE, half_rounded, layer_norm64, make_layer, oracle_logits, oracle_models, oracle_tokens, tiny_model_path
 
 import rwkv_mlx
 from rwkv_mlx.kernels import fused_time_mix, kernel_backend, kernels_disabled
@@ -175,11 +175,22 @@ def test_dequant_kernel_expands_affine_codes(kind):
 
 @pytest.fixture
 def every_batch(monkeypatch):
-    """The matvec kernel at every row count a backend may give it: Metal takes it at all of them,
-    while CUDA's default bound (matvec.MAX_BATCH_DEFAULT) hands larger batches to MLX's products."""
+    """The matvec kernel's float32 loops at every row count a backend may give them: Metal takes them at all
+    of them, while CUDA's default bound (matvec.MAX_BATCH_DEFAULT) hands larger batches to MLX's products;
+    and no matrix units (the MMA variant, tested below against its float16 operands)."""
     from rwkv_mlx.kernels import matvec as matvec_module
 
     monkeypatch.setattr(matvec_module, "MAX_BATCH", 0)
+    monkeypatch.setattr(matvec_module, "MMA_MIN_ROWS", 0)
+
+
+@pytest.fixture
+def matrix_units(monkeypatch):
+    """The MMA variant from 8 activation rows, whatever a backend's bounds say."""
+    from rwkv_mlx.kernels import matvec as matvec_module
+
+    monkeypatch.setattr(matvec_module, "MAX_BATCH", 0)
+    monkeypatch.setattr(matvec_module, "MMA_MIN_ROWS", 8)
 
 
 @pytest.mark.parametrize("kind", FORMATS)
@@ -249,6 +260,60 @@ def test_matvec_long_rows_walk_tiles(kind, B, separate, every_batch, monkeypatch
     assert rel_err(y2, x.astype(np.float64) @ w.T + res) < 1e-5
 
 
+# ---- the matrix-unit variant (MMA): float16 operands, float32 accumulators ---------------------
+# Its products must equal float64 math on the float16-rounded operands (the weights as decoded, the input
+# after its prologue) to 1e-5: a fragment laid out wrongly, a tile offset or a missed tail gives errors of
+# order one. Against the exact product the rounding costs about 3e-4 (asserted loosely, < 2e-3).
+
+@pytest.mark.parametrize("kind", FORMATS)
+@pytest.mark.parametrize("B", [8, 16, 17, 64])
+def test_matrix_units_match_rounded_operands(kind, B, matrix_units):
+    from rwkv_mlx.kernels.matvec import MatvecPlan
+
+    rng = np.random.default_rng(hash(kind) % 1000 + B)
+    K = 512
+    layers = [make_layer(kind, rows, K, rng) for rows in (256, 512, 256)]
+    x = rng.standard_normal((B, 3 * K)).astype(np.float32)
+    segs = [Segment(layer, x_offset=i * K, mode=m) for i, ((layer, _), m) in enumerate(zip(layers, (0, 1, 2)))]
+    bias = rng.standard_normal(1024).astype(np.float32)
+    plan = MatvecPlan(segs, B, backend=BACKEND, bias=mx.array(bias), x_stride=3 * K)
+    assert plan.ok and dict(plan.template)["MT"] > 0, plan.template
+    y = np.array(plan(mx.array(x)))
+    acts = [lambda t: t, np.tanh, lambda t: 1 / (1 + np.exp(-t))]
+    inputs = [acts[i](x[:, i * K:(i + 1) * K].astype(np.float32)) for i in range(3)]
+    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, (_, w) in zip(inputs, layers)], axis=1) + bias
+    exact = np.concatenate([v.astype(np.float64) @ w.T for v, (_, w) in zip(inputs, layers)], axis=1) + bias
+    assert rel_err(y, want) < 1e-5 and rel_err(y, exact) < 2e-3, (rel_err(y, want), rel_err(y, exact))
+
+
+@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "q6_k", "q8_0", "q4_k"])
+@pytest.mark.parametrize("B", [16, 64])
+@pytest.mark.parametrize("separate", [0, 1])
+def test_matrix_units_prologue_epilogues_and_tiles(kind, B, separate, matrix_units, monkeypatch):
+    """LayerNorm + lerp in, relu^2 and residual out, and the 2.9B FFN value's K = 10240 in tiles."""
+    from rwkv_mlx.kernels import layernorm_lerp
+    from rwkv_mlx.kernels.matvec import MatvecPlan
+
+    monkeypatch.setattr(layernorm_lerp, "SEPARATE", separate)
+    rng = np.random.default_rng(B + len(kind))
+    K, F = 10240, 256
+    (layer, w) = make_layer(kind, F, K, rng)
+    x, prev = (rng.standard_normal((B, K)).astype(np.float32) for _ in range(2))
+    mix = rng.uniform(0, 1, (1, K)).astype(np.float32)
+    ln = __import__("mlx.nn", fromlist=["LayerNorm"]).LayerNorm(K)
+    ln.weight, ln.bias = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32)), mx.array(rng.standard_normal(K).astype(np.float32))
+    plan = MatvecPlan([Segment(layer, mode=0)], B, backend=BACKEND, prologue=1, epilogue=1, ln=ln, mix=mx.array(mix))
+    assert plan.ok and dict(plan.template)["KT"] < K, plan.template
+    y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
+    norm = layer_norm64(x, ln)
+    lerped = (norm + (prev - norm) * mix[0]).astype(np.float32)
+    assert rel_err(xn, norm) < 1e-5
+    assert rel_err(y, np.maximum(half_rounded(lerped) @ half_rounded(w).T, 0) ** 2) < 1e-5
+    res = rng.standard_normal((B, F)).astype(np.float32)
+    y2 = matvec(mx.array(x), [Segment(layer)], epilogue=2, residual=mx.array(res), backend=BACKEND)
+    assert rel_err(y2, half_rounded(x) @ half_rounded(w).T + res) < 1e-5
+
+
 # ---- the whole model, one token at a time through the fused decode kernels -------------------
 
 MODELS = oracle_models() or ["<oracle missing>"]
@@ -302,3 +367,30 @@ def test_products_route_matches_pure_path(monkeypatch):
     with kernels_disabled():
         plain = decode()
     assert rel_err(routed, plain) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["fixb-Q4_K_M", "fixb-Q8_0", "fixb-f16"])
+def test_many_rows_on_matrix_units_match_pure_path(name, matrix_units):
+    """16 rows of one prompt decoded through the MMA launches: every row equal, each within float16
+    rounding of the pure path's logits (0.5% of their norm), the same greedy token at every step."""
+    if name not in oracle_models():
+        pytest.skip(f"oracle fixtures not found at {ORACLE}")
+    model, _ = rwkv_mlx.load(ORACLE / "models" / f"{name}.gguf", LoadOptions(float_dtype="float32", ggml_native=True))
+    tokens = oracle_tokens(name)
+
+    def decode(batch: int) -> np.ndarray:
+        state, rows = None, []
+        for t in tokens:
+            logits, state = model(mx.array([[t]] * batch), state)
+            rows.append(np.array(logits[:, 0]))
+        return np.stack(rows, axis=1)
+
+    model.runtime.invalidate()
+    many = decode(16)
+    proj = model.runtime.block_plan(0, 16).proj
+    assert "MMA" in (proj.inner if proj.pre is not None else proj).kernel.defines
+    with kernels_disabled():
+        plain = decode(1)
+    assert np.abs(many - many[:1]).max() == 0
+    assert rel_err(many[0], plain[0]) < 5e-3, rel_err(many[0], plain[0])
+    assert (many[0].argmax(-1) == plain[0].argmax(-1)).mean() >= 0.9

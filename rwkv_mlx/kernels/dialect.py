@@ -139,6 +139,70 @@ __device__ __forceinline__ float rwkv_warp_max(float x) {
 """,
 }
 
+# Header parts written per backend, which a kernel takes with ``//! include: NAME`` like a .kern file's
+# header: only the kernels that use them pay for their text (MLX hashes it at every launch).
+# mma: one warp's 16 x 8 float tile of C += A B on the matrix units, A 16 x 16 and B 16 x 8 float16 in
+# shared memory: A row-major (element (i, k) at a[i * lda + k]), B by columns (element (k, n) at
+# b[n * ldb + k]: an activation row is a column), C stored by columns (element (i, n) to c[n * ldc + i]).
+# Every lane of the warp must call them together (Metal's simdgroup rule). Kernels never touch the
+# fragments, whose layouts differ. CUDA: mma.sync m16n8k16 (sm_80 on), fragments as the PTX ISA lays
+# them out for .row.col f16 with f32 accumulators; Metal: 8 x 8 simdgroup matrices, half operands and
+# float accumulators, B and C loaded and stored transposed. Its text is kept for matvec.kern's MMA variant
+# only (the conditional around it is decided at render time, as every variant's is).
+_BACKEND_PARTS = {
+    "mma": {
+        "cuda": """
+#ifdef MMA
+struct MmaTile { float c[4]; };
+__device__ __forceinline__ void mma_zero(MmaTile& t) { t.c[0] = t.c[1] = t.c[2] = t.c[3] = 0.0f; }
+__device__ __forceinline__ unsigned rwkv_pair(const __half* p) { return *reinterpret_cast<const unsigned*>(p); }
+__device__ __forceinline__ void mma_acc(MmaTile& t, const __half* a, int lda, const __half* b, int ldb) {
+  const int g = (threadIdx.x & 31u) >> 2, q = 2 * (threadIdx.x & 3u);
+  const unsigned a0 = rwkv_pair(a + g * lda + q), a1 = rwkv_pair(a + (g + 8) * lda + q);
+  const unsigned a2 = rwkv_pair(a + g * lda + q + 8), a3 = rwkv_pair(a + (g + 8) * lda + q + 8);
+  const unsigned b0 = rwkv_pair(b + g * ldb + q), b1 = rwkv_pair(b + g * ldb + q + 8);
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(t.c[0]), "+f"(t.c[1]), "+f"(t.c[2]), "+f"(t.c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_store(const MmaTile& t, float* c, int ldc) {
+  const int g = (threadIdx.x & 31u) >> 2, q = 2 * (threadIdx.x & 3u);
+  c[q * ldc + g] = t.c[0];
+  c[(q + 1) * ldc + g] = t.c[1];
+  c[q * ldc + g + 8] = t.c[2];
+  c[(q + 1) * ldc + g + 8] = t.c[3];
+}
+#endif
+""",
+        "metal": """
+#ifdef MMA
+struct MmaTile { simdgroup_float8x8 lo, hi; };
+inline void mma_zero(thread MmaTile& t) {
+  t.lo = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  t.hi = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+}
+inline void mma_acc(thread MmaTile& t, threadgroup half* a, int lda, threadgroup half* b, int ldb) {
+  simdgroup_half8x8 a00, a01, a10, a11, b0, b1;
+  simdgroup_load(a00, a, lda);
+  simdgroup_load(a01, a + 8, lda);
+  simdgroup_load(a10, a + 8 * lda, lda);
+  simdgroup_load(a11, a + 8 * lda + 8, lda);
+  simdgroup_load(b0, b, ldb, ulong2(0), true);
+  simdgroup_load(b1, b + 8, ldb, ulong2(0), true);
+  simdgroup_multiply_accumulate(t.lo, a00, b0, t.lo);
+  simdgroup_multiply_accumulate(t.lo, a01, b1, t.lo);
+  simdgroup_multiply_accumulate(t.hi, a10, b0, t.hi);
+  simdgroup_multiply_accumulate(t.hi, a11, b1, t.hi);
+}
+inline void mma_store(thread const MmaTile& t, threadgroup float* c, int ldc) {
+  simdgroup_store(t.lo, c, ldc, ulong2(0), true);
+  simdgroup_store(t.hi, c + 8, ldc, ulong2(0), true);
+}
+#endif
+""",
+    },
+}
+
 # Identifiers that belong to one backend only: they must never appear in a .kern file.
 BACKEND_ONLY = {
     "cuda": ["threadIdx", "blockIdx", "blockDim", "gridDim", "__syncthreads", "__shfl", "__shared__",
@@ -239,7 +303,8 @@ def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = (),
     def collect(s: KernelSource) -> None:
         for inc in s.includes:
             if inc not in seen:
-                collect(load_kern(inc))
+                if inc not in _BACKEND_PARTS:
+                    collect(load_kern(inc))
                 seen.append(inc)
 
     collect(src)
@@ -247,11 +312,13 @@ def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = (),
     if unknown:
         raise ValueError(f"{src.name}: no variant {sorted(unknown)} (declare it with //! variant:)")
     header = "".join(f"#define {d} 1\n" for d in defines) + _PRELUDES[backend]
-    header += "\n".join(substitute(load_kern(i).header, backend) for i in seen)
+    header += "\n".join(_BACKEND_PARTS[i][backend] if i in _BACKEND_PARTS else substitute(load_kern(i).header, backend)
+                        for i in seen)
     header += "\n" + substitute(src.header, backend)
 
     def final(text: str) -> str:
-        return compact(resolve_variants(text, set(src.variants), set(defines))) if compacted else text
+        # (as written, a text still ends with a newline: MLX appends the signature to the header)
+        return compact(resolve_variants(text, set(src.variants), set(defines))) if compacted else text + "\n"
 
     name = "_".join([src.name, *(d.lower() for d in defines)])
     dropped = {i for d in defines for i in src.variants.get(d, ())}
@@ -261,6 +328,7 @@ def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = (),
 
 
 _COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
+_STRING = re.compile(r'"[^"\\\n]*"')
 
 
 def compact(text: str) -> str:
@@ -271,13 +339,18 @@ def compact(text: str) -> str:
     0.2 us per KB, 4 us a launch at no text and 11-12.5 us with 32 KB more (scripts/launch_cost.py,
     results/kernel_log.md step 14). So the .kern files keep their comments and the GPU gets none.
     Lines stay lines (a preprocessor directive needs its own, and the text ends with a newline:
-    MLX appends the kernel's signature to the header); kernels hold no string literals.
+    MLX appends the kernel's signature to the header). String literals (the one is CUDA's inline PTX
+    in the matrix-unit helpers) are kept as written; one holding a comment marker, or a character
+    literal, is refused.
     """
     code = _COMMENT.sub("", text)
+    strings = _STRING.findall(code)
+    code = _STRING.sub("\0", code)
     if '"' in code or "'" in code:
-        raise ValueError("compact() keeps no string or character literal intact: kernels may hold none")
+        raise ValueError("compact() keeps no character literal, nor a string with // or /* in it, intact")
     lines = (" ".join(line.split()) for line in code.splitlines())
-    return "".join(line + "\n" for line in lines if line)
+    out = "".join(line + "\n" for line in lines if line)
+    return re.sub("\0", lambda _: strings.pop(0), out)
 
 
 _DIRECTIVE = re.compile(r"^\s*#\s*(ifdef|ifndef|if|elif|else|endif)\b\s*(.*?)\s*$")
@@ -351,7 +424,7 @@ def resolve_variants(text: str, variants: set[str], defined: set[str]) -> str:
 
 _SHARED_DECL = re.compile(r"\bSHARED\s+(\w+)\s+(\w+)\s*\[([^\]]+)\]\s*;")
 _CONSTEXPR = re.compile(r"\bconstexpr\s+int\s+(\w+)\s*=\s*([^;]+);")
-_TYPE_BYTES = {"float4": 16, "float": 4, "int": 4, "u32": 4, "i32": 4, "f16": 2, "bf16": 2, "u16": 2, "u8": 1, "i8": 1}
+_TYPE_BYTES = {"float4": 16, "uint4": 16, "float": 4, "int": 4, "u32": 4, "i32": 4, "f16": 2, "bf16": 2, "u16": 2, "u8": 1, "i8": 1}
 
 
 def _int_expr(expr: str, names: dict[str, int]) -> int:
@@ -373,7 +446,7 @@ def shared_bytes(name: str, defines: tuple[str, ...], template: tuple[tuple[str,
     names = {k: int(v) for k, v in template}
     for d in defines:
         names[d] = 1
-    for part in [src.header, *(load_kern(i).header for i in src.includes)]:
+    for part in [src.header, *(load_kern(i).header for i in src.includes if i not in _BACKEND_PARTS)]:
         if _SHARED_DECL.search(_COMMENT.sub("", part)):  # uncounted there: shared arrays belong in the body
             raise ValueError(f"{name}: a SHARED array in a header; declare it in the kernel body")
     body = _COMMENT.sub("", src.body)

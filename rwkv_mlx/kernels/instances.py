@@ -31,9 +31,9 @@ def _matvec(scales: str | None, slots: int = 8, **template) -> KernelInstance:
     inputs += (scales,) * (2 * slots) if scales else ()
     # KINDS: every reader compiled in (bit k: kind k, kernels/matvec.py _KINDS), unless an entry narrows it
     every_kind = (1 << len(_KINDS)) - 1
-    t = {"NB": 1, "RPW": 4, "KT": 2560, "TILED": 0, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0, "KINDS": every_kind,
-         **template}
-    defines = variant_names(slots == 1, scales is not None, t["KINDS"] >> _KINDS["q6_k"] != 0)
+    t = {"NB": 1, "RPW": 4, "MT": 0, "KT": 2560, "TILED": 0, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0,
+         "KINDS": every_kind, **template}
+    defines = variant_names(slots == 1, scales is not None, t["KINDS"] >> _KINDS["q6_k"] != 0, t["MT"] > 0)
     return KernelInstance("matvec", inputs, ("float32", "float32"), t, defines)
 
 
@@ -64,6 +64,11 @@ KERNEL_INSTANCES: list[KernelInstance] = [
     _matvec("float32", BITS=4, PRO=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["affine"])),
     _matvec(None, PRO=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["q4_k"]) | (1 << _KINDS["q6_k"])),
     _matvec(None, slots=1, PRO=1, EPI=1, KINDS=1 << _KINDS["q4_k"]),
+    # the matrix-unit variant (MT > 0): 16 and 64 activation rows, every reader, a Q4_K_M and an F16 file's launches
+    _matvec("float32", NB=16, RPW=0, MT=2, KT=448, TILED=1, PRO=1),
+    _matvec("float16", NB=64, RPW=0, MT=1, KT=224, TILED=1, BITS=8, EPI=2, HAS_BIAS=1),
+    _matvec(None, NB=16, RPW=0, MT=2, KT=448, TILED=1, PRO=1, EPI=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["q4_k"])),
+    _matvec(None, slots=1, NB=64, RPW=0, MT=1, KT=224, TILED=1, EPI=2, KINDS=1 << _KINDS["dense"]),
     # blocks -> float32 or float16 matrix (w, shape): one instance per block type a prompt can expand
     *(KernelInstance("dequant", ("uint8", "int32"), (out,), {"KIND": k, "BITS": 4}, ("NO_SCALES",))
       for k in range(2, len(_KINDS)) for out in ("float32", "float16")),

@@ -100,10 +100,39 @@ def _weights(w) -> _Weights | None:
     return None
 
 
-def variant_names(one_segment: bool, affine: bool, blocks: bool) -> tuple[str, ...]:
-    """matvec.kern's variants for a launch of one or more matrices, with or without affine ones and GGUF blocks."""
+def variant_names(one_segment: bool, affine: bool, blocks: bool, mma: bool = False) -> tuple[str, ...]:
+    """matvec.kern's variants for a launch of one or more matrices, with or without affine ones and GGUF blocks,
+    on CUDA cores or (mma) on the matrix units."""
     return (("ONE_SEGMENT",) if one_segment else ()) + (() if affine else ("NO_SCALES",)) + \
-        (() if blocks else ("NO_BLOCKS",))
+        (() if blocks else ("NO_BLOCKS",)) + (("MMA",) if mma else ())
+
+
+# Activation rows from which a launch multiplies on the matrix units (matvec.kern's MMA variant: weight
+# tiles decoded to float16, products with float32 accumulators; CUDA sm_80 on, Apple's simdgroup matrices):
+# the CUDA-core loops keep RPW x NB accumulators a lane, and their cost grew with the rows (16 rows took
+# 16-17 times one row's launch time on an H100, results/serve_bench.md). Below it the exact float32 loops
+# stay. None: $RWKV_MLX_MMA_MIN_ROWS or 8; 0 never.
+MMA_MIN_ROWS: int | None = None
+MMA_WARPS = 4  # warps of an MMA group (matvec.kern)
+
+
+def mma_min_rows() -> int:
+    if MMA_MIN_ROWS is not None:
+        return MMA_MIN_ROWS
+    return env_int("RWKV_MLX_MMA_MIN_ROWS", 8)
+
+
+def uses_mma(batch: int) -> bool:
+    """Whether a launch of ``batch`` activation rows multiplies on the matrix units."""
+    return 0 < mma_min_rows() <= batch
+
+
+def _mma_tiles(segment_rows: list[int]) -> int | None:
+    """16-row weight tiles an MMA group owns (MT): two where every segment is whole 32-row blocks and the
+    launch still has two groups for each of an H100's 132 SMs, else one; None: a segment is not whole tiles."""
+    if all(r % 32 == 0 for r in segment_rows) and sum(segment_rows) // 32 >= 264:
+        return 2
+    return 1 if all(r % 16 == 0 for r in segment_rows) else None
 
 
 # Q4_K and Q5_K rows are read a lane per 16 bytes of qs, which hold weights of two groups 32 apart
@@ -174,8 +203,9 @@ class MatvecPlan:
         if not self.ok:
             return
         rows, ks = [w.rows for w in weights], [w.k for w in weights]
-        rpw = _rows_per_warp(rows, batch)
-        self.ok = rpw is not None and all(k % 32 == 0 for k in ks)
+        mma = uses_mma(batch)
+        mt, rpw = (_mma_tiles(rows), 0) if mma else (0, _rows_per_warp(rows, batch))
+        self.ok = mt is not None and rpw is not None and all(k % 32 == 0 for k in ks)
         if not self.ok:
             return
         from .dialect import build, placeholder
@@ -185,14 +215,16 @@ class MatvecPlan:
         # GGUF blocks: NO_BLOCKS, without their readers' text (so does each KB of it).
         slots = 1 if len(weights) == 1 else MAX_SEGMENTS
         kinds = {_KINDS[w.fmt[0]] for w in weights}
-        variants = variant_names(slots == 1, bool(affine), max(kinds) >= _KINDS["q6_k"])  # (kinds from 2 on: blocks)
+        variants = variant_names(slots == 1, bool(affine), max(kinds) >= _KINDS["q6_k"], mma)  # (kinds from 2 on: blocks)
         self.kernel = build("matvec", backend, variants)
         bits = affine[0].fmt[1] if affine else 0
-        template = {"NB": batch, "RPW": rpw, "PRO": prologue, "EPI": epilogue, "BITS": bits,
+        template = {"NB": batch, "RPW": rpw, "MT": mt, "PRO": prologue, "EPI": epilogue, "BITS": bits,
                     "HAS_BIAS": int(bias is not None), "KINDS": sum(1 << k for k in kinds)}  # readers compiled in
-        paired = any(w.fmt[0] in _PAIRED_KINDS for w in weights)
+        # (the MMA variant decodes whole 32-element groups: any tile of them will do)
+        paired = not mma and any(w.fmt[0] in _PAIRED_KINDS for w in weights)
         kt = tile_length(self.kernel, max(ks), template, 64 if paired else 32)
-        self.ok = kt is not None
+        # MMA: the staged rows' memory takes the output tile at the end (LDX = KT + 8 >= 2 x 16 MT)
+        self.ok = kt is not None and kt + 8 >= 32 * mt
         if not self.ok:
             return
         self.template = list({**template, "KT": kt, "TILED": int(kt < max(ks))}.items())
@@ -223,7 +255,10 @@ class MatvecPlan:
             self.tail += (eight([w.scales if w.scales is not None else dummy_scales for w in weights])
                           + eight([w.offsets if w.offsets is not None else dummy_scales for w in weights]))
         mx.eval(*self.head, *self.tail)
-        self.grid = (total // rpw * 32, 1, 1)
+        if mma:  # a group of MMA_WARPS warps per 16 MT rows
+            self.grid, self.threadgroup = (total // (16 * mt) * 32 * MMA_WARPS, 1, 1), (32 * MMA_WARPS, 1, 1)
+        else:  # a group of WARPS warps per WARPS x RPW rows
+            self.grid, self.threadgroup = (total // rpw * 32, 1, 1), (32 * WARPS, 1, 1)
         self.out_shapes = [out_shape or (batch, total), (batch, ks[0]) if prologue == 1 else (1,)]
         signature = (tuple(self.template), tuple(str(a.dtype) for a in self.head + self.tail))
         self.ok = launches(self.kernel, signature, lambda: self(
@@ -251,7 +286,7 @@ class MatvecPlan:
                     self.head[5], residual if residual is not None else self.dummy, *self.tail],
             template=self.template,
             grid=self.grid,
-            threadgroup=(32 * WARPS, 1, 1),
+            threadgroup=self.threadgroup,
             output_shapes=self.out_shapes,
             output_dtypes=[mx.float32, mx.float32],
         )

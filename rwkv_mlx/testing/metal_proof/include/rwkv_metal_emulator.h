@@ -263,4 +263,52 @@ template <typename T> inline T simd_shuffle_up(T x, ushort delta) {
   return rwkv_emu::simd_from(x, src >= 0 ? src : rwkv_emu::lane_id());
 }
 
+// Simdgroup matrices: every lane holds (and computes) the whole 8 x 8 matrix. Each operation first
+// waits for the 32 lanes of the SIMD group: Metal requires all of them to call it together, so a call
+// that some lane skips is a barrier never completed (reported), not a wrong answer that passes.
+template <typename T, int Cols, int Rows>
+inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(const T value) {
+  rwkv_emu::simd_barrier();
+  simdgroup_matrix<T, Cols, Rows> m;
+  for (int i = 0; i < Cols * Rows; ++i) m.e[i] = value;
+  return m;
+}
+
+template <typename T, int Cols, int Rows>
+inline void simdgroup_load(simdgroup_matrix<T, Cols, Rows>& d, const T* src, ulong elements_per_row = Cols,
+                           ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  rwkv_emu::simd_barrier();
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Cols; ++c) {
+      const ulong row = transpose_matrix ? c : r, col = transpose_matrix ? r : c;
+      d.e[r * Cols + c] = src[(matrix_origin.y + row) * elements_per_row + matrix_origin.x + col];
+    }
+  rwkv_emu::simd_barrier();  // no lane changes the source before every lane has read it
+}
+
+template <typename T, int Cols, int Rows>
+inline void simdgroup_store(const simdgroup_matrix<T, Cols, Rows>& a, T* dst, ulong elements_per_row = Cols,
+                            ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  rwkv_emu::simd_barrier();
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Cols; ++c) {
+      const ulong row = transpose_matrix ? c : r, col = transpose_matrix ? r : c;
+      dst[(matrix_origin.y + row) * elements_per_row + matrix_origin.x + col] = a.e[r * Cols + c];
+    }
+}
+
+template <typename TD, typename TA, typename TB, typename TC>
+inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
+                                          const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c) {
+  rwkv_emu::simd_barrier();
+  simdgroup_matrix<TD, 8, 8> out;
+  for (int r = 0; r < 8; ++r)
+    for (int col = 0; col < 8; ++col) {
+      float acc = static_cast<float>(c.e[r * 8 + col]);
+      for (int k = 0; k < 8; ++k) acc += static_cast<float>(a.e[r * 8 + k]) * static_cast<float>(b.e[k * 8 + col]);
+      out.e[r * 8 + col] = static_cast<TD>(acc);
+    }
+  d = out;
+}
+
 }  // namespace metal
