@@ -439,8 +439,8 @@ def _int_expr(expr: str, names: dict[str, int]) -> int:
 def shared_bytes(name: str, defines: tuple[str, ...], template: tuple[tuple[str, int], ...]) -> int:
     """Static shared memory a launch declares, read from the kernel text itself.
 
-    Every ``SHARED T name[EXPR];`` of the body counts, EXPR evaluated with the template
-    constants and the body's ``constexpr int`` lines, so the plans and the text can't disagree.
+    Every ``SHARED T name[EXPR];`` of the body as the variant renders it counts, EXPR evaluated with the
+    template constants and the body's ``constexpr int`` lines, so the plans and the text can't disagree.
     """
     src = load_kern(name)
     names = {k: int(v) for k, v in template}
@@ -449,7 +449,7 @@ def shared_bytes(name: str, defines: tuple[str, ...], template: tuple[tuple[str,
     for part in [src.header, *(load_kern(i).header for i in src.includes if i not in _BACKEND_PARTS)]:
         if _SHARED_DECL.search(_COMMENT.sub("", part)):  # uncounted there: shared arrays belong in the body
             raise ValueError(f"{name}: a SHARED array in a header; declare it in the kernel body")
-    body = _COMMENT.sub("", src.body)
+    body = resolve_variants(_COMMENT.sub("", src.body), set(src.variants), set(defines))  # (a variant's own arrays)
     for const, expr in _CONSTEXPR.findall(body):
         try:
             names[const] = _int_expr(expr, names)
