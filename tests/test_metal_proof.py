@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ORACLE, ORACLE_MISSING, layer_norm64, make_layer, oracle_logits, oracle_models, oracle_tokens
+from conftest import ORACLE, ORACLE_MISSING, half_rounded, layer_norm64, make_layer, oracle_logits, oracle_models, oracle_tokens
 
 import rwkv_mlx
 from rwkv_mlx.kernels import kernels_disabled, layernorm_lerp
@@ -67,14 +67,16 @@ def recorded() -> Recorder:
             record_launches(model, f"{name} scales {scale}", rec)
     for label, hp in SHAPES.items():
         for file_type in ("Q4_K_M", "Q8_0", "F16"):
-            record_launches(shaped_model(hp, file_type), f"{label} {file_type}", rec)
+            # 16 and 64 rows: the matrix-unit variant (kernels/matvec.py MMA_MIN_ROWS)
+            record_launches(shaped_model(hp, file_type), f"{label} {file_type}", rec, decode_batches=(1, 2, 4, 16, 64))
     for scale in ("float32", "float16", "bfloat16"):
-        record_launches(shaped_model(synth.G1B_2_9B, "Q4_K_M", scale_dtype=scale), f"2.9B Q4_K_M scales {scale}", rec)
+        record_launches(shaped_model(synth.G1B_2_9B, "Q4_K_M", scale_dtype=scale), f"2.9B Q4_K_M scales {scale}", rec,
+                        decode_batches=(1, 2, 4, 16))
     # affine codes and GGUF blocks in one launch (a file whose v is Q6_K among Q4_K r and k): the matvec
     # text with both readers (no variant drops either), which no recipe above launches
     mixed = shaped_model(synth.G1B_2_9B, "Q4_K_M", scale_dtype="float32",
                          overrides={"blocks.1.att.value": WeightFormat("ggml", ggml_type=Q6_K)})
-    record_launches(mixed, "2.9B Q4_K_M scales float32, v in Q6_K", rec, prefill_batches=(), decode_batches=(1,))
+    record_launches(mixed, "2.9B Q4_K_M scales float32, v in Q6_K", rec, prefill_batches=(), decode_batches=(1, 16))
     head = shaped_model(synth.G1B_2_9B, "Q4_K_M", n_layer=1, vocab=65536)
     record_launches(head, "2.9B vocab 65536", rec, prefill_batches=(), decode_batches=(1,))
     layernorm_lerp.SEPARATE = 1  # RWKV_MLX_SEPARATE_PROLOGUE=1 (the default is 0): prologues as launches of their own
@@ -105,12 +107,17 @@ def test_recording_covers_every_case(recorded):
     names = {i.kernel.name for i in recorded.instantiations.values()}
     matvecs = {"rwkv_matvec", "rwkv_matvec_no_scales", "rwkv_matvec_one_segment_no_scales",
                *(f"rwkv_matvec{v}_no_blocks" for v in ("", "_no_scales", "_one_segment", "_one_segment_no_scales"))}
-    assert names == matvecs | {"rwkv_wkv7", "rwkv_dequant_no_scales", "rwkv_layernorm_lerp"}, names  # every variant
+    mma = {"rwkv_matvec_no_scales_mma", "rwkv_matvec_one_segment_no_scales_mma",  # Q4_K_M, Q8_0 (blocks as stored)
+           "rwkv_matvec_no_scales_no_blocks_mma", "rwkv_matvec_one_segment_no_scales_no_blocks_mma",  # F16
+           "rwkv_matvec_no_blocks_mma", "rwkv_matvec_one_segment_no_blocks_mma",  # affine codes
+           "rwkv_matvec_mma"}  # affine codes and Q6_K blocks in one launch
+    assert names == matvecs | mma | {"rwkv_wkv7", "rwkv_dequant_no_scales", "rwkv_layernorm_lerp"}, names  # every variant
     # the plans use (NO_SCALES: no affine matrix in the launch; NO_BLOCKS: no GGUF blocks; one matrix is affine or
     # blocks, never both); rwkv_dequant_no_scales: the prompts' products of GGUF blocks kept as stored (Metal's
     # default; its affine variant serves CUDA only, tests/test_matvec_blocks.py runs its Metal text);
     # rwkv_layernorm_lerp: the decode prologues as launches of their own (a setting)
     assert "2.9B Q4_K_M separate prologue decode B=4" in cases
+    assert {16, 64} <= {dict(i.template).get("NB") for i in recorded.instantiations.values() if "mma" in i.kernel.name}
     if not oracle_models():
         pytest.skip(f"the oracle files were not recorded: {ORACLE_MISSING}")
     for name in oracle_models():
@@ -367,6 +374,98 @@ def test_emulated_matvec_formats(kind, B):
     want = np.concatenate([acts[i](x[:, i * K:(i + 1) * K].astype(np.float64)) @ w.T
                            for i, (_, w) in enumerate(layers)], axis=1)
     assert rel_err(y, want) < 1e-5
+
+
+@pytest.fixture
+def matrix_units(monkeypatch):
+    """The MMA variant from 8 activation rows (the default, whatever the environment says)."""
+    from rwkv_mlx.kernels import matvec
+
+    monkeypatch.setattr(matvec, "MMA_MIN_ROWS", 8)
+
+
+@needs_emulator
+@pytest.mark.parametrize("kind,B", [(k, 16) for k in ["float32", "float16", "bfloat16", "affine-4-float16", "affine-5-float32",
+                                    "affine-8-bfloat16", "q6_k", "q3_k", "q2_k", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+                                    "iq4_nl", "q4_k", "q5_k", "iq4_xs"]] + [("q4_k", 9), ("float16", 64)])
+def test_emulated_matrix_units(kind, B, matrix_units):
+    """The MMA variant's Metal text (simdgroup matrices, emulated): the product of the float16-rounded operands
+    in float64, to 1e-5, for every weight format; segments of 32 and 64 rows, 9 rows padded to 16."""
+    from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
+
+    rng = np.random.default_rng(len(kind) * 10 + B)
+    K = 256
+    layers = [make_layer(kind, rows, K, rng) for rows in (32, 64)]
+    x = rng.standard_normal((B, 2 * K)).astype(np.float32)
+    segs = [Segment(layer, x_offset=i * K, mode=i) for i, (layer, _) in enumerate(layers)]
+    with Emulator().running():
+        plan = MatvecPlan(segs, B, backend="metal", x_stride=2 * K)
+        assert plan.ok and dict(plan.template)["MT"] > 0, plan.template
+        y = np.array(plan(mx.array(x)))
+    inputs = [x[:, :K], np.tanh(x[:, K:])]
+    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, (_, w) in zip(inputs, layers)], axis=1)
+    exact = np.concatenate([v.astype(np.float64) @ w.T for v, (_, w) in zip(inputs, layers)], axis=1)
+    assert rel_err(y, want) < 2e-5 and rel_err(y, exact) < 2e-3, (rel_err(y, want), rel_err(y, exact))
+
+
+@needs_emulator
+@pytest.mark.parametrize("B", [16, 64])
+def test_emulated_matrix_units_prologue_epilogue_and_tiles(B, matrix_units):
+    """LayerNorm + lerp in, relu^2 out, K = 10240 walked in tiles (Apple's 32 KB), a bias."""
+    from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
+
+    rng = np.random.default_rng(B)
+    K, F = 10240, 32
+    layer, w = make_layer("q4_k", F, K, rng)
+    x, prev, mix, ln = lerp_inputs(rng, B, K, 1)
+    bias = rng.standard_normal(F).astype(np.float32)
+    with Emulator().running():
+        plan = MatvecPlan([Segment(layer, mode=0)], B, backend="metal", prologue=1, epilogue=1, ln=ln,
+                          mix=mx.array(mix), bias=mx.array(bias))
+        assert plan.ok and dict(plan.template)["KT"] < K, plan.template
+        y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
+    norm = layer_norm64(x, ln)
+    lerped = (norm + (prev - norm) * mix[0]).astype(np.float32)
+    assert rel_err(xn, norm) < 1e-5
+    assert rel_err(y, np.maximum(half_rounded(lerped) @ half_rounded(w).T + bias, 0) ** 2) < 2e-5
+
+
+@needs_emulator
+def test_broken_fragment_fails_the_matrix_units(matrix_units):
+    """Negative control: the second 8 x 8 block of B loaded from the first's columns must be caught."""
+    from rwkv_mlx.kernels.matvec import Segment, matvec
+
+    edits = []
+
+    def break_b(source: str) -> str:
+        good = "simdgroup_load(b1, b + 8, ldb, ulong2(0), true);"
+        if good not in source:
+            return source
+        edits.append(1)
+        return source.replace(good, "simdgroup_load(b1, b, ldb, ulong2(0), true);")
+
+    rng = np.random.default_rng(7)
+    layer, w = make_layer("float16", 32, 256, rng)
+    x = rng.standard_normal((16, 256)).astype(np.float32)
+    with Emulator(edit=break_b).running():
+        y = np.array(matvec(mx.array(x), [Segment(layer)], backend="metal"))
+    assert edits and rel_err(y, half_rounded(x) @ half_rounded(w).T) > 0.1
+
+
+@needs_emulator
+def test_emulated_many_rows_on_matrix_units_match_pure_path(require_oracle, matrix_units):
+    """16 rows of one prompt through the MMA launches (every matvec of the blocks): the rows agree exactly,
+    and each is within float16 rounding of the pure path (0.4-0.7% of the logits' norm is float16's cost here;
+    a wrong tile is of order one) with the same greedy tokens."""
+    model = load("fixb-Q4_K_M", EXACT)
+    tokens = oracle_tokens("fixb-Q4_K_M")[:6]
+    emu = Emulator()
+    got = emulated_logits(model, tokens, decoded=3, batch=16, emu=emu)
+    assert {"rwkv_matvec_no_scales_mma", "rwkv_matvec_one_segment_no_scales_mma"} <= {
+        b.inst.kernel.name for b in emu.built.values()}
+    assert np.array_equal(got[0], got[15])
+    plain = plain_logits(model, tokens)
+    assert rel_err(got[0, 3:], plain[3:]) < 5e-3 and (got[0].argmax(-1) == plain.argmax(-1)).all()
 
 
 def lerp_inputs(rng, B: int, K: int, mixes: int):
