@@ -146,7 +146,8 @@ __device__ __forceinline__ float rwkv_warp_max(float x) {
 # b[n * ldb + k]: an activation row is a column), C stored by columns (element (i, n) to c[n * ldc + i]).
 # Every lane of the warp must call them together (Metal's simdgroup rule). Kernels never touch the
 # fragments, whose layouts differ. CUDA: mma.sync m16n8k16 (sm_80 on), fragments as the PTX ISA lays
-# them out for .row.col f16 with f32 accumulators; Metal: 8 x 8 simdgroup matrices, half operands and
+# them out for .row.col f16 with f32 accumulators (sm_75: two m16n8k8, the k = 0-7 and 8-15 halves of the same
+# registers; compiled, never run here); Metal: 8 x 8 simdgroup matrices, half operands and
 # float accumulators, B and C loaded and stored transposed. Its text is kept for matvec.kern's MMA variant
 # only (the conditional around it is decided at render time, as every variant's is).
 _BACKEND_PARTS = {
@@ -161,9 +162,16 @@ __device__ __forceinline__ void mma_acc(MmaTile& t, const __half* a, int lda, co
   const unsigned a0 = rwkv_pair(a + g * lda + q), a1 = rwkv_pair(a + (g + 8) * lda + q);
   const unsigned a2 = rwkv_pair(a + g * lda + q + 8), a3 = rwkv_pair(a + (g + 8) * lda + q + 8);
   const unsigned b0 = rwkv_pair(b + g * ldb + q), b1 = rwkv_pair(b + g * ldb + q + 8);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+               : "+f"(t.c[0]), "+f"(t.c[1]), "+f"(t.c[2]), "+f"(t.c[3]) : "r"(a0), "r"(a1), "r"(b0));
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+               : "+f"(t.c[0]), "+f"(t.c[1]), "+f"(t.c[2]), "+f"(t.c[3]) : "r"(a2), "r"(a3), "r"(b1));
+#else
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                : "+f"(t.c[0]), "+f"(t.c[1]), "+f"(t.c[2]), "+f"(t.c[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 __device__ __forceinline__ void mma_store(const MmaTile& t, float* c, int ldc) {
   const int g = (threadIdx.x & 31u) >> 2, q = 2 * (threadIdx.x & 3u);
