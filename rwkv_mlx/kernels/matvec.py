@@ -5,6 +5,9 @@ with an optional LayerNorm + token-shift prologue and relu^2 / residual
 epilogues. Layers of every storage form (rwkv_mlx/layers.py) take part:
 dense, affine (MLX's packed codes), and GGUF blocks as stored (``STORED_BLOCK_TYPES``).
 
+From ``MMA_MIN_ROWS`` activation rows a launch takes the kernel's MMA variant (the matrix units, float16
+operands); below, the float32 loops of CUDA cores and Apple's ALUs.
+
 A ``MatvecPlan`` holds everything about a launch that does not change from
 token to token (weight byte views, the segment table, constants), built and
 evaluated once, so a decoded token adds the kernel call and nothing else.
@@ -113,7 +116,7 @@ def variant_names(one_segment: bool, affine: bool, blocks: bool, mma: bool = Fal
 # 16-17 times one row's launch time on an H100, results/serve_bench.md). Below it the exact float32 loops
 # stay. None: $RWKV_MLX_MMA_MIN_ROWS or 8; 0 never.
 MMA_MIN_ROWS: int | None = None
-MMA_WARPS = 4  # warps of an MMA group (matvec.kern)
+MMA_WARPS = 4  # warps of an MMA group (matvec.kern's constexpr WARPS under MMA)
 
 
 def mma_min_rows() -> int:
