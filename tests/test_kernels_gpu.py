@@ -193,19 +193,27 @@ def matrix_units(monkeypatch):
     monkeypatch.setattr(matvec_module, "MMA_MIN_ROWS", 8)
 
 
+ACTS = [lambda t: t, np.tanh, lambda t: 1 / (1 + np.exp(-t))]  # segment modes 0, 1, 2 (matvec.kern PRO 0)
+K_SEG = 512
+
+
+def three_segments(kind: str, B: int):
+    """Segments of 256, 512 and 256 rows in ``kind``, reading x [B, 3 K_SEG] as is, by tanh and by sigmoid, and a
+    bias: (segments, x, bias, each segment's input by ACTS from x in dtype float32, each one's float64 weights)."""
+    rng = np.random.default_rng(hash(kind) % 1000 + B)
+    layers = [make_layer(kind, rows, K_SEG, rng) for rows in (256, 512, 256)]
+    x = rng.standard_normal((B, 3 * K_SEG)).astype(np.float32)
+    segs = [Segment(layer, x_offset=i * K_SEG, mode=i) for i, (layer, _) in enumerate(layers)]
+    bias = rng.standard_normal(1024).astype(np.float32)
+    return segs, x, bias, [x[:, i * K_SEG:(i + 1) * K_SEG] for i in range(3)], [w for _, w in layers]
+
+
 @pytest.mark.parametrize("kind", FORMATS)
 @pytest.mark.parametrize("B", [1, 2, 4, 16])  # 4 and 16: chunk_rows_many
 def test_matvec_segments_match_numpy(kind, B, every_batch):
-    rng = np.random.default_rng(hash(kind) % 1000 + B)
-    K = 512
-    layers = [make_layer(kind, rows, K, rng) for rows in (256, 512, 256)]
-    x = rng.standard_normal((B, 3 * K)).astype(np.float32)
-    segs = [Segment(layer, x_offset=i * K, mode=m) for i, ((layer, _), m) in enumerate(zip(layers, (0, 1, 2)))]
-    bias = rng.standard_normal(1024).astype(np.float32)
+    segs, x, bias, parts, weights = three_segments(kind, B)
     y = matvec(mx.array(x), segs, bias=mx.array(bias), backend=BACKEND)
-    acts = [lambda t: t, np.tanh, lambda t: 1 / (1 + np.exp(-t))]
-    want = np.concatenate([acts[i](x[:, i * K:(i + 1) * K].astype(np.float64)) @ w.T
-                           for i, (_, w) in enumerate(layers)], axis=1) + bias
+    want = np.concatenate([act(v.astype(np.float64)) @ w.T for act, v, w in zip(ACTS, parts, weights)], axis=1) + bias
     assert rel_err(y, want) < 1e-5
 
 
@@ -233,6 +241,17 @@ def test_matvec_layernorm_lerp_prologue_and_epilogues(kind, separate, monkeypatc
     assert rel_err(y2, x.astype(np.float64) @ w2.T + res) < 1e-5
 
 
+def long_row_case(kind: str, B: int, K: int, F: int, rng):
+    """F rows of K in ``kind``, inputs x and prev [B, K], one lerp row and a LayerNorm of K: (layer, float64
+    weights, x, prev, mix, ln)."""
+    layer, w = make_layer(kind, F, K, rng)
+    x, prev = (rng.standard_normal((B, K)).astype(np.float32) for _ in range(2))
+    mix = rng.uniform(0, 1, (1, K)).astype(np.float32)
+    ln = __import__("mlx.nn", fromlist=["LayerNorm"]).LayerNorm(K)
+    ln.weight, ln.bias = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32)), mx.array(rng.standard_normal(K).astype(np.float32))
+    return layer, w, x, prev, mix, ln
+
+
 @pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "affine-8-float16", "q6_k", "q3_k", "q8_0", "q4_k"])
 @pytest.mark.parametrize("B", [2, 4, 16])
 @pytest.mark.parametrize("separate", [0, 1])
@@ -243,13 +262,8 @@ def test_matvec_long_rows_walk_tiles(kind, B, separate, every_batch, monkeypatch
     from rwkv_mlx.kernels.matvec import MatvecPlan
 
     monkeypatch.setattr(layernorm_lerp, "SEPARATE", separate)
-    rng = np.random.default_rng(B + len(kind))
-    K, F = 10240, 256
-    (layer, w) = make_layer(kind, F, K, rng)
-    x, prev = (rng.standard_normal((B, K)).astype(np.float32) for _ in range(2))
-    mix = rng.uniform(0, 1, (1, K)).astype(np.float32)
-    ln = __import__("mlx.nn", fromlist=["LayerNorm"]).LayerNorm(K)
-    ln.weight, ln.bias = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32)), mx.array(rng.standard_normal(K).astype(np.float32))
+    rng, K, F = np.random.default_rng(B + len(kind)), 10240, 256
+    layer, w, x, prev, mix, ln = long_row_case(kind, B, K, F, rng)
     plan = MatvecPlan([Segment(layer, mode=0)], B, backend=BACKEND, prologue=1, ln=ln, mix=mx.array(mix))
     assert plan.ok and dict(plan.template)["KT"] < K, plan.template
     y, xn = plan(mx.array(x), mx.array(prev))
@@ -270,19 +284,13 @@ def test_matvec_long_rows_walk_tiles(kind, B, separate, every_batch, monkeypatch
 def test_matrix_units_match_rounded_operands(kind, B, matrix_units):
     from rwkv_mlx.kernels.matvec import MatvecPlan
 
-    rng = np.random.default_rng(hash(kind) % 1000 + B)
-    K = 512
-    layers = [make_layer(kind, rows, K, rng) for rows in (256, 512, 256)]
-    x = rng.standard_normal((B, 3 * K)).astype(np.float32)
-    segs = [Segment(layer, x_offset=i * K, mode=m) for i, ((layer, _), m) in enumerate(zip(layers, (0, 1, 2)))]
-    bias = rng.standard_normal(1024).astype(np.float32)
-    plan = MatvecPlan(segs, B, backend=BACKEND, bias=mx.array(bias), x_stride=3 * K)
+    segs, x, bias, parts, weights = three_segments(kind, B)
+    plan = MatvecPlan(segs, B, backend=BACKEND, bias=mx.array(bias), x_stride=x.shape[1])
     assert plan.ok and dict(plan.template)["MT"] > 0, plan.template
     y = np.array(plan(mx.array(x)))
-    acts = [lambda t: t, np.tanh, lambda t: 1 / (1 + np.exp(-t))]
-    inputs = [acts[i](x[:, i * K:(i + 1) * K].astype(np.float32)) for i in range(3)]
-    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, (_, w) in zip(inputs, layers)], axis=1) + bias
-    exact = np.concatenate([v.astype(np.float64) @ w.T for v, (_, w) in zip(inputs, layers)], axis=1) + bias
+    inputs = [act(v) for act, v in zip(ACTS, parts)]  # (float32, as the kernel computes them, then rounded)
+    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, w in zip(inputs, weights)], axis=1) + bias
+    exact = np.concatenate([v.astype(np.float64) @ w.T for v, w in zip(inputs, weights)], axis=1) + bias
     assert rel_err(y, want) < 1e-5 and rel_err(y, exact) < 2e-3, (rel_err(y, want), rel_err(y, exact))
 
 
@@ -295,13 +303,8 @@ def test_matrix_units_prologue_epilogues_and_tiles(kind, B, separate, matrix_uni
     from rwkv_mlx.kernels.matvec import MatvecPlan
 
     monkeypatch.setattr(layernorm_lerp, "SEPARATE", separate)
-    rng = np.random.default_rng(B + len(kind))
-    K, F = 10240, 256
-    (layer, w) = make_layer(kind, F, K, rng)
-    x, prev = (rng.standard_normal((B, K)).astype(np.float32) for _ in range(2))
-    mix = rng.uniform(0, 1, (1, K)).astype(np.float32)
-    ln = __import__("mlx.nn", fromlist=["LayerNorm"]).LayerNorm(K)
-    ln.weight, ln.bias = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32)), mx.array(rng.standard_normal(K).astype(np.float32))
+    rng, K, F = np.random.default_rng(B + len(kind)), 10240, 256
+    layer, w, x, prev, mix, ln = long_row_case(kind, B, K, F, rng)
     plan = MatvecPlan([Segment(layer, mode=0)], B, backend=BACKEND, prologue=1, epilogue=1, ln=ln, mix=mx.array(mix))
     assert plan.ok and dict(plan.template)["KT"] < K, plan.template
     y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
@@ -319,6 +322,15 @@ def test_matrix_units_prologue_epilogues_and_tiles(kind, B, separate, matrix_uni
 MODELS = oracle_models() or ["<oracle missing>"]
 
 
+def decode_rows(model, tokens: list[int], batch: int) -> np.ndarray:
+    """Logits [batch, T, V] of ``tokens`` fed one at a time to ``batch`` identical rows."""
+    state, rows = None, []
+    for t in tokens:
+        logits, state = model(mx.array([[t]] * batch), state)
+        rows.append(np.array(logits[:, 0]))
+    return np.stack(rows, axis=1)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_fused_decode_matches_oracle(name):
     if name.startswith("<"):
@@ -328,16 +340,9 @@ def test_fused_decode_matches_oracle(name):
     tokens = oracle_tokens(name)
     ref = oracle_logits(name, "ref64")
 
-    def decode(batch: int) -> np.ndarray:
-        state, rows = None, []
-        for t in tokens:
-            logits, state = model(mx.array([[t]] * batch), state)
-            rows.append(np.array(logits[:, 0]))
-        return np.stack(rows, axis=1)
-
-    fused = decode(2)
+    fused = decode_rows(model, tokens, 2)
     with kernels_disabled():
-        plain = decode(1)
+        plain = decode_rows(model, tokens, 1)
     assert np.abs(fused[0] - fused[1]).max() == 0
     assert np.abs(fused[0] - plain[0]).max() < 1e-4
     diff = fused[0] - ref
@@ -378,19 +383,12 @@ def test_many_rows_on_matrix_units_match_pure_path(name, matrix_units):
     model, _ = rwkv_mlx.load(ORACLE / "models" / f"{name}.gguf", LoadOptions(float_dtype="float32", ggml_native=True))
     tokens = oracle_tokens(name)
 
-    def decode(batch: int) -> np.ndarray:
-        state, rows = None, []
-        for t in tokens:
-            logits, state = model(mx.array([[t]] * batch), state)
-            rows.append(np.array(logits[:, 0]))
-        return np.stack(rows, axis=1)
-
     model.runtime.invalidate()
-    many = decode(16)
+    many = decode_rows(model, tokens, 16)
     proj = model.runtime.block_plan(0, 16).proj
     assert "MMA" in (proj.inner if proj.pre is not None else proj).kernel.defines
     with kernels_disabled():
-        plain = decode(1)
+        plain = decode_rows(model, tokens, 1)
     assert np.abs(many - many[:1]).max() == 0
     assert rel_err(many[0], plain[0]) < 5e-3, rel_err(many[0], plain[0])
     assert (many[0].argmax(-1) == plain[0].argmax(-1)).mean() >= 0.9

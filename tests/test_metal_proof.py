@@ -361,19 +361,24 @@ MANY_ROWS = [("float32", 3), ("float32", 4), ("float16", 4), ("bfloat16", 4), ("
 def test_emulated_matvec_formats(kind, B):
     """Every weight format and scale dtype, by the Metal text, against float64 numpy."""
 
-    from rwkv_mlx.kernels.matvec import Segment, matvec
+    from rwkv_mlx.kernels.matvec import matvec
 
-    rng = np.random.default_rng(len(kind) * 10 + B)
-    K = 256
-    layers = [make_layer(kind, rows, K, rng) for rows in (128, 256)]
-    x = rng.standard_normal((B, 2 * K)).astype(np.float32)
-    segs = [Segment(layer, x_offset=i * K, mode=i) for i, (layer, _) in enumerate(layers)]
+    segs, x, weights = two_segments(kind, B, (128, 256))
     with Emulator().running():
         y = np.array(matvec(mx.array(x), segs, backend="metal"))
-    acts = [lambda t: t, np.tanh]
-    want = np.concatenate([acts[i](x[:, i * K:(i + 1) * K].astype(np.float64)) @ w.T
-                           for i, (_, w) in enumerate(layers)], axis=1)
+    want = np.concatenate([x[:, :256].astype(np.float64) @ weights[0].T, np.tanh(x[:, 256:].astype(np.float64)) @ weights[1].T],
+                          axis=1)
     assert rel_err(y, want) < 1e-5
+
+
+def two_segments(kind: str, B: int, rows: tuple[int, int]):
+    """Segments of ``rows`` in ``kind`` with K = 256, reading x [B, 512] as is and by tanh: (segments, x, float64 weights)."""
+    from rwkv_mlx.kernels.matvec import Segment
+
+    rng = np.random.default_rng(len(kind) * 10 + B)
+    layers = [make_layer(kind, r, 256, rng) for r in rows]
+    x = rng.standard_normal((B, 512)).astype(np.float32)
+    return [Segment(layer, x_offset=i * 256, mode=i) for i, (layer, _) in enumerate(layers)], x, [w for _, w in layers]
 
 
 @pytest.fixture
@@ -391,20 +396,16 @@ def matrix_units(monkeypatch):
 def test_emulated_matrix_units(kind, B, matrix_units):
     """The MMA variant's Metal text (simdgroup matrices, emulated): the product of the float16-rounded operands
     in float64, to 1e-5, for every weight format; segments of 32 and 64 rows, 9 rows padded to 16."""
-    from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
+    from rwkv_mlx.kernels.matvec import MatvecPlan
 
-    rng = np.random.default_rng(len(kind) * 10 + B)
-    K = 256
-    layers = [make_layer(kind, rows, K, rng) for rows in (32, 64)]
-    x = rng.standard_normal((B, 2 * K)).astype(np.float32)
-    segs = [Segment(layer, x_offset=i * K, mode=i) for i, (layer, _) in enumerate(layers)]
+    segs, x, weights = two_segments(kind, B, (32, 64))
     with Emulator().running():
-        plan = MatvecPlan(segs, B, backend="metal", x_stride=2 * K)
+        plan = MatvecPlan(segs, B, backend="metal", x_stride=x.shape[1])
         assert plan.ok and dict(plan.template)["MT"] > 0, plan.template
         y = np.array(plan(mx.array(x)))
-    inputs = [x[:, :K], np.tanh(x[:, K:])]
-    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, (_, w) in zip(inputs, layers)], axis=1)
-    exact = np.concatenate([v.astype(np.float64) @ w.T for v, (_, w) in zip(inputs, layers)], axis=1)
+    inputs = [x[:, :256], np.tanh(x[:, 256:])]
+    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, w in zip(inputs, weights)], axis=1)
+    exact = np.concatenate([v.astype(np.float64) @ w.T for v, w in zip(inputs, weights)], axis=1)
     assert rel_err(y, want) < 2e-5 and rel_err(y, exact) < 2e-3, (rel_err(y, want), rel_err(y, exact))
 
 
