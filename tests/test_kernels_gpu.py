@@ -294,6 +294,23 @@ def test_matrix_units_match_rounded_operands(kind, B, matrix_units):
     assert rel_err(y, want) < 1e-5 and rel_err(y, exact) < 2e-3, (rel_err(y, want), rel_err(y, exact))
 
 
+@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "affine-8-float16", "q6_k", "q8_0", "q4_k", "q5_k"])
+@pytest.mark.parametrize("B", [16, 64])
+def test_matrix_units_taller_groups(kind, B, matrix_units, monkeypatch):
+    """Groups of 64 weight rows (MT 4), which launches of enough rows take: the same products."""
+    from rwkv_mlx.kernels import matvec as matvec_module
+    from rwkv_mlx.kernels.matvec import MatvecPlan
+
+    monkeypatch.setattr(matvec_module, "MMA_MIN_GROUPS", 1)
+    segs, x, bias, parts, weights = three_segments(kind, B)
+    plan = MatvecPlan(segs, B, backend=BACKEND, bias=mx.array(bias), x_stride=x.shape[1])
+    assert plan.ok and dict(plan.template)["MT"] == 4, plan.template
+    y = np.array(plan(mx.array(x)))
+    inputs = [act(v) for act, v in zip(ACTS, parts)]
+    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, w in zip(inputs, weights)], axis=1) + bias
+    assert rel_err(y, want) < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "q6_k", "q8_0", "q4_k"])
 @pytest.mark.parametrize("B", [16, 64])
 @pytest.mark.parametrize("separate", [0, 1])

@@ -410,6 +410,25 @@ def test_emulated_matrix_units(kind, B, matrix_units):
 
 
 @needs_emulator
+@pytest.mark.parametrize("kind,B,mt", [("q4_k", 16, 4), ("float16", 16, 4), ("q6_k", 64, 2), ("affine-4-float16", 9, 4)])
+def test_emulated_matrix_units_taller_groups(kind, B, mt, matrix_units, monkeypatch):
+    """Groups of 64 and 32 weight rows (MT 4 and 2: each staged activation row serves more weights). At 64
+    activation rows Apple's 32 KB holds no tile for MT 4, and the plan takes MT 2."""
+    from rwkv_mlx.kernels import matvec
+    from rwkv_mlx.kernels.matvec import MatvecPlan
+
+    monkeypatch.setattr(matvec, "MMA_MIN_GROUPS", 1)
+    segs, x, weights = two_segments(kind, B, (64, 128))
+    with Emulator().running():
+        plan = MatvecPlan(segs, B, backend="metal", x_stride=x.shape[1])
+        assert plan.ok and dict(plan.template)["MT"] == mt, plan.template
+        y = np.array(plan(mx.array(x)))
+    inputs = [x[:, :256], np.tanh(x[:, 256:])]
+    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, w in zip(inputs, weights)], axis=1)
+    assert rel_err(y, want) < 2e-5
+
+
+@needs_emulator
 @pytest.mark.parametrize("B", [16, 64])
 def test_emulated_matrix_units_prologue_epilogue_and_tiles(B, matrix_units):
     """LayerNorm + lerp in, relu^2 out, K = 10240 walked in tiles (Apple's 32 KB), a bias."""

@@ -69,6 +69,7 @@ KERNEL_INSTANCES: list[KernelInstance] = [
     _matvec("float16", NB=64, RPW=0, MT=1, KT=224, TILED=1, BITS=8, EPI=2, HAS_BIAS=1),
     _matvec(None, NB=16, RPW=0, MT=2, KT=448, TILED=1, PRO=1, EPI=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["q4_k"])),
     _matvec(None, slots=1, NB=64, RPW=0, MT=1, KT=224, TILED=1, EPI=2, KINDS=1 << _KINDS["dense"]),
+    _matvec("float32", NB=64, RPW=0, MT=4, KT=160, TILED=1, BITS=4, PRO=1),  # groups of 64 weight rows
     # blocks -> float32 or float16 matrix (w, shape): one instance per block type a prompt can expand
     *(KernelInstance("dequant", ("uint8", "int32"), (out,), {"KIND": k, "BITS": 4}, ("NO_SCALES",))
       for k in range(2, len(_KINDS)) for out in ("float32", "float16")),

@@ -116,6 +116,7 @@ def variant_names(one_segment: bool, affine: bool, blocks: bool, mma: bool = Fal
 # 16-17 times one row's launch time on an H100, results/serve_bench.md). Below it the exact float32 loops
 # stay. None: $RWKV_MLX_MMA_MIN_ROWS or 8; 0 never.
 MMA_MIN_ROWS: int | None = None
+MMA_MIN_GROUPS = 32  # fewest groups a launch keeps when its groups take more weight rows (_mma_tiles)
 MMA_WARPS = 4  # warps of an MMA group (matvec.kern's constexpr WARPS under MMA)
 
 
@@ -130,12 +131,14 @@ def uses_mma(batch: int) -> bool:
     return 0 < mma_min_rows() <= batch
 
 
-def _mma_tiles(segment_rows: list[int]) -> int | None:
-    """16-row weight tiles an MMA group owns (MT): two where every segment is whole 32-row blocks and the
-    launch still has two groups for each of an H100's 132 SMs, else one; None: a segment is not whole tiles."""
-    if all(r % 32 == 0 for r in segment_rows) and sum(segment_rows) // 32 >= 264:
-        return 2
-    return 1 if all(r % 16 == 0 for r in segment_rows) else None
+def _mma_tiles(segment_rows: list[int]) -> list[int]:
+    """The 16-row weight tiles an MMA group may own (MT), most first. A group stages every activation row of
+    its whole K once per tile of K, so the launch reads its input (rows / 16 MT) times: with MT 1, a 64-row
+    step staged about 8.5 billion elements for 2.9 billion weights and ran at 2.3x one stream on an H100
+    (results/kernel_log.md step 15). So MT 4 where every segment is whole 64-row blocks and the launch keeps
+    MMA_MIN_GROUPS groups (the 2.9B FFN value: 40), else 2, else 1; none where a segment is not whole 16-row tiles."""
+    return [mt for mt in (4, 2, 1) if all(r % (16 * mt) == 0 for r in segment_rows)
+            and (sum(segment_rows) // (16 * mt) >= MMA_MIN_GROUPS or mt == 1)]
 
 
 # Q4_K and Q5_K rows are read a lane per 16 bytes of qs, which hold weights of two groups 32 apart
@@ -207,8 +210,8 @@ class MatvecPlan:
             return
         rows, ks = [w.rows for w in weights], [w.k for w in weights]
         mma = uses_mma(batch)
-        mt, rpw = (_mma_tiles(rows), 0) if mma else (0, _rows_per_warp(rows, batch))
-        self.ok = mt is not None and rpw is not None and all(k % 32 == 0 for k in ks)
+        tilings, rpw = (_mma_tiles(rows), 0) if mma else ([0], _rows_per_warp(rows, batch))
+        self.ok = bool(tilings) and rpw is not None and all(k % 32 == 0 for k in ks)
         if not self.ok:
             return
         from .dialect import build, placeholder
@@ -221,12 +224,15 @@ class MatvecPlan:
         variants = variant_names(slots == 1, bool(affine), max(kinds) >= _KINDS["q6_k"], mma)  # (kinds from 2 on: blocks)
         self.kernel = build("matvec", backend, variants)
         bits = affine[0].fmt[1] if affine else 0
-        template = {"NB": batch, "RPW": rpw, "MT": mt, "PRO": prologue, "EPI": epilogue, "BITS": bits,
-                    "HAS_BIAS": int(bias is not None), "KINDS": sum(1 << k for k in kinds)}  # readers compiled in
         # (the MMA variant decodes whole 32-element groups: any tile of them will do)
         paired = not mma and any(w.fmt[0] in _PAIRED_KINDS for w in weights)
-        kt = tile_length(self.kernel, max(ks), template, 64 if paired else 32)
-        # MMA: the staged rows' memory takes the output tile at the end (LDX = KT + 8 >= 2 x 16 MT)
+        for mt in tilings:  # the most weight rows a group whose tiles fit the backend's shared memory
+            template = {"NB": batch, "RPW": rpw, "MT": mt, "PRO": prologue, "EPI": epilogue, "BITS": bits,
+                        "HAS_BIAS": int(bias is not None), "KINDS": sum(1 << k for k in kinds)}  # readers compiled in
+            kt = tile_length(self.kernel, max(ks), template, 64 if paired else 32)
+            # MMA: the staged rows' memory takes the output tile at the end (LDX = KT + 8 >= 2 x 16 MT)
+            if kt is not None and kt + 8 >= 32 * mt:
+                break
         self.ok = kt is not None and kt + 8 >= 32 * mt
         if not self.ok:
             return
