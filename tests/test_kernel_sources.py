@@ -172,3 +172,13 @@ def test_resolve_variants_decides_only_variant_conditionals():
 def test_a_define_that_is_no_variant_is_refused():
     with pytest.raises(ValueError, match="no variant"):
         dialect.render("matvec", "cuda", ("ONE_SEGMNET",))
+
+
+def test_compact_keeps_string_literals_as_written():
+    """CUDA's inline PTX is a string: compact() strips comments and spaces around it, never inside it."""
+    text = 'asm volatile("mma.sync  {%0,%1}, {%2};"  // a comment\n   : "+f"(c));\n'
+    assert dialect.compact(text) == 'asm volatile("mma.sync  {%0,%1}, {%2};"\n: "+f"(c));\n'
+    with pytest.raises(ValueError, match="character literal"):
+        dialect.compact('x = "a // b";\n')
+    with pytest.raises(ValueError, match="character literal"):
+        dialect.compact("c = 'x';\n")
