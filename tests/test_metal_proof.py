@@ -2,7 +2,7 @@
 for Apple GPUs, and how").
 
 1. Record: every distinct Metal kernel instantiation the models launch (every oracle file; prefill
-   at B = 1, 2 and decode at B = 1, 2, 4; float16 and bfloat16 affine scales; blocks of the 2.9B
+   at B = 1, 2 and decode at B = 1, 2, 4, and 16 and 64 for the matrix-unit variant; float16 and bfloat16 affine scales; blocks of the 2.9B
    and 7.2B shapes in Q4_K_M, Q8_0 and F16; a 65536-row head).
 2. Compile: MLX's own generator writes each instantiation's Metal source, and the clang of the
    ziglang wheel compiles it against include/metal_stdlib, which keeps Metal's address spaces
@@ -395,7 +395,8 @@ def matrix_units(monkeypatch):
                                     "iq4_nl", "q4_k", "q5_k", "iq4_xs"]] + [("q4_k", 9), ("float16", 64)])
 def test_emulated_matrix_units(kind, B, matrix_units):
     """The MMA variant's Metal text (simdgroup matrices, emulated): the product of the float16-rounded operands
-    in float64, to 1e-5, for every weight format; segments of 32 and 64 rows, 9 rows padded to 16."""
+    in float64, to 2e-5 (a tanh computed in float32 here and in the kernel may round to float16 apart), for
+    every weight format; segments of 32 and 64 rows, 9 rows padded to 16."""
     from rwkv_mlx.kernels.matvec import MatvecPlan
 
     segs, x, weights = two_segments(kind, B, (32, 64))
