@@ -216,6 +216,16 @@ def make_layer(kind: str, rows: int, k: int, rng):
     return layer, gguf_dequantize(blocks, ggml_type).astype(np.float64).reshape(rows, k)
 
 
+@pytest.fixture
+def matrix_units(monkeypatch):
+    """Decode launches on the matrix units (matvec.kern's MMA variant) from 8 activation rows, whatever the
+    environment or a backend's bound on the kernels' rows says (tests/test_kernels_gpu.py, test_metal_proof.py)."""
+    from rwkv_mlx.kernels import matvec
+
+    monkeypatch.setattr(matvec, "MAX_BATCH", 0)
+    monkeypatch.setattr(matvec, "MMA_MIN_ROWS", 8)
+
+
 def half_rounded(a) -> np.ndarray:
     """a rounded to float16 (from float32, to nearest), as float64: the operands of the matrix-unit kernels,
     whose products the tests hold to float64 math on these rounded values."""

@@ -184,15 +184,6 @@ def every_batch(monkeypatch):
     monkeypatch.setattr(matvec_module, "MMA_MIN_ROWS", 0)
 
 
-@pytest.fixture
-def matrix_units(monkeypatch):
-    """The MMA variant from 8 activation rows, whatever a backend's bounds say."""
-    from rwkv_mlx.kernels import matvec as matvec_module
-
-    monkeypatch.setattr(matvec_module, "MAX_BATCH", 0)
-    monkeypatch.setattr(matvec_module, "MMA_MIN_ROWS", 8)
-
-
 ACTS = [lambda t: t, np.tanh, lambda t: 1 / (1 + np.exp(-t))]  # segment modes 0, 1, 2 (matvec.kern PRO 0)
 K_SEG = 512
 

@@ -381,14 +381,6 @@ def two_segments(kind: str, B: int, rows: tuple[int, int]):
     return [Segment(layer, x_offset=i * 256, mode=i) for i, (layer, _) in enumerate(layers)], x, [w for _, w in layers]
 
 
-@pytest.fixture
-def matrix_units(monkeypatch):
-    """The MMA variant from 8 activation rows (the default, whatever the environment says)."""
-    from rwkv_mlx.kernels import matvec
-
-    monkeypatch.setattr(matvec, "MMA_MIN_ROWS", 8)
-
-
 @needs_emulator
 @pytest.mark.parametrize("kind,B", [(k, 16) for k in ["float32", "float16", "bfloat16", "affine-4-float16", "affine-5-float32",
                                     "affine-8-bfloat16", "q6_k", "q3_k", "q2_k", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
