@@ -233,8 +233,8 @@ class MatvecPlan:
             # MMA: the staged rows' memory takes the output tile at the end (LDX = KT + 8 >= 2 x 16 MT)
             if kt is not None and kt + 8 >= 32 * mt:
                 break
-        self.ok = kt is not None and kt + 8 >= 32 * mt
-        if not self.ok:
+        else:
+            self.ok = False
             return
         self.template = list({**template, "KT": kt, "TILED": int(kt < max(ks))}.items())
 
