@@ -20,6 +20,7 @@ SETTINGS = {
     "RWKV_MLX_GPU_BLOCKS": "GGUF blocks on a GPU: stored (read as stored by the kernels) or affine",
     "RWKV_MLX_MATVEC_ACCUMULATORS": "the most accumulators a matvec lane keeps (rows per warp x activation rows)",
     "RWKV_MLX_MMA_MIN_ROWS": "activation rows from which a decode launch multiplies on the matrix units (float16 operands); 0: never",
+    "RWKV_MLX_MMA_MIN_GROUPS": "fewest groups a matrix-unit launch keeps when it gives its groups more weight rows",
 }
 
 

@@ -72,8 +72,8 @@ def test_every_template_constant_is_bound(name):
     assert instances, f"no example instance of {name} in rwkv_mlx/kernels/instances.py"
     for inst in instances:
         assert sorted(inst.template) == sorted(src.template), f"{name}: template {inst.template} vs {src.template}"
-        inputs = dialect.render(name, "cuda", inst.defines).inputs
-        assert len(inst.input_dtypes) == len(inputs) and len(inst.output_dtypes) == len(src.outputs)
+        r = dialect.render(name, "cuda", inst.defines)
+        assert len(inst.input_dtypes) == len(r.inputs) and len(inst.output_dtypes) == len(r.outputs)
 
 
 _STAND_IN_HEADER = ("#include <cstdint>\n#include <cstddef>\n#include <cooperative_groups.h>\n"

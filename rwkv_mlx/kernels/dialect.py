@@ -233,7 +233,7 @@ class KernelSource:
     outputs: list[str] = field(default_factory=list)
     template: list[str] = field(default_factory=list)
     includes: list[str] = field(default_factory=list)
-    variants: dict[str, list[str]] = field(default_factory=dict)  # define -> inputs it drops
+    variants: dict[str, list[str]] = field(default_factory=dict)  # define -> inputs and outputs it drops
     constants: list[str] = field(default_factory=list)  # inputs read by index only, may be tiny
     header: str = ""
     body: str = ""
@@ -297,7 +297,7 @@ def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = (),
 
     ``defines`` become ``#define NAME 1`` lines ahead of the header: a variant of
     one source (a weight format, say) without a second copy of the text. A variant
-    declared with ``//! variant: NAME inputs...`` also leaves those inputs out of the
+    declared with ``//! variant: NAME inputs...`` also leaves those inputs (and outputs) out of the
     signature (each input costs host time at every launch), and its conditionals are
     decided here (``resolve_variants``). ``compacted=False`` gives the text as written
     (comments, every variant's code), which a C preprocessor reads the same: tests compare them.
@@ -331,7 +331,8 @@ def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = (),
     name = "_".join([src.name, *(d.lower() for d in defines)])
     dropped = {i for d in defines for i in src.variants.get(d, ())}
     return Rendered(name, backend, final(header), final(substitute(src.body, backend)),
-                    tuple(i for i in src.inputs if i not in dropped), tuple(src.outputs), tuple(src.template),
+                    tuple(i for i in src.inputs if i not in dropped), tuple(o for o in src.outputs if o not in dropped),
+                    tuple(src.template),
                     tuple(src.constants))
 
 

@@ -26,15 +26,17 @@ class KernelInstance:
 
 def _matvec(scales: str | None, slots: int = 8, **template) -> KernelInstance:
     # x prev ln_w ln_b mix eps | seg | bias residual | w0..w7 | s0..s7 | z0..z7 (one of each: ONE_SEGMENT;
-    # scales None: no scale or offset slots, NO_SCALES; KINDS without blocks: NO_BLOCKS)
-    inputs = ("float32",) * 6 + ("int32",) + ("float32",) * 2 + ("uint8",) * slots
-    inputs += (scales,) * (2 * slots) if scales else ()
+    # scales None: no scale or offset slots, NO_SCALES; KINDS without blocks: NO_BLOCKS; MT > 0, the MMA
+    # variant: x alone of the first six, and y without xn_out)
     # KINDS: every reader compiled in (bit k: kind k, kernels/matvec.py _KINDS), unless an entry narrows it
     every_kind = (1 << len(_KINDS)) - 1
     t = {"NB": 1, "RPW": 4, "MT": 0, "KT": 2560, "TILED": 0, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0,
          "KINDS": every_kind, **template}
-    defines = variant_names(slots == 1, scales is not None, t["KINDS"] >> _KINDS["q6_k"] != 0, t["MT"] > 0)
-    return KernelInstance("matvec", inputs, ("float32", "float32"), t, defines)
+    mma = t["MT"] > 0
+    inputs = ("float32",) * (1 if mma else 6) + ("int32",) + ("float32",) * 2 + ("uint8",) * slots
+    inputs += (scales,) * (2 * slots) if scales else ()
+    defines = variant_names(slots == 1, scales is not None, t["KINDS"] >> _KINDS["q6_k"] != 0, mma)
+    return KernelInstance("matvec", inputs, ("float32",) * (1 if mma else 2), t, defines)
 
 
 def _wkv7(**template) -> KernelInstance:
@@ -64,12 +66,13 @@ KERNEL_INSTANCES: list[KernelInstance] = [
     _matvec("float32", BITS=4, PRO=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["affine"])),
     _matvec(None, PRO=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["q4_k"]) | (1 << _KINDS["q6_k"])),
     _matvec(None, slots=1, PRO=1, EPI=1, KINDS=1 << _KINDS["q4_k"]),
-    # the matrix-unit variant (MT > 0): 16 and 64 activation rows, every reader, a Q4_K_M and an F16 file's launches
-    _matvec("float32", NB=16, RPW=0, MT=2, KT=448, TILED=1, PRO=1),
+    # the matrix-unit variant (MT > 0, PRO 0 only): 16 and 64 activation rows, every reader, a Q4_K_M and an
+    # F16 file's launches
+    _matvec("float32", NB=16, RPW=0, MT=2, KT=448, TILED=1),
     _matvec("float16", NB=64, RPW=0, MT=1, KT=224, TILED=1, BITS=8, EPI=2, HAS_BIAS=1),
-    _matvec(None, NB=16, RPW=0, MT=2, KT=448, TILED=1, PRO=1, EPI=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["q4_k"])),
+    _matvec(None, NB=16, RPW=0, MT=2, KT=448, TILED=1, EPI=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["q4_k"])),
     _matvec(None, slots=1, NB=64, RPW=0, MT=1, KT=224, TILED=1, EPI=2, KINDS=1 << _KINDS["dense"]),
-    _matvec("float32", NB=64, RPW=0, MT=4, KT=160, TILED=1, BITS=4, PRO=1),  # groups of 64 weight rows
+    _matvec("float32", NB=64, RPW=0, MT=4, KT=160, TILED=1, BITS=4),  # groups of 64 weight rows
     # blocks -> float32 or float16 matrix (w, shape): one instance per block type a prompt can expand
     *(KernelInstance("dequant", ("uint8", "int32"), (out,), {"KIND": k, "BITS": 4}, ("NO_SCALES",))
       for k in range(2, len(_KINDS)) for out in ("float32", "float16")),

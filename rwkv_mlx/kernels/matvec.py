@@ -116,8 +116,10 @@ def variant_names(one_segment: bool, affine: bool, blocks: bool, mma: bool = Fal
 # 16-17 times one row's launch time on an H100, results/serve_bench.md). Below it the exact float32 loops
 # stay. None: $RWKV_MLX_MMA_MIN_ROWS or 8; 0 never.
 MMA_MIN_ROWS: int | None = None
-MMA_MIN_GROUPS = 32  # fewest groups a launch keeps when its groups take more weight rows (_mma_tiles)
-MMA_WARPS = 4  # warps of an MMA group (matvec.kern's constexpr WARPS under MMA)
+# Fewest groups a launch keeps when its groups take more weight rows (_mma_tiles): taller groups stage each
+# activation row for more weights, but fewer groups keep fewer loads in flight. None: $RWKV_MLX_MMA_MIN_GROUPS or 32.
+MMA_MIN_GROUPS: int | None = None
+MMA_WARPS = 8  # warps of an MMA group (matvec.kern's constexpr WARPS under MMA)
 
 
 def mma_min_rows() -> int:
@@ -131,14 +133,21 @@ def uses_mma(batch: int) -> bool:
     return 0 < mma_min_rows() <= batch
 
 
+def mma_min_groups() -> int:
+    if MMA_MIN_GROUPS is not None:
+        return MMA_MIN_GROUPS
+    return env_int("RWKV_MLX_MMA_MIN_GROUPS", 32, minimum=1)
+
+
 def _mma_tiles(segment_rows: list[int]) -> list[int]:
     """The 16-row weight tiles an MMA group may own (MT), most first. A group stages every activation row of
     its whole K once per tile of K, so the launch reads its input (rows / 16 MT) times: with MT 1, a 64-row
     step staged about 8.5 billion elements for 2.9 billion weights and ran at 2.3x one stream on an H100
     (results/kernel_log.md step 15). So MT 4 where every segment is whole 64-row blocks and the launch keeps
-    MMA_MIN_GROUPS groups (the 2.9B FFN value: 40), else 2, else 1; none where a segment is not whole 16-row tiles."""
+    ``mma_min_groups()`` groups (the 2.9B FFN value: 40), else 2, else 1; none where a segment is not whole 16-row tiles."""
+    fewest = mma_min_groups()
     return [mt for mt in (4, 2, 1) if all(r % (16 * mt) == 0 for r in segment_rows)
-            and (sum(segment_rows) // (16 * mt) >= MMA_MIN_GROUPS or mt == 1)]
+            and (sum(segment_rows) // (16 * mt) >= fewest or mt == 1)]
 
 
 # Q4_K and Q5_K rows are read a lane per 16 bytes of qs, which hold weights of two groups 32 apart
@@ -195,7 +204,9 @@ class MatvecPlan:
                  bias: mx.array | None = None, ln: nn.LayerNorm | None = None, mix: mx.array | None = None,
                  x_stride: int | None = None, out_shape: tuple[int, ...] | None = None):
         self.prologue, self.pre = prologue, None
-        if prologue == 1 and separate(backend):
+        # The matrix-unit variant stages PRO 0 rows only: every group would normalize all rows again (579
+        # against 723 tok/s at 16 rows, Q4_K_M on an H100, results/kernel_log.md step 15).
+        if prologue == 1 and (separate(backend) or (uses_mma(batch) and kernel_rows(batch, backend))):
             self._split(segments, batch, backend, epilogue, bias, ln, mix, out_shape)
             return
         weights = [_weights(s.weight) for s in segments]
@@ -209,7 +220,9 @@ class MatvecPlan:
         if not self.ok:
             return
         rows, ks = [w.rows for w in weights], [w.k for w in weights]
-        mma = uses_mma(batch)
+        x_stride = x_stride or ks[0]
+        # (the MMA variant stages the rows four elements a load: stage_tile4)
+        mma = uses_mma(batch) and prologue == 0 and all(v % 4 == 0 for v in [x_stride, *(s.x_offset for s in segments)])
         tilings, rpw = (_mma_tiles(rows), 0) if mma else ([0], _rows_per_warp(rows, batch))
         self.ok = bool(tilings) and rpw is not None and all(k % 32 == 0 for k in ks)
         if not self.ok:
@@ -239,7 +252,6 @@ class MatvecPlan:
         self.template = list({**template, "KT": kt, "TILED": int(kt < max(ks))}.items())
 
         total = sum(rows)
-        x_stride = x_stride or ks[0]
         table, start = [], 0
         for seg, w in zip(segments, weights):
             table.append([start, w.k, seg.x_offset, seg.mode, w.wtype, _KINDS[w.fmt[0]]])
@@ -250,26 +262,33 @@ class MatvecPlan:
         def eight(values):
             return values + [values[-1]] * (slots - len(values))
 
-        self.head = [
-            ln.weight if ln is not None else self.dummy,
-            ln.bias if ln is not None else self.dummy,
-            mix.astype(mx.float32) if mix is not None else self.dummy,
-            mx.array([ln.eps if ln is not None else 0.0], dtype=mx.float32),
-            mx.array(table, dtype=mx.int32),
-            bias.astype(mx.float32) if bias is not None else self.dummy,
-        ]
-        self.tail = eight([w.data for w in weights])
+        # the launch's constant inputs by name: a variant drops some (matvec.kern's variant lines), so the
+        # kernel's own input list orders them
+        consts = {
+            "ln_w": ln.weight if ln is not None else self.dummy,
+            "ln_b": ln.bias if ln is not None else self.dummy,
+            "mix": mix.astype(mx.float32) if mix is not None else self.dummy,
+            "eps": mx.array([ln.eps if ln is not None else 0.0], dtype=mx.float32),
+            "seg": mx.array(table, dtype=mx.int32),
+            "bias": bias.astype(mx.float32) if bias is not None else self.dummy,
+        }
+        slot_values = {"w": [w.data for w in weights]}
         if affine:  # (else the NO_SCALES variant: no scale or offset slots)
             dummy_scales = placeholder(affine[0].scales.dtype)
-            self.tail += (eight([w.scales if w.scales is not None else dummy_scales for w in weights])
-                          + eight([w.offsets if w.offsets is not None else dummy_scales for w in weights]))
-        mx.eval(*self.head, *self.tail)
+            slot_values["s"] = [w.scales if w.scales is not None else dummy_scales for w in weights]
+            slot_values["z"] = [w.offsets if w.offsets is not None else dummy_scales for w in weights]
+        for prefix, values in slot_values.items():
+            consts.update((f"{prefix}{i}", a) for i, a in enumerate(eight(values)))
+        self.consts = {n: consts[n] for n in self.kernel.rendered.inputs if n not in ("x", "prev", "residual")}
+        mx.eval(*self.consts.values())
         if mma:  # a group of MMA_WARPS warps per 16 MT rows
             self.grid, self.threadgroup = (total // (16 * mt) * 32 * MMA_WARPS, 1, 1), (32 * MMA_WARPS, 1, 1)
         else:  # a group of WARPS warps per WARPS x RPW rows
             self.grid, self.threadgroup = (total // rpw * 32, 1, 1), (32 * WARPS, 1, 1)
+        # (the MMA variant has no xn_out: its plans take a LayerNorm prologue from a launch of their own)
         self.out_shapes = [out_shape or (batch, total), (batch, ks[0]) if prologue == 1 else (1,)]
-        signature = (tuple(self.template), tuple(str(a.dtype) for a in self.head + self.tail))
+        self.out_shapes = self.out_shapes[:len(self.kernel.rendered.outputs)]
+        signature = (tuple(self.template), tuple(str(a.dtype) for a in self.consts.values()))
         self.ok = launches(self.kernel, signature, lambda: self(
             mx.zeros((batch, x_stride)), mx.zeros((batch, ks[0])) if prologue == 1 else None,
             mx.zeros(self.out_shapes[0]) if epilogue == 2 else None))
@@ -290,16 +309,17 @@ class MatvecPlan:
         if self.pre is not None:
             xn, xin = self.pre(x, prev)
             return self.inner(xin, residual=residual), xn
-        y, xn = self.kernel(
-            inputs=[x, prev if prev is not None else self.dummy, *self.head[:5],
-                    self.head[5], residual if residual is not None else self.dummy, *self.tail],
+        given = {"x": x, "prev": prev if prev is not None else self.dummy,
+                 "residual": residual if residual is not None else self.dummy}
+        outs = self.kernel(
+            inputs=[given[n] if n in given else self.consts[n] for n in self.kernel.rendered.inputs],
             template=self.template,
             grid=self.grid,
             threadgroup=self.threadgroup,
             output_shapes=self.out_shapes,
-            output_dtypes=[mx.float32, mx.float32],
+            output_dtypes=[mx.float32] * len(self.out_shapes),
         )
-        return (y, xn) if self.prologue == 1 else y
+        return (outs[0], outs[1]) if self.prologue == 1 else outs[0]
 
 
 def matvec(x: mx.array, segments: list[Segment], *, backend: str, **options):
