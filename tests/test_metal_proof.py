@@ -384,11 +384,12 @@ def two_segments(kind: str, B: int, rows: tuple[int, int]):
 @needs_emulator
 @pytest.mark.parametrize("kind,B", [(k, 16) for k in ["float32", "float16", "bfloat16", "affine-4-float16", "affine-5-float32",
                                     "affine-8-bfloat16", "q6_k", "q3_k", "q2_k", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
-                                    "iq4_nl", "q4_k", "q5_k", "iq4_xs"]] + [("q4_k", 9), ("float16", 64)])
+                                    "iq4_nl", "q4_k", "q5_k", "iq4_xs"]] + [("q4_k", 9), ("q8_0", 17), ("float16", 64)])
 def test_emulated_matrix_units(kind, B, matrix_units):
     """The MMA variant's Metal text (simdgroup matrices, emulated): the product of the float16-rounded operands
     in float64, to 2e-5 (a tanh computed in float32 here and in the kernel may round to float16 apart), for
-    every weight format; segments of 32 and 64 rows, 9 rows padded to 16."""
+    every weight format; segments of 32 and 64 rows, 9 rows padded to 16. The warps sharing a tile along K:
+    4 a tile at 16 rows (2 tiles), 2 at 17 (3 tiles, two warps idle), none at 64 (8 tiles)."""
     from rwkv_mlx.kernels.matvec import MatvecPlan
 
     segs, x, weights = two_segments(kind, B, (32, 64))
