@@ -117,7 +117,10 @@ def variant_names(one_segment: bool, affine: bool, blocks: bool, mma: bool = Fal
 # stay. None: $RWKV_MLX_MMA_MIN_ROWS or 8; 0 never.
 MMA_MIN_ROWS: int | None = None
 # Fewest groups a launch keeps when its groups take more weight rows (_mma_tiles): taller groups stage each
-# activation row for more weights, but fewer groups keep fewer loads in flight. None: $RWKV_MLX_MMA_MIN_GROUPS or 32.
+# activation row for more weights, but fewer groups keep fewer loads in flight, and under one group an SM (an
+# H100 has 132) leave SMs idle: at 32, the 2.9B FFN value (2,560 rows) took 40 groups of 64 rows.
+# None: $RWKV_MLX_MMA_MIN_GROUPS or the default.
+MMA_MIN_GROUPS_DEFAULT = 128
 MMA_MIN_GROUPS: int | None = None
 MMA_WARPS = 8  # warps of an MMA group (matvec.kern's constexpr WARPS under MMA)
 
@@ -136,7 +139,7 @@ def uses_mma(batch: int) -> bool:
 def mma_min_groups() -> int:
     if MMA_MIN_GROUPS is not None:
         return MMA_MIN_GROUPS
-    return env_int("RWKV_MLX_MMA_MIN_GROUPS", 32, minimum=1)
+    return env_int("RWKV_MLX_MMA_MIN_GROUPS", MMA_MIN_GROUPS_DEFAULT, minimum=1)
 
 
 def _mma_tiles(segment_rows: list[int]) -> list[int]:
@@ -144,7 +147,7 @@ def _mma_tiles(segment_rows: list[int]) -> list[int]:
     its whole K once per tile of K, so the launch reads its input (rows / 16 MT) times: with MT 1, a 64-row
     step staged about 8.5 billion elements for 2.9 billion weights and ran at 2.3x one stream on an H100
     (results/kernel_log.md step 15). So MT 4 where every segment is whole 64-row blocks and the launch keeps
-    ``mma_min_groups()`` groups (the 2.9B FFN value: 40), else 2, else 1; none where a segment is not whole 16-row tiles."""
+    ``mma_min_groups()`` groups, else 2, else 1; none where a segment is not whole 16-row tiles."""
     fewest = mma_min_groups()
     return [mt for mt in (4, 2, 1) if all(r % (16 * mt) == 0 for r in segment_rows)
             and (sum(segment_rows) // (16 * mt) >= fewest or mt == 1)]
