@@ -7,6 +7,11 @@
     4. h                      = relu(W_k @ lerp(LN2(x)))^2   matvec, LN prologue, relu^2
     5. x                     += W_v @ h                      matvec, residual epilogue
 
+From ``matvec.uses_mma`` rows the LoRA up-projections of launch 2 are a launch of their own, a matvec of
+four segments on the matrix units (its output the time-mix kernel's ``pre``): inside the time-mix kernel each
+(row, head) group reads its head's up rows, so their cost grew with the rows (103 us a 16-row launch, 361 at
+64, against 40-57 us for the r/k/v launch; Q4_K_M on an H100, results/kernel_log.md step 16).
+
 Fewer launches first made decode faster (seven a block gave 229 tok/s on Q4_K_M in a probe);
 at five, a CUPTI profile showed the step GPU-bound, so the kernels' own time came next
 (results/kernel_log.md, steps 5 and 6).
@@ -26,11 +31,15 @@ from .matvec import _DENSE_CODES, MatvecPlan, Segment
 from .products import ProductPlan
 
 LERP_R, LERP_W, LERP_K, LERP_V, LERP_A, LERP_G = range(6)
+# the activation of each LoRA's down output before its up-projection (w, a, v, g), as matvec.kern's PRO 0
+# modes: 1 tanh, 0 as is, 2 sigmoid (the time-mix kernel applies the same ones with UP)
+UP_MODES = (1, 0, 0, 2)
 
 
 class BlockPlan:
     """The five launches of one block for one batch size (above ``matvec.max_batch(backend)`` rows
-    launches 1, 3, 4 and 5 are MLX's products, kernels/products.py)."""
+    launches 1, 3, 4 and 5 are MLX's products, kernels/products.py; on the matrix units the LoRA
+    up-projections are a sixth, ``ups``)."""
 
     def __init__(self, block, batch: int, backend: str):
         att, ffn = block.att, block.ffn
@@ -60,16 +69,31 @@ class BlockPlan:
             rank = 0 if w is None else w.shape[1]
             info.append([rank, column, 0 if w is None else _DENSE_CODES[w.dtype]])
             column += rank
+        zero = mx.zeros((C,))
+        self.bias0 = mx.concatenate([att.w0, att.a0, att.v0 if self.mix_v else zero, zero]).astype(mx.float32)
+        self.ups = None
+        if self.ok and matvec.uses_mma(B) and not products:
+            # Many rows: the up-projections as a launch of their own, act(down) @ W_up + bias, its rows
+            # w_raw | a_raw | [v_raw |] g (the time-mix kernel's pre; layer 0 has no v LoRA). Modes: tanh, as is, sigmoid.
+            present = [(w, i) for i, w in enumerate(ups) if w is not None]
+            x_stride = self.proj.out_shapes[0][-1]
+            self.ups = MatvecPlan([Segment(w, x_offset=3 * C + info[i][1], mode=UP_MODES[i])
+                                   for w, i in present], B, backend=backend, x_stride=x_stride,
+                                  bias=mx.concatenate([self.bias0[i * C:(i + 1) * C] for _, i in present]))
+            if not self.ups.ok:  # (ranks that are not whole 32-element groups): the kernel's own up-projections
+                self.ups = None
         self.wkv = build("wkv7", backend)
-        self.wkv_template = wkv7.template(self.wkv, self.H, N, up=True, mix_v=self.mix_v, max_down=column)
+        self.wkv_template = wkv7.template(self.wkv, self.H, N, up=self.ups is None, mix_v=self.mix_v,
+                                          max_down=column if self.ups is None else 1)
         self.ok = self.ok and self.wkv_template is not None
         if not self.ok:
             return
         self.dummy = placeholder()
-        self.lora = [mx.array(info, dtype=mx.int32)] + [
-            placeholder(mx.uint8) if w is None else w.view(mx.uint8) for w in ups]
-        zero = mx.zeros((C,))
-        self.bias0 = mx.concatenate([att.w0, att.a0, att.v0 if self.mix_v else zero, zero]).astype(mx.float32)
+        if self.ups is None:
+            self.lora = [mx.array(info, dtype=mx.int32)] + [
+                placeholder(mx.uint8) if w is None else w.view(mx.uint8) for w in ups]
+        else:  # (rank 0 everywhere: the kernel applies no LoRA)
+            self.lora = [mx.zeros((4, 3), dtype=mx.int32)] + [placeholder(mx.uint8)] * 4
         self.channel = [att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias]
         mx.eval(self.dummy, self.bias0, *self.lora)
         signature = (tuple(self.wkv_template), tuple(str(a.dtype) for a in self.lora))
@@ -78,8 +102,9 @@ class BlockPlan:
 
     def _time_mix(self, proj, v_first, wkv_state):
         B, C, H, N = self.B, self.C, self.H, self.N
+        pre = self.dummy if self.ups is None else self.ups(proj)
         y, wkv_state, _ = self.wkv(
-            inputs=[proj, self.dummy, v_first if self.mix_v else self.dummy, *self.lora, self.bias0, *self.channel,
+            inputs=[proj, pre, v_first if self.mix_v else self.dummy, *self.lora, self.bias0, *self.channel,
                     wkv_state],
             template=self.wkv_template,
             grid=(B * H * 4 * N, 1, 1),

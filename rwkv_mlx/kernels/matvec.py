@@ -153,13 +153,6 @@ def _mma_tiles(segment_rows: list[int]) -> list[int]:
             and (sum(segment_rows) // (16 * mt) >= fewest or mt == 1)]
 
 
-def _mma_k_slices(batch: int, mt: int) -> int:
-    """Warps that share each 16 x 8 output tile of an MMA group (matvec.kern's KS): with fewer tiles than
-    warps (16 weight rows by 16 activation rows: 2 tiles for 8 warps) each takes every KS-th step along K."""
-    tiles = mt * -(-batch // 8)
-    return MMA_WARPS // tiles if tiles < MMA_WARPS else 1
-
-
 # Q4_K and Q5_K rows are read a lane per 16 bytes of qs, which hold weights of two groups 32 apart
 # (matvec_formats.kern k_rows), and Q8_0 rows a lane per pair of blocks (q8_pair_rows): a tile must hold
 # whole 64-element pairs.
@@ -253,8 +246,8 @@ class MatvecPlan:
             template = {"NB": batch, "RPW": rpw, "MT": mt, "PRO": prologue, "EPI": epilogue, "BITS": bits,
                         "HAS_BIAS": int(bias is not None), "KINDS": sum(1 << k for k in kinds)}  # readers compiled in
             kt = tile_length(self.kernel, max(ks), template, 64 if paired else 32)
-            # MMA: the staged rows' memory takes the KS partial output tiles at the end (LDX = KT + 8 >= 2 KS 16 MT)
-            if kt is not None and (not mma or kt + 8 >= 32 * mt * _mma_k_slices(batch, mt)):
+            # MMA: the staged rows' memory takes the output tile at the end (LDX = KT + 8 >= 2 x 16 MT)
+            if kt is not None and kt + 8 >= 32 * mt:
                 break
         else:
             self.ok = False
