@@ -21,6 +21,7 @@ SETTINGS = {
     "RWKV_MLX_MATVEC_ACCUMULATORS": "the most accumulators a matvec lane keeps (rows per warp x activation rows)",
     "RWKV_MLX_MMA_MIN_ROWS": "activation rows from which a decode launch multiplies on the matrix units (float16 operands); 0: never",
     "RWKV_MLX_MMA_MIN_GROUPS": "fewest groups a matrix-unit launch keeps when it gives its groups more weight rows",
+    "RWKV_MLX_MMA_K_PARTS": "parts a matrix-unit launch of few groups splits its rows' K into, added afterwards (1: none)",
 }
 
 

@@ -425,7 +425,9 @@ def test_emulated_matrix_units_taller_groups(kind, B, mt, matrix_units, monkeypa
 @needs_emulator
 @pytest.mark.parametrize("B", [16, 64])
 def test_emulated_matrix_units_prologue_epilogue_and_tiles(B, matrix_units):
-    """LayerNorm + lerp in, relu^2 out, K = 10240 walked in tiles (Apple's 32 KB), a bias."""
+    """LayerNorm + lerp in, relu^2 out, K = 10240 walked in tiles (Apple's 32 KB), a bias; K split into parts
+    (two groups a row block, added after the launch, then the epilogue), and without parts; a residual."""
+    from rwkv_mlx.kernels import matvec as matvec_module
     from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
 
     rng = np.random.default_rng(B)
@@ -433,14 +435,20 @@ def test_emulated_matrix_units_prologue_epilogue_and_tiles(B, matrix_units):
     layer, w = make_layer("q4_k", F, K, rng)
     x, prev, mix, ln = lerp_inputs(rng, B, K, 1)
     bias = rng.standard_normal(F).astype(np.float32)
-    with Emulator().running():
-        plan = MatvecPlan([Segment(layer, mode=0)], B, backend="metal", prologue=1, epilogue=1, ln=ln,
-                          mix=mx.array(mix), bias=mx.array(bias))
-        assert plan.ok and dict(plan.template)["KT"] < K, plan.template
-        y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
-    assert rel_err(xn, layer_norm64(x, ln)) < 1e-5
-    lerped = xn + (prev - xn) * mix[0]  # (the kernel's float32 LayerNorm, rounded as the kernel rounds it)
-    assert rel_err(y, np.maximum(half_rounded(lerped) @ half_rounded(w).T + bias, 0) ** 2) < 2e-5
+    res = rng.standard_normal((B, F)).astype(np.float32)
+    for parts in (2, 1):
+        with Emulator().running(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(matvec_module, "MMA_K_PARTS", parts)
+            plan = MatvecPlan([Segment(layer, mode=0)], B, backend="metal", prologue=1, epilogue=1, ln=ln,
+                              mix=mx.array(mix), bias=mx.array(bias))
+            assert plan.ok and dict(plan.template)["KT"] < K and plan.inner.parts == parts, plan.template
+            y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
+            y2 = np.array(matvec_module.matvec(mx.array(x), [Segment(layer)], epilogue=2, residual=mx.array(res),
+                                               backend="metal"))
+        assert rel_err(xn, layer_norm64(x, ln)) < 1e-5
+        lerped = xn + (prev - xn) * mix[0]  # (the kernel's float32 LayerNorm, rounded as the kernel rounds it)
+        assert rel_err(y, np.maximum(half_rounded(lerped) @ half_rounded(w).T + bias, 0) ** 2) < 2e-5
+        assert rel_err(y2, half_rounded(x) @ half_rounded(w).T + res) < 2e-5
 
 
 @needs_emulator

@@ -142,6 +142,21 @@ def mma_min_groups() -> int:
     return env_int("RWKV_MLX_MMA_MIN_GROUPS", MMA_MIN_GROUPS_DEFAULT, minimum=1)
 
 
+# Parts a launch of few MMA groups splits K into (RWKV_MLX_MMA_K_PARTS; 1: none): each part is a group of its
+# own, so twice the groups keep twice the loads in flight. At 16 rows on an H100 the 2.9B FFN value (2,560
+# rows, K = 10240: 160 groups walking 14 tiles each) took 85 us against 57 for the FFN key's same number of
+# weights (results/raw/2026-12-06-h100-1b22bb0-profile-groups.log). The parts are added by MLX operations,
+# in a fixed order.
+MMA_K_PARTS: int | None = None
+
+
+def k_parts(groups: int, tiles: int) -> int:
+    """Parts of K for an MMA launch of ``groups`` groups whose rows take ``tiles`` tiles: where the groups
+    are fewer than twice ``mma_min_groups()`` and each part keeps at least two tiles."""
+    parts = MMA_K_PARTS if MMA_K_PARTS is not None else env_int("RWKV_MLX_MMA_K_PARTS", 2, minimum=1)
+    return parts if parts > 1 and groups < 2 * mma_min_groups() and tiles >= 2 * parts else 1
+
+
 def _mma_tiles(segment_rows: list[int]) -> list[int]:
     """The 16-row weight tiles an MMA group may own (MT), most first. A group stages every activation row of
     its whole K once per tile of K, so the launch reads its input (rows / 16 MT) times: with MT 1, a 64-row
@@ -255,11 +270,14 @@ class MatvecPlan:
         self.template = list({**template, "KT": kt, "TILED": int(kt < max(ks))}.items())
 
         total = sum(rows)
+        groups = total // (16 * mt) if mma else 0
+        self.parts = k_parts(groups, -(-max(ks) // kt)) if mma else 1
+        self.epilogue, self.bias = epilogue, bias
         table, start = [], 0
         for seg, w in zip(segments, weights):
             table.append([start, w.k, seg.x_offset, seg.mode, w.wtype, _KINDS[w.fmt[0]]])
             start += w.rows
-        table.append([total, x_stride, 0, 0, 0, 0])
+        table.append([total, x_stride, self.parts, 0, 0, 0])
         self.dummy = placeholder()
 
         def eight(values):
@@ -284,13 +302,14 @@ class MatvecPlan:
             consts.update((f"{prefix}{i}", a) for i, a in enumerate(eight(values)))
         self.consts = {n: consts[n] for n in self.kernel.rendered.inputs if n not in ("x", "prev", "residual")}
         mx.eval(*self.consts.values())
-        if mma:  # a group of MMA_WARPS warps per 16 MT rows
-            self.grid, self.threadgroup = (total // (16 * mt) * 32 * MMA_WARPS, 1, 1), (32 * MMA_WARPS, 1, 1)
+        if mma:  # a group of MMA_WARPS warps per 16 MT rows and part of K
+            self.grid, self.threadgroup = (groups * self.parts * 32 * MMA_WARPS, 1, 1), (32 * MMA_WARPS, 1, 1)
         else:  # a group of WARPS warps per WARPS x RPW rows
             self.grid, self.threadgroup = (total // rpw * 32, 1, 1), (32 * WARPS, 1, 1)
         # (the MMA variant has no xn_out: its plans take a LayerNorm prologue from a launch of their own)
         self.out_shapes = [out_shape or (batch, total), (batch, ks[0]) if prologue == 1 else (1,)]
         self.out_shapes = self.out_shapes[:len(self.kernel.rendered.outputs)]
+        self.kernel_shapes = [(self.parts * batch, total)] + self.out_shapes[1:] if self.parts > 1 else self.out_shapes
         signature = (tuple(self.template), tuple(str(a.dtype) for a in self.consts.values()))
         self.ok = launches(self.kernel, signature, lambda: self(
             mx.zeros((batch, x_stride)), mx.zeros((batch, ks[0])) if prologue == 1 else None,
@@ -319,10 +338,25 @@ class MatvecPlan:
             template=self.template,
             grid=self.grid,
             threadgroup=self.threadgroup,
-            output_shapes=self.out_shapes,
-            output_dtypes=[mx.float32] * len(self.out_shapes),
+            output_shapes=self.kernel_shapes,
+            output_dtypes=[mx.float32] * len(self.kernel_shapes),
         )
+        if self.parts > 1:  # K's parts added (elementwise: a compiled step fuses it), then the epilogue
+            parts = outs[0].reshape(self.parts, -1)
+            y = sum((parts[p] for p in range(1, self.parts)), parts[0]).reshape(self.kernel_shapes[0][0] // self.parts, -1)
+            if self.bias is not None:
+                y = y + self.bias
+            return epilogue_ops(y, self.epilogue, residual, self.out_shapes[0])
         return (outs[0], outs[1]) if self.prologue == 1 else outs[0]
+
+
+def epilogue_ops(y: mx.array, epilogue: int, residual: mx.array | None, shape) -> mx.array:
+    """matvec.kern's epilogues by MLX operations on finished products y [B, rows]: EPI 1 relu(.)^2,
+    EPI 2 + residual; the result in ``shape``."""
+    if epilogue == 1:
+        y = mx.square(nn.relu(y))
+    y = y.reshape(shape)
+    return y + residual if epilogue == 2 else y
 
 
 def matvec(x: mx.array, segments: list[Segment], *, backend: str, **options):

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..layers import product
-from .matvec import Segment
+from .matvec import Segment, epilogue_ops
 
 
 class ProductPlan:
@@ -54,9 +54,5 @@ class ProductPlan:
             inp = self._input(x, xn, prev, seg, w.shape[1])
             ys.append(product(inp, w) if isinstance(w, mx.array) else w(inp).astype(mx.float32))
         y = ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=-1)
-        if self.epilogue == 1:
-            y = mx.square(nn.relu(y))
-        y = y.reshape(self.out_shapes[0])
-        if self.epilogue == 2:
-            y = y + residual
+        y = epilogue_ops(y, self.epilogue, residual, self.out_shapes[0])
         return (y, xn) if self.prologue == 1 else y
