@@ -20,8 +20,8 @@ SETTINGS = {
     "RWKV_MLX_GPU_BLOCKS": "GGUF blocks on a GPU: stored (read as stored by the kernels) or affine",
     "RWKV_MLX_MATVEC_ACCUMULATORS": "the most accumulators a matvec lane keeps (rows per warp x activation rows)",
     "RWKV_MLX_MMA_MIN_ROWS": "activation rows from which a decode launch multiplies on the matrix units (float16 operands); 0: never",
-    "RWKV_MLX_MMA_MIN_GROUPS": "fewest groups a matrix-unit launch keeps when it gives its groups more weight rows",
-    "RWKV_MLX_MMA_K_PARTS": "parts a matrix-unit launch of few groups splits its rows' K into, added afterwards (1: none)",
+    "RWKV_MLX_MMA_MIN_GROUPS": "groups a matrix-unit launch should keep (by its groups' weight rows and parts of K)",
+    "RWKV_MLX_MMA_K_PARTS": "the most parts a matrix-unit launch splits its rows' K into, added afterwards (1: none)",
 }
 
 

@@ -116,10 +116,10 @@ def variant_names(one_segment: bool, affine: bool, blocks: bool, mma: bool = Fal
 # 16-17 times one row's launch time on an H100, results/serve_bench.md). Below it the exact float32 loops
 # stay. None: $RWKV_MLX_MMA_MIN_ROWS or 8; 0 never.
 MMA_MIN_ROWS: int | None = None
-# Fewest groups a launch keeps when its groups take more weight rows (_mma_tiles): taller groups stage each
-# activation row for more weights, but fewer groups keep fewer loads in flight, and under one group an SM (an
-# H100 has 132) leave SMs idle: at 32, the 2.9B FFN value (2,560 rows) took 40 groups of 64 rows.
-# None: $RWKV_MLX_MMA_MIN_GROUPS or the default.
+# Fewest groups an MMA launch should have: fewer keep fewer loads in flight, and under one group an SM (an
+# H100 has 132) leave SMs idle (at 32, the 2.9B FFN value took 40 groups of 64 rows: 1,018 against 1,405
+# tok/s at 16 rows with 128, Q4_K_M on an H100, results/kernel_log.md step 16). Taller groups and parts of K
+# are chosen to keep them (MatvecPlan). None: $RWKV_MLX_MMA_MIN_GROUPS or the default.
 MMA_MIN_GROUPS_DEFAULT = 128
 MMA_MIN_GROUPS: int | None = None
 MMA_WARPS = 8  # warps of an MMA group (matvec.kern's constexpr WARPS under MMA)
@@ -142,30 +142,33 @@ def mma_min_groups() -> int:
     return env_int("RWKV_MLX_MMA_MIN_GROUPS", MMA_MIN_GROUPS_DEFAULT, minimum=1)
 
 
-# Parts a launch of few MMA groups splits K into (RWKV_MLX_MMA_K_PARTS; 1: none): each part is a group of its
-# own, so twice the groups keep twice the loads in flight. At 16 rows on an H100 the 2.9B FFN value (2,560
-# rows, K = 10240: 160 groups walking 14 tiles each) took 85 us against 57 for the FFN key's same number of
-# weights (results/raw/2026-12-06-h100-1b22bb0-profile-groups.log). The parts are added by MLX operations,
-# in a fixed order.
+# The most parts an MMA launch splits K into (RWKV_MLX_MMA_K_PARTS; 1: none): each part is a group of its own,
+# writing its raw sums; the plan adds them in a fixed order, then applies the epilogue. So a launch of few,
+# tall groups (64 weight rows stage each activation row for 4 times the weights of 16) keeps enough groups.
+# At 16 rows on an H100 the 2.9B FFN value (2,560 rows, K = 10240: 160 groups of 16 rows walking 14 tiles each)
+# took 85 us against 57 for the FFN key's same number of weights (results/kernel_log.md step 16).
 MMA_K_PARTS: int | None = None
 
 
-def k_parts(groups: int, tiles: int) -> int:
-    """Parts of K for an MMA launch of ``groups`` groups whose rows take ``tiles`` tiles: where the groups
-    are fewer than twice ``mma_min_groups()`` and each part keeps at least two tiles."""
-    parts = MMA_K_PARTS if MMA_K_PARTS is not None else env_int("RWKV_MLX_MMA_K_PARTS", 2, minimum=1)
-    return parts if parts > 1 and groups < 2 * mma_min_groups() and tiles >= 2 * parts else 1
+def k_parts(groups: int, tiles: int) -> tuple[int, bool]:
+    """Parts of K for an MMA launch of ``groups`` groups whose rows take ``tiles`` tiles: the fewest (a power
+    of two) that give ``mma_min_groups()`` groups with two tiles or more each, and True; where none does, the
+    most allowed and False."""
+    most = MMA_K_PARTS if MMA_K_PARTS is not None else env_int("RWKV_MLX_MMA_K_PARTS", 4, minimum=1)
+    parts = 1
+    while groups * parts < mma_min_groups():
+        if 2 * parts > most or tiles < 4 * parts:
+            return parts, False
+        parts *= 2
+    return parts, True
 
 
 def _mma_tiles(segment_rows: list[int]) -> list[int]:
-    """The 16-row weight tiles an MMA group may own (MT), most first. A group stages every activation row of
-    its whole K once per tile of K, so the launch reads its input (rows / 16 MT) times: with MT 1, a 64-row
-    step staged about 8.5 billion elements for 2.9 billion weights and ran at 2.3x one stream on an H100
-    (results/kernel_log.md step 15). So MT 4 where every segment is whole 64-row blocks and the launch keeps
-    ``mma_min_groups()`` groups, else 2, else 1; none where a segment is not whole 16-row tiles."""
-    fewest = mma_min_groups()
-    return [mt for mt in (4, 2, 1) if all(r % (16 * mt) == 0 for r in segment_rows)
-            and (sum(segment_rows) // (16 * mt) >= fewest or mt == 1)]
+    """The 16-row weight tiles an MMA group may own (MT), most first: those every segment holds whole. A group
+    stages every activation row of its K once, so the launch reads its input (rows / 16 MT) times: with MT 1, a
+    64-row step staged about 8.5 billion elements for 2.9 billion weights and ran at 2.3x one stream on an H100
+    (results/kernel_log.md step 15)."""
+    return [mt for mt in (4, 2, 1) if all(r % (16 * mt) == 0 for r in segment_rows)]
 
 
 # Q4_K and Q5_K rows are read a lane per 16 bytes of qs, which hold weights of two groups 32 apart
@@ -257,21 +260,26 @@ class MatvecPlan:
         bits = affine[0].fmt[1] if affine else 0
         # (the MMA variant decodes whole 32-element groups: any tile of them will do)
         paired = not mma and any(w.fmt[0] in _PAIRED_KINDS for w in weights)
-        for mt in tilings:  # the most weight rows a group whose tiles fit the backend's shared memory
+        total = sum(rows)
+        chosen = None
+        for mt in tilings:  # MMA: the most weight rows a group whose tiles fit and, with parts of K, keep the groups
             template = {"NB": batch, "RPW": rpw, "MT": mt, "PRO": prologue, "EPI": epilogue, "BITS": bits,
                         "HAS_BIAS": int(bias is not None), "KINDS": sum(1 << k for k in kinds)}  # readers compiled in
             kt = tile_length(self.kernel, max(ks), template, 64 if paired else 32)
             # MMA: the staged rows' memory takes the output tile at the end (LDX = KT + 8 >= 2 x 16 MT)
-            if kt is not None and kt + 8 >= 32 * mt:
+            if kt is None or kt + 8 < 32 * mt:
+                continue
+            parts, enough = k_parts(total // (16 * mt), -(-max(ks) // kt)) if mma else (1, True)
+            chosen = template, kt, parts
+            if enough:
                 break
-        else:
+        if chosen is None:
             self.ok = False
             return
+        template, kt, self.parts = chosen
+        mt = template["MT"]
         self.template = list({**template, "KT": kt, "TILED": int(kt < max(ks))}.items())
-
-        total = sum(rows)
         groups = total // (16 * mt) if mma else 0
-        self.parts = k_parts(groups, -(-max(ks) // kt)) if mma else 1
         self.epilogue, self.bias = epilogue, bias
         table, start = [], 0
         for seg, w in zip(segments, weights):
