@@ -38,13 +38,13 @@ _DENSE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 _KINDS = {"dense": 0, "affine": 1, "q6_k": 2, "q3_k": 3, "q2_k": 4, "q8_0": 5, "q4_0": 6, "q4_1": 7,
           "q5_0": 8, "q5_1": 9, "iq4_nl": 10, "q4_k": 11, "q5_k": 12, "iq4_xs": 13}
 MAX_SEGMENTS = 8
-# Activation rows above which no launch is planned: the kernel's cost grows with the rows (1.5-2.0x one
-# row's tok/s at 16 rows with the staged input read 16 bytes a read, results/kernel_log.md step 13); above
-# the bound a decoded block's products are MLX's (kernels/products.py). CUDA: measured on an H100
-# (results/serve_bench.md, scaling at 4e654af): for Q4_K_M and F16 the kernels won at 4 rows (374 and
-# 426 tok/s against 253 and 133) and lost at 16 (320 and 337 against 655 and 926); 5 to 15 rows are
-# not measured. Apple GPUs are not measured, so Metal keeps the kernels at every batch size. 0: no bound.
-MAX_BATCH_DEFAULT = {"cuda": 4, "metal": 0}
+# Activation rows above which no launch is planned; above the bound a decoded block's products are MLX's
+# (kernels/products.py). CUDA, measured on an H100: the float32 loops won at 4 rows (374 and 426 tok/s for
+# Q4_K_M and F16 against 253 and 133, scaling at 4e654af, results/serve_bench.md); from 8 rows the matrix
+# units (MMA) won at 16 rows (Q4_K_M 1,405 tok/s against 966, Q8_0 1,326 against 603) and lost at 64 (1,940
+# against 2,862, 1,897 against 2,284; results/kernel_log.md step 16, at 1b22bb0); 32 is not measured. Apple
+# GPUs are not measured, so Metal keeps the kernels at every batch size. 0: no bound.
+MAX_BATCH_DEFAULT = {"cuda": 16, "metal": 0}
 MAX_BATCH: int | None = None  # set by scripts and tests; None: $RWKV_MLX_KERNEL_MAX_BATCH or the default
 
 
