@@ -404,6 +404,24 @@ def test_emulated_matrix_units(kind, B, matrix_units):
 
 
 @needs_emulator
+@pytest.mark.parametrize("kind,B", [("q4_k", 16), ("float16", 64), ("q8_0", 9)])
+def test_emulated_matrix_units_read_half_rows(kind, B, matrix_units):
+    """Rows given as float16 (the launch before wrote them so: a split prologue, the FFN key), staged eight
+    elements a load: the products of the float32 rows they were rounded from, as the float32 staging gives."""
+    from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
+
+    segs, x, weights = two_segments(kind, B, (32, 64))
+    segs = [Segment(s.weight, x_offset=s.x_offset) for s in segs]  # (float16 rows go to mode-0 segments)
+    with Emulator().running():
+        plan = MatvecPlan(segs, B, backend="metal", x_stride=x.shape[1], half_input=True)
+        assert plan.ok and plan.x_dtype == mx.float16, plan.template
+        y = np.array(plan(mx.array(x).astype(mx.float16)))
+    want = np.concatenate([half_rounded(x[:, i * 256:(i + 1) * 256]) @ half_rounded(w).T
+                           for i, w in enumerate(weights)], axis=1)
+    assert rel_err(y, want) < 2e-5
+
+
+@needs_emulator
 @pytest.mark.parametrize("kind,B,mt", [("q4_k", 16, 4), ("float16", 16, 4), ("q6_k", 64, 2), ("affine-4-float16", 9, 4)])
 def test_emulated_matrix_units_taller_groups(kind, B, mt, matrix_units, monkeypatch):
     """Groups of 64 and 32 weight rows (MT 4 and 2: each staged activation row serves more weights). At 64

@@ -59,8 +59,10 @@ class BlockPlan:
 
         self.proj = plan(segments, prologue=1, ln=block.ln1, mix=att.x_lerp)
         self.out = plan([Segment(att.output)], epilogue=2, out_shape=(B, 1, C))
-        self.key = plan([Segment(ffn.key)], prologue=1, epilogue=1, ln=block.ln2, mix=ffn.x_k.reshape(1, -1))
-        self.value = plan([Segment(ffn.value)], epilogue=2, out_shape=(B, 1, C))
+        # On the matrix units the FFN value stages float16 rows (half the bytes): the key launch writes them so
+        self.value = plan([Segment(ffn.value)], epilogue=2, out_shape=(B, 1, C), half_input=True)
+        self.key = plan([Segment(ffn.key)], prologue=1, epilogue=1, ln=block.ln2, mix=ffn.x_k.reshape(1, -1),
+                        out_dtype=self.value.x_dtype)
         self.ok = wkv7.supports(N, backend) and all(p.ok for p in (self.proj, self.out, self.key, self.value))
 
         # The time-mix kernel reads the LoRA down outputs where launch 1 wrote them (after r|k|v).

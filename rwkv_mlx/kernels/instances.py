@@ -24,7 +24,7 @@ class KernelInstance:
         return "-".join([self.kernel, *self.defines, *(f"{k}{v}" for k, v in self.template.items())])
 
 
-def _matvec(scales: str | None, slots: int = 8, **template) -> KernelInstance:
+def _matvec(scales: str | None, slots: int = 8, x: str = "float32", y: str = "float32", **template) -> KernelInstance:
     # x prev ln_w ln_b mix eps | seg | bias residual | w0..w7 | s0..s7 | z0..z7 (one of each: ONE_SEGMENT;
     # scales None: no scale or offset slots, NO_SCALES; KINDS without blocks: NO_BLOCKS; MT > 0, the MMA
     # variant: x alone of the first six, and y without xn_out)
@@ -33,10 +33,10 @@ def _matvec(scales: str | None, slots: int = 8, **template) -> KernelInstance:
     t = {"NB": 1, "RPW": 4, "MT": 0, "KT": 2560, "TILED": 0, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0,
          "KINDS": every_kind, **template}
     mma = t["MT"] > 0
-    inputs = ("float32",) * (1 if mma else 6) + ("int32",) + ("float32",) * 2 + ("uint8",) * slots
+    inputs = (x,) + ("float32",) * (0 if mma else 5) + ("int32",) + ("float32",) * 2 + ("uint8",) * slots
     inputs += (scales,) * (2 * slots) if scales else ()
     defines = variant_names(slots == 1, scales is not None, t["KINDS"] >> _KINDS["q6_k"] != 0, mma)
-    return KernelInstance("matvec", inputs, ("float32",) * (1 if mma else 2), t, defines)
+    return KernelInstance("matvec", inputs, (y,) if mma else (y, "float32"), t, defines)
 
 
 def _wkv7(**template) -> KernelInstance:
@@ -73,6 +73,9 @@ KERNEL_INSTANCES: list[KernelInstance] = [
     _matvec(None, NB=16, RPW=0, MT=2, KT=448, TILED=1, EPI=1, KINDS=(1 << _KINDS["dense"]) | (1 << _KINDS["q4_k"])),
     _matvec(None, slots=1, NB=64, RPW=0, MT=1, KT=224, TILED=1, EPI=2, KINDS=1 << _KINDS["dense"]),
     _matvec("float32", NB=64, RPW=0, MT=4, KT=160, TILED=1, BITS=4),  # groups of 64 weight rows
+    # float16 rows in (a split prologue's, the FFN key's) and out (the FFN key's, for the value launch)
+    _matvec(None, slots=1, x="float16", NB=16, RPW=0, MT=4, KT=288, TILED=1, EPI=2, KINDS=1 << _KINDS["q4_k"]),
+    _matvec(None, slots=1, y="float16", NB=64, RPW=0, MT=4, KT=160, TILED=1, EPI=1, KINDS=1 << _KINDS["dense"]),
     # blocks -> float32 or float16 matrix (w, shape): one instance per block type a prompt can expand
     *(KernelInstance("dequant", ("uint8", "int32"), (out,), {"KIND": k, "BITS": 4}, ("NO_SCALES",))
       for k in range(2, len(_KINDS)) for out in ("float32", "float16")),
@@ -82,4 +85,5 @@ KERNEL_INSTANCES: list[KernelInstance] = [
       for bits, scale in ((4, "float32"), (8, "float32"), (5, "float16"), (4, "bfloat16")) for out in ("float32", "float16")),
     # a decode launch's LayerNorm + lerps (x, prev, ln_w, ln_b, mix, eps): r/k/v + LoRA down (6 mixes), FFN key, head
     *(KernelInstance("layernorm_lerp", ("float32",) * 6, ("float32", "float32"), {"K": 2560, "M": m}) for m in (6, 1, 0)),
+    KernelInstance("layernorm_lerp", ("float32",) * 6, ("float32", "float16"), {"K": 2560, "M": 6}),  # for MMA
 ]

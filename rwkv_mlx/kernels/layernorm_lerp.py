@@ -40,20 +40,28 @@ def lerp_row(mode: int, mixes: int) -> int:
     return mode if mode >= 0 else mixes
 
 
+def shape(ln: nn.LayerNorm, mix: mx.array | None) -> tuple[int, int]:
+    """(M, K): the lerps and the row length of a prologue (no mix, as the head's: M = 0, xin = xn)."""
+    K = ln.weight.shape[0]
+    return (0 if mix is None else mix.size // K), K
+
+
 class LayerNormLerpPlan:
     """``(x [B, K], prev [B, K]) -> (xn [B, K], xin [B, M + 1, K])`` in one launch, for a fixed B
-    (``mix`` [M, K]; None for a LayerNorm alone, as the head's: M = 0)."""
+    (``mix`` [M, K]; None for a LayerNorm alone, as the head's: M = 0). ``xin_dtype`` float16: the rows
+    rounded for a launch on the matrix units, which would round them the same way when staging them."""
 
-    def __init__(self, ln: nn.LayerNorm, mix: mx.array | None, batch: int, backend: str):
-        K = ln.weight.shape[0]
-        self.K, self.M, self.B = K, 0 if mix is None else mix.size // K, batch  # no mix (the head): xin = xn
+    def __init__(self, ln: nn.LayerNorm, mix: mx.array | None, batch: int, backend: str,
+                 xin_dtype: mx.Dtype = mx.float32):
+        M, K = shape(ln, mix)
+        self.K, self.M, self.B, self.xin_dtype = K, M, batch, xin_dtype
         self.kernel = build("layernorm_lerp", backend)
         self.template = [("K", self.K), ("M", self.M)]
         self.consts = [ln.weight.astype(mx.float32), ln.bias.astype(mx.float32),
                        placeholder() if mix is None else mix.reshape(self.M, K).astype(mx.float32),
                        mx.array([ln.eps], dtype=mx.float32)]
         mx.eval(*self.consts)
-        self.ok = self.K % 32 == 0 and launches(self.kernel, tuple(self.template), lambda: self(
+        self.ok = self.K % 32 == 0 and launches(self.kernel, (tuple(self.template), str(xin_dtype)), lambda: self(
             mx.zeros((batch, self.K)), mx.zeros((batch, self.K))))
 
     def __call__(self, x: mx.array, prev: mx.array | None):
@@ -64,5 +72,5 @@ class LayerNormLerpPlan:
             grid=(B * -(-K // (32 * WARPS)) * 32 * WARPS, 1, 1),  # a thread per element, whole groups
             threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(B, K), (B, (M + 1) * K)],
-            output_dtypes=[mx.float32, mx.float32],
+            output_dtypes=[mx.float32, self.xin_dtype],
         )

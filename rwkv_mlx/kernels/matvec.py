@@ -25,6 +25,7 @@ from ..layers import AffineLinear, GGMLLinear, Linear
 from ..settings import env_int
 from .dialect import launches
 from .layernorm_lerp import LayerNormLerpPlan, lerp_row, separate
+from .layernorm_lerp import shape as prologue_shape
 
 # GGUF block types the kernel reads as stored (gguf.GGMLQuantizationType ids -> kernel kind, each
 # kind a decode_<kind> in custom_kernels/matvec_formats.kern). The loader keeps exactly these as
@@ -223,12 +224,13 @@ class MatvecPlan:
 
     def __init__(self, segments: list[Segment], batch: int, *, backend: str, prologue: int = 0, epilogue: int = 0,
                  bias: mx.array | None = None, ln: nn.LayerNorm | None = None, mix: mx.array | None = None,
-                 x_stride: int | None = None, out_shape: tuple[int, ...] | None = None):
-        self.prologue, self.pre = prologue, None
+                 x_stride: int | None = None, out_shape: tuple[int, ...] | None = None,
+                 half_input: bool = False, out_dtype: mx.Dtype = mx.float32):
+        self.prologue, self.pre, self.out_dtype, self.x_dtype = prologue, None, out_dtype, mx.float32
         # The matrix-unit variant stages PRO 0 rows only: every group would normalize all rows again (579
         # against 723 tok/s at 16 rows, Q4_K_M on an H100, results/kernel_log.md step 15).
         if prologue == 1 and (separate(backend) or (uses_mma(batch) and kernel_rows(batch, backend))):
-            self._split(segments, batch, backend, epilogue, bias, ln, mix, out_shape)
+            self._split(segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype)
             return
         weights = [_weights(s.weight) for s in segments]
         self.ok = (all(w is not None for w in weights) and len(weights) <= MAX_SEGMENTS
@@ -242,8 +244,13 @@ class MatvecPlan:
             return
         rows, ks = [w.rows for w in weights], [w.k for w in weights]
         x_stride = x_stride or ks[0]
-        # (the MMA variant stages the rows four elements a load: stage_tile4)
-        mma = uses_mma(batch) and prologue == 0 and all(v % 4 == 0 for v in [x_stride, *(s.x_offset for s in segments)])
+        # The MMA variant stages the rows 16 bytes a load (stage_rows): float32 rows four elements a load;
+        # with half_input (the caller's launch before writes this one's rows) float16 rows, eight a load.
+        starts = [x_stride, *(s.x_offset for s in segments)]
+        mma = uses_mma(batch) and prologue == 0 and all(v % 4 == 0 for v in starts)
+        if mma and half_input and all(v % 8 == 0 and s.mode == 0 for v, s in zip(starts[1:], segments)) \
+                and x_stride % 8 == 0:
+            self.x_dtype = mx.float16
         tilings, rpw = (_mma_tiles(rows), 0) if mma else ([0], _rows_per_warp(rows, batch))
         self.ok = bool(tilings) and rpw is not None and all(k % 32 == 0 for k in ks)
         if not self.ok:
@@ -318,18 +325,22 @@ class MatvecPlan:
         self.out_shapes = [out_shape or (batch, total), (batch, ks[0]) if prologue == 1 else (1,)]
         self.out_shapes = self.out_shapes[:len(self.kernel.rendered.outputs)]
         self.kernel_shapes = [(self.parts * batch, total)] + self.out_shapes[1:] if self.parts > 1 else self.out_shapes
-        signature = (tuple(self.template), tuple(str(a.dtype) for a in self.consts.values()))
+        # (parts are float32 sums: the plan adds them, then converts)
+        self.kernel_dtypes = [out_dtype if self.parts == 1 else mx.float32] + [mx.float32] * (len(self.out_shapes) - 1)
+        signature = (tuple(self.template), tuple(str(a.dtype) for a in self.consts.values()),
+                     str(self.x_dtype), str(out_dtype))
         self.ok = launches(self.kernel, signature, lambda: self(
-            mx.zeros((batch, x_stride)), mx.zeros((batch, ks[0])) if prologue == 1 else None,
+            mx.zeros((batch, x_stride), dtype=self.x_dtype), mx.zeros((batch, ks[0])) if prologue == 1 else None,
             mx.zeros(self.out_shapes[0]) if epilogue == 2 else None))
 
-    def _split(self, segments, batch, backend, epilogue, bias, ln, mix, out_shape) -> None:
-        """The prologue as a launch of its own: each segment reads its lerp's row of the prologue's output."""
-        self.pre = LayerNormLerpPlan(ln, mix, batch, backend)
-        M, K = self.pre.M, self.pre.K
+    def _split(self, segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype) -> None:
+        """The prologue as a launch of its own: each segment reads its lerp's row of the prologue's output
+        (float16 where the matvec launch multiplies on the matrix units)."""
+        M, K = prologue_shape(ln, mix)
         rows = [Segment(s.weight, x_offset=lerp_row(s.mode, M) * K) for s in segments]
         self.inner = MatvecPlan(rows, batch, backend=backend, epilogue=epilogue, bias=bias, x_stride=(M + 1) * K,
-                                out_shape=out_shape)
+                                out_shape=out_shape, half_input=True, out_dtype=out_dtype)
+        self.pre = LayerNormLerpPlan(ln, mix, batch, backend, xin_dtype=self.inner.x_dtype)
         self.ok = self.pre.ok and self.inner.ok
         if self.ok:
             self.template = self.inner.template
@@ -347,14 +358,14 @@ class MatvecPlan:
             grid=self.grid,
             threadgroup=self.threadgroup,
             output_shapes=self.kernel_shapes,
-            output_dtypes=[mx.float32] * len(self.kernel_shapes),
+            output_dtypes=self.kernel_dtypes,
         )
         if self.parts > 1:  # K's parts added (elementwise: a compiled step fuses it), then the epilogue
             parts = outs[0].reshape(self.parts, -1)
             y = sum((parts[p] for p in range(1, self.parts)), parts[0]).reshape(self.kernel_shapes[0][0] // self.parts, -1)
             if self.bias is not None:
                 y = y + self.bias
-            return epilogue_ops(y, self.epilogue, residual, self.out_shapes[0])
+            return epilogue_ops(y, self.epilogue, residual, self.out_shapes[0]).astype(self.out_dtype)
         return (outs[0], outs[1]) if self.prologue == 1 else outs[0]
 
 

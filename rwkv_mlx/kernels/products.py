@@ -27,8 +27,11 @@ class ProductPlan:
 
     def __init__(self, segments: list[Segment], batch: int, *, prologue: int = 0, epilogue: int = 0,
                  ln: nn.LayerNorm | None = None, mix: mx.array | None = None,
-                 out_shape: tuple[int, ...] | None = None):
+                 out_shape: tuple[int, ...] | None = None, half_input: bool = False,
+                 out_dtype: mx.Dtype = mx.float32):
+        # (half_input and out_dtype as MatvecPlan takes them: MLX's products read and write float32 rows here)
         self.segments, self.prologue, self.epilogue, self.ln = segments, prologue, epilogue, ln
+        self.x_dtype = mx.float32
         # Each segment's lerp row, taken out once: indexing ``mix`` at every step was a gather launch per
         # segment (224 of a 2.9B step's ~2,000 launches on an H100, results/raw/*-65272d1-profile-batch16.log).
         self.mix_rows = {s.mode: mix[s.mode] for s in segments if prologue == 1 and s.mode >= 0}
