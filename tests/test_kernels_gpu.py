@@ -285,6 +285,22 @@ def test_matrix_units_match_rounded_operands(kind, B, matrix_units):
     assert rel_err(y, want) < 1e-5 and rel_err(y, exact) < 2e-3, (rel_err(y, want), rel_err(y, exact))
 
 
+@pytest.mark.parametrize("kind", ["float16", "q8_0", "q4_k"])
+@pytest.mark.parametrize("B", [9, 16, 64])
+def test_matrix_units_read_half_rows(kind, B, matrix_units):
+    """Rows given as float16 (a split prologue's, the FFN key's), staged eight elements a load: the products of
+    the float32 rows they were rounded from."""
+    from rwkv_mlx.kernels.matvec import MatvecPlan
+
+    segs, x, bias, parts, weights = three_segments(kind, B)
+    segs = [Segment(s.weight, x_offset=s.x_offset) for s in segs]  # (float16 rows go to mode-0 segments)
+    plan = MatvecPlan(segs, B, backend=BACKEND, bias=mx.array(bias), x_stride=x.shape[1], half_input=True)
+    assert plan.ok and plan.x_dtype == mx.float16, plan.template
+    y = np.array(plan(mx.array(x).astype(mx.float16)))
+    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, w in zip(parts, weights)], axis=1) + bias
+    assert rel_err(y, want) < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "affine-8-float16", "q6_k", "q8_0", "q4_k", "q5_k"])
 @pytest.mark.parametrize("B", [16, 64])
 def test_matrix_units_taller_groups(kind, B, matrix_units, monkeypatch):
@@ -395,8 +411,10 @@ def test_many_rows_on_matrix_units_match_pure_path(name, matrix_units):
 
     model.runtime.invalidate()
     many = decode_rows(model, tokens, 16)
-    proj = model.runtime.block_plan(0, 16).proj
-    assert "MMA" in (proj.inner if proj.pre is not None else proj).kernel.defines
+    plan = model.runtime.block_plan(1, 16)
+    # the matrix units, float16 rows from the split prologue, the LoRA up-projections as a launch of their own
+    assert "MMA" in plan.proj.inner.kernel.defines and plan.proj.inner.x_dtype == mx.float16
+    assert plan.ups is not None and plan.value.x_dtype == mx.float16
     with kernels_disabled():
         plain = decode_rows(model, tokens, 1)
     assert np.abs(many - many[:1]).max() == 0
