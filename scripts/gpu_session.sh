@@ -14,7 +14,7 @@
 #              PROCESSES=N runs ours N times, each in a process of its own, and the peers take their median
 #   scaling  : batched decode (scripts/batch_decode.py) per route, lines in $OUT/scaling.jsonl
 #   mma      : batched decode on the matrix units (matvec.kern MMA, the kernels route) beside MLX's products, per model,
-#              each LayerNorm prologue setting ($SEPARATE, default "1 0") in a process of its own; BATCHES, TOKENS
+#              each RWKV_MLX_MMA_K_PARTS setting ($PARTS, default "4 1") in a process of its own; BATCHES, TOKENS
 #   serve    : scripts/bench_serve.py per model, with the routes scaling's lines favour for it
 #   grammar  : the per-token cost of constrained decoding (scripts/grammar_cost.py) on the first model
 #   forms    : decode and prefill probes of GGUF blocks as stored against MLX's affine form, alternating
@@ -124,15 +124,15 @@ case $step in
   mma)
     bash "$0" wait "$@" >/dev/null
     for t in "$@"; do
-      for sep in ${SEPARATE:-1 0}; do
-        echo "== $t kernels (MMA from ${RWKV_MLX_MMA_MIN_ROWS:-8} rows), RWKV_MLX_SEPARATE_PROLOGUE=$sep" | tee -a $OUT/mma.log
-        RWKV_MLX_SEPARATE_PROLOGUE=$sep timeout -s KILL ${SCALING_LIMIT:-200} python3 scripts/batch_decode.py /tmp/synth/$t.gguf \
+      for parts in ${PARTS:-4 1}; do
+        echo "== $t kernels (MMA from ${RWKV_MLX_MMA_MIN_ROWS:-8} rows), RWKV_MLX_MMA_K_PARTS=$parts" | tee -a $OUT/mma.log
+        RWKV_MLX_MMA_K_PARTS=$parts timeout -s KILL ${SCALING_LIMIT:-200} python3 scripts/batch_decode.py /tmp/synth/$t.gguf \
           --batches ${BATCHES:-1 8 16 32 64} --routes kernels --tokens ${TOKENS:-32} --json $OUT/mma.jsonl 2>&1 \
           | grep -v Warning | tee -a $OUT/mma.log
       done
       [ "${PRODUCTS:-1}" = 0 ] && continue
-      echo "== $t MLX products (the CUDA default above 4 rows)" | tee -a $OUT/mma.log
-      timeout -s KILL ${SCALING_LIMIT:-200} python3 scripts/batch_decode.py /tmp/synth/$t.gguf --batches 16 64 --routes matmul \
+      echo "== $t MLX products (the CUDA default above RWKV_MLX_KERNEL_MAX_BATCH rows)" | tee -a $OUT/mma.log
+      timeout -s KILL ${SCALING_LIMIT:-200} python3 scripts/batch_decode.py /tmp/synth/$t.gguf --batches ${PRODUCT_BATCHES:-16 32 64} --routes matmul \
         --tokens ${TOKENS:-32} --json $OUT/mma.jsonl 2>&1 | grep -v Warning | tee -a $OUT/mma.log
     done ;;
   serve)
