@@ -422,10 +422,12 @@ def test_emulated_matrix_units_read_half_rows(kind, B, matrix_units):
 
 
 @needs_emulator
-@pytest.mark.parametrize("kind,B,mt", [("q4_k", 16, 4), ("float16", 16, 4), ("q6_k", 64, 2), ("affine-4-float16", 9, 4)])
+@pytest.mark.parametrize("kind,B,mt", [("q4_k", 16, 4), ("float16", 16, 4), ("q6_k", 64, 2), ("affine-4-float16", 9, 4),
+                                       ("q8_0", 17, 4)])
 def test_emulated_matrix_units_taller_groups(kind, B, mt, matrix_units, monkeypatch):
     """Groups of 64 and 32 weight rows (MT 4 and 2: each staged activation row serves more weights). At 64
-    activation rows Apple's 32 KB holds no tile for MT 4, and the plan takes MT 2."""
+    activation rows Apple's 32 KB holds no tile for MT 4, and the plan takes MT 2. At 17 rows (3 column
+    tiles) a warp's two tiles span two row blocks: it loads A again for the second."""
     from rwkv_mlx.kernels import matvec
     from rwkv_mlx.kernels.matvec import MatvecPlan
 
@@ -477,11 +479,11 @@ def test_broken_fragment_fails_the_matrix_units(matrix_units):
     edits = []
 
     def break_b(source: str) -> str:
-        good = "simdgroup_load(b1, b + 8, ldb, ulong2(0), true);"
+        good = "simdgroup_load(f.b1, b + 8, ldb, ulong2(0), true);"
         if good not in source:
             return source
         edits.append(1)
-        return source.replace(good, "simdgroup_load(b1, b, ldb, ulong2(0), true);")
+        return source.replace(good, "simdgroup_load(f.b1, b, ldb, ulong2(0), true);")
 
     rng = np.random.default_rng(7)
     layer, w = make_layer("float16", 32, 256, rng)

@@ -144,8 +144,9 @@ __device__ __forceinline__ float rwkv_warp_max(float x) {
 # mma: one warp's 16 x 8 float tile of C += A B on the matrix units, A 16 x 16 and B 16 x 8 float16 in
 # shared memory: A row-major (element (i, k) at a[i * lda + k]), B by columns (element (k, n) at
 # b[n * ldb + k]: an activation row is a column), C stored by columns (element (i, n) to c[n * ldc + i]).
-# Every lane of the warp must call them together (Metal's simdgroup rule). Kernels never touch the
-# fragments, whose layouts differ. CUDA: mma.sync m16n8k16 (sm_80 on), fragments as the PTX ISA lays
+# The operands are loaded apart (mma_load_a, mma_load_b) so that a warp with several tiles of one row block
+# loads their A once. Every lane of the warp must call them together (Metal's simdgroup rule). Kernels never
+# touch the fragments, whose layouts differ. CUDA: mma.sync m16n8k16 (sm_80 on), fragments as the PTX ISA lays
 # them out for .row.col f16 with f32 accumulators (sm_75: two m16n8k8, the k = 0-7 and 8-15 halves of the same
 # registers; compiled, never run here); Metal: 8 x 8 simdgroup matrices, half operands and
 # float accumulators, B and C loaded and stored transposed. Its text is kept for matvec.kern's MMA variant
@@ -155,22 +156,32 @@ _BACKEND_PARTS = {
         "cuda": """
 #ifdef MMA
 struct MmaTile { float c[4]; };
+struct MmaA { unsigned r[4]; };
+struct MmaB { unsigned r[2]; };
 __device__ __forceinline__ void mma_zero(MmaTile& t) { t.c[0] = t.c[1] = t.c[2] = t.c[3] = 0.0f; }
 __device__ __forceinline__ unsigned rwkv_pair(const __half* p) { return *reinterpret_cast<const unsigned*>(p); }
-__device__ __forceinline__ void mma_acc(MmaTile& t, const __half* a, int lda, const __half* b, int ldb) {
+__device__ __forceinline__ void mma_load_a(MmaA& f, const __half* a, int lda) {
   const int g = (threadIdx.x & 31u) >> 2, q = 2 * (threadIdx.x & 3u);
-  const unsigned a0 = rwkv_pair(a + g * lda + q), a1 = rwkv_pair(a + (g + 8) * lda + q);
-  const unsigned a2 = rwkv_pair(a + g * lda + q + 8), a3 = rwkv_pair(a + (g + 8) * lda + q + 8);
-  const unsigned b0 = rwkv_pair(b + g * ldb + q), b1 = rwkv_pair(b + g * ldb + q + 8);
+  f.r[0] = rwkv_pair(a + g * lda + q);
+  f.r[1] = rwkv_pair(a + (g + 8) * lda + q);
+  f.r[2] = rwkv_pair(a + g * lda + q + 8);
+  f.r[3] = rwkv_pair(a + (g + 8) * lda + q + 8);
+}
+__device__ __forceinline__ void mma_load_b(MmaB& f, const __half* b, int ldb) {
+  const int g = (threadIdx.x & 31u) >> 2, q = 2 * (threadIdx.x & 3u);
+  f.r[0] = rwkv_pair(b + g * ldb + q);
+  f.r[1] = rwkv_pair(b + g * ldb + q + 8);
+}
+__device__ __forceinline__ void mma_mul(MmaTile& t, const MmaA& a, const MmaB& b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
-               : "+f"(t.c[0]), "+f"(t.c[1]), "+f"(t.c[2]), "+f"(t.c[3]) : "r"(a0), "r"(a1), "r"(b0));
+               : "+f"(t.c[0]), "+f"(t.c[1]), "+f"(t.c[2]), "+f"(t.c[3]) : "r"(a.r[0]), "r"(a.r[1]), "r"(b.r[0]));
   asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
-               : "+f"(t.c[0]), "+f"(t.c[1]), "+f"(t.c[2]), "+f"(t.c[3]) : "r"(a2), "r"(a3), "r"(b1));
+               : "+f"(t.c[0]), "+f"(t.c[1]), "+f"(t.c[2]), "+f"(t.c[3]) : "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[1]));
 #else
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                : "+f"(t.c[0]), "+f"(t.c[1]), "+f"(t.c[2]), "+f"(t.c[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+               : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
 #endif
 }
 __device__ __forceinline__ void mma_store(const MmaTile& t, float* c, int ldc) {
@@ -185,22 +196,27 @@ __device__ __forceinline__ void mma_store(const MmaTile& t, float* c, int ldc) {
         "metal": """
 #ifdef MMA
 struct MmaTile { simdgroup_float8x8 lo, hi; };
+struct MmaA { simdgroup_half8x8 a00, a01, a10, a11; };
+struct MmaB { simdgroup_half8x8 b0, b1; };
 inline void mma_zero(thread MmaTile& t) {
   t.lo = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   t.hi = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 }
-inline void mma_acc(thread MmaTile& t, threadgroup half* a, int lda, threadgroup half* b, int ldb) {
-  simdgroup_half8x8 a00, a01, a10, a11, b0, b1;
-  simdgroup_load(a00, a, lda);
-  simdgroup_load(a01, a + 8, lda);
-  simdgroup_load(a10, a + 8 * lda, lda);
-  simdgroup_load(a11, a + 8 * lda + 8, lda);
-  simdgroup_load(b0, b, ldb, ulong2(0), true);
-  simdgroup_load(b1, b + 8, ldb, ulong2(0), true);
-  simdgroup_multiply_accumulate(t.lo, a00, b0, t.lo);
-  simdgroup_multiply_accumulate(t.lo, a01, b1, t.lo);
-  simdgroup_multiply_accumulate(t.hi, a10, b0, t.hi);
-  simdgroup_multiply_accumulate(t.hi, a11, b1, t.hi);
+inline void mma_load_a(thread MmaA& f, threadgroup half* a, int lda) {
+  simdgroup_load(f.a00, a, lda);
+  simdgroup_load(f.a01, a + 8, lda);
+  simdgroup_load(f.a10, a + 8 * lda, lda);
+  simdgroup_load(f.a11, a + 8 * lda + 8, lda);
+}
+inline void mma_load_b(thread MmaB& f, threadgroup half* b, int ldb) {
+  simdgroup_load(f.b0, b, ldb, ulong2(0), true);
+  simdgroup_load(f.b1, b + 8, ldb, ulong2(0), true);
+}
+inline void mma_mul(thread MmaTile& t, thread const MmaA& a, thread const MmaB& b) {
+  simdgroup_multiply_accumulate(t.lo, a.a00, b.b0, t.lo);
+  simdgroup_multiply_accumulate(t.lo, a.a01, b.b1, t.lo);
+  simdgroup_multiply_accumulate(t.hi, a.a10, b.b0, t.hi);
+  simdgroup_multiply_accumulate(t.hi, a.a11, b.b1, t.hi);
 }
 inline void mma_store(thread const MmaTile& t, threadgroup float* c, int ldc) {
   simdgroup_store(t.lo, c, ldc, ulong2(0), true);
