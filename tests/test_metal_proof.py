@@ -494,19 +494,26 @@ def test_broken_fragment_fails_the_matrix_units(matrix_units):
 
 
 @needs_emulator
-def test_emulated_many_rows_on_matrix_units_match_pure_path(require_oracle, matrix_units):
-    """16 rows of one prompt through the MMA launches (every matvec of the blocks, and the LoRA up-projections
-    as a launch of their own, read by the time-mix kernel as its pre-activations): the rows agree exactly,
-    and each is within float16 rounding of the pure path (0.4-0.7% of the logits' norm is float16's cost here;
-    a wrong tile is of order one) with the same greedy tokens."""
+@pytest.mark.parametrize("batch", [16, 64])
+def test_emulated_many_rows_on_matrix_units_match_pure_path(batch, require_oracle, matrix_units):
+    """16 and 64 rows of one prompt through the MMA launches (every matvec of the blocks, float16 rows from the
+    split prologues and the FFN key, and the LoRA up-projections as a launch of their own, read by the time-mix
+    kernel as its pre-activations): the rows agree exactly, and each is within float16 rounding of the pure path
+    (0.4-0.7% of the logits' norm is float16's cost here; a wrong tile is of order one) with the same greedy
+    tokens. (Parts of K: test_emulated_matrix_units_prologue_epilogue_and_tiles; this model's rows are short.)"""
+    from rwkv_mlx.kernels.decode import BlockPlan
+
     model = load("fixb-Q4_K_M", EXACT)
     tokens = oracle_tokens("fixb-Q4_K_M")[:6]
     emu = Emulator()
-    got = emulated_logits(model, tokens, decoded=3, batch=16, emu=emu)
+    got = emulated_logits(model, tokens, decoded=3, batch=batch, emu=emu)
     # r/k/v + LoRA down, the FFN and output launches, and the up-projections (dense only: no blocks)
     assert {"rwkv_matvec_no_scales_mma", "rwkv_matvec_one_segment_no_scales_mma",
             "rwkv_matvec_no_scales_no_blocks_mma"} <= {b.inst.kernel.name for b in emu.built.values()}
-    assert np.array_equal(got[0], got[15])
+    with emu.running():
+        plan = BlockPlan(model.blocks[1], batch, "metal")
+    assert plan.ups is not None and plan.value.x_dtype == mx.float16 and plan.proj.inner.x_dtype == mx.float16
+    assert np.array_equal(got[0], got[batch - 1])
     plain = plain_logits(model, tokens)
     assert rel_err(got[0, 3:], plain[3:]) < 5e-3 and (got[0].argmax(-1) == plain.argmax(-1)).all()
 
