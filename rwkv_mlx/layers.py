@@ -59,9 +59,7 @@ def exact_products():
 
 
 def cuda_dequant_min_rows() -> int:
-    if CUDA_DEQUANT_MIN_ROWS is not None:
-        return CUDA_DEQUANT_MIN_ROWS
-    return env_int("RWKV_MLX_CUDA_DEQUANT_MIN_ROWS", 16)
+    return env_int("RWKV_MLX_CUDA_DEQUANT_MIN_ROWS", 16, override=CUDA_DEQUANT_MIN_ROWS)
 
 
 def _expand_on_cuda(rows: int) -> mx.Dtype | None:

@@ -32,7 +32,11 @@ def _raw(name: str) -> str | None:
     return None if value is None or value.strip() == "" else value.strip()
 
 
-def env_int(name: str, default: int, minimum: int = 0) -> int:
+def env_int(name: str, default: int, minimum: int = 0, *, override: int | None = None) -> int:
+    """$name as an integer >= minimum, else ``default``; ``override`` (a module constant that scripts and tests
+    set, None when unset) comes first."""
+    if override is not None:
+        return override
     value = _raw(name)
     if value is None:
         return default

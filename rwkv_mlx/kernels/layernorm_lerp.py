@@ -30,9 +30,7 @@ SEPARATE: int | None = None
 
 def separate(backend: str) -> bool:
     """Whether ``backend``'s matvec plans take their LayerNorm prologue from a launch of its own."""
-    if SEPARATE is not None:
-        return bool(SEPARATE)
-    return bool(env_int("RWKV_MLX_SEPARATE_PROLOGUE", SEPARATE_DEFAULT[backend]))
+    return bool(env_int("RWKV_MLX_SEPARATE_PROLOGUE", SEPARATE_DEFAULT[backend], override=SEPARATE))
 
 
 def lerp_row(mode: int, mixes: int) -> int:
