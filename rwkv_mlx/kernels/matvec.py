@@ -51,9 +51,7 @@ MAX_BATCH: int | None = None  # set by scripts and tests; None: $RWKV_MLX_KERNEL
 
 def max_batch(backend: str) -> int:
     """Decoded rows above which ``backend`` takes a block's products from MLX (0: never)."""
-    if MAX_BATCH is not None:
-        return MAX_BATCH
-    return env_int("RWKV_MLX_KERNEL_MAX_BATCH", MAX_BATCH_DEFAULT[backend])
+    return env_int("RWKV_MLX_KERNEL_MAX_BATCH", MAX_BATCH_DEFAULT[backend], override=MAX_BATCH)
 
 
 def kernel_rows(batch: int, backend: str) -> bool:
@@ -127,9 +125,7 @@ MMA_WARPS = 8  # warps of an MMA group (matvec.kern's constexpr WARPS under MMA)
 
 
 def mma_min_rows() -> int:
-    if MMA_MIN_ROWS is not None:
-        return MMA_MIN_ROWS
-    return env_int("RWKV_MLX_MMA_MIN_ROWS", 8)
+    return env_int("RWKV_MLX_MMA_MIN_ROWS", 8, override=MMA_MIN_ROWS)
 
 
 def uses_mma(batch: int) -> bool:
@@ -138,9 +134,7 @@ def uses_mma(batch: int) -> bool:
 
 
 def mma_min_groups() -> int:
-    if MMA_MIN_GROUPS is not None:
-        return MMA_MIN_GROUPS
-    return env_int("RWKV_MLX_MMA_MIN_GROUPS", MMA_MIN_GROUPS_DEFAULT, minimum=1)
+    return env_int("RWKV_MLX_MMA_MIN_GROUPS", MMA_MIN_GROUPS_DEFAULT, minimum=1, override=MMA_MIN_GROUPS)
 
 
 # The most parts an MMA launch splits K into (RWKV_MLX_MMA_K_PARTS; 1: none): each part is a group of its own,
@@ -155,7 +149,7 @@ def k_parts(groups: int, tiles: int) -> tuple[int, bool]:
     """Parts of K for an MMA launch of ``groups`` groups whose rows take ``tiles`` tiles: the fewest (a power
     of two) that give ``mma_min_groups()`` groups with two tiles or more each, and True; where none does, the
     most allowed and False."""
-    most = MMA_K_PARTS if MMA_K_PARTS is not None else env_int("RWKV_MLX_MMA_K_PARTS", 4, minimum=1)
+    most = env_int("RWKV_MLX_MMA_K_PARTS", 4, minimum=1, override=MMA_K_PARTS)
     parts = 1
     while groups * parts < mma_min_groups():
         if 2 * parts > most or tiles < 4 * parts:
@@ -248,8 +242,7 @@ class MatvecPlan:
         # with half_input (the caller's launch before writes this one's rows) float16 rows, eight a load.
         starts = [x_stride, *(s.x_offset for s in segments)]
         mma = uses_mma(batch) and prologue == 0 and all(v % 4 == 0 for v in starts)
-        if mma and half_input and all(v % 8 == 0 and s.mode == 0 for v, s in zip(starts[1:], segments)) \
-                and x_stride % 8 == 0:
+        if mma and half_input and all(v % 8 == 0 for v in starts) and all(s.mode == 0 for s in segments):
             self.x_dtype = mx.float16
         tilings, rpw = (_mma_tiles(rows), 0) if mma else ([0], _rows_per_warp(rows, batch))
         self.ok = bool(tilings) and rpw is not None and all(k % 32 == 0 for k in ks)
@@ -276,17 +269,16 @@ class MatvecPlan:
             # MMA: the staged rows' memory takes the output tile at the end (LDX = KT + 8 >= 2 x 16 MT)
             if kt is None or kt + 8 < 32 * mt:
                 continue
-            parts, enough = k_parts(total // (16 * mt), -(-max(ks) // kt)) if mma else (1, True)
-            chosen = template, kt, parts
+            groups = total // (16 * mt) if mma else 0
+            parts, enough = k_parts(groups, -(-max(ks) // kt)) if mma else (1, True)
+            chosen = template, kt, groups, parts
             if enough:
                 break
         if chosen is None:
             self.ok = False
             return
-        template, kt, self.parts = chosen
-        mt = template["MT"]
+        template, kt, groups, self.parts = chosen
         self.template = list({**template, "KT": kt, "TILED": int(kt < max(ks))}.items())
-        groups = total // (16 * mt) if mma else 0
         self.epilogue, self.bias = epilogue, bias
         table, start = [], 0
         for seg, w in zip(segments, weights):
