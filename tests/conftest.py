@@ -232,6 +232,12 @@ def half_rounded(a) -> np.ndarray:
     return np.asarray(a, np.float32).astype(np.float16).astype(np.float64)
 
 
+def rounded_products(inputs, weights) -> np.ndarray:
+    """Each segment's input times its weights, side by side, in float64 on the float16-rounded operands: what the
+    matrix-unit kernels must compute (to float32 summation's error)."""
+    return np.concatenate([half_rounded(v) @ half_rounded(w).T for v, w in zip(inputs, weights)], axis=1)
+
+
 def layer_norm64(x: np.ndarray, ln) -> np.ndarray:
     """LayerNorm of float32 rows in float64 numpy (eps 1e-5), the reference for the kernels' prologue."""
     xd = x.astype(np.float64)

@@ -13,7 +13,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ORACLE, half_rounded, layer_norm64, make_layer, oracle_logits, oracle_models, oracle_tokens, tiny_model_path
+from conftest import (ORACLE, half_rounded, layer_norm64, make_layer, oracle_logits, oracle_models, oracle_tokens,
+                      rounded_products, tiny_model_path)
 
 import rwkv_mlx
 from rwkv_mlx.kernels import fused_time_mix, kernel_backend, kernels_disabled
@@ -280,7 +281,7 @@ def test_matrix_units_match_rounded_operands(kind, B, matrix_units):
     assert plan.ok and dict(plan.template)["MT"] > 0, plan.template
     y = np.array(plan(mx.array(x)))
     inputs = [act(v) for act, v in zip(ACTS, parts)]  # (float32, as the kernel computes them, then rounded)
-    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, w in zip(inputs, weights)], axis=1) + bias
+    want = rounded_products(inputs, weights) + bias
     exact = np.concatenate([v.astype(np.float64) @ w.T for v, w in zip(inputs, weights)], axis=1) + bias
     assert rel_err(y, want) < 1e-5 and rel_err(y, exact) < 2e-3, (rel_err(y, want), rel_err(y, exact))
 
@@ -297,7 +298,7 @@ def test_matrix_units_read_half_rows(kind, B, matrix_units):
     plan = MatvecPlan(segs, B, backend=BACKEND, bias=mx.array(bias), x_stride=x.shape[1], half_input=True)
     assert plan.ok and plan.x_dtype == mx.float16, plan.template
     y = np.array(plan(mx.array(x).astype(mx.float16)))
-    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, w in zip(parts, weights)], axis=1) + bias
+    want = rounded_products(parts, weights) + bias
     assert rel_err(y, want) < 1e-5
 
 
@@ -314,7 +315,7 @@ def test_matrix_units_taller_groups(kind, B, matrix_units, monkeypatch):
     assert plan.ok and dict(plan.template)["MT"] == 4, plan.template
     y = np.array(plan(mx.array(x)))
     inputs = [act(v) for act, v in zip(ACTS, parts)]
-    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, w in zip(inputs, weights)], axis=1) + bias
+    want = rounded_products(inputs, weights) + bias
     assert rel_err(y, want) < 1e-5
 
 

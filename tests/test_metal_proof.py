@@ -21,7 +21,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import ORACLE, ORACLE_MISSING, half_rounded, layer_norm64, make_layer, oracle_logits, oracle_models, oracle_tokens
+from conftest import (ORACLE, ORACLE_MISSING, half_rounded, layer_norm64, make_layer, oracle_logits, oracle_models,
+                      oracle_tokens, rounded_products)
 
 import rwkv_mlx
 from rwkv_mlx.kernels import kernels_disabled, layernorm_lerp
@@ -398,7 +399,7 @@ def test_emulated_matrix_units(kind, B, matrix_units):
         assert plan.ok and dict(plan.template)["MT"] > 0, plan.template
         y = np.array(plan(mx.array(x)))
     inputs = [x[:, :256], np.tanh(x[:, 256:])]
-    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, w in zip(inputs, weights)], axis=1)
+    want = rounded_products(inputs, weights)
     exact = np.concatenate([v.astype(np.float64) @ w.T for v, w in zip(inputs, weights)], axis=1)
     assert rel_err(y, want) < 2e-5 and rel_err(y, exact) < 2e-3, (rel_err(y, want), rel_err(y, exact))
 
@@ -416,8 +417,7 @@ def test_emulated_matrix_units_read_half_rows(kind, B, matrix_units):
         plan = MatvecPlan(segs, B, backend="metal", x_stride=x.shape[1], half_input=True)
         assert plan.ok and plan.x_dtype == mx.float16, plan.template
         y = np.array(plan(mx.array(x).astype(mx.float16)))
-    want = np.concatenate([half_rounded(x[:, i * 256:(i + 1) * 256]) @ half_rounded(w).T
-                           for i, w in enumerate(weights)], axis=1)
+    want = rounded_products([x[:, :256], x[:, 256:]], weights)
     assert rel_err(y, want) < 2e-5
 
 
@@ -438,7 +438,7 @@ def test_emulated_matrix_units_taller_groups(kind, B, mt, matrix_units, monkeypa
         assert plan.ok and dict(plan.template)["MT"] == mt, plan.template
         y = np.array(plan(mx.array(x)))
     inputs = [x[:, :256], np.tanh(x[:, 256:])]
-    want = np.concatenate([half_rounded(v) @ half_rounded(w).T for v, w in zip(inputs, weights)], axis=1)
+    want = rounded_products(inputs, weights)
     assert rel_err(y, want) < 2e-5
 
 
