@@ -353,8 +353,13 @@ class MatvecPlan:
             output_dtypes=self.kernel_dtypes,
         )
         if self.parts > 1:  # K's parts added (elementwise: a compiled step fuses it), then the epilogue
+            # Slices, never parts[p]: MLX makes an integer index a Gather, a kernel of its own per part
+            # (3.5 ms of a 12.7 ms step at 16 rows on an H100); slices are views the fused sum reads.
             parts = outs[0].reshape(self.parts, -1)
-            y = sum((parts[p] for p in range(1, self.parts)), parts[0]).reshape(self.kernel_shapes[0][0] // self.parts, -1)
+            y = parts[:1]
+            for p in range(1, self.parts):
+                y = y + parts[p:p + 1]
+            y = y.reshape(self.kernel_shapes[0][0] // self.parts, -1)
             if self.bias is not None:
                 y = y + self.bias
             return epilogue_ops(y, self.epilogue, residual, self.out_shapes[0]).astype(self.out_dtype)

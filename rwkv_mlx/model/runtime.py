@@ -104,7 +104,7 @@ class DecodeRuntime:
 
             def one_token(tokens, *arrays):
                 logits, state = model_ref()(tokens[:, None], State.from_arrays(list(arrays)), logits="last")
-                return (logits[:, -1], *state.arrays())
+                return (logits.squeeze(1), *state.arrays())  # (logits[:, -1] would be a Gather: a kernel)
 
             entry = self._steps[key] = (modules, mx.compile(one_token))
         return entry[1]
