@@ -86,7 +86,7 @@ class BlockPlan:
                 self.ups = None
         self.wkv = build("wkv7", backend)
         self.wkv_template = wkv7.template(self.wkv, self.H, N, up=self.ups is None, mix_v=self.mix_v,
-                                          max_down=column if self.ups is None else 1)
+                                          max_down=column if self.ups is None else 1, tokens=1)
         self.ok = self.ok and self.wkv_template is not None
         if not self.ok:
             return

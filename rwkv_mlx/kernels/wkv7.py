@@ -21,14 +21,17 @@ def supports(head_size: int, backend: str) -> bool:
     return head_size % 32 == 0 and head_size <= 128 and 4 * head_size <= LIMITS[backend].threads
 
 
-def template(kernel: Kernel, heads: int, head_size: int, *, up: bool, mix_v: bool, max_down: int):
+def template(kernel: Kernel, heads: int, head_size: int, *, up: bool, mix_v: bool, max_down: int,
+             tokens: int = MAX_STAGED_TOKENS):
     """The kernel's template for this model, or None if its shared memory can't hold it.
 
     Staging fewer tokens at a time (TB) is what gives way: the LoRA down outputs (max_down
-    floats) must be staged whole.
+    floats) must be staged whole. ``tokens``: the most a launch walks (decode: 1), so that TB
+    stages no more. TB 16 costs registers whether used or not: ptxas gives a decode instantiation
+    250 a thread at TB 16, so one 256-thread group fits an SM at a time.
     """
     t = {"H": heads, "N": head_size, "UP": int(up), "MIX_V": int(mix_v), "MAX_DOWN": max(1, max_down)}
-    tb = MAX_STAGED_TOKENS
+    tb = 1 << (min(MAX_STAGED_TOKENS, max(1, tokens)).bit_length() - 1)  # (a power of two, as halving gives)
     while tb >= 1:
         if kernel.shared_bytes({**t, "TB": tb}.items()) <= kernel.limits.shared_bytes:
             return list({**t, "TB": tb}.items())
