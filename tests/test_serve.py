@@ -173,6 +173,25 @@ def test_padding_rows_and_neighbours_do_not_change_a_row(reference):
     assert all(mx.array_equal(a[0], b[1]).item() for a, b in zip(s1.arrays(), s8.arrays()))
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_warmup_steps_every_batch_size_before_the_first_request(reference, warmup):
+    """A GPU compiles the decode step once per batch size; with warm-up the server pays that before it
+    answers, at each bucket up to --max-batch, and not in the middle of its clients' streams."""
+    from rwkv_mlx.serve.engine import Engine, model_step
+
+    sizes = []
+
+    def step(model, tokens, state):
+        sizes.append(tokens.shape[0])
+        return model_step(model, tokens, state)
+
+    engine = Engine(lambda: reference, max_batch=8, step_fn=step, warmup=warmup).start()
+    try:
+        assert sizes == ([1, 2, 4, 8] if warmup else [])
+    finally:
+        engine.stop()
+
+
 def test_logprobs_are_the_model_softmax(server, reference):
     model, tok = reference
     pieces = list(rwkv_mlx.stream_generate(model, tok, "HAMLET:", max_tokens=6, sampling=SamplingParams.greedy()))

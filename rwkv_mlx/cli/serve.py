@@ -36,6 +36,7 @@ def serve(
     max_body_kb: int = typer.Option(4096, "--max-body-kb", min=1, help="Largest request body, in KiB."),
     timeout: float = typer.Option(600.0, "--timeout", min=0.0, help="Seconds a request may take from arrival to its last token (0: no limit)."),
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", min=1, help="Prompt tokens read between two decode steps."),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="Before serving, run a decode step at every batch size up to --max-batch (a GPU compiles its kernels once per size; met mid-stream, a compile stalls every client)."),
     think: ThinkOption = typer.Option(ThinkOption.off, "--think", help="Default chat think mode (a request may set 'think')."),
     device: str = DEVICE_OPTION,
     scale_dtype: str = SCALE_DTYPE_OPTION,
@@ -55,7 +56,10 @@ def serve(
         max_queue=max_queue, max_body_bytes=max_body_kb << 10, max_prompt_tokens=max_prompt_tokens,
         max_tokens=max_tokens, request_timeout=timeout or None, prefill_chunk=prefill_chunk, cache_dir=cache_dir,
         cache_bytes=cache_mb << 20, cache_disk_bytes=cache_disk_mb << 20, states_dir=states_dir, think=think.value,
-        device=device, scale_dtype=scale_dtype)
+        device=device, scale_dtype=scale_dtype, warmup=warmup)
+    if warmup:
+        print(f"rwkv-mlx serve: loading {model.name} and compiling its decode step for up to {max_batch} rows...",
+              file=sys.stderr, flush=True)
     server = Server(config).start()
     print(f"rwkv-mlx serve: {server.model_name} on {server.url} (OpenAI API at {server.url}/v1)", file=sys.stderr,
           flush=True)

@@ -50,6 +50,7 @@ class ServeConfig:
     max_tokens: int = 4096  # the most a request may generate (larger requests are clamped)
     request_timeout: float | None = 600.0
     prefill_chunk: int = 512
+    warmup: bool = True  # a decode step at every batch size before serving (the GPU compiles each once)
     cache_dir: Path | None = None
     cache_bytes: int = 1 << 30
     cache_disk_bytes: int | None = 16 << 30

@@ -42,7 +42,7 @@ class Server:
         self.engine = engine or Engine(
             _loader(config), setup=_setup(config), max_batch=config.max_batch, max_queue=config.max_queue,
             prefill_chunk=config.prefill_chunk, cache_bytes=config.cache_bytes, cache_dir=config.cache_dir,
-            cache_disk_bytes=config.cache_disk_bytes, states_dir=config.states_directory)
+            cache_disk_bytes=config.cache_disk_bytes, states_dir=config.states_directory, warmup=config.warmup)
         self._uvicorn = uvicorn
         self._server = None
         self._thread = None
