@@ -42,8 +42,9 @@ MAX_SEGMENTS = 8
 # Activation rows above which no launch is planned; above the bound a decoded block's products are MLX's
 # (kernels/products.py). CUDA, measured on an H100: the float32 loops won at 4 rows (374 and 426 tok/s for
 # Q4_K_M and F16 against 253 and 133, scaling at 4e654af, results/serve_bench.md); from 8 rows the matrix
-# units (MMA) won at 16 rows (Q4_K_M 1,405 tok/s against 966, Q8_0 1,326 against 603) and lost at 64 (1,940
-# against 2,862, 1,897 against 2,284; results/kernel_log.md step 16, at 1b22bb0); 32 is not measured. Apple
+# units (MMA) won at 16 rows (Q4_K_M 1,405 tok/s against 966, Q8_0 1,326 against 603, kernel_log step 16).
+# At d747143 (step 17) MMA gave Q4_K_M 4,417 tok/s at 64 rows against MLX's products' 2,955, but the products
+# were timed before the time-mix launch they share got 4x faster, so the bound above 16 is undecided. Apple
 # GPUs are not measured, so Metal keeps the kernels at every batch size. 0: no bound.
 MAX_BATCH_DEFAULT = {"cuda": 16, "metal": 0}
 MAX_BATCH: int | None = None  # set by scripts and tests; None: $RWKV_MLX_KERNEL_MAX_BATCH or the default
