@@ -181,13 +181,19 @@ case $step in
         --tokens 32 2>&1 | grep -v Warning | tee -a $OUT/profile.log
     done ;;
   ncu)  # hardware counters (Nsight Compute; Firecracker machines) of the decode launches named by $KERNELS
-    # (a regex of MLX's kernel names; default: the FFN-key matvec of a Q4_K_M file and the time mix)
+    # (a regex of MLX's kernel names; default: the FFN-key matvec of a Q4_K_M file and the time mix).
+    # BATCH=16: of batched decode instead (scripts/batch_decode.py, kernels route), e.g. the FFN key on the
+    # matrix units: KERNELS="mma_16_0_4_0_1_" SKIP=40 COUNT=1
     bash "$0" wait "$1"
+    if [ -n "${BATCH:-}" ]; then
+      run=(python3 scripts/batch_decode.py /tmp/synth/$1.gguf --batches "$BATCH" --routes kernels --tokens 4)
+    else
+      run=(python3 scripts/decode_probe.py /tmp/synth/$1.gguf --tokens 8 --no-reference)
+    fi
     ${NCU:-ncu} --clock-control none --target-processes all -k "regex:${KERNELS:-matvec_one_segment_1_4_1_1|wkv7_40_64_1_}" \
       --launch-skip ${SKIP:-300} --launch-count ${COUNT:-2} --section SpeedOfLight --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
-      python3 scripts/decode_probe.py /tmp/synth/$1.gguf --tokens 8 --no-reference 2>&1 | grep -v Warning \
-      | tee -a $OUT/ncu.log ;;
+      "${run[@]}" 2>&1 | grep -v Warning | tee -a $OUT/ncu.log ;;
   compare)  # side by side on one machine: .baseline (git archive of an older commit) vs this tree
     # (carry .baseline in the call that runs this step: carried in an earlier call, it was gone by this one)
     [ -f .baseline/scripts/decode_probe.py ] || { echo "compare: no .baseline/ here: carry it in this call"; exit 2; }
