@@ -25,8 +25,8 @@ from conftest import (ORACLE, ORACLE_MISSING, half_rounded, layer_norm64, make_l
                       oracle_tokens, rounded_products)
 
 import rwkv_mlx
-from rwkv_mlx.kernels import kernels_disabled, layernorm_lerp
 from rwkv_mlx.bench.measure import count_primitives
+from rwkv_mlx.kernels import kernels_disabled, layernorm_lerp
 from rwkv_mlx.kernels.dialect import Kernel, Launch, parse_kern, render
 from rwkv_mlx.testing.metal_proof import Recorder, record_launches
 from rwkv_mlx.testing.metal_proof.compile import APPLE_THREADS_PER_GROUP, check, check_all, prepare

@@ -233,9 +233,9 @@ class Engine:
         """One decode step at every bucket size, before the first request.
 
         A GPU builds a batch size's launch plans and compiles its kernels at the first step of that
-        size (several seconds on CUDA: NVRTC compiles each kernel for its row count). Met while
-        serving, the compile stalls every row at once: 64 clients got 145 tok/s from a server whose
-        decode gives 4,417 at 64 rows (H100, results/serve_bench.md).
+        size (on CUDA, NVRTC compiles each kernel for its row count). Met while serving, the compile
+        stalls every row at once; most likely why 64 clients got 145 tok/s in total from a server
+        whose decode gives 4,417 at 64 rows (H100, results/serve_bench.md).
         """
         for b in self.buckets:
             tic = time.perf_counter()
