@@ -147,8 +147,10 @@ def test_shared_bytes_are_read_from_the_kernel_text():
     """Stated by hand from matvec.kern: xs[NB * (KT + KT / 8)] floats plus red[3 * 8] floats."""
     t = [("NB", 1), ("RPW", 4), ("KT", 10240), ("PRO", 1), ("EPI", 0), ("BITS", 0), ("HAS_BIAS", 0)]
     assert dialect.shared_bytes("matvec", (), tuple(t)) == 4 * (10240 + 1280) + 4 * 24 == 46_176
-    # wkv7: down_act[MAX_DOWN] + stage[TB * 6 * (N + 4)] floats
-    t = [("H", 40), ("N", 64), ("UP", 1), ("MIX_V", 1), ("MAX_DOWN", 2048), ("TB", 16)]
+    # wkv7: down_act[MAX_DOWN] + stage[TB * 6 * SP] floats, SP = N interleaved (IL 1), else N + 4
+    t = [("H", 40), ("N", 64), ("UP", 1), ("MIX_V", 1), ("MAX_DOWN", 2048), ("TB", 16), ("IL", 1)]
+    assert dialect.shared_bytes("wkv7", (), tuple(t)) == 4 * 2048 + 4 * 16 * 6 * 64 == 32_768
+    t[-1] = ("IL", 0)
     assert dialect.shared_bytes("wkv7", (), tuple(t)) == 4 * 2048 + 4 * 16 * 6 * 68 == 34_304
 
 

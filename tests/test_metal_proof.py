@@ -358,6 +358,33 @@ MANY_ROWS = [("float32", 3), ("float32", 4), ("float16", 4), ("bfloat16", 4), ("
 
 
 @needs_emulator
+@pytest.mark.parametrize("N,T", [(64, 1), (64, 5), (128, 1), (128, 5), (32, 3)])
+def test_emulated_time_mix_both_state_layouts(N, T):
+    """The time-mix launch's Metal text against the pure path: head sizes up to 64 hold each state row
+    interleaved among its four threads (IL 1), 128 in contiguous quarters (IL 0); one token and several
+    (prefill's launch: TB 16 or 8. Decode's TB 1 runs in the emulated whole-model tests)."""
+    from rwkv_mlx.kernels import wkv7
+    from rwkv_mlx.model.wkv import time_mix_core_reference
+
+    rng = np.random.default_rng(N + T)
+    B, H = 2, 2
+    C = H * N
+    f = lambda *s, scale=1.0: mx.array((rng.standard_normal(s) * scale).astype(np.float32))  # noqa: E731
+    seq = [f(B, T, C), f(B, T, C), f(B, T, C), mx.array(rng.uniform(-6, 2, (B, T, C)).astype(np.float32)),
+           f(B, T, C), f(B, T, C)]
+    chan = [mx.array(rng.uniform(0.5, 1.5, C).astype(np.float32)), mx.array(rng.uniform(0, 1, C).astype(np.float32)),
+            f(C, scale=0.5), mx.array(rng.uniform(0.5, 1.5, C).astype(np.float32)), f(C, scale=0.1)]
+    state = f(B, H, N, N, scale=0.5)
+    with Emulator().running():
+        got = wkv7.prefill(*seq, *chan, state, N, "metal")
+        assert got is not None
+        y, s = (np.array(a) for a in got)
+    with kernels_disabled():
+        y_ref, s_ref = (np.array(a) for a in time_mix_core_reference(*seq, *chan, state, N))
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5, (rel_err(y, y_ref), rel_err(s, s_ref))
+
+
+@needs_emulator
 @pytest.mark.parametrize("kind,B", [(k, b) for b in (1, 2) for k in ["float32", "float16", "bfloat16", "affine-4-float16",
                                     "affine-5-float32", "affine-8-bfloat16", "q6_k", "q3_k", "q2_k"]] + MANY_ROWS)
 def test_emulated_matvec_formats(kind, B):

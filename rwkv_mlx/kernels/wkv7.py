@@ -14,6 +14,9 @@ import mlx.core as mx
 from .dialect import LIMITS, Kernel, build, launches, placeholder
 
 MAX_STAGED_TOKENS = 16  # tokens staged per step of the serial loop; more gained nothing on CUDA
+# Head sizes whose state rows the kernel holds interleaved (wkv7.kern IL): whole sectors a warp, but
+# at N = 128 ptxas gave 168 registers a thread, too many for the group's 512 threads.
+INTERLEAVED_MAX_N = 64
 
 
 def supports(head_size: int, backend: str) -> bool:
@@ -30,7 +33,8 @@ def template(kernel: Kernel, heads: int, head_size: int, *, up: bool, mix_v: boo
     stages no more. TB 16 costs registers whether used or not: ptxas gives a decode instantiation
     250 a thread at TB 16, so one 256-thread group fits an SM at a time.
     """
-    t = {"H": heads, "N": head_size, "UP": int(up), "MIX_V": int(mix_v), "MAX_DOWN": max(1, max_down)}
+    t = {"H": heads, "N": head_size, "UP": int(up), "MIX_V": int(mix_v), "MAX_DOWN": max(1, max_down),
+         "IL": int(head_size <= INTERLEAVED_MAX_N)}
     tb = 1 << (min(MAX_STAGED_TOKENS, max(1, tokens)).bit_length() - 1)  # (a power of two, as halving gives)
     while tb >= 1:
         if kernel.shared_bytes({**t, "TB": tb}.items()) <= kernel.limits.shared_bytes:
