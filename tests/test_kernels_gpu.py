@@ -319,6 +319,23 @@ def test_matrix_units_taller_groups(kind, B, matrix_units, monkeypatch):
     assert rel_err(y, want) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "affine-8-float16", "q4_k"])
+@pytest.mark.parametrize("dq", [2, 3])
+def test_matrix_units_decode_groups_together(kind, dq, matrix_units, monkeypatch):
+    """RWKV_MLX_MMA_DECODES: dq weight groups a thread decoded at once, the same products."""
+    from rwkv_mlx.kernels import matvec as matvec_module
+    from rwkv_mlx.kernels.matvec import MatvecPlan
+
+    monkeypatch.setattr(matvec_module, "MMA_MIN_GROUPS", 1)
+    monkeypatch.setattr(matvec_module, "MMA_DECODES", dq)
+    segs, x, bias, parts, weights = three_segments(kind, 16)
+    plan = MatvecPlan(segs, 16, backend=BACKEND, bias=mx.array(bias), x_stride=x.shape[1])
+    assert plan.ok and dict(plan.template)["DQ"] == dq, plan.template
+    y = np.array(plan(mx.array(x)))
+    want = rounded_products([act(v) for act, v in zip(ACTS, parts)], weights) + bias
+    assert rel_err(y, want) < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "q6_k", "q8_0", "q4_k"])
 @pytest.mark.parametrize("B", [16, 64])
 def test_matrix_units_prologue_epilogues_and_tiles(kind, B, matrix_units):

@@ -400,14 +400,14 @@ def test_emulated_matvec_formats(kind, B):
     assert rel_err(y, want) < 1e-5
 
 
-def two_segments(kind: str, B: int, rows: tuple[int, int]):
-    """Segments of ``rows`` in ``kind`` with K = 256, reading x [B, 512] as is and by tanh: (segments, x, float64 weights)."""
+def two_segments(kind: str, B: int, rows: tuple[int, int], K: int = 256):
+    """Segments of ``rows`` in ``kind``, reading x [B, 2K] as is and by tanh: (segments, x, float64 weights)."""
     from rwkv_mlx.kernels.matvec import Segment
 
     rng = np.random.default_rng(len(kind) * 10 + B)
-    layers = [make_layer(kind, r, 256, rng) for r in rows]
-    x = rng.standard_normal((B, 512)).astype(np.float32)
-    return [Segment(layer, x_offset=i * 256, mode=i) for i, (layer, _) in enumerate(layers)], x, [w for _, w in layers]
+    layers = [make_layer(kind, r, K, rng) for r in rows]
+    x = rng.standard_normal((B, 2 * K)).astype(np.float32)
+    return [Segment(layer, x_offset=i * K, mode=i) for i, (layer, _) in enumerate(layers)], x, [w for _, w in layers]
 
 
 @needs_emulator
@@ -430,6 +430,28 @@ def test_emulated_matrix_units(kind, B, matrix_units):
     want = rounded_products(inputs, weights)
     exact = np.concatenate([v.astype(np.float64) @ w.T for v, w in zip(inputs, weights)], axis=1)
     assert rel_err(y, want) < 2e-5 and rel_err(y, exact) < 2e-3, (rel_err(y, want), rel_err(y, exact))
+
+
+@needs_emulator
+@pytest.mark.parametrize("kind,B,dq", [("q4_k", 16, 2), ("affine-4-float16", 16, 3), ("float16", 9, 2),
+                                       ("q8_0", 9, 3), ("affine-8-bfloat16", 16, 2)])
+def test_emulated_matrix_units_decode_groups_together(kind, B, dq, matrix_units, monkeypatch):
+    """RWKV_MLX_MMA_DECODES: a thread decodes dq weight groups at once, indexes past the tile's last group
+    clamped to it (and not stored): the same products as one group at a time. Groups of 64 weight rows
+    (MT 4) and K = 512 in tiles of 192 (Apple's 32 KB) give a tile 384 groups: two a thread for some."""
+    from rwkv_mlx.kernels import matvec
+    from rwkv_mlx.kernels.matvec import MatvecPlan
+
+    monkeypatch.setattr(matvec, "MMA_DECODES", dq)
+    monkeypatch.setattr(matvec, "MMA_MIN_GROUPS", 1)
+    segs, x, weights = two_segments(kind, B, (64, 128), K=512)
+    with Emulator().running():
+        plan = MatvecPlan(segs, B, backend="metal", x_stride=x.shape[1])
+        t = dict(plan.template)
+        assert plan.ok and t["DQ"] == dq and 16 * t["MT"] * t["KT"] // 32 > 256, plan.template
+        y = np.array(plan(mx.array(x)))
+    want = rounded_products([x[:, :512], np.tanh(x[:, 512:])], weights)
+    assert rel_err(y, want) < 2e-5
 
 
 @needs_emulator

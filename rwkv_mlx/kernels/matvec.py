@@ -146,6 +146,17 @@ def mma_min_groups() -> int:
 MMA_K_PARTS: int | None = None
 
 
+# Weight groups a thread of an MMA launch decodes at once (RWKV_MLX_MMA_DECODES; matvec.kern DQ): their
+# loads in flight together, at the cost of registers (and so of groups resident on an SM). At 16 rows on an
+# H100 an MMA launch took about 6 us a tile of K whatever its rows (results/kernel_log.md step 17): the
+# tile's memory round trips in turn, not its products. Untimed above 1.
+MMA_DECODES: int | None = None
+
+
+def mma_decodes() -> int:
+    return env_int("RWKV_MLX_MMA_DECODES", 1, minimum=1, override=MMA_DECODES)
+
+
 def k_parts(groups: int, tiles: int) -> tuple[int, bool]:
     """Parts of K for an MMA launch of ``groups`` groups whose rows take ``tiles`` tiles: the fewest (a power
     of two) that give ``mma_min_groups()`` groups with two tiles or more each, and True; where none does, the
@@ -265,7 +276,8 @@ class MatvecPlan:
         chosen = None
         for mt in tilings:  # MMA: the most weight rows a group whose tiles fit and, with parts of K, keep the groups
             template = {"NB": batch, "RPW": rpw, "MT": mt, "PRO": prologue, "EPI": epilogue, "BITS": bits,
-                        "HAS_BIAS": int(bias is not None), "KINDS": sum(1 << k for k in kinds)}  # readers compiled in
+                        "HAS_BIAS": int(bias is not None), "KINDS": sum(1 << k for k in kinds),  # readers compiled in
+                        "DQ": mma_decodes() if mma else 1}
             kt = tile_length(self.kernel, max(ks), template, 64 if paired else 32)
             # MMA: the staged rows' memory takes the output tile at the end (LDX = KT + 8 >= 2 x 16 MT)
             if kt is None or kt + 8 < 32 * mt:
