@@ -163,6 +163,8 @@ def test_resolve_variants_decides_only_variant_conditionals():
     assert got == ["a", "b", "c", "#if defined(OTHER)", "f", "i", "#endif"]
     got = dialect.resolve_variants(text, {"V", "W"}, {"W"}).split("\n")
     assert got == ["a", "e", "#if defined(OTHER)", "f", "g", "#endif", "j"]
+    # a remark after the condition is no part of it (matvec_formats.kern's "#ifndef MMA  // ..." lines)
+    assert dialect.resolve_variants("#ifndef V  // why\nx\n#endif  // V\ny", {"V"}, {"V"}) == "y"
     with pytest.raises(ValueError, match="without #endif"):
         dialect.resolve_variants("#ifdef V\nx", {"V"}, set())
     with pytest.raises(ValueError, match="not a variant"):

@@ -378,7 +378,7 @@ def compact(text: str) -> str:
     return re.sub("\0", lambda _: strings.pop(0), out)
 
 
-_DIRECTIVE = re.compile(r"^\s*#\s*(ifdef|ifndef|if|elif|else|endif)\b\s*(.*?)\s*$")
+_DIRECTIVE = re.compile(r"^\s*#\s*(ifdef|ifndef|if|elif|else|endif)\b\s*(.*?)\s*(?://.*)?$")  # (a // remark is no condition)
 _TEST = re.compile(r"^(!?)\s*defined\s*\(\s*(\w+)\s*\)$")
 
 
