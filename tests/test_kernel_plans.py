@@ -167,3 +167,33 @@ def test_a_kernel_that_fails_to_build_leaves_its_layers_on_the_pure_path(caplog)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "rwkv_matvec" in lines[0] and "rwkv-mlx doctor" in lines[0]
     assert "\n" not in lines[0] and "undeclared identifier" in lines[0]
+
+
+@pytest.mark.parametrize("epilogue", [0, 1, 2])
+@pytest.mark.parametrize("parts", [2, 4])
+def test_parts_are_added_in_one_fused_kernel(parts, epilogue):
+    """An MMA launch's parts of K, added with bias and epilogue (kernels/matvec.py add_parts): the same numbers
+    as numpy's float64, and in a compiled step one elementwise kernel, no Gather."""
+    import numpy as np
+
+    from rwkv_mlx.bench.measure import count_primitives
+    from rwkv_mlx.kernels.matvec import add_parts
+
+    rng = np.random.default_rng(parts + 10 * epilogue)
+    B, R = 16, 64
+    raw = rng.standard_normal((parts * B, R)).astype(np.float32)
+    bias = rng.standard_normal(R).astype(np.float32)
+    res = rng.standard_normal((B, 1, R)).astype(np.float32)
+    args = [mx.array(raw), mx.array(bias), mx.array(res)]
+    mx.eval(*args)
+    fn = mx.compile(lambda a, b, r: add_parts(a, parts, b, epilogue, r if epilogue == 2 else None, (B, 1, R),
+                                              mx.float16))
+    y = fn(*args)
+    ops = count_primitives([y])
+    kernels = {k: n for k, n in ops.items() if k not in ("Slice", "Reshape")}
+    assert len(kernels) == 1 and next(iter(kernels)).startswith("Compiled") and sum(kernels.values()) == 1, ops
+    want = raw.astype(np.float64).reshape(parts, B, R).sum(axis=0) + bias
+    want = np.maximum(want, 0) ** 2 if epilogue == 1 else want
+    want = want.reshape(B, 1, R) + (res if epilogue == 2 else 0)
+    assert y.dtype == mx.float16 and y.shape == (B, 1, R)
+    assert np.abs(np.array(y.astype(mx.float32)) - want).max() <= 1e-3 * np.abs(want).max()
