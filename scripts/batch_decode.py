@@ -2,8 +2,12 @@
 
     python scripts/batch_decode.py MODEL.gguf [--batches 1 4 16 64] [--tokens 64] [--routes kernels matmul]
 
-Each row decodes greedily from its own prompt. Row 0's tokens at every B must equal the
-tokens of the same prompt decoded alone; a batch size whose rows disagree reports no speed.
+Each row decodes greedily from its own prompt. Row 0's tokens at every B (the prompt's first
+greedy token, then one a step) must equal those of the same prompt decoded alone, or else, fed
+the alone tokens (teacher forcing), row 0's logits must stay within
+``measure.ROW0_LOGIT_TOLERANCE`` of the alone logits at every step: the differing token was then
+a near-tie that float16 rounding flipped, and the table says so. Otherwise the batch size
+reports no speed.
 Each batch size is measured by every route asked for:
 
 * kernels:  the decode kernels (kernels/decode.py), the usual plan;
@@ -31,7 +35,7 @@ import mlx.core as mx
 
 import rwkv_mlx
 from rwkv_mlx import layers
-from rwkv_mlx.bench.measure import greedy_steps
+from rwkv_mlx.bench.measure import greedy_steps, row0_agreement, row0_logits
 from rwkv_mlx.kernels import kernels_disabled, matvec
 
 ROUTES = ("kernels", "matmul", "matmul-q", "pure")
@@ -59,15 +63,35 @@ def prompts(model, batch: int, n: int = 16) -> mx.array:
     return mx.array([[(7 * i + 3 + 101 * b) % V for i in range(n)] for b in range(batch)])
 
 
-def run(model, batch: int, n_tokens: int):
+def start(model, batch: int):
+    """The B prompts read: (last logits [B, V], first greedy tokens [B], state)."""
     logits, state = model(prompts(model, batch), logits="last")
-    token = mx.argmax(logits[:, -1], axis=-1)
-    mx.eval(token, *state.arrays())
+    logits = logits[:, -1]
+    token = mx.argmax(logits, axis=-1)
+    mx.eval(logits, token, *state.arrays())
+    return logits, token, state
+
+
+def run(model, batch: int, n_tokens: int):
+    """Each row's tokens (its first greedy token, then n_tokens steps') and the steps' total tok/s."""
+    _, token, state = start(model, batch)
     for _ in range(3):  # compile the step for this batch size, and run it (MLX builds GPU kernels on first use)
         logits, after = model.step(token, state)
         mx.eval(logits, *after.arrays())
     rows, seconds = greedy_steps(model, token, state, n_tokens)
-    return rows, batch * n_tokens / seconds
+    return [[int(token[b].item())] + r for b, r in enumerate(rows)], batch * n_tokens / seconds
+
+
+def row0_reference(model, batch: int, n_tokens: int, forced=None):
+    """Row 0's logits at the prompt's end and at each step ([n_tokens + 1, V]); ``forced``: row 0 fed
+    these tokens (its first, then one a step) instead of its own (teacher forcing)."""
+    import numpy as np
+
+    logits, token, state = start(model, batch)
+    if forced is not None:
+        token = mx.concatenate([mx.array([forced[0]], dtype=token.dtype), token[1:]])
+    steps = row0_logits(model, token, state, n_tokens, forced=None if forced is None else forced[1:])
+    return np.concatenate([np.array(logits[0], dtype=np.float32)[None], steps])
 
 
 def suggest(lines: list[dict], model: str) -> str:
@@ -105,6 +129,7 @@ def main():
         return
     model, _ = rwkv_mlx.load(args.model)
     alone, one_tps = run(model, 1, args.tokens)  # the usual plan, one stream: the reference of the ratios
+    alone_logits = None  # (computed once, when a batch size's row 0 first differs)
     print(f"| {args.model} | route | B | total tok/s | x one stream | row 0 = alone |")
     print("|---|---|---|---|---|---|")
     for batch in args.batches:
@@ -113,15 +138,20 @@ def main():
                 continue  # MAX_BATCH can't refuse one row
             with route(model, name, batch):
                 rows, tps = run(model, batch, args.tokens)
-            same = sum(a == b for a, b in zip(rows[0], alone[0]))
-            ok = same == args.tokens
+                forced = None
+                if rows[0] != alone[0]:  # teacher forcing: does row 0 stay within rounding of the alone logits?
+                    forced = row0_reference(model, batch, args.tokens, forced=alone[0])
+            if forced is not None and alone_logits is None:
+                alone_logits = row0_reference(model, 1, args.tokens)
+            ok, said = row0_agreement(alone[0], rows[0], alone_logits, forced)
             speed = f"{tps:,.1f}" if ok else "(tokens differ: no speed)"
-            print(f"| | {name} | {batch} | {speed} | {tps / one_tps:.1f} | {same}/{args.tokens} |", flush=True)
+            print(f"| | {name} | {batch} | {speed} | {tps / one_tps:.1f} | {said} |", flush=True)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps({"model": args.model, "route": name, "batch": batch,
                                         "tps": tps if ok else None, "one_stream": one_tps,
-                                        "same": same, "tokens": args.tokens}) + "\n")
+                                        "same": sum(a == b for a, b in zip(rows[0], alone[0])),
+                                        "tokens": len(alone[0]), "row0": said}) + "\n")
 
 
 if __name__ == "__main__":

@@ -317,3 +317,38 @@ def test_commit_from_the_environment_wins(monkeypatch):
     if head.returncode:
         pytest.skip("not a git checkout")
     assert bench.git_commit()[0] == head.stdout.strip()
+
+
+def test_row0_teacher_forced_in_a_batch_gives_the_alone_logits():
+    """batch_decode's reference: row 0 of a batch of 3, fed the tokens row 0 decoded alone, has the alone
+    logits at every step (rows are independent; bitwise on this CPU backend), where the other rows follow
+    their own argmax."""
+    from rwkv_mlx.bench.measure import greedy_steps, row0_logits
+
+    model, _ = rwkv_mlx.load(REPO / "rwkv_mlx" / "data" / "rwkv7-demo-shakespeare.gguf")
+    prompts = [[5, 17, 30, 41, 52], [60, 7, 19, 3, 44], [12, 12, 80, 9, 31]]
+    _, alone_state = model(mx.array([prompts[0]]), logits="last")
+    t0 = mx.array([7], dtype=mx.uint32)
+    alone_tokens, _ = greedy_steps(model, t0, alone_state, 5)
+    alone = row0_logits(model, t0, alone_state, 5)
+    forced_order = [9, 11, 13, 15, 17]  # what the batch is fed instead: must not matter to row 0's first step
+    _, state = model(mx.array(prompts), logits="last")
+    forced = row0_logits(model, mx.array([7, 3, 4], dtype=mx.uint32), state, 5, forced=alone_tokens[0])
+    assert np.array_equal(forced, alone)
+    other = row0_logits(model, mx.array([7, 3, 4], dtype=mx.uint32), state, 5, forced=forced_order)
+    assert np.array_equal(other[0], alone[0]) and not np.array_equal(other[1:], alone[1:])
+
+
+def test_row0_agreement_counts_a_near_tie_only_within_the_tolerance():
+    from rwkv_mlx.bench.measure import ROW0_LOGIT_TOLERANCE, row0_agreement
+
+    rng = np.random.default_rng(0)
+    alone = rng.standard_normal((4, 100)).astype(np.float32)
+    assert row0_agreement([1, 2, 3, 4], [1, 2, 3, 4], None, None) == (True, "4/4")
+    close = alone + ROW0_LOGIT_TOLERANCE / 4 * np.linalg.norm(alone, axis=1, keepdims=True) / 10
+    ok, said = row0_agreement([1, 2, 3, 4], [1, 2, 5, 6], alone, close)
+    assert ok and said.startswith("2/4; near-tie at token 3"), said
+    far = alone.copy()
+    far[2] += 2 * ROW0_LOGIT_TOLERANCE * np.linalg.norm(alone[2])  # (one step is enough to refuse)
+    ok, said = row0_agreement([1, 2, 3, 4], [1, 2, 5, 6], alone, far)
+    assert not ok and "from alone's" in said, said
