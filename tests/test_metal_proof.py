@@ -297,8 +297,9 @@ def test_emulated_batch_of_two(require_oracle):
 
 @needs_emulator
 def test_emulated_products_route_for_many_rows(require_oracle, monkeypatch):
-    """Above matvec.MAX_BATCH rows a decoded block's products are MLX's and its time mix is still the
-    kernel's (kernels/products.py): no matvec launch, a decode-mode WKV launch, the pure path's logits."""
+    """Above matvec.MAX_BATCH rows a decoded block's products are MLX's, the LoRA up-projections among them,
+    and its time mix is still the kernel's (kernels/products.py): no matvec launch, a decode-mode WKV launch
+    reading the up-projections (UP 0), the pure path's logits."""
     from rwkv_mlx.kernels import matvec
 
     monkeypatch.setattr(matvec, "MAX_BATCH", 1)
@@ -307,7 +308,9 @@ def test_emulated_products_route_for_many_rows(require_oracle, monkeypatch):
     emu = Emulator()
     got = emulated_logits(model, tokens, decoded=2, batch=2, emu=emu)
     kernels = {(b.inst.kernel.name, dict(b.inst.template).get("UP")) for b in emu.built.values()}
-    assert ("rwkv_wkv7", 1) in kernels and not any(name.startswith("rwkv_matvec") for name, _ in kernels)
+    assert ("rwkv_wkv7", 0) in kernels and not any(name.startswith("rwkv_matvec") for name, _ in kernels)
+    with emu.running():  # (the plan the decode built, cached under the emulated backend)
+        assert type(model.runtime.block_plan(1, 2).ups).__name__ == "ProductPlan"
     assert np.array_equal(got[0], got[1])
     assert rel_err(got[0], plain_logits(model, tokens)) < 1e-5
 

@@ -23,14 +23,15 @@ from .matvec import Segment, epilogue_ops
 
 
 class ProductPlan:
-    """y [B, rows] = concat_s(W_s @ x_s) with MatvecPlan's prologues and epilogues, by MLX operations."""
+    """y [B, rows] = concat_s(W_s @ x_s) (+ bias) with MatvecPlan's prologues and epilogues, by MLX operations."""
 
     def __init__(self, segments: list[Segment], batch: int, *, prologue: int = 0, epilogue: int = 0,
                  ln: nn.LayerNorm | None = None, mix: mx.array | None = None,
                  out_shape: tuple[int, ...] | None = None, half_input: bool = False,
-                 out_dtype: mx.Dtype = mx.float32):
+                 out_dtype: mx.Dtype = mx.float32, bias: mx.array | None = None):
         # (half_input and out_dtype as MatvecPlan takes them: MLX's products read and write float32 rows here)
         self.segments, self.prologue, self.epilogue, self.ln = segments, prologue, epilogue, ln
+        self.bias = bias.astype(mx.float32) if bias is not None else None
         self.x_dtype = mx.float32
         # Each segment's lerp row, taken out once: indexing ``mix`` at every step was a gather launch per
         # segment (224 of a 2.9B step's ~2,000 launches on an H100, results/raw/*-65272d1-profile-batch16.log).
@@ -57,5 +58,7 @@ class ProductPlan:
             inp = self._input(x, xn, prev, seg, w.shape[1])
             ys.append(product(inp, w) if isinstance(w, mx.array) else w(inp).astype(mx.float32))
         y = ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=-1)
+        if self.bias is not None:
+            y = y + self.bias
         y = epilogue_ops(y, self.epilogue, residual, self.out_shapes[0])
         return (y, xn) if self.prologue == 1 else y
