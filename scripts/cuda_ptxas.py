@@ -1,6 +1,7 @@
 """Registers, spills and stack of every CUDA kernel instantiation a 2.9B-shaped block launches, without a GPU.
 
     python scripts/cuda_ptxas.py --nvrtc LIB/libnvrtc.so.12 --include INC --ptxas BIN/ptxas [--batches 1 16]
+        [--dump DIR [--nvdisasm BIN/nvdisasm]]
 
 A development aid for kernel work (results/kernel_log.md): device time is scarce, and a kernel
 that keeps its accumulators in local memory (an array indexed where the compiler cannot resolve
@@ -74,12 +75,16 @@ class Nvrtc:
             lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def ptxas_report(ptxas: str, ptx: str) -> str:
+def ptxas_report(ptxas: str, ptx: str, nvdisasm: str | None = None, sass: Path | None = None) -> str:
+    """ptxas -v's registers, stack and spills; with ``nvdisasm``, the SASS also written to ``sass``."""
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "k.ptx"
         p.write_text(ptx)
         res = subprocess.run([ptxas, "-v", "-arch=sm_90", str(p), "-o", str(Path(d) / "k.cubin")],
                              capture_output=True, text=True)
+        if nvdisasm and sass is not None and res.returncode == 0:
+            out = subprocess.run([nvdisasm, "-c", str(Path(d) / "k.cubin")], capture_output=True, text=True)
+            sass.write_text(out.stdout + out.stderr)
     text = res.stdout + res.stderr
     regs = re.search(r"Used (\d+) registers", text)
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -99,6 +104,8 @@ def main():
     ap.add_argument("--form", choices=["affine", "stored"], default="affine",
                     help="Q4_K and Q8_0 as MLX affine codes (CUDA's default) or GGUF blocks as stored (Metal's)")
     ap.add_argument("--dump", help="write each translation unit into this folder")
+    ap.add_argument("--nvdisasm", help="nvdisasm (nvidia-cuda-nvdisasm wheel): with --dump, each instantiation's "
+                    "SASS beside its translation unit (where its loads are issued, which ptxas -v does not say)")
     args = ap.parse_args()
     nvrtc = Nvrtc(args.nvrtc, args.include)
     # The layers expand quantized weights for many rows only on CUDA (layers._expand_on_cuda asks MLX's
@@ -120,7 +127,8 @@ def main():
         if args.dump:
             Path(args.dump).mkdir(parents=True, exist_ok=True)
             (Path(args.dump) / f"{i:02d}_{inst.kernel.name}.cu").write_text(tu)
-        report = ptxas_report(args.ptxas, nvrtc.ptx(tu, inst.kernel.name))
+        sass = Path(args.dump) / f"{i:02d}_{inst.kernel.name}.sass" if args.dump else None
+        report = ptxas_report(args.ptxas, nvrtc.ptx(tu, inst.kernel.name), args.nvdisasm, sass)
         t = ",".join(f"{k}={v}" for k, v in inst.template)
         dtypes = "/".join(sorted({d for _, d, _ in inst.inputs} - {"uint8", "int32"}))
         print(f"| {inst.kernel.name} | {t} | {dtypes} | {'; '.join(sorted(inst.cases))[:60]} | {report} |")
