@@ -38,9 +38,9 @@ UP_MODES = (1, 0, 0, 2)
 
 class BlockPlan:
     """The five launches of one block for one batch size (above ``matvec.max_batch(backend)`` rows
-    launches 1, 3, 4 and 5 are MLX's products, kernels/products.py). From the matrix units' rows on, the
-    LoRA up-projections are a sixth, ``ups``: a launch on the matrix units, or MLX's products above the
-    bound."""
+    launches 1, 3, 4 and 5 are MLX's products, kernels/products.py). On the matrix units (from
+    ``matvec.mma_min_rows()`` rows) and above the bound, the LoRA up-projections are a sixth, ``ups``: a
+    matrix-unit launch, or MLX's products."""
 
     def __init__(self, block, batch: int, backend: str):
         att, ffn = block.att, block.ffn
