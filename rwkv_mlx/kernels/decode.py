@@ -7,10 +7,11 @@
     4. h                      = relu(W_k @ lerp(LN2(x)))^2   matvec, LN prologue, relu^2
     5. x                     += W_v @ h                      matvec, residual epilogue
 
-From ``matvec.uses_mma`` rows the LoRA up-projections of launch 2 are a launch of their own, a matvec of
-four segments on the matrix units (its output the time-mix kernel's ``pre``): inside the time-mix kernel each
-(row, head) group reads its head's up rows, so their cost grew with the rows (103 us a 16-row launch, 361 at
-64, against 40-57 us for the r/k/v launch; Q4_K_M on an H100, results/kernel_log.md step 16).
+From ``matvec.uses_mma`` rows, and above the kernels' bound (MLX's products), the LoRA up-projections of
+launch 2 are a plan of their own, four segments (a matvec launch on the matrix units, or MLX's products),
+whose output the time-mix kernel reads as ``pre``: inside the time-mix kernel each (row, head) group reads its
+head's up rows, so their cost grew with the rows (103 us a 16-row launch, 361 at 64, against 40-57 us for the
+r/k/v launch; Q4_K_M on an H100, results/kernel_log.md step 16).
 
 Fewer launches first made decode faster (seven a block gave 229 tok/s on Q4_K_M in a probe);
 at five, a CUPTI profile showed the step GPU-bound, so the kernels' own time came next
@@ -76,10 +77,9 @@ class BlockPlan:
         self.bias0 = mx.concatenate([att.w0, att.a0, att.v0 if self.mix_v else zero, zero]).astype(mx.float32)
         self.ups = None
         if self.ok and (matvec.uses_mma(B) or products):
-            # Many rows: the up-projections as a launch of their own, act(down) @ W_up + bias, its rows
-            # w_raw | a_raw | [v_raw |] g (the time-mix kernel's pre; layer 0 has no v LoRA). Modes: tanh, as is,
-            # sigmoid. In the time-mix kernel each (row, head) group computes its own head's: at 16 rows on an
-            # H100 that took 3.2 ms of an 11.5 ms step, and at 64 rows 11.2 of 33.5 (kernel_log step 16).
+            # Many rows (module docstring): the up-projections as a plan of their own, act(down) @ W_up + bias,
+            # its rows w_raw | a_raw | [v_raw |] g (the time-mix kernel's pre; layer 0 has no v LoRA). Modes:
+            # tanh, as is, sigmoid.
             present = [(w, i) for i, w in enumerate(ups) if w is not None]
             segs = [Segment(w, x_offset=3 * C + info[i][1], mode=UP_MODES[i]) for w, i in present]
             bias = mx.concatenate([self.bias0[i * C:(i + 1) * C] for _, i in present])
