@@ -119,8 +119,12 @@ MMA_MIN_ROWS: int | None = None
 # Fewest groups an MMA launch should have: fewer keep fewer loads in flight, and under one group an SM (an
 # H100 has 132) leave SMs idle (at 32, the 2.9B FFN value took 40 groups of 64 rows: 1,018 against 1,405
 # tok/s at 16 rows with 128, Q4_K_M on an H100, results/kernel_log.md step 16). Taller groups and parts of K
-# are chosen to keep them (MatvecPlan). None: $RWKV_MLX_MMA_MIN_GROUPS or the default.
-MMA_MIN_GROUPS_DEFAULT = 128
+# are chosen to keep them (MatvecPlan). An MMA group walks its tiles of K one memory round trip after another
+# (about 6 us a tile), so CUDA asks for about two groups an SM: at 256 against 128 an H100 gave Q4_K_M 2,495
+# against 2,063 tok/s at 16 rows and 5,355 against 4,655 at 64 (kernel_log step 18; 512 with up to 16 parts:
+# 2,435 and 5,440). Apple GPUs have at most 80 cores and are not measured: 128. None: $RWKV_MLX_MMA_MIN_GROUPS
+# or the backend's default.
+MMA_MIN_GROUPS_DEFAULT = {"cuda": 256, "metal": 128}
 MMA_MIN_GROUPS: int | None = None
 MMA_WARPS = 8  # warps of an MMA group (matvec.kern's constexpr WARPS under MMA)
 
@@ -134,8 +138,8 @@ def uses_mma(batch: int) -> bool:
     return 0 < mma_min_rows() <= batch
 
 
-def mma_min_groups() -> int:
-    return env_int("RWKV_MLX_MMA_MIN_GROUPS", MMA_MIN_GROUPS_DEFAULT, minimum=1, override=MMA_MIN_GROUPS)
+def mma_min_groups(backend: str) -> int:
+    return env_int("RWKV_MLX_MMA_MIN_GROUPS", MMA_MIN_GROUPS_DEFAULT[backend], minimum=1, override=MMA_MIN_GROUPS)
 
 
 # The most parts an MMA launch splits K into (RWKV_MLX_MMA_K_PARTS; 1: none): each part is a group of its own,
@@ -157,13 +161,13 @@ def mma_decodes() -> int:
     return env_int("RWKV_MLX_MMA_DECODES", 1, minimum=1, override=MMA_DECODES)
 
 
-def k_parts(groups: int, tiles: int) -> tuple[int, bool]:
+def k_parts(groups: int, tiles: int, backend: str) -> tuple[int, bool]:
     """Parts of K for an MMA launch of ``groups`` groups whose rows take ``tiles`` tiles: the fewest (a power
-    of two) that give ``mma_min_groups()`` groups with two tiles or more each, and True; where none does, the
+    of two) that give ``mma_min_groups(backend)`` groups with two tiles or more each, and True; where none does, the
     most allowed and False."""
     most = env_int("RWKV_MLX_MMA_K_PARTS", 4, minimum=1, override=MMA_K_PARTS)
     parts = 1
-    while groups * parts < mma_min_groups():
+    while groups * parts < mma_min_groups(backend):
         if 2 * parts > most or tiles < 4 * parts:
             return parts, False
         parts *= 2
@@ -283,7 +287,7 @@ class MatvecPlan:
             if kt is None or kt + 8 < 32 * mt:
                 continue
             groups = total // (16 * mt) if mma else 0
-            parts, enough = k_parts(groups, -(-max(ks) // kt)) if mma else (1, True)
+            parts, enough = k_parts(groups, -(-max(ks) // kt), backend) if mma else (1, True)
             chosen = template, kt, groups, parts
             if enough:
                 break
