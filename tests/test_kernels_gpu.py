@@ -336,6 +336,28 @@ def test_matrix_units_decode_groups_together(kind, dq, matrix_units, monkeypatch
     assert rel_err(y, want) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["affine-4-float32", "affine-8-float16"])
+@pytest.mark.parametrize("B", [16, 64])
+@pytest.mark.parametrize("parts", [1, 2])
+def test_matrix_units_prefetch_next_tile(kind, B, parts, matrix_units, monkeypatch):
+    """RWKV_MLX_MMA_PREFETCH: a thread's affine groups of the next tile of K loaded while this one multiplies,
+    over K = 10240 in tiles (the 2.9B FFN value), whole or in parts: the same products."""
+    from rwkv_mlx.kernels import matvec as matvec_module
+    from rwkv_mlx.kernels.matvec import MatvecPlan
+
+    monkeypatch.setattr(matvec_module, "MMA_PREFETCH", True)
+    monkeypatch.setattr(matvec_module, "MMA_MIN_GROUPS", 1 if parts == 1 else 10**6)
+    monkeypatch.setattr(matvec_module, "MMA_K_PARTS", parts)
+    rng = np.random.default_rng(B + parts)
+    layer, w = make_layer(kind, 256, 10240, rng)
+    x = rng.standard_normal((B, 10240)).astype(np.float32)
+    plan = MatvecPlan([Segment(layer)], B, backend=BACKEND)
+    t = dict(plan.template)
+    assert plan.ok and t["PF"] == 1 and t["KT"] < 10240 and plan.parts == parts, plan.template
+    y = np.array(plan(mx.array(x)))
+    assert rel_err(y, rounded_products([x], [w])) < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "q6_k", "q8_0", "q4_k"])
 @pytest.mark.parametrize("B", [16, 64])
 def test_matrix_units_prologue_epilogues_and_tiles(kind, B, matrix_units):

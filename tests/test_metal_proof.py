@@ -458,6 +458,30 @@ def test_emulated_matrix_units_decode_groups_together(kind, B, dq, matrix_units,
 
 
 @needs_emulator
+@pytest.mark.parametrize("kind,B,parts", [("affine-4-float16", 16, 1), ("affine-8-bfloat16", 16, 2),
+                                          ("affine-4-float32", 64, 2)])
+def test_emulated_matrix_units_prefetch_next_tile(kind, B, parts, matrix_units, monkeypatch):
+    """RWKV_MLX_MMA_PREFETCH: a launch of affine weights only loads a thread's groups of the next tile of K while
+    this one multiplies: the same products, over tiles whose last one is short (K = 1024 in tiles of 192 or 96)
+    and over parts of K (a part loads ahead within itself only). Groups of 64 weight rows give a tile 384
+    groups at 16 rows: two a thread for some."""
+    from rwkv_mlx.kernels import matvec
+    from rwkv_mlx.kernels.matvec import MatvecPlan
+
+    monkeypatch.setattr(matvec, "MMA_PREFETCH", True)
+    monkeypatch.setattr(matvec, "MMA_MIN_GROUPS", 1 if parts == 1 else 7)  # (6 groups of 32 rows: 2 parts give 12)
+    monkeypatch.setattr(matvec, "MMA_K_PARTS", parts)
+    segs, x, weights = two_segments(kind, B, (64, 128), K=1024)
+    with Emulator().running():
+        plan = MatvecPlan(segs, B, backend="metal", x_stride=x.shape[1])
+        t = dict(plan.template)
+        assert plan.ok and t["PF"] == 1 and plan.parts == parts and (parts > 1 or 1024 % t["KT"] != 0), plan.template
+        y = np.array(plan(mx.array(x)))
+    want = rounded_products([x[:, :1024], np.tanh(x[:, 1024:])], weights)
+    assert rel_err(y, want) < 2e-5
+
+
+@needs_emulator
 @pytest.mark.parametrize("kind,B", [("q4_k", 16), ("float16", 64), ("q8_0", 9)])
 def test_emulated_matrix_units_read_half_rows(kind, B, matrix_units):
     """Rows given as float16 (the launch before wrote them so: a split prologue, the FFN key), staged eight

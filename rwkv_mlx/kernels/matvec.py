@@ -161,6 +161,16 @@ def mma_decodes() -> int:
     return env_int("RWKV_MLX_MMA_DECODES", 1, minimum=1, override=MMA_DECODES)
 
 
+# Whether an MMA launch of affine weights only loads a thread's weight groups of the next tile of K while the
+# current one multiplies (RWKV_MLX_MMA_PREFETCH; matvec.kern PF; DQ 1 only): a register prefetch across tiles, at
+# the cost of a tile's words a thread in registers. Untimed, so off by default.
+MMA_PREFETCH: bool | None = None
+
+
+def mma_prefetch() -> bool:
+    return bool(env_int("RWKV_MLX_MMA_PREFETCH", 0, minimum=0, override=MMA_PREFETCH))
+
+
 def k_parts(groups: int, tiles: int, backend: str) -> tuple[int, bool]:
     """Parts of K for an MMA launch of ``groups`` groups whose rows take ``tiles`` tiles: the fewest (a power
     of two) that give ``mma_min_groups(backend)`` groups with two tiles or more each, and True; where none does, the
@@ -281,7 +291,8 @@ class MatvecPlan:
         for mt in tilings:  # MMA: the most weight rows a group whose tiles fit and, with parts of K, keep the groups
             template = {"NB": batch, "RPW": rpw, "MT": mt, "PRO": prologue, "EPI": epilogue, "BITS": bits,
                         "HAS_BIAS": int(bias is not None), "KINDS": sum(1 << k for k in kinds),  # readers compiled in
-                        "DQ": mma_decodes() if mma else 1}
+                        "DQ": mma_decodes() if mma else 1,
+                        "PF": int(mma and mma_prefetch() and kinds == {_KINDS["affine"]} and mma_decodes() == 1)}
             kt = tile_length(self.kernel, max(ks), template, 64 if paired else 32)
             # MMA: the staged rows' memory takes the output tile at the end (LDX = KT + 8 >= 2 x 16 MT)
             if kt is None or kt + 8 < 32 * mt:
