@@ -353,7 +353,8 @@ def test_matrix_units_prefetch_next_tile(kind, B, parts, matrix_units, monkeypat
     x = rng.standard_normal((B, 10240)).astype(np.float32)
     plan = MatvecPlan([Segment(layer)], B, backend=BACKEND)
     t = dict(plan.template)
-    assert plan.ok and t["PF"] == 1 and t["KT"] < 10240 and plan.parts == parts, plan.template
+    assert plan.ok and "LOAD_AHEAD" in plan.kernel.defines and t["KT"] < 10240 and plan.parts == parts, \
+        plan.template
     y = np.array(plan(mx.array(x)))
     assert rel_err(y, rounded_products([x], [w])) < 1e-5
 

@@ -475,7 +475,8 @@ def test_emulated_matrix_units_prefetch_next_tile(kind, B, parts, matrix_units, 
     with Emulator().running():
         plan = MatvecPlan(segs, B, backend="metal", x_stride=x.shape[1])
         t = dict(plan.template)
-        assert plan.ok and t["PF"] == 1 and plan.parts == parts and (parts > 1 or 1024 % t["KT"] != 0), plan.template
+        assert plan.ok and "LOAD_AHEAD" in plan.kernel.defines and plan.parts == parts, plan.template
+        assert parts > 1 or 1024 % t["KT"] != 0, plan.template  # (a short last tile)
         y = np.array(plan(mx.array(x)))
     want = rounded_products([x[:, :1024], np.tanh(x[:, 1024:])], weights)
     assert rel_err(y, want) < 2e-5

@@ -24,18 +24,19 @@ class KernelInstance:
         return "-".join([self.kernel, *self.defines, *(f"{k}{v}" for k, v in self.template.items())])
 
 
-def _matvec(scales: str | None, slots: int = 8, x: str = "float32", y: str = "float32", **template) -> KernelInstance:
+def _matvec(scales: str | None, slots: int = 8, x: str = "float32", y: str = "float32", prefetch: bool = False,
+            **template) -> KernelInstance:
     # x prev ln_w ln_b mix eps | seg | bias residual | w0..w7 | s0..s7 | z0..z7 (one of each: ONE_SEGMENT;
     # scales None: no scale or offset slots, NO_SCALES; KINDS without blocks: NO_BLOCKS; MT > 0, the MMA
     # variant: x alone of the first six, and y without xn_out)
     # KINDS: every reader compiled in (bit k: kind k, kernels/matvec.py _KINDS), unless an entry narrows it
     every_kind = (1 << len(_KINDS)) - 1
     t = {"NB": 1, "RPW": 4, "MT": 0, "KT": 2560, "TILED": 0, "PRO": 0, "EPI": 0, "BITS": 0, "HAS_BIAS": 0,
-         "KINDS": every_kind, "DQ": 1, "PF": 0, **template}
+         "KINDS": every_kind, "DQ": 1, **template}
     mma = t["MT"] > 0
     inputs = (x,) + ("float32",) * (0 if mma else 5) + ("int32",) + ("float32",) * 2 + ("uint8",) * slots
     inputs += (scales,) * (2 * slots) if scales else ()
-    defines = variant_names(slots == 1, scales is not None, t["KINDS"] >> _KINDS["q6_k"] != 0, mma)
+    defines = variant_names(slots == 1, scales is not None, t["KINDS"] >> _KINDS["q6_k"] != 0, mma, prefetch)
     return KernelInstance("matvec", inputs, (y,) if mma else (y, "float32"), t, defines)
 
 
@@ -75,9 +76,11 @@ KERNEL_INSTANCES: list[KernelInstance] = [
     _matvec(None, slots=1, NB=64, RPW=0, MT=1, KT=224, TILED=1, EPI=2, KINDS=1 << _KINDS["dense"]),
     _matvec("float32", NB=64, RPW=0, MT=4, KT=160, TILED=1, BITS=4),  # groups of 64 weight rows
     _matvec("float32", NB=16, RPW=0, MT=4, KT=288, TILED=1, BITS=4, DQ=3),  # a thread's groups decoded together
-    # a thread's affine groups of the next tile loaded while this one multiplies (PF), 4- and 8-bit codes
-    _matvec("float32", slots=1, NB=64, RPW=0, MT=4, KT=160, TILED=1, BITS=4, EPI=1, PF=1, KINDS=1 << _KINDS["affine"]),
-    _matvec("float16", slots=1, NB=16, RPW=0, MT=2, KT=480, TILED=1, BITS=8, EPI=2, PF=1, KINDS=1 << _KINDS["affine"]),
+    # a thread's affine groups of the next tile loaded while this one multiplies (LOAD_AHEAD), 4- and 8-bit codes
+    _matvec("float32", slots=1, prefetch=True, NB=64, RPW=0, MT=4, KT=160, TILED=1, BITS=4, EPI=1,
+            KINDS=1 << _KINDS["affine"]),
+    _matvec("float16", slots=1, prefetch=True, NB=16, RPW=0, MT=2, KT=480, TILED=1, BITS=8, EPI=2,
+            KINDS=1 << _KINDS["affine"]),
     # float16 rows in (a split prologue's, the FFN key's) and out (the FFN key's, for the value launch)
     _matvec(None, slots=1, x="float16", NB=16, RPW=0, MT=4, KT=288, TILED=1, EPI=2, KINDS=1 << _KINDS["q4_k"]),
     _matvec(None, slots=1, y="float16", NB=64, RPW=0, MT=4, KT=160, TILED=1, EPI=1, KINDS=1 << _KINDS["dense"]),

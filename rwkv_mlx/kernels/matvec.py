@@ -103,11 +103,12 @@ def _weights(w) -> _Weights | None:
     return None
 
 
-def variant_names(one_segment: bool, affine: bool, blocks: bool, mma: bool = False) -> tuple[str, ...]:
+def variant_names(one_segment: bool, affine: bool, blocks: bool, mma: bool = False,
+                  prefetch: bool = False) -> tuple[str, ...]:
     """matvec.kern's variants for a launch of one or more matrices, with or without affine ones and GGUF blocks,
-    on CUDA cores or (mma) on the matrix units."""
+    on CUDA cores or (mma) on the matrix units, there loading the next tile's affine weights ahead (prefetch)."""
     return (("ONE_SEGMENT",) if one_segment else ()) + (() if affine else ("NO_SCALES",)) + \
-        (() if blocks else ("NO_BLOCKS",)) + (("MMA",) if mma else ())
+        (() if blocks else ("NO_BLOCKS",)) + (("MMA",) if mma else ()) + (("LOAD_AHEAD",) if prefetch else ())
 
 
 # Activation rows from which a launch multiplies on the matrix units (matvec.kern's MMA variant: weight
@@ -162,8 +163,8 @@ def mma_decodes() -> int:
 
 
 # Whether an MMA launch of affine weights only loads a thread's weight groups of the next tile of K while the
-# current one multiplies (RWKV_MLX_MMA_PREFETCH; matvec.kern PF; DQ 1 only): a register prefetch across tiles, at
-# the cost of a tile's words a thread in registers. Untimed, so off by default.
+# current one multiplies (RWKV_MLX_MMA_PREFETCH; matvec.kern's LOAD_AHEAD variant; DQ 1 only): a register
+# prefetch across tiles, at the cost of a tile's words a thread in registers. Untimed, so off by default.
 MMA_PREFETCH: bool | None = None
 
 
@@ -281,7 +282,11 @@ class MatvecPlan:
         # GGUF blocks: NO_BLOCKS, without their readers' text (so does each KB of it).
         slots = 1 if len(weights) == 1 else MAX_SEGMENTS
         kinds = {_KINDS[w.fmt[0]] for w in weights}
-        variants = variant_names(slots == 1, bool(affine), max(kinds) >= _KINDS["q6_k"], mma)  # (kinds from 2 on: blocks)
+        # LOAD_AHEAD: a variant, not a template constant, so that its code is not in the text MLX hashes at
+        # every launch of the others
+        prefetch = mma and mma_prefetch() and kinds == {_KINDS["affine"]} and mma_decodes() == 1
+        blocks = max(kinds) >= _KINDS["q6_k"]  # (kinds from 2 on)
+        variants = variant_names(slots == 1, bool(affine), blocks, mma, prefetch)
         self.kernel = build("matvec", backend, variants)
         bits = affine[0].fmt[1] if affine else 0
         # (the MMA variant decodes whole 32-element groups: any tile of them will do)
@@ -291,8 +296,7 @@ class MatvecPlan:
         for mt in tilings:  # MMA: the most weight rows a group whose tiles fit and, with parts of K, keep the groups
             template = {"NB": batch, "RPW": rpw, "MT": mt, "PRO": prologue, "EPI": epilogue, "BITS": bits,
                         "HAS_BIAS": int(bias is not None), "KINDS": sum(1 << k for k in kinds),  # readers compiled in
-                        "DQ": mma_decodes() if mma else 1,
-                        "PF": int(mma and mma_prefetch() and kinds == {_KINDS["affine"]} and mma_decodes() == 1)}
+                        "DQ": mma_decodes() if mma else 1}
             kt = tile_length(self.kernel, max(ks), template, 64 if paired else 32)
             # MMA: the staged rows' memory takes the output tile at the end (LDX = KT + 8 >= 2 x 16 MT)
             if kt is None or kt + 8 < 32 * mt:
