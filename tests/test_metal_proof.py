@@ -613,7 +613,7 @@ def lerp_inputs(rng, B: int, K: int, mixes: int):
 
 @needs_emulator
 @pytest.mark.parametrize("kind,B", [("float16", 1), ("affine-4-float32", 1), ("q6_k", 1), ("q4_k", 2), ("q5_k", 4),
-                                    ("q8_0", 4)])
+                                    ("q8_0", 1), ("q8_0", 4)])
 def test_emulated_long_rows_walk_tiles(kind, B):
     """The 2.9B FFN's K = 10240: longer than Apple's 32 KB stage, walked in tiles of K. Q4_K and Q5_K
     lanes read weights of two groups 32 apart, Q8_0 lanes pairs of blocks: their tiles hold whole
