@@ -28,6 +28,17 @@
 #              ROUNDS=1: one round only; PREFILL="512 4096" also times both trees' prompts (weights expanded to float16) in round 1
 #   ab       : one tree, settings side by side in separate processes (AB="VAR=a VAR=b", ROUNDS, BATCHES)
 set -uo pipefail
+ab_tree() {  # the tree an `ab` setting runs from: this one, or a copy with its KERN_NAME=V defines applied
+  local defs=() a; for a in ${1//,/ }; do [[ $a == KERN_* ]] && defs+=("${a#KERN_}"); done
+  [ ${#defs[@]} = 0 ] && { echo "$PWD"; return; }
+  local dir=/tmp/ab/${1//[^A-Za-z0-9_=]/_}
+  [ -d $dir ] || { mkdir -p $dir && cp -r rwkv_mlx custom_kernels scripts $dir/
+    for a in "${defs[@]}"; do
+      grep -q "^#define ${a%%=*} " $dir/custom_kernels/*.kern || { echo "ab: no #define ${a%%=*}" >&2; exit 2; }
+      sed -i "s/^#define ${a%%=*} .*/#define ${a%%=*} ${a#*=}/" $dir/custom_kernels/*.kern
+    done; }
+  echo $dir
+}
 export PYTHONPATH=/tmp/mlxsite:$PWD PYTHONUNBUFFERED=1 MLX_ENABLE_TF32=0
 OUT=${OUT:-/tmp/out}
 step=$1; shift
@@ -219,7 +230,8 @@ case $step in
     # AB="VAR=a VAR=b,OTHER=c" (each word one process's environment, its assignments joined by commas),
     # ROUNDS (default 2), TOKENS (one-row decode, default 128), BATCHES (batched decode, default none) by
     # ROUTES (scripts/batch_decode.py's, default kernels), PIN (taskset cores for the timed processes, e.g.
-    # while a build runs on the others)
+    # while a build runs on the others). An assignment KERN_NAME=V (e.g. KERN_MMA_ROW_LOADS=8) sets a kernel source's
+    # `#define NAME ...` line to V in a copy of the tree (/tmp/ab/...), and that setting runs from the copy.
     [ -n "${AB:-}" ] || { echo "ab: set AB, e.g. AB=\"RWKV_MLX_SEPARATE_PROLOGUE=0 RWKV_MLX_SEPARATE_PROLOGUE=1\""; exit 2; }
     bash "$0" wait "$@"
     pin=(); [ -n "${PIN:-}" ] && pin=(taskset -c "$PIN")
@@ -227,10 +239,11 @@ case $step in
       for round in $(seq ${ROUNDS:-2}); do
         for setting in $AB; do
           echo "== $t round $round $setting" | tee -a $OUT/ab.log
-          env ${setting//,/ } "${pin[@]}" timeout -s KILL 90 python3 scripts/decode_probe.py /tmp/synth/$t.gguf \
-            --tokens ${TOKENS:-128} --no-reference 2>&1 | grep "^kernels" | tee -a $OUT/ab.log
+          tree=$(ab_tree "$setting")
+          env ${setting//,/ } PYTHONPATH=/tmp/mlxsite:$tree "${pin[@]}" timeout -s KILL 90 python3 $tree/scripts/decode_probe.py \
+            /tmp/synth/$t.gguf --tokens ${TOKENS:-128} --no-reference 2>&1 | grep "^kernels" | tee -a $OUT/ab.log
           [ -n "${BATCHES:-}" ] || continue
-          env ${setting//,/ } "${pin[@]}" timeout -s KILL 150 python3 scripts/batch_decode.py /tmp/synth/$t.gguf \
+          env ${setting//,/ } PYTHONPATH=/tmp/mlxsite:$tree "${pin[@]}" timeout -s KILL 150 python3 $tree/scripts/batch_decode.py /tmp/synth/$t.gguf \
             --batches $BATCHES --routes ${ROUTES:-kernels} --tokens ${BATCH_TOKENS:-32} 2>&1 \
             | grep "^|" | tee -a $OUT/ab.log
         done
