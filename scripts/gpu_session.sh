@@ -28,8 +28,8 @@
 #              ROUNDS=1: one round only; PREFILL="512 4096" also times both trees' prompts (weights expanded to float16) in round 1
 #   ab       : one tree, settings side by side in separate processes (AB="VAR=a VAR=b", ROUNDS, BATCHES)
 set -uo pipefail
-ab_tree() {  # the tree an `ab` setting runs from: this one, or a copy with its KERN_NAME=V defines applied
-  local defs=() a; for a in ${1//,/ }; do [[ $a == KERN_* ]] && defs+=("${a#KERN_}"); done
+ab_tree() {  # the tree an `ab` setting runs from: this one, TREE=DIR's (.baseline), or a copy with its KERN_NAME=V defines applied
+  local defs=() a; for a in ${1//,/ }; do [[ $a == KERN_* ]] && defs+=("${a#KERN_}"); [[ $a == TREE=* ]] && { echo "$PWD/${a#TREE=}"; return; }; done
   [ ${#defs[@]} = 0 ] && { echo "$PWD"; return; }
   local dir=/tmp/ab/${1//[^A-Za-z0-9_=]/_}
   [ -d $dir ] || { mkdir -p $dir && cp -r rwkv_mlx custom_kernels scripts $dir/
@@ -231,7 +231,8 @@ case $step in
     # ROUNDS (default 2), TOKENS (one-row decode, default 128), BATCHES (batched decode, default none) by
     # ROUTES (scripts/batch_decode.py's, default kernels), PIN (taskset cores for the timed processes, e.g.
     # while a build runs on the others). An assignment KERN_NAME=V (e.g. KERN_MMA_ROW_LOADS=8) sets a kernel source's
-    # `#define NAME ...` line to V in a copy of the tree (/tmp/ab/...), and that setting runs from the copy.
+    # `#define NAME ...` line to V in a copy of the tree (/tmp/ab/...), and that setting runs from the copy;
+    # TREE=.baseline runs that setting from the carried older tree (see compare).
     [ -n "${AB:-}" ] || { echo "ab: set AB, e.g. AB=\"RWKV_MLX_SEPARATE_PROLOGUE=0 RWKV_MLX_SEPARATE_PROLOGUE=1\""; exit 2; }
     bash "$0" wait "$@"
     pin=(); [ -n "${PIN:-}" ] && pin=(taskset -c "$PIN")
