@@ -24,6 +24,7 @@ SETTINGS = {
     "RWKV_MLX_MMA_K_PARTS": "the most parts a matrix-unit launch splits its rows' K into, added afterwards (1: none)",
     "RWKV_MLX_MMA_DECODES": "weight groups a thread of a matrix-unit launch decodes at once (their loads in flight together)",
     "RWKV_MLX_MMA_PREFETCH": "1: a matrix-unit launch of affine weights loads the next tile's weights while this one multiplies (untimed; 0 by default)",
+    "RWKV_MLX_MMA_ROWS_AHEAD": "1: a matrix-unit launch of float16 rows loads the next tile's rows while this one multiplies (untimed; 0 by default)",
 }
 
 

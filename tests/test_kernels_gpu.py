@@ -359,6 +359,33 @@ def test_matrix_units_prefetch_next_tile(kind, B, parts, matrix_units, monkeypat
     assert rel_err(y, rounded_products([x], [w])) < 1e-5
 
 
+@pytest.mark.parametrize("kind,prefetch", [("float16", False), ("q4_k", False), ("q8_0", False),
+                                           ("affine-4-float32", True)])
+@pytest.mark.parametrize("B", [16, 64])
+@pytest.mark.parametrize("parts", [1, 2])
+def test_matrix_units_rows_ahead(kind, prefetch, B, parts, matrix_units, monkeypatch):
+    """RWKV_MLX_MMA_ROWS_AHEAD: a thread's pieces of the next tile's float16 rows loaded while this one
+    multiplies (with the weights' LOAD_AHEAD too for affine ones), over K = 10240 in tiles (the 2.9B FFN value,
+    whose rows the FFN key writes as float16), whole or in parts: the same products."""
+    from rwkv_mlx.kernels import matvec as matvec_module
+    from rwkv_mlx.kernels.matvec import MatvecPlan
+
+    monkeypatch.setattr(matvec_module, "MMA_ROWS_AHEAD", True)
+    monkeypatch.setattr(matvec_module, "MMA_PREFETCH", prefetch)
+    monkeypatch.setattr(matvec_module, "MMA_MIN_GROUPS", 1 if parts == 1 else 10**6)
+    monkeypatch.setattr(matvec_module, "MMA_K_PARTS", parts)
+    rng = np.random.default_rng(B + parts)
+    layer, w = make_layer(kind, 256, 10240, rng)
+    x = rng.standard_normal((B, 10240)).astype(np.float32)
+    plan = MatvecPlan([Segment(layer)], B, backend=BACKEND, half_input=True)
+    t = dict(plan.template)
+    assert plan.ok and "ROWS_AHEAD" in plan.kernel.defines and t["KT"] < 10240 and plan.parts == parts, \
+        plan.template
+    assert ("LOAD_AHEAD" in plan.kernel.defines) == prefetch, plan.template
+    y = np.array(plan(mx.array(x).astype(mx.float16)))
+    assert rel_err(y, rounded_products([x], [w])) < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["float16", "affine-4-float32", "q6_k", "q8_0", "q4_k"])
 @pytest.mark.parametrize("B", [16, 64])
 def test_matrix_units_prologue_epilogues_and_tiles(kind, B, matrix_units):

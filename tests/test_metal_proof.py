@@ -483,6 +483,35 @@ def test_emulated_matrix_units_prefetch_next_tile(kind, B, parts, matrix_units, 
 
 
 @needs_emulator
+@pytest.mark.parametrize("kind,B,parts,prefetch", [("q4_k", 16, 1, False), ("float16", 64, 2, False),
+                                                   ("q8_0", 9, 1, False), ("affine-4-float32", 64, 1, True),
+                                                   ("affine-8-float16", 16, 2, True)])
+def test_emulated_matrix_units_rows_ahead(kind, B, parts, prefetch, matrix_units, monkeypatch):
+    """RWKV_MLX_MMA_ROWS_AHEAD: a launch of float16 rows loads a thread's pieces of the next tile's rows while
+    this one multiplies, and stores them after: the same products, over tiles whose last one is short (K = 1024
+    in tiles that do not divide it), over parts of K (a part loads ahead within itself only), with the weights'
+    LOAD_AHEAD too, and at 9 rows (padded to 16: no piece for the padding)."""
+    from rwkv_mlx.kernels import matvec
+    from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
+
+    monkeypatch.setattr(matvec, "MMA_ROWS_AHEAD", True)
+    monkeypatch.setattr(matvec, "MMA_PREFETCH", prefetch)
+    monkeypatch.setattr(matvec, "MMA_MIN_GROUPS", 1 if parts == 1 else 7)  # (6 groups of 32 rows: 2 parts give 12)
+    monkeypatch.setattr(matvec, "MMA_K_PARTS", parts)
+    segs, x, weights = two_segments(kind, B, (64, 128), K=1024)
+    segs = [Segment(s.weight, x_offset=s.x_offset) for s in segs]  # (float16 rows go to mode-0 segments)
+    with Emulator().running():
+        plan = MatvecPlan(segs, B, backend="metal", x_stride=x.shape[1], half_input=True)
+        t = dict(plan.template)
+        assert plan.ok and plan.x_dtype == mx.float16 and "ROWS_AHEAD" in plan.kernel.defines, plan.template
+        assert ("LOAD_AHEAD" in plan.kernel.defines) == prefetch and plan.parts == parts, plan.template
+        assert parts > 1 or 1024 % t["KT"] != 0, plan.template  # (a short last tile)
+        y = np.array(plan(mx.array(x).astype(mx.float16)))
+    want = rounded_products([x[:, :1024], x[:, 1024:]], weights)
+    assert rel_err(y, want) < 2e-5
+
+
+@needs_emulator
 @pytest.mark.parametrize("kind,B", [("q4_k", 16), ("float16", 64), ("q8_0", 9)])
 def test_emulated_matrix_units_read_half_rows(kind, B, matrix_units):
     """Rows given as float16 (the launch before wrote them so: a split prologue, the FFN key), staged eight

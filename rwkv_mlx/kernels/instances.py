@@ -25,7 +25,7 @@ class KernelInstance:
 
 
 def _matvec(scales: str | None, slots: int = 8, x: str = "float32", y: str = "float32", prefetch: bool = False,
-            **template) -> KernelInstance:
+            rows_ahead: bool = False, **template) -> KernelInstance:
     # x prev ln_w ln_b mix eps | seg | bias residual | w0..w7 | s0..s7 | z0..z7 (one of each: ONE_SEGMENT;
     # scales None: no scale or offset slots, NO_SCALES; KINDS without blocks: NO_BLOCKS; MT > 0, the MMA
     # variant: x alone of the first six, and y without xn_out)
@@ -36,7 +36,8 @@ def _matvec(scales: str | None, slots: int = 8, x: str = "float32", y: str = "fl
     mma = t["MT"] > 0
     inputs = (x,) + ("float32",) * (0 if mma else 5) + ("int32",) + ("float32",) * 2 + ("uint8",) * slots
     inputs += (scales,) * (2 * slots) if scales else ()
-    defines = variant_names(slots == 1, scales is not None, t["KINDS"] >> _KINDS["q6_k"] != 0, mma, prefetch)
+    defines = variant_names(slots == 1, scales is not None, t["KINDS"] >> _KINDS["q6_k"] != 0, mma, prefetch,
+                            rows_ahead)
     return KernelInstance("matvec", inputs, (y,) if mma else (y, "float32"), t, defines)
 
 
@@ -84,6 +85,12 @@ KERNEL_INSTANCES: list[KernelInstance] = [
     # float16 rows in (a split prologue's, the FFN key's) and out (the FFN key's, for the value launch)
     _matvec(None, slots=1, x="float16", NB=16, RPW=0, MT=4, KT=288, TILED=1, EPI=2, KINDS=1 << _KINDS["q4_k"]),
     _matvec(None, slots=1, y="float16", NB=64, RPW=0, MT=4, KT=160, TILED=1, EPI=1, KINDS=1 << _KINDS["dense"]),
+    # a thread's pieces of the next tile's float16 rows loaded while this one multiplies (ROWS_AHEAD), with and
+    # without the weights' LOAD_AHEAD
+    _matvec(None, slots=1, x="float16", rows_ahead=True, NB=64, RPW=0, MT=2, KT=224, TILED=1, EPI=2,
+            KINDS=1 << _KINDS["q4_k"]),
+    _matvec("float32", slots=1, x="float16", prefetch=True, rows_ahead=True, NB=64, RPW=0, MT=4, KT=160, TILED=1,
+            BITS=4, EPI=1, KINDS=1 << _KINDS["affine"]),
     # blocks -> float32 or float16 matrix (w, shape): one instance per block type a prompt can expand
     *(KernelInstance("dequant", ("uint8", "int32"), (out,), {"KIND": k, "BITS": 4}, ("NO_SCALES",))
       for k in range(2, len(_KINDS)) for out in ("float32", "float16")),

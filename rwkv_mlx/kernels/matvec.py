@@ -104,11 +104,13 @@ def _weights(w) -> _Weights | None:
 
 
 def variant_names(one_segment: bool, affine: bool, blocks: bool, mma: bool = False,
-                  prefetch: bool = False) -> tuple[str, ...]:
+                  prefetch: bool = False, rows_ahead: bool = False) -> tuple[str, ...]:
     """matvec.kern's variants for a launch of one or more matrices, with or without affine ones and GGUF blocks,
-    on CUDA cores or (mma) on the matrix units, there loading the next tile's affine weights ahead (prefetch)."""
+    on CUDA cores or (mma) on the matrix units, there loading the next tile's affine weights (prefetch) or
+    float16 activation rows (rows_ahead) ahead."""
     return (("ONE_SEGMENT",) if one_segment else ()) + (() if affine else ("NO_SCALES",)) + \
-        (() if blocks else ("NO_BLOCKS",)) + (("MMA",) if mma else ()) + (("LOAD_AHEAD",) if prefetch else ())
+        (() if blocks else ("NO_BLOCKS",)) + (("MMA",) if mma else ()) + (("LOAD_AHEAD",) if prefetch else ()) + \
+        (("ROWS_AHEAD",) if rows_ahead else ())
 
 
 # Activation rows from which a launch multiplies on the matrix units (matvec.kern's MMA variant: weight
@@ -170,6 +172,18 @@ MMA_PREFETCH: bool | None = None
 
 def mma_prefetch() -> bool:
     return bool(env_int("RWKV_MLX_MMA_PREFETCH", 0, minimum=0, override=MMA_PREFETCH))
+
+
+# Whether an MMA launch of float16 activation rows loads a thread's pieces of the next tile's rows while the
+# current one multiplies (RWKV_MLX_MMA_ROWS_AHEAD; matvec.kern's ROWS_AHEAD variant): the staging's memory round
+# trip, which each tile waited out before its weights were decoded, overlaps the products, at the cost of a
+# tile's pieces a thread in registers (ptxas, 2.9B Q4_K_M at 64 rows: see results/kernel_log.md step 19).
+# Untimed, so off by default.
+MMA_ROWS_AHEAD: bool | None = None
+
+
+def mma_rows_ahead() -> bool:
+    return bool(env_int("RWKV_MLX_MMA_ROWS_AHEAD", 0, minimum=0, override=MMA_ROWS_AHEAD))
 
 
 def k_parts(groups: int, tiles: int, backend: str) -> tuple[int, bool]:
@@ -285,8 +299,9 @@ class MatvecPlan:
         # LOAD_AHEAD: a variant, not a template constant, so that its code is not in the text MLX hashes at
         # every launch of the others
         prefetch = mma and mma_prefetch() and kinds == {_KINDS["affine"]} and mma_decodes() == 1
+        rows_ahead = mma and mma_rows_ahead() and self.x_dtype == mx.float16  # (ROWS_AHEAD reads float16 rows)
         blocks = max(kinds) >= _KINDS["q6_k"]  # (kinds from 2 on)
-        variants = variant_names(slots == 1, bool(affine), blocks, mma, prefetch)
+        variants = variant_names(slots == 1, bool(affine), blocks, mma, prefetch, rows_ahead)
         self.kernel = build("matvec", backend, variants)
         bits = affine[0].fmt[1] if affine else 0
         # (the MMA variant decodes whole 32-element groups: any tile of them will do)
