@@ -31,12 +31,12 @@ set -uo pipefail
 ab_tree() {  # the tree an `ab` setting runs from: this one, TREE=DIR's (.baseline), or a copy with its KERN_NAME=V defines applied
   local defs=() a; for a in ${1//,/ }; do [[ $a == KERN_* ]] && defs+=("${a#KERN_}"); [[ $a == TREE=* ]] && { echo "$PWD/${a#TREE=}"; return; }; done
   [ ${#defs[@]} = 0 ] && { echo "$PWD"; return; }
+  for a in "${defs[@]}"; do
+    grep -q "^#define ${a%%=*} " custom_kernels/*.kern || { echo "ab: no #define ${a%%=*} in custom_kernels/" >&2; return 2; }
+  done
   local dir=/tmp/ab/${1//[^A-Za-z0-9_=]/_}
   [ -d $dir ] || { mkdir -p $dir && cp -r rwkv_mlx custom_kernels scripts $dir/
-    for a in "${defs[@]}"; do
-      grep -q "^#define ${a%%=*} " $dir/custom_kernels/*.kern || { echo "ab: no #define ${a%%=*}" >&2; exit 2; }
-      sed -i "s/^#define ${a%%=*} .*/#define ${a%%=*} ${a#*=}/" $dir/custom_kernels/*.kern
-    done; }
+    for a in "${defs[@]}"; do sed -i "s/^#define ${a%%=*} .*/#define ${a%%=*} ${a#*=}/" $dir/custom_kernels/*.kern; done; }
   echo $dir
 }
 export PYTHONPATH=/tmp/mlxsite:$PWD PYTHONUNBUFFERED=1 MLX_ENABLE_TF32=0
@@ -240,7 +240,7 @@ case $step in
       for round in $(seq ${ROUNDS:-2}); do
         for setting in $AB; do
           echo "== $t round $round $setting" | tee -a $OUT/ab.log
-          tree=$(ab_tree "$setting")
+          tree=$(ab_tree "$setting") || exit 2
           env ${setting//,/ } PYTHONPATH=/tmp/mlxsite:$tree "${pin[@]}" timeout -s KILL 90 python3 $tree/scripts/decode_probe.py \
             /tmp/synth/$t.gguf --tokens ${TOKENS:-128} --no-reference 2>&1 | grep "^kernels" | tee -a $OUT/ab.log
           [ -n "${BATCHES:-}" ] || continue
