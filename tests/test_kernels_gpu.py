@@ -336,53 +336,31 @@ def test_matrix_units_decode_groups_together(kind, dq, matrix_units, monkeypatch
     assert rel_err(y, want) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["affine-4-float32", "affine-8-float16"])
+@pytest.mark.parametrize("kind,prefetch,rows_ahead", [
+    ("affine-4-float32", True, False), ("affine-8-float16", True, False),  # the weights' LOAD_AHEAD
+    ("float16", False, True), ("q4_k", False, True), ("q8_0", False, True),  # the rows' ROWS_AHEAD
+    ("affine-4-float32", True, True)])  # both
 @pytest.mark.parametrize("B", [16, 64])
 @pytest.mark.parametrize("parts", [1, 2])
-def test_matrix_units_prefetch_next_tile(kind, B, parts, matrix_units, monkeypatch):
-    """RWKV_MLX_MMA_PREFETCH: a thread's affine groups of the next tile of K loaded while this one multiplies,
-    over K = 10240 in tiles (the 2.9B FFN value), whole or in parts: the same products."""
+def test_matrix_units_next_tile_ahead(kind, prefetch, rows_ahead, B, parts, matrix_units, monkeypatch):
+    """RWKV_MLX_MMA_PREFETCH (a thread's affine groups of the next tile of K) and RWKV_MLX_MMA_ROWS_AHEAD (its
+    pieces of the next tile's float16 rows, which the FFN key writes for the FFN value) loaded while this one
+    multiplies, over K = 10240 in tiles (the 2.9B FFN value), whole or in parts: the same products."""
     from rwkv_mlx.kernels import matvec as matvec_module
     from rwkv_mlx.kernels.matvec import MatvecPlan
 
-    monkeypatch.setattr(matvec_module, "MMA_PREFETCH", True)
-    monkeypatch.setattr(matvec_module, "MMA_MIN_GROUPS", 1 if parts == 1 else 10**6)
-    monkeypatch.setattr(matvec_module, "MMA_K_PARTS", parts)
-    rng = np.random.default_rng(B + parts)
-    layer, w = make_layer(kind, 256, 10240, rng)
-    x = rng.standard_normal((B, 10240)).astype(np.float32)
-    plan = MatvecPlan([Segment(layer)], B, backend=BACKEND)
-    t = dict(plan.template)
-    assert plan.ok and "LOAD_AHEAD" in plan.kernel.defines and t["KT"] < 10240 and plan.parts == parts, \
-        plan.template
-    y = np.array(plan(mx.array(x)))
-    assert rel_err(y, rounded_products([x], [w])) < 1e-5
-
-
-@pytest.mark.parametrize("kind,prefetch", [("float16", False), ("q4_k", False), ("q8_0", False),
-                                           ("affine-4-float32", True)])
-@pytest.mark.parametrize("B", [16, 64])
-@pytest.mark.parametrize("parts", [1, 2])
-def test_matrix_units_rows_ahead(kind, prefetch, B, parts, matrix_units, monkeypatch):
-    """RWKV_MLX_MMA_ROWS_AHEAD: a thread's pieces of the next tile's float16 rows loaded while this one
-    multiplies (with the weights' LOAD_AHEAD too for affine ones), over K = 10240 in tiles (the 2.9B FFN value,
-    whose rows the FFN key writes as float16), whole or in parts: the same products."""
-    from rwkv_mlx.kernels import matvec as matvec_module
-    from rwkv_mlx.kernels.matvec import MatvecPlan
-
-    monkeypatch.setattr(matvec_module, "MMA_ROWS_AHEAD", True)
     monkeypatch.setattr(matvec_module, "MMA_PREFETCH", prefetch)
+    monkeypatch.setattr(matvec_module, "MMA_ROWS_AHEAD", rows_ahead)
     monkeypatch.setattr(matvec_module, "MMA_MIN_GROUPS", 1 if parts == 1 else 10**6)
     monkeypatch.setattr(matvec_module, "MMA_K_PARTS", parts)
     rng = np.random.default_rng(B + parts)
     layer, w = make_layer(kind, 256, 10240, rng)
     x = rng.standard_normal((B, 10240)).astype(np.float32)
-    plan = MatvecPlan([Segment(layer)], B, backend=BACKEND, half_input=True)
-    t = dict(plan.template)
-    assert plan.ok and "ROWS_AHEAD" in plan.kernel.defines and t["KT"] < 10240 and plan.parts == parts, \
-        plan.template
-    assert ("LOAD_AHEAD" in plan.kernel.defines) == prefetch, plan.template
-    y = np.array(plan(mx.array(x).astype(mx.float16)))
+    plan = MatvecPlan([Segment(layer)], B, backend=BACKEND, half_input=rows_ahead)
+    t, defines = dict(plan.template), plan.kernel.defines
+    assert plan.ok and t["KT"] < 10240 and plan.parts == parts, plan.template
+    assert ("LOAD_AHEAD" in defines) == prefetch and ("ROWS_AHEAD" in defines) == rows_ahead, defines
+    y = np.array(plan(mx.array(x).astype(mx.float16 if rows_ahead else mx.float32)))
     assert rel_err(y, rounded_products([x], [w])) < 1e-5
 
 
