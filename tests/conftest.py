@@ -27,7 +27,9 @@ from rwkv_mlx import quants
 from rwkv_mlx.layers import AffineLinear, GGMLLinear, Linear, WeightFormat
 from rwkv_mlx.arch import LAYER0_COPIES, ModelArgs, gguf_tensor_shapes
 from rwkv_mlx.formats.gguf_writer import write_rwkv7_gguf
+from rwkv_mlx.kernels import kernels_disabled
 from rwkv_mlx.model.weights import LoadOptions
+from rwkv_mlx.model.wkv import time_mix_core_reference
 from rwkv_mlx.testing.synthetic import make_synthetic_model, synthetic_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,3 +253,70 @@ GGML_ENCODERS = {"q6_k": (14, quants.quantize_q6_k), "q3_k": (11, quants.quantiz
                  "q5_0": (6, quants.quantize_q5_0), "q5_1": (7, quants.quantize_q5_1),
                  "iq4_nl": (20, quants.quantize_iq4_nl), "q4_k": (12, quants.quantize_q4_k),
                  "q5_k": (13, quants.quantize_q5_k), "iq4_xs": (23, quants.quantize_iq4_xs)}
+
+
+# ---- the time-mix kernel (custom_kernels/wkv7.kern), for the GPU tests and the Metal emulation ----
+
+def wkv_inputs(rng, B, T, H, N=64):
+    C = H * N
+    f = lambda *s, scale=1.0: mx.array((rng.standard_normal(s) * scale).astype(np.float32))
+    u = lambda lo, hi, *s: mx.array(rng.uniform(lo, hi, s).astype(np.float32))
+    seq = dict(r=f(B, T, C), k=f(B, T, C), v=f(B, T, C), w_raw=u(-6, 2, B, T, C), a_raw=f(B, T, C),
+               g=f(B, T, C))
+    chan = dict(k_k=u(0.5, 1.5, C), k_a=u(0, 1, C), r_k=f(C, scale=0.5), ln_w=u(0.5, 1.5, C), ln_b=f(C, scale=0.1))
+    return seq, chan, f(B, H, N, N, scale=0.5)
+
+
+def run_core(fn, seq, chan, state, N=64, **kw):
+    return fn(seq["r"], seq["k"], seq["v"], seq["w_raw"], seq["a_raw"], seq["g"], chan["k_k"], chan["k_a"],
+              chan["r_k"], chan["ln_w"], chan["ln_b"], state, N, **kw)
+
+
+# Ranks whose rows are whole 16-byte loads (multiples of 4 float32 or 8 float16/bfloat16 weights),
+# and ranks whose rows are not (the a and g rows below), which the kernel reads a weight at a time.
+UP_RANKS = [{"w": 32, "a": 32, "v": 16, "g": 64}, {"w": 20, "a": 36, "v": 24, "g": 68},
+            {"w": 96, "a": 96, "v": 64, "g": 320}]  # (the 2.9B's: 84 pieces a column, a LoRA's split over threads)
+UP_RANK_IDS = ["rows-of-16-bytes", "odd-rows", "ranks-2.9B"]
+
+
+def up_projection_case(ranks: dict, backend: str):
+    """The time-mix kernel in decode mode (UP 1) computing the LoRA up-projections from the down outputs written
+    after r|k|v (tanh for w, sigmoid for g; float32, float16 and bfloat16 matrices) and mixing v with v_first, on
+    ``backend``, beside the pure reference on the same inputs: (y, state, y_ref, state_ref)."""
+    from rwkv_mlx.kernels import wkv7
+    from rwkv_mlx.kernels.dialect import build, placeholder
+
+    rng = np.random.default_rng(11)
+    B, H, N = 2, 4, 64
+    C = H * N
+    seq, chan, state = wkv_inputs(rng, B, 1, H)
+    dtypes = {"w": mx.float32, "a": mx.float16, "v": mx.float16, "g": mx.bfloat16}
+    down = {n: mx.array(rng.standard_normal((B, 1, r)).astype(np.float32)) for n, r in ranks.items()}
+    up = {n: mx.array((rng.standard_normal((C, r)) / np.sqrt(r)).astype(np.float32)).astype(dtypes[n])
+          for n, r in ranks.items()}
+    bias = {n: mx.array(rng.standard_normal(C).astype(np.float32)) for n in ("w", "a", "v")}
+    v_first = mx.array(rng.standard_normal((B, 1, C)).astype(np.float32))
+    proj = mx.concatenate([seq["r"], seq["k"], seq["v"], *down.values()], axis=-1).reshape(B, -1)
+    codes = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
+    info, col = [], 0
+    for n, r in ranks.items():
+        info.append([r, col, codes[dtypes[n]]])
+        col += r
+    bias0 = mx.concatenate([bias["w"], bias["a"], bias["v"], mx.zeros((C,))])
+    kernel = build("wkv7", backend)
+    y, s, _ = kernel(
+        inputs=[proj, placeholder(), v_first.reshape(B, C), mx.array(info, dtype=mx.int32),
+                *(up[n].view(mx.uint8) for n in ranks), bias0, chan["k_k"], chan["k_a"], chan["r_k"], chan["ln_w"],
+                chan["ln_b"], state],
+        template=wkv7.template(kernel, H, N, up=True, mix_v=True, max_down=col), grid=(B * H * 4 * N, 1, 1),
+        threadgroup=(4 * N, 1, 1), output_shapes=[(B, C), (B, H, N, N), (B * H * 10 * N,)],
+        output_dtypes=[mx.float32] * 3)
+    mm = lambda x, w: x @ w.astype(mx.float32).T
+    w_raw = bias["w"] + mm(mx.tanh(down["w"]), up["w"])
+    a_raw = bias["a"] + mm(down["a"], up["a"])
+    v_mix = mx.sigmoid(bias["v"] + mm(down["v"], up["v"]))
+    g = mm(mx.sigmoid(down["g"]), up["g"])
+    ref_in = dict(seq, w_raw=w_raw, a_raw=a_raw, g=g, v=seq["v"] + (v_first - seq["v"]) * v_mix)
+    with kernels_disabled():
+        y_ref, s_ref = run_core(time_mix_core_reference, ref_in, chan, state)
+    return y, s, y_ref.reshape(B, C), s_ref

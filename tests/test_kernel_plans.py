@@ -147,11 +147,14 @@ def test_shared_bytes_are_read_from_the_kernel_text():
     """Stated by hand from matvec.kern: xs[NB * (KT + KT / 8)] floats plus red[3 * 8] floats."""
     t = [("NB", 1), ("RPW", 4), ("KT", 10240), ("PRO", 1), ("EPI", 0), ("BITS", 0), ("HAS_BIAS", 0)]
     assert dialect.shared_bytes("matvec", (), tuple(t)) == 4 * (10240 + 1280) + 4 * 24 == 46_176
-    # wkv7: down_act[MAX_DOWN] + stage[TB * 6 * SP] floats, SP = N interleaved (IL 1), else N + 4
+    # wkv7: down_act[MAX_DOWN] + up_part[UP * 16 * N + 1] + stage[TB * 6 * SP] floats, SP = N interleaved (IL 1),
+    # else N + 4
     t = [("H", 40), ("N", 64), ("UP", 1), ("MIX_V", 1), ("MAX_DOWN", 2048), ("TB", 16), ("IL", 1)]
-    assert dialect.shared_bytes("wkv7", (), tuple(t)) == 4 * 2048 + 4 * 16 * 6 * 64 == 32_768
+    assert dialect.shared_bytes("wkv7", (), tuple(t)) == 4 * 2048 + 4 * 1025 + 4 * 16 * 6 * 64 == 36_868
     t[-1] = ("IL", 0)
-    assert dialect.shared_bytes("wkv7", (), tuple(t)) == 4 * 2048 + 4 * 16 * 6 * 68 == 34_304
+    assert dialect.shared_bytes("wkv7", (), tuple(t)) == 4 * 2048 + 4 * 1025 + 4 * 16 * 6 * 68 == 38_404
+    t[2] = ("UP", 0)  # (prefill: no up-projections, one float for up_part)
+    assert dialect.shared_bytes("wkv7", (), tuple(t)) == 4 * 2048 + 4 + 4 * 16 * 6 * 68 == 34_308
 
 
 def test_a_kernel_that_fails_to_build_leaves_its_layers_on_the_pure_path(caplog):

@@ -13,8 +13,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import (ORACLE, half_rounded, layer_norm64, make_layer, oracle_logits, oracle_models, oracle_tokens,
-                      rounded_products, tiny_model_path)
+from conftest import (ORACLE, UP_RANK_IDS, UP_RANKS, half_rounded, layer_norm64, make_layer, oracle_logits, oracle_models,
+                      oracle_tokens, rounded_products, run_core, tiny_model_path, up_projection_case, wkv_inputs)
 
 import rwkv_mlx
 from rwkv_mlx.kernels import fused_time_mix, kernel_backend, kernels_disabled
@@ -29,21 +29,6 @@ pytestmark = pytest.mark.gpu  # skipped where no GPU backend exists (conftest.py
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def wkv_inputs(rng, B, T, H, N=64):
-    C = H * N
-    f = lambda *s, scale=1.0: mx.array((rng.standard_normal(s) * scale).astype(np.float32))
-    u = lambda lo, hi, *s: mx.array(rng.uniform(lo, hi, s).astype(np.float32))
-    seq = dict(r=f(B, T, C), k=f(B, T, C), v=f(B, T, C), w_raw=u(-6, 2, B, T, C), a_raw=f(B, T, C),
-               g=f(B, T, C))
-    chan = dict(k_k=u(0.5, 1.5, C), k_a=u(0, 1, C), r_k=f(C, scale=0.5), ln_w=u(0.5, 1.5, C), ln_b=f(C, scale=0.1))
-    return seq, chan, f(B, H, N, N, scale=0.5)
-
-
-def run_core(fn, seq, chan, state, N=64, **kw):
-    return fn(seq["r"], seq["k"], seq["v"], seq["w_raw"], seq["a_raw"], seq["g"], chan["k_k"], chan["k_a"],
-              chan["r_k"], chan["ln_w"], chan["ln_b"], state, N, **kw)
 
 
 WKV_SHAPES = [(1, 1, 40), (1, 2, 4), (3, 7, 2), (2, 64, 1), (1, 1000, 8), (1, 4096, 2), (2, 33, 64), (1, 1, 64)]
@@ -84,52 +69,12 @@ def test_wkv7_kernel_state_carries_across_calls():
     assert rel_err(s_k, s_r) < 1e-5
 
 
-# Ranks whose rows are whole 16-byte loads (multiples of 4 float32 or 8 float16/bfloat16 weights),
-# and ranks whose rows are not (the a and g rows below), which the kernel reads a weight at a time.
-UP_RANKS = [{"w": 32, "a": 32, "v": 16, "g": 64}, {"w": 20, "a": 36, "v": 24, "g": 68}]
-
-
-@pytest.mark.parametrize("ranks", UP_RANKS, ids=["rows-of-16-bytes", "odd-rows"])
+@pytest.mark.parametrize("ranks", UP_RANKS, ids=UP_RANK_IDS)
 def test_wkv7_kernel_up_projections_and_value_mix(ranks):
     """Decode mode: the kernel computes the LoRA up-projections from the down outputs written after
     r|k|v (tanh for w, sigmoid for g, float32 and float16 matrices) and mixes v with v_first."""
-    from rwkv_mlx.kernels import wkv7
-    from rwkv_mlx.kernels.dialect import build, placeholder
-
-    rng = np.random.default_rng(11)
-    B, H, N = 2, 4, 64
-    C = H * N
-    seq, chan, state = wkv_inputs(rng, B, 1, H)
-    dtypes = {"w": mx.float32, "a": mx.float16, "v": mx.float16, "g": mx.bfloat16}
-    down = {n: mx.array(rng.standard_normal((B, 1, r)).astype(np.float32)) for n, r in ranks.items()}
-    up = {n: mx.array((rng.standard_normal((C, r)) / np.sqrt(r)).astype(np.float32)).astype(dtypes[n])
-          for n, r in ranks.items()}
-    bias = {n: mx.array(rng.standard_normal(C).astype(np.float32)) for n in ("w", "a", "v")}
-    v_first = mx.array(rng.standard_normal((B, 1, C)).astype(np.float32))
-    proj = mx.concatenate([seq["r"], seq["k"], seq["v"], *down.values()], axis=-1).reshape(B, -1)
-    codes = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
-    info, col = [], 0
-    for n, r in ranks.items():
-        info.append([r, col, codes[dtypes[n]]])
-        col += r
-    bias0 = mx.concatenate([bias["w"], bias["a"], bias["v"], mx.zeros((C,))])
-    kernel = build("wkv7", BACKEND)
-    y, s, _ = kernel(
-        inputs=[proj, placeholder(), v_first.reshape(B, C), mx.array(info, dtype=mx.int32),
-                *(up[n].view(mx.uint8) for n in ranks), bias0, chan["k_k"], chan["k_a"], chan["r_k"], chan["ln_w"],
-                chan["ln_b"], state],
-        template=wkv7.template(kernel, H, N, up=True, mix_v=True, max_down=col), grid=(B * H * 4 * N, 1, 1),
-        threadgroup=(4 * N, 1, 1), output_shapes=[(B, C), (B, H, N, N), (B * H * 10 * N,)],
-        output_dtypes=[mx.float32] * 3)
-    mm = lambda x, w: x @ w.astype(mx.float32).T
-    w_raw = bias["w"] + mm(mx.tanh(down["w"]), up["w"])
-    a_raw = bias["a"] + mm(down["a"], up["a"])
-    v_mix = mx.sigmoid(bias["v"] + mm(down["v"], up["v"]))
-    g = mm(mx.sigmoid(down["g"]), up["g"])
-    ref_in = dict(seq, w_raw=w_raw, a_raw=a_raw, g=g, v=seq["v"] + (v_first - seq["v"]) * v_mix)
-    with kernels_disabled():
-        y_ref, s_ref = run_core(time_mix_core_reference, ref_in, chan, state)
-    assert rel_err(y, y_ref.reshape(B, C)) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    y, s, y_ref, s_ref = up_projection_case(ranks, BACKEND)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
 # ---- matvec: every weight format, prologue and epilogue ------------------------------------

@@ -21,8 +21,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import (ORACLE, ORACLE_MISSING, half_rounded, layer_norm64, make_layer, oracle_logits, oracle_models,
-                      oracle_tokens, rounded_products)
+from conftest import (ORACLE, ORACLE_MISSING, UP_RANK_IDS, UP_RANKS, half_rounded, layer_norm64, make_layer,
+                      oracle_logits, oracle_models, oracle_tokens, rounded_products, up_projection_case)
 
 import rwkv_mlx
 from rwkv_mlx.bench.measure import count_primitives
@@ -268,6 +268,17 @@ def plain_logits(model, tokens: list[int]) -> np.ndarray:
 
 
 MODELS = oracle_models() or ["<oracle missing>"]
+
+
+@needs_emulator
+@pytest.mark.parametrize("ranks", UP_RANKS, ids=UP_RANK_IDS)
+def test_emulated_time_mix_up_projections(ranks):
+    """The time-mix kernel's LoRA up-projections in decode (UP 1, below the matrix units' rows): rows of whole
+    16-byte pieces split over a column's four threads (the 2.9B's ranks: three batches of loads a thread, LoRAs
+    split between threads), and rows that are not, read a weight at a time, against the pure reference."""
+    with Emulator().running():
+        y, s, y_ref, s_ref = up_projection_case(ranks, "metal")
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
 @needs_emulator
