@@ -469,57 +469,37 @@ def test_emulated_matrix_units_decode_groups_together(kind, B, dq, matrix_units,
 
 
 @needs_emulator
-@pytest.mark.parametrize("kind,B,parts", [("affine-4-float16", 16, 1), ("affine-8-bfloat16", 16, 2),
-                                          ("affine-4-float32", 64, 2)])
-def test_emulated_matrix_units_prefetch_next_tile(kind, B, parts, matrix_units, monkeypatch):
-    """RWKV_MLX_MMA_PREFETCH: a launch of affine weights only loads a thread's groups of the next tile of K while
-    this one multiplies: the same products, over tiles whose last one is short (K = 1024 in tiles of 192 or 96)
-    and over parts of K (a part loads ahead within itself only). Groups of 64 weight rows give a tile 384
-    groups at 16 rows: two a thread for some."""
-    from rwkv_mlx.kernels import matvec
-    from rwkv_mlx.kernels.matvec import MatvecPlan
-
-    monkeypatch.setattr(matvec, "MMA_PREFETCH", True)
-    monkeypatch.setattr(matvec, "MMA_MIN_GROUPS", 1 if parts == 1 else 7)  # (6 groups of 32 rows: 2 parts give 12)
-    monkeypatch.setattr(matvec, "MMA_K_PARTS", parts)
-    segs, x, weights = two_segments(kind, B, (64, 128), K=1024)
-    with Emulator().running():
-        plan = MatvecPlan(segs, B, backend="metal", x_stride=x.shape[1])
-        t = dict(plan.template)
-        assert plan.ok and "LOAD_AHEAD" in plan.kernel.defines and plan.parts == parts, plan.template
-        assert parts > 1 or 1024 % t["KT"] != 0, plan.template  # (a short last tile)
-        y = np.array(plan(mx.array(x)))
-    want = rounded_products([x[:, :1024], np.tanh(x[:, 1024:])], weights)
-    assert rel_err(y, want) < 2e-5
-
-
-@needs_emulator
-@pytest.mark.parametrize("kind,B,parts,prefetch", [("q4_k", 16, 1, False), ("float16", 64, 2, False),
-                                                   ("q8_0", 9, 1, False), ("affine-4-float32", 64, 1, True),
-                                                   ("affine-8-float16", 16, 2, True)])
-def test_emulated_matrix_units_rows_ahead(kind, B, parts, prefetch, matrix_units, monkeypatch):
-    """RWKV_MLX_MMA_ROWS_AHEAD: a launch of float16 rows loads a thread's pieces of the next tile's rows while
-    this one multiplies, and stores them after: the same products, over tiles whose last one is short (K = 1024
-    in tiles that do not divide it), over parts of K (a part loads ahead within itself only), with the weights'
-    LOAD_AHEAD too, and at 9 rows (padded to 16: no piece for the padding)."""
+@pytest.mark.parametrize("kind,B,parts,prefetch,rows_ahead", [
+    ("affine-4-float16", 16, 1, True, False), ("affine-8-bfloat16", 16, 2, True, False),  # the weights' LOAD_AHEAD
+    ("affine-4-float32", 64, 2, True, False),
+    ("q4_k", 16, 1, False, True), ("float16", 64, 2, False, True), ("q8_0", 9, 1, False, True),  # the rows' ROWS_AHEAD
+    ("affine-4-float32", 64, 1, True, True), ("affine-8-float16", 16, 2, True, True)])  # both
+def test_emulated_matrix_units_next_tile_ahead(kind, B, parts, prefetch, rows_ahead, matrix_units, monkeypatch):
+    """RWKV_MLX_MMA_PREFETCH (a launch of affine weights only loads a thread's groups of the next tile of K) and
+    RWKV_MLX_MMA_ROWS_AHEAD (a launch of float16 rows loads a thread's pieces of the next tile's rows, stored after
+    the products) while this one multiplies: the same products, over tiles whose last one is short (K = 1024 in
+    tiles that do not divide it) and over parts of K (a part loads ahead within itself only). Groups of 64 weight
+    rows give a tile 384 groups at 16 rows: two a thread for some; 9 rows are padded to 16 (no piece for the
+    padding)."""
     from rwkv_mlx.kernels import matvec
     from rwkv_mlx.kernels.matvec import MatvecPlan, Segment
 
-    monkeypatch.setattr(matvec, "MMA_ROWS_AHEAD", True)
     monkeypatch.setattr(matvec, "MMA_PREFETCH", prefetch)
+    monkeypatch.setattr(matvec, "MMA_ROWS_AHEAD", rows_ahead)
     monkeypatch.setattr(matvec, "MMA_MIN_GROUPS", 1 if parts == 1 else 7)  # (6 groups of 32 rows: 2 parts give 12)
     monkeypatch.setattr(matvec, "MMA_K_PARTS", parts)
     segs, x, weights = two_segments(kind, B, (64, 128), K=1024)
-    segs = [Segment(s.weight, x_offset=s.x_offset) for s in segs]  # (float16 rows go to mode-0 segments)
+    inputs = [x[:, :1024], np.tanh(x[:, 1024:])]
+    if rows_ahead:  # (float16 rows go to mode-0 segments)
+        segs, inputs = [Segment(s.weight, x_offset=s.x_offset) for s in segs], [x[:, :1024], x[:, 1024:]]
     with Emulator().running():
-        plan = MatvecPlan(segs, B, backend="metal", x_stride=x.shape[1], half_input=True)
-        t = dict(plan.template)
-        assert plan.ok and plan.x_dtype == mx.float16 and "ROWS_AHEAD" in plan.kernel.defines, plan.template
-        assert ("LOAD_AHEAD" in plan.kernel.defines) == prefetch and plan.parts == parts, plan.template
+        plan = MatvecPlan(segs, B, backend="metal", x_stride=x.shape[1], half_input=rows_ahead)
+        t, defines = dict(plan.template), plan.kernel.defines
+        assert plan.ok and plan.parts == parts and (plan.x_dtype == mx.float16) == rows_ahead, plan.template
+        assert ("LOAD_AHEAD" in defines) == prefetch and ("ROWS_AHEAD" in defines) == rows_ahead, defines
         assert parts > 1 or 1024 % t["KT"] != 0, plan.template  # (a short last tile)
-        y = np.array(plan(mx.array(x).astype(mx.float16)))
-    want = rounded_products([x[:, :1024], x[:, 1024:]], weights)
-    assert rel_err(y, want) < 2e-5
+        y = np.array(plan(mx.array(x).astype(mx.float16 if rows_ahead else mx.float32)))
+    assert rel_err(y, rounded_products(inputs, weights)) < 2e-5
 
 
 @needs_emulator
