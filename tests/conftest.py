@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -84,6 +85,14 @@ TEXT = "System: You answer in one line.\n\nUser: What is the capital of France?\
 @functools.lru_cache(maxsize=None)
 def _model_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="rwkv-mlx-tiny-"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_tiny_models():
+    """The tiny models go with the session that wrote them: CI runners keep /tmp between runs."""
+    yield
+    if _model_dir.cache_info().currsize:
+        shutil.rmtree(_model_dir(), ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
