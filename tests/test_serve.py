@@ -86,6 +86,10 @@ def test_greedy_completion_streamed_whole_and_generate_agree(server, reference):
     assert whole.choices[0].text == "".join(parts) == want
     assert whole.choices[0].finish_reason == "length"
     assert whole.usage.prompt_tokens == len(tok.encode(prompt)) and whole.usage.completion_tokens == 40
+    # curl users leave the model out, as llama-server and mlx_lm.server allow: it is the one served
+    bare = http(server).post("/v1/completions", json={"prompt": prompt, "max_tokens": 40, **PLAIN_GREEDY})
+    assert bare.status_code == 200, bare.text
+    assert bare.json()["choices"][0]["text"] == want and bare.json()["model"] == NAME
 
 
 def test_greedy_chat_with_penalties_streamed_whole_and_generate_agree(server, reference):
@@ -455,6 +459,7 @@ HOSTILE = {
     "schema bound of 400 digits": (dict(json={**GOOD_CHAT, "response_format": {"type": "json_schema", "json_schema": {
         "name": "big", "schema": {"type": "integer", "minimum": 10 ** 400}}}}), 400),
     "unknown model": (dict(json={**GOOD_CHAT, "model": "gpt-9"}), 404),
+    "model wrong type": (dict(json={**GOOD_CHAT, "model": 7}), 400),
     "unknown role": (dict(json={**GOOD_CHAT, "messages": [{"role": "wizard", "content": "x"}]}), 400),
     "ends with the assistant": (dict(json={**GOOD_CHAT, "messages": [{"role": "user", "content": "a"},
                                                                      {"role": "assistant", "content": "b"}]}), 400),

@@ -133,7 +133,8 @@ def _common(body: dict, *, kind: str, model_name: str, vocab_size: int, max_toke
     """The fields both endpoints share, checked."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
-    model = body.get("model")
+    # absent means the one model served, as llama-server and mlx_lm.server take it (curl users omit it)
+    model = body.get("model", model_name)
     if not isinstance(model, str):
         raise bad_request("model must be a string (GET /v1/models lists this server's)", "model")
     if model != model_name:
