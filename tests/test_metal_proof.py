@@ -541,7 +541,7 @@ def test_emulated_matrix_units_taller_groups(kind, B, mt, matrix_units, monkeypa
 
 
 @needs_emulator
-@pytest.mark.parametrize("B", [16, 64])
+@pytest.mark.parametrize("B", [16, pytest.param(64, marks=pytest.mark.slow)])
 def test_emulated_matrix_units_prologue_epilogue_and_tiles(B, matrix_units):
     """LayerNorm + lerp in, relu^2 out, K = 10240 walked in tiles (Apple's 32 KB), a bias; K split into parts
     (two groups a row block, added after the launch, then the epilogue), and without parts; a residual."""
@@ -595,7 +595,7 @@ def test_broken_fragment_fails_the_matrix_units(matrix_units):
 
 
 @needs_emulator
-@pytest.mark.parametrize("batch", [16, 64])
+@pytest.mark.parametrize("batch", [16, pytest.param(64, marks=pytest.mark.slow)])
 def test_emulated_many_rows_on_matrix_units_match_pure_path(batch, require_oracle, matrix_units):
     """16 and 64 rows of one prompt through the MMA launches (every matvec of the blocks, float16 rows from the
     split prologues and the FFN key, and the LoRA up-projections as a launch of their own, read by the time-mix

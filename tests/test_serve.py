@@ -118,6 +118,7 @@ def test_seeded_sampling_equals_generate_with_the_same_seed(server, reference):
     assert got.choices[0].text == want
 
 
+@pytest.mark.slow
 def test_eight_concurrent_requests_each_equal_their_sequential_result(server, reference):
     """Rows join and leave the batch at different steps (different prompt and output lengths, mixed
     samplers); each must equal what the same request gives alone through rwkv_mlx.generate."""
@@ -293,6 +294,7 @@ def _proc_client(proc: ServerProcess):
     return openai.OpenAI(base_url=proc.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
+@pytest.mark.slow
 def test_restart_with_the_same_cache_dir_keeps_the_conversation(server, tmp_path):
     cache = tmp_path / "cache"
     proc = ServerProcess(cache)
@@ -493,6 +495,7 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "age", "kind"]}
 
 
+@pytest.mark.slow
 def test_response_format_json_schema_gives_valid_json_streamed_or_not(server):
     """The demo model knows no JSON; the constraint alone makes every answer parse and validate."""
     import jsonschema
@@ -510,6 +513,7 @@ def test_response_format_json_schema_gives_valid_json_streamed_or_not(server):
         assert streamed == whole.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_grammar_extension_and_json_object_beside_free_rows(server):
     """Constrained rows share the batch with free ones; each keeps its own constraint (or none)."""
     c = client(server)
@@ -568,6 +572,7 @@ def test_a_disconnected_client_frees_its_slot(server):
     assert http(server).get("/health").status_code == 200
 
 
+@pytest.mark.slow
 def test_full_queue_gets_429_and_slow_requests_time_out(tmp_path):
     config = ServeConfig(model=DEMO, port=0, max_batch=1, max_queue=1, request_timeout=3.0, max_tokens=100000)
     with Server(config) as s:
