@@ -52,6 +52,27 @@ def test_switches_show_no_value_and_refuse_one(capsys):
     assert "--stats is a switch" in line and "--no-stats to turn it off" in line
 
 
+def test_help_texts_print_their_brackets(capsys, monkeypatch):
+    """typer renders help through rich, whose markup takes "[serve]" for a style and drops it unescaped."""
+    import typer
+
+    from rwkv_mlx.cli import app
+
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside a token
+    group = typer.main.get_command(app)
+    checked = 0
+    for name, command in group.commands.items():
+        texts = [command.help or ""] + [p.help or "" for p in command.params if getattr(p, "help", None)]
+        tokens = {t.replace("\\", "") for text in texts for t in re.findall(r"\\?\[[A-Za-z][^\]\s]*\]|<[a-z]+>", text)}
+        if not tokens:
+            continue
+        assert run([name, "--help"]) == 0
+        shown = capsys.readouterr().out
+        assert not [t for t in tokens if t not in shown], (name, tokens)
+        checked += 1
+    assert checked  # at least "the [serve] extra"
+
+
 def test_argument_checks_come_before_loading(capsys, tmp_path):
     missing_model = str(tmp_path / "never-loaded.gguf")  # a model error here would mean loading came first
     line = one_error_line(capsys, 2, run(["generate", "--think", "think", "--prompt", "x", "--model", missing_model]))

@@ -17,7 +17,7 @@ from ..errors import ModelFileError, RwkvMlxError
 
 app = typer.Typer(
     name="rwkv-mlx",
-    help="RWKV-7 world models on MLX: generate, convert, benchmark.",
+    help="RWKV-7 world models on MLX: generate, chat, serve, convert, train, benchmark.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -40,7 +40,7 @@ def _root(
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                  help="Print the versions of rwkv-mlx, MLX and Python and exit."),
 ) -> None:
-    """RWKV-7 world models on MLX: generate, convert, benchmark."""
+    """RWKV-7 world models on MLX: generate, chat, serve, convert, train, benchmark."""
 
 
 def _hide_flag_types() -> None:

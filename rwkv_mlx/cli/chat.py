@@ -113,7 +113,7 @@ def chat(
     model: Optional[Path] = MODEL_OPTION,
     file: Optional[str] = FILE_OPTION,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt, read once at the start (escapes like \\n processed)."),
-    think: ThinkOption = typer.Option(ThinkOption.off, "--think", help="'think' opens a <think block, 'fast' an empty one."),
+    think: ThinkOption = typer.Option(ThinkOption.off, "--think", help="'think' opens a <think> block, 'fast' an empty one."),
     state: Optional[Path] = STATE_OPTION,
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Most tokens per answer."),
     temperature: Optional[float] = TEMPERATURE_OPTION,

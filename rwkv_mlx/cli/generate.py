@@ -40,7 +40,7 @@ def generate(
     greedy: bool = GREEDY_OPTION,
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as 'User: ...\\n\\nAssistant:', stop at a blank line, ban end-of-text."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (chat mode)."),
-    think: ThinkOption = typer.Option(ThinkOption.off, "--think", help="Chat: 'think' opens a <think block, 'fast' an empty one."),
+    think: ThinkOption = typer.Option(ThinkOption.off, "--think", help="Chat: 'think' opens a <think> block, 'fast' an empty one."),
     stop: List[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
     escape: bool = typer.Option(True, "--escape/--no-escape", help="Process \\n, \\t, \\\\ in --prompt/--system/--stop."),
     echo: bool = typer.Option(False, "--echo", help="Print the prompt before the output (off by default, as mlx-lm: "

@@ -16,9 +16,10 @@ from ..errors import InvalidArgumentError, ModelFileError
 from .common import DEVICE_OPTION, MODEL_OPTION, SCALE_DTYPE_OPTION, ThinkOption, resolve_model
 
 
+# "\\[": typer renders help as rich markup, where a bare "[serve]" is a style and vanishes
 @app.command(help="Serve the model over the OpenAI HTTP API (POST /v1/chat/completions, /v1/completions; GET "
                   "/v1/models, /health, /metrics). Conversation states are cached by token prefix, in memory and, "
-                  "with --cache-dir, on disk across restarts. Needs the [serve] extra.")
+                  "with --cache-dir, on disk across restarts. Needs the \\[serve] extra.")
 def serve(
     model: Optional[Path] = MODEL_OPTION,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
