@@ -20,7 +20,7 @@ from .errors import InvalidArgumentError, ModelFileError, RwkvMlxError, Unsuppor
 from .text.chat import ChatSession
 from .text.generate import (GenerationResponse, batch_generate, cache_prompt, generate, prefill, stream_batch_generate,
                        stream_generate)
-from .loader import load
+from .loader import DEMO_MODEL, load
 from .model import Model, ModelArgs
 from .text.sample import Sampler, SamplingParams, make_logits_processors, make_sampler
 from .model.state import ModelIdentity, State
@@ -29,7 +29,7 @@ from .model.weights import LoadOptions
 from .version import __version__  # noqa: F401 - rwkv_mlx.__version__
 
 __all__ = [
-    "load", "generate", "stream_generate", "prefill", "GenerationResponse",
+    "load", "DEMO_MODEL", "generate", "stream_generate", "prefill", "GenerationResponse",
     "cache_prompt", "batch_generate", "stream_batch_generate", "ChatSession",
     "Model", "ModelArgs", "State", "ModelIdentity", "Tokenizer",
     "Sampler", "SamplingParams", "make_sampler", "make_logits_processors", "LoadOptions",

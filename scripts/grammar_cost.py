@@ -107,10 +107,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--prompt", default="User: Describe a person as JSON.\n\nAssistant:")
     args = ap.parse_args()
-    path = args.model
-    if path is None:
-        import importlib.resources
-        path = str(importlib.resources.files("rwkv_mlx") / "data" / "rwkv7-demo-shakespeare.gguf")
+    path = args.model or rwkv_mlx.DEMO_MODEL
     model, tokenizer = rwkv_mlx.load(path)
     V = model.args.vocab_size
     print(f"model {path}  vocab {V}  device {mx.default_device()}  {platform.processor() or platform.machine()}")

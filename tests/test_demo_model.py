@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
 from conftest import REPO
 
-from rwkv_mlx.cli.common import DEFAULT_MODEL
+import rwkv_mlx
+import rwkv_mlx.loader
+from rwkv_mlx import DEMO_MODEL, ModelFileError
 from rwkv_mlx.loader import load
 from rwkv_mlx.train import perplexity, tokenize_corpus, unigram_perplexities
 
@@ -27,15 +30,27 @@ HELD_OUT_TOKENS = 1024  # enough for a stable figure, cheap on the CPU backend
 
 @pytest.fixture(scope="module")
 def demo():
-    assert DEFAULT_MODEL.is_file(), f"the bundled demo model is missing: {DEFAULT_MODEL}"
-    return load(DEFAULT_MODEL)
+    assert DEMO_MODEL.is_file(), f"the bundled demo model is missing: {DEMO_MODEL}"
+    return load(DEMO_MODEL)
 
 
 def test_bundled_model_is_small_and_has_the_promised_shape(demo):
     model, tokenizer = demo
-    assert DEFAULT_MODEL.stat().st_size < 40e6
+    assert DEMO_MODEL.stat().st_size < 40e6
     assert model.args.vocab_size == tokenizer.vocab_size == 65536
     assert model.args.n_embd % 256 == 0 and 4 <= model.args.n_layer <= 6
+
+
+def test_load_without_a_path_is_the_demo_model(demo, monkeypatch):
+    """rwkv_mlx.load() loads what the commands run without --model; an installation without it says so."""
+    model, tokenizer = demo
+    again, tokenizer2 = rwkv_mlx.load()
+    tokens = mx.array([tokenizer.encode("ROMEO:\nWhat")])
+    assert again.args == model.args and tokenizer2.encode("ROMEO:") == tokenizer.encode("ROMEO:")
+    assert mx.array_equal(again(tokens)[0], model(tokens)[0]).item()
+    monkeypatch.setattr(rwkv_mlx.loader, "DEMO_MODEL", DEMO_MODEL.with_name("gone.gguf"))
+    with pytest.raises(ModelFileError, match="gone.gguf: the bundled demo model is missing"):
+        rwkv_mlx.load()
 
 
 @pytest.mark.slow

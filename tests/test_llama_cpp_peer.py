@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from rwkv_mlx import DEMO_MODEL as DEMO
 from rwkv_mlx.backend import device_name
 from rwkv_mlx.bench import llama_cpp, peers
 from rwkv_mlx.bench.benchmark import GEN_TOKENS, PREFILL_LENGTHS
 from rwkv_mlx.loader.info import file_fingerprint
 
 FIXTURE = Path(__file__).resolve().parent / "llama_bench" / "demo-cpu.json"
-DEMO = Path(__file__).resolve().parents[1] / "rwkv_mlx" / "data" / "rwkv7-demo-shakespeare.gguf"
 
 
 def raw_tests() -> list[dict]:

@@ -17,7 +17,7 @@ import pytest
 from conftest import ORACLE
 from conftest import tiny_model_path
 
-from rwkv_mlx.cli.common import DEFAULT_MODEL
+from rwkv_mlx import DEMO_MODEL
 
 nbformat = pytest.importorskip("nbformat", reason="nbformat is in the test extra: pip install -e '.[test]'")
 nbclient = pytest.importorskip("nbclient", reason="nbclient is in the test extra: pip install -e '.[test]'")
@@ -28,7 +28,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb
 
 
 def notebook_model() -> Path:
-    for path in (DEFAULT_MODEL, ORACLE / "models" / "fixa-Q4_K_M.gguf"):
+    for path in (DEMO_MODEL, ORACLE / "models" / "fixa-Q4_K_M.gguf"):
         if path.is_file():
             return path
     return tiny_model_path()
@@ -41,7 +41,7 @@ def test_notebook_is_committed_executed_on_the_demo_model():
     assert code and [c.execution_count for c in code] == list(range(1, len(code) + 1))
     outputs = [o for c in code for o in c.outputs]
     assert not any(o.get("output_type") == "error" for o in outputs)
-    assert code[0].outputs[0]["text"].startswith(DEFAULT_MODEL.name)  # the first cell prints the model's file name
+    assert code[0].outputs[0]["text"].startswith(DEMO_MODEL.name)  # the first cell prints the model's file name
     assert any("image/png" in o.get("data", {}) for o in outputs) and any("text/markdown" in o.get("data", {}) for o in outputs)
 
 

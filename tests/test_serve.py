@@ -33,8 +33,7 @@ from rwkv_mlx.text.chat import TURN_END, format_chat_prompt  # noqa: E402
 from rwkv_mlx.serve.app import ServeConfig  # noqa: E402
 from rwkv_mlx.serve.server import Server  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "rwkv_mlx" / "data" / "rwkv7-demo-shakespeare.gguf"
+DEMO = rwkv_mlx.DEMO_MODEL
 NAME = "rwkv7-demo-shakespeare"
 KEY = "sk-test-key"
 PLAIN_GREEDY = dict(temperature=0, presence_penalty=0, frequency_penalty=0)

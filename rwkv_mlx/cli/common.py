@@ -10,18 +10,17 @@ from typing import Sequence
 import typer
 
 from ..backend import select_device  # noqa: F401 - the commands import it from here
-from ..errors import InvalidArgumentError, ModelFileError
+from ..errors import InvalidArgumentError
 from ..progress import Progress
 from ..text.sample import SamplingParams
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "rwkv7-demo-shakespeare.gguf"
-
 
 def resolve_model(path: Path | None) -> Path:
+    """--model's path, or the bundled demo model where none is named."""
     if path is None:
-        if not DEFAULT_MODEL.is_file():
-            raise ModelFileError(DEFAULT_MODEL, "the bundled demo model is missing from this installation; pass --model")
-        return DEFAULT_MODEL
+        from ..loader import demo_model
+
+        return demo_model()
     return path
 
 
