@@ -11,6 +11,7 @@ import json
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -627,3 +628,13 @@ def test_serve_command_is_registered_and_refuses_bad_options(capsys):
     assert run(["serve", "--port", "-3"]) == 2
     assert run(["serve", "--model", "/nonexistent/model.gguf"]) == 3
     assert "no such file" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port in use: one line with the reason, before any model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert run(["serve", "--port", str(port), "--no-warmup"]) == 3
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"rwkv-mlx: error: cannot listen on 127.0.0.1:{port}: address already in use"], err
+    assert run(["serve", "--host", "no-such-host.invalid", "--no-warmup"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rwkv-mlx: error: cannot listen on no-such-host.invalid:8080: "), err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 
@@ -32,6 +33,24 @@ def _setup(config: ServeConfig):
     return setup
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The bound socket uvicorn will serve on. Bound here, before the model loads, so that a refusal
+    fails at once and names its reason (uvicorn logs it and ends its thread)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}") from None
+    return sock
+
+
 class Server:
     """``Server(config).start()`` serves in a background thread; ``url`` says where (port 0 picks one)."""
 
@@ -52,12 +71,14 @@ class Server:
         return self.config.model_name or self.config.model.name.removesuffix(".gguf")
 
     def start(self, timeout: float = 60.0) -> "Server":
+        sock = _listen(self.config.host, self.config.port)
         self.engine.start()
         app = create_app(self.config, self.engine, self.model_name)
         uv_config = self._uvicorn.Config(app, host=self.config.host, port=self.config.port, log_level="warning",
                                          lifespan="off", timeout_graceful_shutdown=2)
         self._server = self._uvicorn.Server(uv_config)
-        self._thread = threading.Thread(target=self._server.run, name="rwkv-serve-http", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="rwkv-serve-http",
+                                        daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
