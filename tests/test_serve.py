@@ -552,6 +552,10 @@ def test_api_key_is_required(server):
     assert httpx.get(server.url + "/v1/models").status_code == 401
     models = http(server).get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == [NAME]
+    assert client(server).models.retrieve(NAME).model_dump(exclude_none=True) == models["data"][0]  # the openai client's retrieve
+    missing = http(server).get("/v1/models/gpt-9")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert httpx.get(server.url + f"/v1/models/{NAME}").status_code == 401
     assert httpx.get(server.url + "/nowhere").json()["error"]["message"]
 
 

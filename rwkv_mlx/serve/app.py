@@ -78,6 +78,8 @@ def _error(e: APIError) -> JSONResponse:
 def create_app(config: ServeConfig, engine: Engine, model_name: str) -> Starlette:
     metrics = engine.metrics
     tokenizer = engine.tokenizer
+    # OpenAI's model object; "created" is when this server began serving it
+    model_object = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "rwkv-mlx"}
 
     def count(endpoint: str, status: int) -> None:
         metrics.inc("requests_total", help="HTTP requests by endpoint and status", endpoint=endpoint, status=status)
@@ -207,14 +209,18 @@ def create_app(config: ServeConfig, engine: Engine, model_name: str) -> Starlett
         return await generate(request, "completion")
 
     async def models(request: Request) -> Response:
+        """GET /v1/models lists the one model; GET /v1/models/ID retrieves it (the client's models.retrieve)."""
+        asked = request.path_params.get("model_id")
         try:
             check_key(request)
+            if asked is not None and asked != model_name:
+                raise APIError(404, f"model {asked!r} is not served here; this server serves {model_name!r}",
+                               param="model", code="model_not_found")
         except APIError as e:
             count("models", e.status)
             return _error(e)
         count("models", 200)
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "rwkv-mlx"}]})
+        return JSONResponse(model_object if asked is not None else {"object": "list", "data": [model_object]})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": model_name, "active_rows": engine.active_rows,
@@ -235,6 +241,7 @@ def create_app(config: ServeConfig, engine: Engine, model_name: str) -> Starlett
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
     ]
