@@ -14,7 +14,7 @@ from conftest import TEXT, reference, split_at_turn, tiny_model, to_np
 
 import rwkv_mlx
 from rwkv_mlx import SamplingParams, State
-from rwkv_mlx.cli.common import DEFAULT_MODEL
+from rwkv_mlx import DEMO_MODEL
 from rwkv_mlx.errors import InvalidArgumentError
 
 GREEDY = SamplingParams.greedy()
@@ -62,7 +62,7 @@ def test_embedding_rewritten_for_the_device_is_the_same_table(monkeypatch):
     """On CUDA the loader has a kernel rewrite the embedding (so the GPU owns its pages): same bits."""
     import rwkv_mlx.model.rwkv7 as model_module
 
-    model, _ = rwkv_mlx.load(DEFAULT_MODEL)
+    model, _ = rwkv_mlx.load(DEMO_MODEL)
     before = {k: (np.array(v), v.dtype, id(v)) for k, v in model.emb.parameters().items()}
     monkeypatch.setattr(model_module, "active_backend", lambda: "cuda")
     model.keep_tables_on_device()

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import rwkv_mlx
 from rwkv_mlx import InvalidArgumentError, SamplingParams
-from rwkv_mlx.cli.common import DEFAULT_MODEL
+from rwkv_mlx import DEMO_MODEL
 from rwkv_mlx.text.grammar import (GrammarConstraint, GrammarError, compile_constraint, parse_gbnf,
                               processor_for_response_format, sampling_fields_for_response_format, schema_to_gbnf)
 from rwkv_mlx.text.grammar.bytegrammar import lower, utf8_sequences
@@ -38,7 +38,7 @@ GBNF_NAMES = ["json", "arithmetic", "list", "chess"]
 
 @pytest.fixture(scope="module")
 def demo():
-    return rwkv_mlx.load(DEFAULT_MODEL)
+    return rwkv_mlx.load(DEMO_MODEL)
 
 
 @pytest.fixture(scope="module")

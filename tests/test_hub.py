@@ -25,7 +25,7 @@ import pytest
 
 from conftest import tiny_model_path
 
-from rwkv_mlx.cli.common import DEFAULT_MODEL
+from rwkv_mlx import DEMO_MODEL
 from rwkv_mlx.errors import InvalidArgumentError, ModelFileError
 from rwkv_mlx.loader.hub import choose_files, parse_hub_id, quant_matches, resolve_model
 
@@ -140,7 +140,7 @@ def hub(models):
                                "README.md": b"# tiny\n"},
         "test-org/tiny-one": {"model.gguf": models["one"], ".gitattributes": b""},
         "test-org/tiny-mlx": {**directory, "README.md": b"# converted\n"},
-        "test-org/demo": {"demo.gguf": DEFAULT_MODEL.read_bytes()},  # 27 MB: more than one 10 MB download chunk
+        "test-org/demo": {"demo.gguf": DEMO_MODEL.read_bytes()},  # 27 MB: more than one 10 MB download chunk
     })
     yield fake
     fake.close()
@@ -201,7 +201,7 @@ def test_a_dropped_download_resumes_with_a_range_request(hub, tmp_path):
     before = len(hub.requests)
     proc = run_cli([*GEN, "--model", "test-org/demo"], env=hub_env(hub.url, tmp_path / "hf"))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == local_text(DEFAULT_MODEL)
+    assert proc.stdout == local_text(DEMO_MODEL)
     ranges = [rng for method, path, rng, _ in hub.requests[before:] if method == "GET" and "/resolve/" in path]
     assert len(ranges) == 2 and ranges[0] is None, ranges
     resumed_at = int(re.fullmatch(r"bytes=(\d+)-", ranges[1]).group(1))
