@@ -624,6 +624,21 @@ def test_think_mode_request_returns_reasoning_content(server):
     assert "reasoning_content" in message and isinstance(message["content"], str)
 
 
+def test_a_model_that_fails_to_load_frees_the_port(tmp_path):
+    """The socket is bound before the model loads; a load that fails must close it, even while the error is
+    kept (pytest's excinfo, as Jupyter's last traceback, holds Server.start's frame and its locals)."""
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(rwkv_mlx.ModelFileError, match="bad.gguf: not a GGUF file") as caught:
+        Server(ServeConfig(model=bad, port=port, warmup=False)).start()
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # EADDRINUSE while the first socket lives
+    assert caught.tb is not None
+
+
 def test_serve_command_is_registered_and_refuses_bad_options(capsys):
     from rwkv_mlx.cli import run
 

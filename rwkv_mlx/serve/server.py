@@ -72,7 +72,11 @@ class Server:
 
     def start(self, timeout: float = 60.0) -> "Server":
         sock = _listen(self.config.host, self.config.port)
-        self.engine.start()
+        try:
+            self.engine.start()  # loads the model: a bad file raises here
+        except BaseException:
+            sock.close()
+            raise
         app = create_app(self.config, self.engine, self.model_name)
         uv_config = self._uvicorn.Config(app, host=self.config.host, port=self.config.port, log_level="warning",
                                          lifespan="off", timeout_graceful_shutdown=2)
