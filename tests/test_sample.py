@@ -386,6 +386,30 @@ def test_bans():
         make_logits_processors(SamplingParams(banned_tokens=(10,)), V)
 
 
+def test_logit_bias_is_added_before_bans_and_penalties():
+    """OpenAI's logit_bias: logits + bias (numpy states it), applied before bans (a banned token stays
+    banned) and before the penalty; +100 makes greedy pick the token, -100 keeps it out."""
+    V = 12
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, V)).astype(np.float32)
+    bias = {4: 2.5, 7: -100, 9: 50.0}
+    params = SamplingParams(temperature=1.0, top_p=1.0, logit_bias=bias, banned_tokens=(9,), **NOPEN)
+    assert params.logit_bias == ((4, 2.5), (7, -100), (9, 50.0))  # the mapping, kept as hashable pairs
+    want = x.copy()
+    for t, b in bias.items():
+        want[:, t] += b
+    want[:, 9] = -np.inf
+    np.testing.assert_array_equal(np.array(Sampler(params, V, 2).process(mx.array(x))), want)
+    pen = SamplingParams(logit_bias={4: 2.5}, presence_penalty=0.5, frequency_penalty=0.0, penalty_decay=1.0)
+    assert [type(p).__name__ for p in make_logits_processors(pen, V)] == ["LogitBias", "RepetitionPenalty"]
+    top = int(np.argmin(x[0]))  # the least likely token, pushed to the top
+    g = Sampler(SamplingParams.greedy(logit_bias={top: 100}), V, 1)
+    assert int(np.array(g(mx.array(x[:1])))[0]) == top
+    first = int(np.argmax(x[0]))
+    g = Sampler(SamplingParams.greedy(logit_bias={first: -100}), V, 1)
+    assert int(np.array(g(mx.array(x[:1])))[0]) != first
+
+
 # --------------------------------------------------------------------------
 # (g) validation
 # --------------------------------------------------------------------------
@@ -399,6 +423,8 @@ BAD = [
     ("penalty_decay", float("nan")), ("penalty_ignore_prompt", "yes"),
     ("banned_tokens", (-1,)), ("banned_tokens", (1.5,)), ("banned_tokens", 3),
     ("seed", -1), ("seed", 2**64), ("seed", 1.0),
+    ("logit_bias", {-1: 1.0}), ("logit_bias", {"3": 1.0}), ("logit_bias", {3: 100.5}),
+    ("logit_bias", {3: float("nan")}), ("logit_bias", {3: True}), ("logit_bias", 3), ("logit_bias", (3,)),
 ]
 
 
@@ -421,6 +447,9 @@ def test_validate_accepts_edges():
         assert p.validate(16) is p
     with pytest.raises(InvalidArgumentError, match=r"banned_tokens.*\[0, 15\]"):
         SamplingParams(banned_tokens=(16,)).validate(16)
+    assert SamplingParams(logit_bias={0: -100, 15: 100}).validate(16)
+    with pytest.raises(InvalidArgumentError, match=r"logit_bias.*\[0, 15\]"):
+        SamplingParams(logit_bias={16: 1.0}).validate(16)
     assert SamplingParams().top_p == 0.85 and SamplingParams().penalty_decay == 0.996
 
 

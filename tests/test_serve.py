@@ -109,6 +109,28 @@ def test_greedy_chat_with_penalties_streamed_whole_and_generate_agree(server, re
     assert usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_logit_bias_beside_a_free_row_equals_generate(server, reference):
+    """OpenAI's logit_bias, through the batched sampler: the first greedy token pushed out with -100 must
+    change the text, and each row must still equal rwkv_mlx.generate alone."""
+    model, tok = reference
+    prompt = "ROMEO:\nWhat light through yonder"
+    first = next(rwkv_mlx.stream_generate(model, tok, prompt, max_tokens=1, sampling=SamplingParams.greedy())).token
+    bias = {first: -100, 11: 5.0}
+    want = {name: rwkv_mlx.generate(model, tok, prompt, max_tokens=24, sampling=SamplingParams.greedy(logit_bias=b))
+            for name, b in (("biased", bias), ("free", {}))}
+    assert want["biased"] != want["free"]
+    bodies = {"biased": {"logit_bias": {str(t): b for t, b in bias.items()}}, "free": {}}
+
+    def ask(name):
+        r = http(server).post("/v1/completions", json={"prompt": prompt, "max_tokens": 24, **PLAIN_GREEDY,
+                                                       **bodies[name]})
+        assert r.status_code == 200, r.text
+        return name, r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(2) as pool:
+        assert dict(pool.map(ask, want)) == want
+
+
 def test_seeded_sampling_equals_generate_with_the_same_seed(server, reference):
     model, tok = reference
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234)
@@ -475,6 +497,10 @@ HOSTILE = {
     "grammar not a string": (dict(json={**GOOD_CHAT, "grammar": 7}), 400),
     "path in a state name": (dict(json={**GOOD_CHAT, "initial_state": "../../etc/passwd"}), 400),
     "too many stops": (dict(json={**GOOD_CHAT, "stop": ["a"] * 40}), 400),
+    "logit_bias key not a token id": (dict(json={**GOOD_CHAT, "logit_bias": {"hello": 1}}), 400),
+    "logit_bias out of range": (dict(json={**GOOD_CHAT, "logit_bias": {"11": 1e6}}), 400),
+    "logit_bias past the vocabulary": (dict(json={**GOOD_CHAT, "logit_bias": {"99999999": 1}}), 400),
+    "logit_bias not an object": (dict(json={**GOOD_CHAT, "logit_bias": [1, 2]}), 400),
 }
 
 

@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..text.sample import Sampler
-from ..text.sample import RepetitionPenalty, TokenBan
+from ..text.sample import LogitBias, RepetitionPenalty, TokenBan
 from ..text.sample import _effective as effective_temperature_top_p  # the reference's T = 0 rule, in one place
 
 _NEG_INF = float("-inf")
@@ -39,8 +39,13 @@ def _effective(params) -> tuple[float, float]:
 
 
 def _processed(logits: mx.array, samplers: list[Sampler]) -> mx.array:
-    """Bans, the decayed presence/frequency penalty, then output constraints (rows without them pass unchanged)."""
+    """Logit biases, bans, the decayed presence/frequency penalty, then output constraints (rows without them
+    pass unchanged), in make_logits_processors' order so that each row rounds as its own Sampler does."""
     x = logits.astype(mx.float32)
+    biases = [next((p for p in s.processors if isinstance(p, LogitBias)), None) for s in samplers]
+    if any(biases):
+        zero = mx.zeros((x.shape[-1],), dtype=mx.float32)
+        x = x + mx.stack([b.bias if b is not None else zero for b in biases])
     bans = [next((p for p in s.processors if isinstance(p, TokenBan)), None) for s in samplers]
     if any(bans):
         V = x.shape[-1]

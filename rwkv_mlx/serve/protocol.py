@@ -110,8 +110,25 @@ def state_name(body: dict, name: str) -> str | None:
     return value
 
 
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...] | None:
+    """OpenAI's logit_bias: an object from token ids (as JSON keys, so decimal strings) to numbers; ranges are
+    SamplingParams.validate's."""
+    value = _get(body, "logit_bias", dict, what="an object from token ids to biases")
+    if value is None:
+        return None
+    pairs = []
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit()):
+            raise bad_request(f"logit_bias keys must be token ids (decimal integers), got {key!r}", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise bad_request(f"logit_bias[{key}] must be a number, got {type(bias).__name__}", "logit_bias")
+        pairs.append((int(key), bias))
+    return tuple(pairs)
+
+
 def _sampling(body: dict, base: SamplingParams, vocab_size: int) -> SamplingParams:
     knobs = {
+        "logit_bias": _logit_bias(body),
         "temperature": _number(body, "temperature", 0.0),
         "top_p": _number(body, "top_p", 0.0, 1.0),
         "top_k": _integer(body, "top_k", 0),

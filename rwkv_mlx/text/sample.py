@@ -4,7 +4,7 @@ The reference is ``rwkv`` pip ``PIPELINE.sample_logits`` / ``PIPELINE.generate``
 (ChatRWKV ``rwkv_pip_package/src/rwkv/utils.py``) and the chat demo
 ``API_DEMO_CHAT.py``; see spec ``rwkv7.md`` section 7.1.  One decode step is
 
-1. logit processors: banned tokens -> ``-inf``; repetition penalty
+1. logit processors: ``logit_bias`` added (OpenAI's, not in the reference); banned tokens -> ``-inf``; repetition penalty
    ``logit[n] -= presence * seen[n] + frequency * occ[n]`` for tokens generated so
    far (prompt tokens are not counted unless asked);
 2. ``probs = softmax(logits)`` in float32 (temperature NOT applied yet);
@@ -65,7 +65,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -90,6 +90,9 @@ __all__ = [
     "whitespace_digit_weights",
     "CHAT_END_OF_TEXT",
 ]
+
+#: OpenAI's range for a logit_bias entry
+MAX_LOGIT_BIAS = 100
 
 #: Token id 0 is end-of-document in the RWKV World vocabulary; chat bans it.
 CHAT_END_OF_TEXT = 0
@@ -123,6 +126,10 @@ class SamplingParams:
         multiplied by it, then the new token's count is incremented.
     penalty_ignore_prompt: True (the reference) = prompt tokens are not counted.
     banned_tokens: token ids whose logit is set to ``-inf`` at every step.
+    logit_bias: ``{token id: bias}`` (or ``(id, bias)`` pairs), each bias in
+        ``[-100, 100]`` added to that token's logit at every step before the
+        bans and penalties (OpenAI's ``logit_bias``; -100 all but bans a token,
+        ``banned_tokens`` bans it exactly).
     seed: ``None`` (a fresh random seed) or an integer in ``[0, 2**64)``; the
         same seed, params and logits reproduce a run exactly.
     json_schema: a JSON schema (dict, bool or JSON text): the output is a JSON
@@ -140,9 +147,14 @@ class SamplingParams:
     penalty_decay: float = 0.996
     penalty_ignore_prompt: bool = True
     banned_tokens: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     json_schema: dict | bool | str | None = field(default=None, hash=False)
     grammar: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.logit_bias, Mapping):  # the OpenAI form; kept as pairs so params stay hashable
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
 
     # -- presets -----------------------------------------------------------
 
@@ -224,6 +236,14 @@ class SamplingParams:
         rng = "an integer >= 0" if hi is None else f"an integer in [0, {hi}]"
         for t in self.banned_tokens:
             _check_int("banned_tokens", t, lo=0, hi=hi, rng=rng, what="entry ")
+        if isinstance(self.logit_bias, (str, bytes)) or not isinstance(self.logit_bias, Iterable):
+            raise InvalidArgumentError(f"logit_bias must map token ids to biases, got {self.logit_bias!r}")
+        for pair in self.logit_bias:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise InvalidArgumentError(f"logit_bias must map token ids to biases, got the entry {pair!r}")
+            _check_int("logit_bias", pair[0], lo=0, hi=hi, rng=f"keyed by {rng}", what="")
+            _check_real(f"logit_bias[{pair[0]}]", pair[1], lo=-MAX_LOGIT_BIAS, hi=MAX_LOGIT_BIAS,
+                        rng=f"a number in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]")
         if self.seed is not None:
             _check_int("seed", self.seed, lo=0, hi=2**64 - 1, rng="None or an integer in [0, 2**64)")
         if self.json_schema is not None and not isinstance(self.json_schema, (dict, bool, str)):
@@ -412,6 +432,20 @@ def make_sampler(params: SamplingParams) -> SampleFn:
 # --------------------------------------------------------------------------
 
 
+class LogitBias(LogitsProcessor):
+    """Adds a fixed bias to some tokens' logits: ``logits + bias`` with ``bias [V]`` zero elsewhere (a token
+    named twice takes its last bias, as a JSON object's repeated key does)."""
+
+    def __init__(self, pairs: Iterable[tuple[int, float]], vocab_size: int):
+        b = np.zeros((vocab_size,), dtype=np.float32)
+        for t, v in dict(pairs).items():
+            b[int(t)] = v
+        self.bias = mx.array(b)
+
+    def apply(self, state, logits):
+        return logits + self.bias
+
+
 class TokenBan(LogitsProcessor):
     """Sets the logits of ``token_ids`` to ``-inf`` (reference ``token_ban``;
     the chat demo subtracts 1e10, which gives the same probability 0)."""
@@ -530,11 +564,13 @@ def make_logits_processors(
     count_weight: mx.array | np.ndarray | None = None,
     tokenizer=None,
 ) -> list[LogitsProcessor]:
-    """Processors for ``params``, in reference order: token bans, then the
-    repetition penalty (omitted when both penalties are 0), then the grammar
-    constraint of ``json_schema`` / ``grammar`` (which needs ``tokenizer``)."""
+    """Processors for ``params``, in reference order: the logit bias (first, as in llama.cpp's chain), token
+    bans, then the repetition penalty (omitted when both penalties are 0), then the grammar constraint of
+    ``json_schema`` / ``grammar`` (which needs ``tokenizer``)."""
     params.validate(vocab_size)
     procs: list[LogitsProcessor] = []
+    if params.logit_bias:
+        procs.append(LogitBias(params.logit_bias, vocab_size))
     if params.banned_tokens:
         procs.append(TokenBan(params.banned_tokens, vocab_size))
     if params.has_penalty:
