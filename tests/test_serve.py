@@ -504,6 +504,16 @@ HOSTILE = {
 }
 
 
+def test_completions_refuse_what_they_would_ignore(server):
+    """Fields the server cannot honour get 400 naming them rather than a silently different answer."""
+    c = http(server)
+    base = {"prompt": "KING:", "max_tokens": 2}
+    for field, value in (("best_of", 2), ("echo", True), ("suffix", "x"), ("n", 3)):
+        r = c.post("/v1/completions", json={**base, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert c.post("/v1/completions", json={**base, "best_of": 1, "n": 1}).status_code == 200
+
+
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_requests_get_4xx_and_the_server_keeps_serving(server, case):
     kwargs, status = HOSTILE[case]

@@ -194,6 +194,9 @@ def parse_completion(body: dict, tokenizer, *, model_name: str, max_tokens_cap: 
         raise bad_request("suffix (fill-in-the-middle) is not supported", "suffix")
     if body.get("echo"):
         raise bad_request("echo is not supported", "echo")
+    best_of = _integer(body, "best_of", 1)
+    if best_of is not None and best_of != 1:  # n more drawn, the best returned: as n, one per request
+        raise bad_request("best_of must be 1: one completion per request", "best_of")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
