@@ -222,6 +222,30 @@ def test_threadgroup_memory_over_32_kb_does_not_compile():
 # ---- 3: the texts run under the emulator -----------------------------------------------------
 
 @needs_emulator
+def test_emulator_cache_drops_what_went_unused(tmp_path, monkeypatch):
+    """The emulator libraries persist across runs in a shared directory; those unused for CACHE_DAYS go
+    at a process's first build, a recently used one stays."""
+    import os
+    import time
+
+    from rwkv_mlx.testing.metal_proof import compile as C
+
+    monkeypatch.setenv("RWKV_MLX_METAL_PROOF_CACHE", str(tmp_path))
+    monkeypatch.setattr(C, "_pruned", set())
+    stale, fresh, other = tmp_path / "kstale.so", tmp_path / "kfresh.so", tmp_path / "notes.txt"
+    for f in (stale, fresh, other):
+        f.write_bytes(b"x")
+    long_ago = time.time() - (C.CACHE_DAYS + 1) * 86400
+    for f in (stale, other):
+        os.utime(f, (long_ago, long_ago))
+    assert C.build_directory() == tmp_path
+    assert not stale.exists() and fresh.exists() and other.exists()  # only the libraries it names k*.so
+    stale.write_bytes(b"x")
+    os.utime(stale, (long_ago, long_ago))
+    C.build_directory()
+    assert stale.exists()  # once a process: later builds do not scan again
+
+
 def test_emulator_barriers_and_simd_operations():
     """Lanes exchange through simd_* and threadgroup memory exactly as Metal defines it."""
     body = """

@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,9 +296,23 @@ extern "C" __attribute__((visibility("default"))) int rwkv_emu_launch(
 """
 
 
+CACHE_DAYS = 14  # an emulator library unused this long goes: every change to a kernel's text adds new ones
+_pruned: set[Path] = set()
+
+
 def build_directory() -> Path:
+    """The emulator libraries' cache (kept across runs); once a process, those unused for CACHE_DAYS go."""
     d = Path(os.environ.get("RWKV_MLX_METAL_PROOF_CACHE") or Path(tempfile.gettempdir()) / f"rwkv-metal-proof-{os.getuid()}")
     d.mkdir(parents=True, exist_ok=True)
+    if d not in _pruned:
+        _pruned.add(d)
+        old = time.time() - CACHE_DAYS * 86400
+        for lib in d.glob("k*.so"):
+            try:
+                if lib.stat().st_mtime < old:
+                    lib.unlink()
+            except OSError:  # another process's run took it first
+                pass
     return d
 
 
@@ -314,8 +329,11 @@ def build_emulator(prepared: Prepared) -> Path:
     unit = emulator_unit(prepared)
     digest = hashlib.sha256((_toolchain_digest() + unit).encode()).hexdigest()[:24]
     out = build_directory() / f"k{digest}.so"
-    if out.exists():
+    try:
+        os.utime(out)  # built before: mark it used, as the pruning counts from its time
         return out
+    except FileNotFoundError:
+        pass
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.cpp")
         with open(src, "w") as f:
