@@ -77,6 +77,7 @@ __all__ = [
     "SamplingParams",
     "LogitsProcessor",
     "SampleFn",
+    "LogitBias",
     "RepetitionPenalty",
     "TokenBan",
     "Sampler",
