@@ -221,7 +221,6 @@ def test_threadgroup_memory_over_32_kb_does_not_compile():
 
 # ---- 3: the texts run under the emulator -----------------------------------------------------
 
-@needs_emulator
 def test_emulator_cache_drops_what_went_unused(tmp_path, monkeypatch):
     """The emulator libraries persist across runs in a shared directory; those unused for CACHE_DAYS go
     at a process's first build, a recently used one stays."""
@@ -246,6 +245,7 @@ def test_emulator_cache_drops_what_went_unused(tmp_path, monkeypatch):
     assert stale.exists()  # once a process: later builds do not scan again
 
 
+@needs_emulator
 def test_emulator_barriers_and_simd_operations():
     """Lanes exchange through simd_* and threadgroup memory exactly as Metal defines it."""
     body = """
