@@ -229,8 +229,9 @@ case $step in
   ab)  # one tree, settings A/B in separate processes (an in-process alternation may bias: kernel_log step 13):
     # AB="VAR=a VAR=b,OTHER=c" (each word one process's environment, its assignments joined by commas),
     # ROUNDS (default 2), TOKENS (one-row decode, default 128), BATCHES (batched decode, default none) by
-    # ROUTES (scripts/batch_decode.py's, default kernels), PIN (taskset cores for the timed processes, e.g.
-    # while a build runs on the others). An assignment KERN_NAME=V (e.g. KERN_MMA_ROW_LOADS=8) sets a kernel source's
+    # ROUTES (scripts/batch_decode.py's, default kernels; its lines also go to $OUT/ab.jsonl, with the process's
+    # one-stream tok/s), PROBE=0 (no one-row decode_probe: batch_decode's one-stream run is the reference),
+    # PIN (taskset cores for the timed processes, e.g. while a build runs on the others). An assignment KERN_NAME=V (e.g. KERN_MMA_ROW_LOADS=8) sets a kernel source's
     # `#define NAME ...` line to V in a copy of the tree (/tmp/ab/...), and that setting runs from the copy;
     # TREE=.baseline runs that setting from the carried older tree (see compare).
     [ -n "${AB:-}" ] || { echo "ab: set AB, e.g. AB=\"RWKV_MLX_SEPARATE_PROLOGUE=0 RWKV_MLX_SEPARATE_PROLOGUE=1\""; exit 2; }
@@ -241,11 +242,11 @@ case $step in
         for setting in $AB; do
           echo "== $t round $round $setting" | tee -a $OUT/ab.log
           tree=$(ab_tree "$setting") || exit 2
-          env ${setting//,/ } PYTHONPATH=/tmp/mlxsite:$tree "${pin[@]}" timeout -s KILL 90 python3 $tree/scripts/decode_probe.py \
-            /tmp/synth/$t.gguf --tokens ${TOKENS:-128} --no-reference 2>&1 | grep "^kernels" | tee -a $OUT/ab.log
+          [ "${PROBE:-1}" = 0 ] || env ${setting//,/ } PYTHONPATH=/tmp/mlxsite:$tree "${pin[@]}" timeout -s KILL 90 python3 \
+            $tree/scripts/decode_probe.py /tmp/synth/$t.gguf --tokens ${TOKENS:-128} --no-reference 2>&1 | grep "^kernels" | tee -a $OUT/ab.log
           [ -n "${BATCHES:-}" ] || continue
           env ${setting//,/ } PYTHONPATH=/tmp/mlxsite:$tree "${pin[@]}" timeout -s KILL 150 python3 $tree/scripts/batch_decode.py /tmp/synth/$t.gguf \
-            --batches $BATCHES --routes ${ROUTES:-kernels} --tokens ${BATCH_TOKENS:-32} 2>&1 \
+            --batches $BATCHES --routes ${ROUTES:-kernels} --tokens ${BATCH_TOKENS:-32} --json $OUT/ab.jsonl 2>&1 \
             | grep "^|" | tee -a $OUT/ab.log
         done
       done
