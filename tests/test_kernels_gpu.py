@@ -122,8 +122,8 @@ def test_dequant_kernel_expands_affine_codes(kind):
 @pytest.fixture
 def every_batch(monkeypatch):
     """The matvec kernel's float32 loops at every row count a backend may give them: Metal takes them at all
-    of them, while CUDA's default bound (matvec.MAX_BATCH_DEFAULT) hands larger batches to MLX's products;
-    and no matrix units (the MMA variant, tested below against its float16 operands)."""
+    of them, while CUDA's default bound (matvec.MAX_BATCH_DEFAULT) hands larger batches of float weights to
+    MLX's products; and no matrix units (the MMA variant, tested below against its float16 operands)."""
     from rwkv_mlx.kernels import matvec as matvec_module
 
     monkeypatch.setattr(matvec_module, "MAX_BATCH", 0)

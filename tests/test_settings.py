@@ -27,12 +27,14 @@ def test_bad_integer_names_the_variable(monkeypatch, value):
 def test_defaults_and_overrides(monkeypatch):
     for name in settings.SETTINGS:
         monkeypatch.delenv(name, raising=False)
-    assert matvec.max_batch("cuda") == matvec.MAX_BATCH_DEFAULT["cuda"]
-    assert matvec.max_batch("metal") == matvec.MAX_BATCH_DEFAULT["metal"]
+    assert matvec.max_batch("cuda") == matvec.MAX_BATCH_DEFAULT["cuda", "quantized"] == 0
+    assert matvec.max_batch("cuda", dense=True) == matvec.MAX_BATCH_DEFAULT["cuda", "dense"] == 16
+    assert matvec.max_batch("metal") == matvec.max_batch("metal", dense=True) == 0
     assert layers.cuda_dequant_min_rows() == 16
     monkeypatch.setenv("RWKV_MLX_KERNEL_MAX_BATCH", "4")
     monkeypatch.setenv("RWKV_MLX_CUDA_DEQUANT_MIN_ROWS", "0")
     assert matvec.max_batch("metal") == 4 and not matvec.kernel_rows(5, "metal") and matvec.kernel_rows(4, "metal")
+    assert not matvec.kernel_rows(5, "cuda") and not matvec.kernel_rows(5, "cuda", dense=True)  # (both forms)
     assert layers.cuda_dequant_min_rows() == 0
     monkeypatch.setattr(matvec, "MAX_BATCH", 0)  # a script's or test's own setting wins
     assert matvec.kernel_rows(1000, "cuda")

@@ -38,7 +38,7 @@ UP_MODES = (1, 0, 0, 2)
 
 
 class BlockPlan:
-    """The five launches of one block for one batch size (above ``matvec.max_batch(backend)`` rows
+    """The five launches of one block for one batch size (above ``matvec.max_batch(backend, dense)`` rows
     launches 1, 3, 4 and 5 are MLX's products, kernels/products.py). On the matrix units (from
     ``matvec.mma_min_rows()`` rows) and above the bound, the LoRA up-projections are a sixth, ``ups``: a
     matrix-unit launch, or MLX's products."""
@@ -54,10 +54,13 @@ class BlockPlan:
         segments = [Segment(att.receptance, mode=LERP_R), Segment(att.key, mode=LERP_K),
                     Segment(att.value, mode=LERP_V)] + [Segment(w, mode=m) for w, m in downs if w is not None]
         # Many rows: MLX's products instead of the matvec kernel (kernels/products.py), the time mix unchanged.
-        products = not matvec.kernel_rows(B, backend)
+        # The bound is the block's: quantized if any of its matrices is, for each of its plans.
+        dense = matvec.all_dense([att.receptance, att.key, att.value, att.output, ffn.key, ffn.value])
+        products = not matvec.kernel_rows(B, backend, dense)
 
         def plan(segs, **options):
-            return ProductPlan(segs, B, **options) if products else MatvecPlan(segs, B, backend=backend, **options)
+            return (ProductPlan(segs, B, **options) if products else
+                    MatvecPlan(segs, B, backend=backend, dense=dense, **options))
 
         self.proj = plan(segments, prologue=1, ln=block.ln1, mix=att.x_lerp)
         self.out = plan([Segment(att.output)], epilogue=2, out_shape=(B, 1, C))
@@ -84,7 +87,8 @@ class BlockPlan:
             segs = [Segment(w, x_offset=3 * C + info[i][1], mode=UP_MODES[i]) for w, i in present]
             bias = mx.concatenate([self.bias0[i * C:(i + 1) * C] for _, i in present])
             self.ups = (ProductPlan(segs, B, bias=bias) if products else
-                        MatvecPlan(segs, B, backend=backend, x_stride=self.proj.out_shapes[0][-1], bias=bias))
+                        MatvecPlan(segs, B, backend=backend, x_stride=self.proj.out_shapes[0][-1], bias=bias,
+                                   dense=dense))
             if not self.ups.ok:  # (ranks that are not whole 32-element groups): the kernel's own up-projections
                 self.ups = None
         self.wkv = build("wkv7", backend)

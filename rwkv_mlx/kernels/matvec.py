@@ -40,25 +40,35 @@ _KINDS = {"dense": 0, "affine": 1, "q6_k": 2, "q3_k": 3, "q2_k": 4, "q8_0": 5, "
           "q5_0": 8, "q5_1": 9, "iq4_nl": 10, "q4_k": 11, "q5_k": 12, "iq4_xs": 13}
 MAX_SEGMENTS = 8
 # Activation rows above which no launch is planned; above the bound a decoded block's products are MLX's
-# (kernels/products.py). CUDA, measured on an H100: the float32 loops won at 4 rows (374 and 426 tok/s for
+# (kernels/products.py). Per backend and weight form (dense: float weights only; quantized: any affine or GGUF
+# block matrix in the block). CUDA, measured on an H100: the float32 loops won at 4 rows (374 and 426 tok/s for
 # Q4_K_M and F16 against 253 and 133, scaling at 4e654af, results/serve_bench.md); from 8 rows the matrix
 # units (MMA) won at 16 rows (Q4_K_M 1,405 tok/s against 966, Q8_0 1,326 against 603, kernel_log step 16).
-# At d747143 (step 17) MMA gave Q4_K_M 4,417 tok/s at 64 rows against MLX's products' 2,955, but the products
-# were timed before the time-mix launch they share got 4x faster, so the bound above 16 is undecided. Apple
-# GPUs are not measured, so Metal keeps the kernels at every batch size. 0: no bound.
-MAX_BATCH_DEFAULT = {"cuda": 16, "metal": 0}
+# Quantized weights: MLX's products dequantize every matrix at every step (11.2 of 26.5 ms a 64-row step, Q4_K_M);
+# the matrix units gave 3,776 and 5,464 tok/s at 32 and 64 rows against the products' 1,665 and 2,036 (Q4_K_M,
+# kernel_log step 20), so no bound. Dense weights reach cuBLAS as they are; at 64 rows the matrix units (4,547
+# tok/s for F16, step 18) have not been timed against products that share the faster time-mix launch, so CUDA
+# keeps 16 there. Apple GPUs are not measured, so Metal keeps the kernels at every batch size. 0: no bound.
+MAX_BATCH_DEFAULT = {("cuda", "dense"): 16, ("cuda", "quantized"): 0, ("metal", "dense"): 0, ("metal", "quantized"): 0}
 MAX_BATCH: int | None = None  # set by scripts and tests; None: $RWKV_MLX_KERNEL_MAX_BATCH or the default
 
 
-def max_batch(backend: str) -> int:
-    """Decoded rows above which ``backend`` takes a block's products from MLX (0: never)."""
-    return env_int("RWKV_MLX_KERNEL_MAX_BATCH", MAX_BATCH_DEFAULT[backend], override=MAX_BATCH)
+def max_batch(backend: str, dense: bool = False) -> int:
+    """Decoded rows above which ``backend`` takes a block's products from MLX (0: never); ``dense``: the
+    block's weights are all float matrices."""
+    default = MAX_BATCH_DEFAULT[backend, "dense" if dense else "quantized"]
+    return env_int("RWKV_MLX_KERNEL_MAX_BATCH", default, override=MAX_BATCH)
 
 
-def kernel_rows(batch: int, backend: str) -> bool:
-    """Whether the matvec kernel takes ``batch`` activation rows on ``backend``."""
-    bound = max_batch(backend)
+def kernel_rows(batch: int, backend: str, dense: bool = False) -> bool:
+    """Whether the matvec kernel takes ``batch`` activation rows on ``backend`` (``dense``: as max_batch)."""
+    bound = max_batch(backend, dense)
     return not 0 < bound < batch
+
+
+def all_dense(weights) -> bool:
+    """Whether every one of these layers or arrays holds float weights (no affine codes, no GGUF blocks)."""
+    return all(isinstance(w, (mx.array, Linear)) for w in weights)
 
 
 @dataclass
@@ -260,16 +270,18 @@ class MatvecPlan:
     def __init__(self, segments: list[Segment], batch: int, *, backend: str, prologue: int = 0, epilogue: int = 0,
                  bias: mx.array | None = None, ln: nn.LayerNorm | None = None, mix: mx.array | None = None,
                  x_stride: int | None = None, out_shape: tuple[int, ...] | None = None,
-                 half_input: bool = False, out_dtype: mx.Dtype = mx.float32):
+                 half_input: bool = False, out_dtype: mx.Dtype = mx.float32, dense: bool | None = None):
         self.prologue, self.pre, self.out_dtype, self.x_dtype = prologue, None, out_dtype, mx.float32
+        # (dense: the bound of max_batch for these weights; a block's plans share their block's)
+        dense = all_dense(s.weight for s in segments) if dense is None else dense
         # The matrix-unit variant stages PRO 0 rows only: every group would normalize all rows again (579
         # against 723 tok/s at 16 rows, Q4_K_M on an H100, results/kernel_log.md step 15).
-        if prologue == 1 and (separate(backend) or (uses_mma(batch) and kernel_rows(batch, backend))):
-            self._split(segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype)
+        if prologue == 1 and (separate(backend) or (uses_mma(batch) and kernel_rows(batch, backend, dense))):
+            self._split(segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype, dense)
             return
         weights = [_weights(s.weight) for s in segments]
         self.ok = (all(w is not None for w in weights) and len(weights) <= MAX_SEGMENTS
-                   and kernel_rows(batch, backend))
+                   and kernel_rows(batch, backend, dense))
         if not self.ok:
             return
         affine = [w for w in weights if w.fmt[0] == "affine"]
@@ -372,13 +384,13 @@ class MatvecPlan:
             mx.zeros((batch, x_stride), dtype=self.x_dtype), mx.zeros((batch, ks[0])) if prologue == 1 else None,
             mx.zeros(self.out_shapes[0]) if epilogue == 2 else None))
 
-    def _split(self, segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype) -> None:
+    def _split(self, segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype, dense) -> None:
         """The prologue as a launch of its own: each segment reads its lerp's row of the prologue's output
         (float16 where the matvec launch multiplies on the matrix units)."""
         M, K = prologue_shape(ln, mix)
         rows = [Segment(s.weight, x_offset=lerp_row(s.mode, M) * K) for s in segments]
         self.inner = MatvecPlan(rows, batch, backend=backend, epilogue=epilogue, bias=bias, x_stride=(M + 1) * K,
-                                out_shape=out_shape, half_input=True, out_dtype=out_dtype)
+                                out_shape=out_shape, half_input=True, out_dtype=out_dtype, dense=dense)
         self.pre = LayerNormLerpPlan(ln, mix, batch, backend, xin_dtype=self.inner.x_dtype)
         self.ok = self.pre.ok and self.inner.ok
         if self.ok:
