@@ -24,8 +24,9 @@ SETTINGS = {
     "RWKV_MLX_MMA_MIN_GROUPS": "groups a matrix-unit launch should keep (by its groups' weight rows and parts of K)",
     "RWKV_MLX_MMA_K_PARTS": "the most parts a matrix-unit launch splits its rows' K into, added afterwards (1: none)",
     "RWKV_MLX_MMA_DECODES": "weight groups a thread of a matrix-unit launch decodes at once (their loads in flight together)",
-    "RWKV_MLX_MMA_PREFETCH": "1: a matrix-unit launch of affine weights loads the next tile's weights while this one multiplies (untimed; 0 by default)",
-    "RWKV_MLX_MMA_ROWS_AHEAD": "1: a matrix-unit launch of float16 rows loads the next tile's rows while this one multiplies (untimed; 0 by default)",
+    "RWKV_MLX_MMA_PREFETCH": "1: a matrix-unit launch of affine weights loads the next tile's weights while this one multiplies (0 by default)",
+    "RWKV_MLX_MMA_ROWS_AHEAD": "1: a matrix-unit launch of float16 rows loads the next tile's rows while this one multiplies (no gain on an H100; 0 by default)",
+    "RWKV_MLX_DECODE_AHEAD": "decode steps queued ahead of the token the host reads (1; 2 or more absorb the host's jitter, untimed); constrained rows 1",
 }
 
 

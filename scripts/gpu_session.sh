@@ -231,6 +231,7 @@ case $step in
     # ROUNDS (default 2), TOKENS (one-row decode, default 128), BATCHES (batched decode, default none) by
     # ROUTES (scripts/batch_decode.py's, default kernels; its lines also go to $OUT/ab.jsonl, with the process's
     # one-stream tok/s), PROBE=0 (no one-row decode_probe: batch_decode's one-stream run is the reference),
+    # STREAM=1 (decode_probe also times stream_generate, what the benchmark times: e.g. RWKV_MLX_DECODE_AHEAD),
     # PIN (taskset cores for the timed processes, e.g. while a build runs on the others). An assignment KERN_NAME=V (e.g. KERN_MMA_ROW_LOADS=8) sets a kernel source's
     # `#define NAME ...` line to V in a copy of the tree (/tmp/ab/...), and that setting runs from the copy;
     # TREE=.baseline runs that setting from the carried older tree (see compare).
@@ -243,7 +244,8 @@ case $step in
           echo "== $t round $round $setting" | tee -a $OUT/ab.log
           tree=$(ab_tree "$setting") || exit 2
           [ "${PROBE:-1}" = 0 ] || env ${setting//,/ } PYTHONPATH=/tmp/mlxsite:$tree "${pin[@]}" timeout -s KILL 90 python3 \
-            $tree/scripts/decode_probe.py /tmp/synth/$t.gguf --tokens ${TOKENS:-128} --no-reference 2>&1 | grep "^kernels" | tee -a $OUT/ab.log
+            $tree/scripts/decode_probe.py /tmp/synth/$t.gguf --tokens ${TOKENS:-128} --no-reference \
+            $([ "${STREAM:-0}" = 1 ] && echo --stream) 2>&1 | grep -E "^(kernels|stream)" | tee -a $OUT/ab.log
           [ -n "${BATCHES:-}" ] || continue
           env ${setting//,/ } PYTHONPATH=/tmp/mlxsite:$tree "${pin[@]}" timeout -s KILL 150 python3 $tree/scripts/batch_decode.py /tmp/synth/$t.gguf \
             --batches $BATCHES --routes ${ROUTES:-kernels} --tokens ${BATCH_TOKENS:-32} --json $OUT/ab.jsonl 2>&1 \

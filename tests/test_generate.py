@@ -80,8 +80,18 @@ def _state_by_hand(model, ids: list[int]) -> State:
     return state
 
 
+@pytest.fixture(params=[1, 3], ids=["ahead1", "ahead3"])
+def ahead(request, monkeypatch):
+    """The decode loop with one step queued ahead of the token it reads (the default) and with three
+    ($RWKV_MLX_DECODE_AHEAD): the same tokens, log-probabilities, stops and final states."""
+    from rwkv_mlx.text import generate
+
+    monkeypatch.setattr(generate, "DECODE_AHEAD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("finish", ["length", "stop"])
-def test_returned_state_includes_every_generated_token(finish):
+def test_returned_state_includes_every_generated_token(finish, ahead):
     model, tokenizer = tiny_model()
     ids = tokenizer.encode("User: tell me a story\n\nAssistant:")
     first = list(rwkv_mlx.stream_generate(model, tokenizer, ids, max_tokens=10, sampling=GREEDY))
@@ -104,7 +114,7 @@ def test_returned_state_includes_every_generated_token(finish):
     assert last.state.model_id.fingerprint == model.fingerprint
 
 
-def test_stream_pieces_carry_tokens_logprobs_and_seed():
+def test_stream_pieces_carry_tokens_logprobs_and_seed(ahead):
     model, tokenizer = tiny_model()
     ids = tokenizer.encode("ROMEO:")
     pieces = list(rwkv_mlx.stream_generate(model, tokenizer, ids, max_tokens=6, sampling=SamplingParams(seed=123),
@@ -146,7 +156,7 @@ def test_one_batched_step_equals_separate_steps():
             assert np.abs(to_np(a) - to_np(b)).max() < 1e-5
 
 
-def test_batch_equals_one_at_a_time():
+def test_batch_equals_one_at_a_time(ahead):
     """Different prompt lengths, sampling, limits and stop strings per row: token for token."""
     model, tokenizer = tiny_model()
     samplings = [GREEDY, SamplingParams(temperature=1.0, top_p=0.9, seed=5), GREEDY.replace(presence_penalty=0.5)]
@@ -173,7 +183,7 @@ def test_batch_equals_one_at_a_time():
                                    stop=stops) == ["".join(r.text for r in e) for e in expected]
 
 
-def test_batch_returns_each_rows_state():
+def test_batch_returns_each_rows_state(ahead):
     model, tokenizer = tiny_model()
     limits = [3, 7, 7]  # row 0 ends while the batch goes on, rows 1 and 2 at the last step
     responses = list(rwkv_mlx.stream_batch_generate(model, tokenizer, PROMPTS, samplings=GREEDY, max_tokens=limits,
