@@ -38,15 +38,20 @@ def _effective(params) -> tuple[float, float]:
     return effective_temperature_top_p(params.temperature, params.top_p)
 
 
+def _each(samplers: list[Sampler], match) -> list:
+    """Each row's first processor that ``match`` accepts, or None."""
+    return [next((p for p in s.processors if match(p)), None) for s in samplers]
+
+
 def _processed(logits: mx.array, samplers: list[Sampler]) -> mx.array:
     """Logit biases, bans, the decayed presence/frequency penalty, then output constraints (rows without them
     pass unchanged), in make_logits_processors' order so that each row rounds as its own Sampler does."""
     x = logits.astype(mx.float32)
-    biases = [next((p for p in s.processors if isinstance(p, LogitBias)), None) for s in samplers]
+    biases = _each(samplers, lambda p: isinstance(p, LogitBias))
     if any(biases):
         zero = mx.zeros((x.shape[-1],), dtype=mx.float32)
         x = x + mx.stack([b.bias if b is not None else zero for b in biases])
-    bans = [next((p for p in s.processors if isinstance(p, TokenBan)), None) for s in samplers]
+    bans = _each(samplers, lambda p: isinstance(p, TokenBan))
     if any(bans):
         V = x.shape[-1]
         mask = mx.stack([b.mask if b is not None else mx.zeros((V,), dtype=mx.bool_) for b in bans])
@@ -61,7 +66,7 @@ def _processed(logits: mx.array, samplers: list[Sampler]) -> mx.array:
         x = x - (presence * seen + frequency * occ)
     # output constraints last, as in Sampler (make_logits_processors appends them): each row's grammar
     # mask (all allowed for free rows), applied to the whole batch at once by the constraint's own rule
-    constraints = [next((p for p in s.processors if p.needs_tokens), None) for s in samplers]
+    constraints = _each(samplers, lambda p: p.needs_tokens)
     rule = next((p for p in constraints if p is not None), None)
     if rule is not None:
         V = x.shape[-1]
