@@ -36,18 +36,21 @@ def _setup(config: ServeConfig):
 def _listen(host: str, port: int) -> socket.socket:
     """The bound socket uvicorn will serve on. Bound here, before the model loads, so that a refusal
     fails at once and names its reason (uvicorn logs it and ends its thread)."""
+    def refused(e: OSError) -> OSError:
+        return OSError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}")
+
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as e:
-        raise OSError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}") from None
+        raise refused(e) from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
     except OSError as e:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}") from None
+        raise refused(e) from None
     return sock
 
 
