@@ -224,8 +224,8 @@ def chain_tolerance(k: int) -> float:
     rounding to nearest at each step leaves about 0.3 sqrt(n) 2^-24 (4.6e-7 here), truncation toward zero, as
     Fasi et al. (2021) found in earlier NVIDIA tensor cores, about 0.42 n 2^-24 (half an ulp, 0.72 2^-24 of a
     partial sum on average, times the partial sums' total, whose norm is n / sqrt(3) times the result's): 1.6e-5
-    here. (Both constants also come out of a numpy simulation of 640 float32 steps.) The bound is n 2^-24, never below 1e-5: 3.8e-5 at k = 10240. A wrong tile or a missed tail gives errors
-    of order one."""
+    here. (Both constants also come out of a numpy simulation of 640 float32 steps.) The bound is n 2^-24,
+    never below 1e-5: 3.8e-5 at k = 10240. A wrong tile or a missed tail gives errors of order one."""
     return max(1e-5, (k / 16) * 2.0**-24)
 
 
