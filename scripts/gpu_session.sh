@@ -233,8 +233,9 @@ case $step in
     # one-stream tok/s), PROBE=0 (no one-row decode_probe: batch_decode's one-stream run is the reference),
     # STREAM=1 (decode_probe also times stream_generate, what the benchmark times: e.g. RWKV_MLX_DECODE_AHEAD),
     # PIN (taskset cores for the timed processes, e.g. while a build runs on the others). An assignment
-    # KERN_NAME=V (e.g. KERN_MMA_ROW_LOADS=8) sets a kernel source's `#define NAME ...` line to V in a copy of the tree (/tmp/ab/...), and that setting runs from the copy;
-    # TREE=.baseline runs that setting from the carried older tree (see compare).
+    # KERN_NAME=V (e.g. KERN_MMA_ROW_LOADS=8) sets a kernel source's `#define NAME ...` line to V in a copy of
+    # the tree (/tmp/ab/...), and that setting runs from the copy; TREE=.baseline runs that setting from the
+    # carried older tree (see compare).
     [ -n "${AB:-}" ] || { echo "ab: set AB, e.g. AB=\"RWKV_MLX_SEPARATE_PROLOGUE=0 RWKV_MLX_SEPARATE_PROLOGUE=1\""; exit 2; }
     bash "$0" wait "$@"
     pin=(); [ -n "${PIN:-}" ] && pin=(taskset -c "$PIN")
