@@ -40,8 +40,9 @@ def test_shared_source_has_no_backend_identifiers(name):
             assert word not in code, f"{name}.kern uses the {backend}-only identifier {word!r}"
 
 
-# every kernel plain, and each declared variant (which drops inputs from the signature)
-RENDERINGS = [(n, ()) for n in KERNELS] + [(n, (d,)) for n in KERNELS for d in dialect.load_kern(n).variants]
+# every kernel plain, and each of its variants (own ones drop inputs from the signature; its included files'
+# READ_ variants keep one format's readers)
+RENDERINGS = [(n, ()) for n in KERNELS] + [(n, (d,)) for n in KERNELS for d in dialect.all_variants(dialect.load_kern(n))]
 
 
 @pytest.mark.parametrize("backend", dialect.BACKENDS)
@@ -135,17 +136,23 @@ def _preprocessed(text: str) -> list[str]:
 
 
 def _variant_sets(name: str) -> list[tuple[str, ...]]:
-    """Every combination of a kernel's declared variants, in declaration order."""
-    names = list(dialect.load_kern(name).variants)
-    return [tuple(v for i, v in enumerate(names) if mask >> i & 1) for mask in range(1 << len(names))]
+    """Every combination of a kernel's variants that shape the launch, in declaration order, each with every
+    format's READ_ variant; and each READ_ variant alone (a launch reads one to three formats: every
+    combination of fourteen would be 16,384 texts)."""
+    names = list(dialect.all_variants(dialect.load_kern(name)))
+    readers = tuple(v for v in names if v.startswith("READ_"))
+    shape = [v for v in names if v not in readers]
+    combos = [tuple(v for i, v in enumerate(shape) if mask >> i & 1) for mask in range(1 << len(shape))]
+    return [c + readers for c in combos] + [(r,) for r in readers] + [()]
 
 
 @pytest.mark.parametrize("name", KERNELS)
 def test_compacted_text_preprocesses_as_written(name):
-    """The text MLX gets (no comments, no indentation, variant conditionals decided) reads to the same
-    tokens as the text as written, through a real C preprocessor, for every combination of variants."""
+    """The text MLX gets (no comments, no indentation, variant conditionals decided), before pruning, reads
+    to the same tokens as the text as written, through a real C preprocessor, for every combination of
+    variants."""
     for defines in _variant_sets(name):
-        short = dialect.render(name, "metal", defines)  # (the Metal prelude includes no system header)
+        short = dialect.render(name, "metal", defines, pruned=False)  # (the Metal prelude includes no system header)
         full = dialect.render(name, "metal", defines, compacted=False)
         assert len(short.header) + len(short.body) < 0.8 * (len(full.header) + len(full.body))
         assert "//" not in short.header + short.body
@@ -184,3 +191,36 @@ def test_compact_keeps_string_literals_as_written():
         dialect.compact('x = "a // b";\n')
     with pytest.raises(ValueError, match="character literal"):
         dialect.compact("c = 'x';\n")
+
+
+def test_prune_drops_what_nothing_uses():
+    header = "\n".join([
+        "#define USED(x) helper(x)", "#define UNUSED 3", "#include <metal_stdlib>",
+        "template <int N>", "__device__ IN(u8) pick(IN(u8) p) { return p + N; }",  # (IN(u8): a macro's parentheses)
+        "__device__ float helper(float x) { return x; }", "__device__ float helper(int x) { return chain(x); }",
+        "__device__ float chain(int x) {", "return x;", "}",
+        "__device__ float dead(float x) {", "return helper(x);", "}",
+        "struct Kept { int a; };", "struct Dropped { int b; };", "constexpr int TABLE[2] = {1, 2};", ""])
+    body = "USED(1.0f); pick<2>(q); Kept k; out[0] = TABLE[0];\n"
+    kept = dialect.prune(header, body).splitlines()
+    assert kept == ["#define USED(x) helper(x)", "#include <metal_stdlib>", "template <int N>",
+                    "__device__ IN(u8) pick(IN(u8) p) { return p + N; }", "__device__ float helper(float x) { return x; }",
+                    "__device__ float helper(int x) { return chain(x); }", "__device__ float chain(int x) {",
+                    "return x;", "}", "struct Kept { int a; };", "constexpr int TABLE[2] = {1, 2};"]
+
+
+@pytest.mark.parametrize("backend", dialect.BACKENDS)
+def test_a_launch_text_holds_its_own_readers_only(backend):
+    """A Q4_K launch's text has the Q4_K reader and none of the others (MLX hashes all of it at every launch)."""
+    def words(defines):
+        r = dialect.render("matvec", backend, defines)
+        return set(re.findall(r"\w+", r.header + r.body)), len(r.header) + len(r.body)
+
+    q4_k, q4_k_size = words(("ONE_SEGMENT", "NO_SCALES", "READ_Q4_K"))
+    assert {"k_rows", "k_scale", "stage_tile", "dot_tile"} <= q4_k
+    assert not {"decode_q6_k", "decode_q8_0", "q8_pair_rows", "chunk_rows", "group_rows", "decode_affine"} & q4_k
+    q6_k, _ = words(("ONE_SEGMENT", "NO_SCALES", "READ_GROUPS", "READ_Q6_K"))
+    assert {"decode_q6_k", "group_rows"} <= q6_k and not {"k_rows", "decode_q4_k"} & q6_k
+    every = tuple(v for v in dialect.all_variants(dialect.load_kern("matvec")) if v.startswith("READ_"))
+    _, every_size = words(("ONE_SEGMENT", "NO_SCALES", *every))
+    assert q4_k_size < 0.5 * every_size

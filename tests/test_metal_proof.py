@@ -106,24 +106,28 @@ def test_recording_covers_every_case(recorded):
     assert "2.9B vocab 65536 decode B=1" in cases
     nb = {dict(i.template).get("NB") for i in recorded.instantiations.values()}
     assert {1, 2, 4} <= nb
+    # every variant the plans use, each name cut before the formats the launch reads (its READ_ variants, last)
     names = {i.kernel.name for i in recorded.instantiations.values()}
-    matvecs = {"rwkv_matvec", "rwkv_matvec_no_scales", "rwkv_matvec_one_segment_no_scales",
-               *(f"rwkv_matvec{v}_no_blocks" for v in ("", "_no_scales", "_one_segment", "_one_segment_no_scales"))}
-    mma = {"rwkv_matvec_no_scales_mma", "rwkv_matvec_one_segment_no_scales_mma",  # Q4_K_M, Q8_0 (blocks as stored)
-           "rwkv_matvec_no_scales_no_blocks_mma", "rwkv_matvec_one_segment_no_scales_no_blocks_mma",  # F16
-           "rwkv_matvec_no_blocks_mma", "rwkv_matvec_one_segment_no_blocks_mma",  # affine codes
-           "rwkv_matvec_mma"}  # affine codes and Q6_K blocks in one launch
-    assert names == matvecs | mma | {"rwkv_wkv7", "rwkv_dequant_no_scales", "rwkv_layernorm_lerp"}, names  # every variant
-    # the plans use (NO_SCALES: no affine matrix in the launch; NO_BLOCKS: no GGUF blocks; one matrix is affine or
-    # blocks, never both); rwkv_dequant_no_scales: the prompts' products of GGUF blocks kept as stored (Metal's
-    # default; its affine variant serves CUDA only, tests/test_matvec_blocks.py runs its Metal text);
-    # rwkv_layernorm_lerp: the decode prologues as launches of their own (a setting)
+    shapes = {n.split("_read_")[0] for n in names}
+    matvecs = {"rwkv_matvec", "rwkv_matvec_no_scales", "rwkv_matvec_one_segment", "rwkv_matvec_one_segment_no_scales"}
+    mma = {"rwkv_matvec_no_scales_mma", "rwkv_matvec_one_segment_no_scales_mma",  # blocks as stored, F16
+           "rwkv_matvec_mma", "rwkv_matvec_one_segment_mma"}  # affine codes (beside Q6_K blocks in one launch)
+    assert shapes == matvecs | mma | {"rwkv_wkv7", "rwkv_dequant_no_scales", "rwkv_layernorm_lerp"}, shapes
+    # (NO_SCALES: no affine matrix in the launch; rwkv_dequant_no_scales: the prompts' products of GGUF blocks kept
+    # as stored (Metal's default; its affine variant serves CUDA only, tests/test_matvec_blocks.py runs its Metal
+    # text); rwkv_layernorm_lerp: the decode prologues as launches of their own (a setting)). The formats: the
+    # oracle files hold every block type, and a launch of affine codes beside Q6_K blocks reads both.
+    read = {k: set().union(*(n.split("_read_")[1:] for n in names if n.startswith(f"rwkv_{k}_")))
+            for k in ("matvec", "dequant")}
+    assert any(n.endswith("_read_affine_read_q6_k") for n in names), names
     assert "2.9B Q4_K_M separate prologue decode B=4" in cases
     assert {16, 64} <= {dict(i.template).get("NB") for i in recorded.instantiations.values() if "mma" in i.kernel.name}
     if not oracle_models():
         pytest.skip(f"the oracle files were not recorded: {ORACLE_MISSING}")
     for name in oracle_models():
         assert f"{name} decode B=4" in cases and f"{name} prefill B=2" in cases
+    blocks = {"q6_k", "q3_k", "q2_k", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "iq4_xs"}
+    assert read["matvec"] == blocks | {"dense", "affine", "groups"} and read["dequant"] == blocks, read
     scales = {d for i in recorded.instantiations.values() for n, d, _ in i.inputs if n == "s0"}
     assert {"float32", "float16", "bfloat16"} <= scales
 
@@ -186,7 +190,7 @@ def test_issue_13_placeholders_do_not_compile(recorded):
     """Issue 13 itself: the real 8-slot matvec text with 1-element placeholders (as before the fix) fails,
     because MLX passes them as `constant` and the kernel's helpers take `device` pointers."""
     inst = next(i for i in recorded.instantiations.values()
-                if i.kernel.name == "rwkv_matvec" and dict(i.template)["BITS"] == 4)
+                if i.kernel.name.split("_read_")[0] == "rwkv_matvec" and dict(i.template)["BITS"] == 4)
     unused = {f"{k}{i}" for k in "sz" for i in range(1, 8)}  # scale/offset slots a dense or affine launch leaves empty
     shrunk = tuple((n, d, (1,) if n in unused else s) for n, d, s in inst.inputs)
     unfixed = Instantiation(inst.kernel, shrunk, inst.template, inst.output_shapes, inst.output_dtypes, inst.launches)
@@ -367,7 +371,7 @@ def test_emulated_many_rows_expand_affine_codes_as_on_cuda(require_oracle, monke
     monkeypatch.setattr(layers, "CUDA_EXPAND_DTYPE", "float32")
     emu = Emulator()
     expanded = emulated_logits(model, tokens, decoded=1, batch=16, emu=emu)
-    assert "rwkv_dequant_no_blocks" in {b.inst.kernel.name for b in emu.built.values()}
+    assert "rwkv_dequant_read_affine" in {b.inst.kernel.name for b in emu.built.values()}
     assert rel_err(expanded, quantized) < 1e-6
 
 
@@ -633,8 +637,9 @@ def test_emulated_many_rows_on_matrix_units_match_pure_path(batch, require_oracl
     emu = Emulator()
     got = emulated_logits(model, tokens, decoded=3, batch=batch, emu=emu)
     # r/k/v + LoRA down, the FFN and output launches, and the up-projections (dense only: no blocks)
-    assert {"rwkv_matvec_no_scales_mma", "rwkv_matvec_one_segment_no_scales_mma",
-            "rwkv_matvec_no_scales_no_blocks_mma"} <= {b.inst.kernel.name for b in emu.built.values()}
+    # (this file's r, k and v are Q5_0: the launch with the LoRA down-projections reads dense and Q5_0 rows)
+    assert {"rwkv_matvec_no_scales_mma_read_dense_read_q5_0", "rwkv_matvec_one_segment_no_scales_mma_read_q4_k",
+            "rwkv_matvec_no_scales_mma_read_dense"} <= {b.inst.kernel.name for b in emu.built.values()}
     with emu.running():
         plan = BlockPlan(model.blocks[1], batch, "metal")
     assert plan.ups is not None and plan.value.x_dtype == mx.float16 and plan.proj.inner.x_dtype == mx.float16

@@ -14,7 +14,7 @@ import mlx.core as mx
 
 from .. import quants
 from .dialect import build, launches
-from .matvec import STORED_BLOCK_TYPES, kind_number, _KINDS
+from .matvec import STORED_BLOCK_TYPES, _KINDS, kind_number, reader_variants
 
 THREADS = 256  # threads per group: dequant.kern's THREADS
 GROUP = 32  # weights per thread: one block group, or one affine group (the only affine group size read)
@@ -42,8 +42,10 @@ def expand(weight: mx.array, ggml_type: int, in_dims: int, backend: str, dtype: 
         return None
     if ggml_type not in STORED_BLOCK_TYPES or in_dims % quants.BLOCK_TYPES[ggml_type].block_elems:
         return None
-    template = [("KIND", kind_number(ggml_type)), ("BITS", 4)]  # (BITS: affine only)
-    return _expand(build("dequant", backend, ("NO_SCALES",)), [weight], template, weight.shape[0], in_dims, dtype)
+    kind = kind_number(ggml_type)
+    template = [("KIND", kind), ("BITS", 4)]  # (BITS: affine only)
+    kernel = build("dequant", backend, ("NO_SCALES", *reader_variants([kind])))
+    return _expand(kernel, [weight], template, weight.shape[0], in_dims, dtype)
 
 
 def expand_affine(weight: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int, backend: str,
@@ -54,5 +56,5 @@ def expand_affine(weight: mx.array, scales: mx.array, biases: mx.array, bits: in
         return None
     rows, in_dims = scales.shape[0], scales.shape[1] * GROUP
     template = [("KIND", _KINDS["affine"]), ("BITS", bits)]
-    return _expand(build("dequant", backend, ("NO_BLOCKS",)), [weight, scales, biases], template, rows, in_dims,
-                   dtype)
+    kernel = build("dequant", backend, reader_variants([_KINDS["affine"]]))
+    return _expand(kernel, [weight, scales, biases], template, rows, in_dims, dtype)

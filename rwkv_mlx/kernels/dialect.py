@@ -307,21 +307,8 @@ class Rendered:
     constants: tuple[str, ...] = ()
 
 
-def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = (), *,
-           compacted: bool = True) -> Rendered:
-    """The (header, body) MLX needs for ``backend``, includes resolved in order.
-
-    ``defines`` become ``#define NAME 1`` lines ahead of the header: a variant of
-    one source (a weight format, say) without a second copy of the text. A variant
-    declared with ``//! variant: NAME inputs...`` also leaves those inputs (and outputs) out of the
-    signature (each input costs host time at every launch), and its conditionals are
-    decided here (``resolve_variants``). ``compacted=False`` gives the text as written
-    (comments, every variant's code), which a C preprocessor reads the same: tests compare them.
-    """
-    if isinstance(src, str):
-        src = load_kern(src)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}")
+def included(src: KernelSource) -> list[str]:
+    """The files ``src`` includes, directly or through another, each once, in the order they are pasted."""
     seen: list[str] = []
 
     def collect(s: KernelSource) -> None:
@@ -332,21 +319,58 @@ def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = (),
                 seen.append(inc)
 
     collect(src)
-    unknown = set(defines) - set(src.variants)
+    return seen
+
+
+def all_variants(src: KernelSource) -> dict[str, list[str]]:
+    """A kernel's variants: its own and those its included files declare (which drop none of its inputs):
+    matvec_formats.kern's readers are variants of every kernel that reads weights through it."""
+    out: dict[str, list[str]] = {}
+    for inc in (i for i in included(src) if i not in _BACKEND_PARTS):
+        for define, dropped in load_kern(inc).variants.items():
+            if dropped:
+                raise ValueError(f"{inc}.kern: variant {define} drops inputs, and an included file has none")
+            out[define] = []
+    return {**out, **src.variants}
+
+
+def render(src: KernelSource | str, backend: str, defines: tuple[str, ...] = (), *,
+           compacted: bool = True, pruned: bool = True) -> Rendered:
+    """The (header, body) MLX needs for ``backend``, includes resolved in order.
+
+    ``defines`` become ``#define NAME 1`` lines ahead of the header: a variant of
+    one source (a weight format, say) without a second copy of the text. A variant
+    declared with ``//! variant: NAME inputs...`` also leaves those inputs (and outputs) out of the
+    signature (each input costs host time at every launch), and its conditionals are
+    decided here (``resolve_variants``), and the header's definitions that nothing left in the text
+    uses are dropped (``prune``; ``pruned=False`` keeps them). ``compacted=False`` gives the text as
+    written (comments, every variant's code), which a C preprocessor reads as the unpruned compacted
+    text: tests compare them.
+    """
+    if isinstance(src, str):
+        src = load_kern(src)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    seen = included(src)
+    variants = all_variants(src)
+    unknown = set(defines) - set(variants)
     if unknown:
         raise ValueError(f"{src.name}: no variant {sorted(unknown)} (declare it with //! variant:)")
-    header = "".join(f"#define {d} 1\n" for d in defines) + _PRELUDES[backend]
+    marks = "".join(f"#define {d} 1\n" for d in defines)  # (kept, though pruning finds them unused: they name the variant)
+    header = _PRELUDES[backend]
     header += "\n".join(_BACKEND_PARTS[i][backend] if i in _BACKEND_PARTS else substitute(load_kern(i).header, backend)
                         for i in seen)
     header += "\n" + substitute(src.header, backend)
 
     def final(text: str) -> str:
         # (as written, a text still ends with a newline: MLX appends the signature to the header)
-        return compact(resolve_variants(text, set(src.variants), set(defines))) if compacted else text + "\n"
+        return compact(resolve_variants(text, set(variants), set(defines))) if compacted else text + "\n"
 
     name = "_".join([src.name, *(d.lower() for d in defines)])
-    dropped = {i for d in defines for i in src.variants.get(d, ())}
-    return Rendered(name, backend, final(header), final(substitute(src.body, backend)),
+    dropped = {i for d in defines for i in variants.get(d, ())}
+    header, body = final(header), final(substitute(src.body, backend))
+    header = marks + (prune(header, body) if compacted and pruned else header)
+    return Rendered(name, backend, header, body,
                     tuple(i for i in src.inputs if i not in dropped), tuple(o for o in src.outputs if o not in dropped),
                     tuple(src.template),
                     tuple(src.constants))
@@ -447,6 +471,83 @@ def resolve_variants(text: str, variants: set[str], defined: set[str]) -> str:
     return "\n".join(out)
 
 
+_IDENT = re.compile(r"[A-Za-z_]\w*")
+_DEFINE = re.compile(r"#\s*define\s+(\w+)")
+
+
+def _defined_name(item: str) -> str | None:
+    """The name a top-level item of a compacted header defines: a macro, a struct, a function (the word
+    before its parameter list, the last parenthesized group ahead of its body, so ``IN(u8) f(...)`` gives
+    ``f``) or a variable; None where it is none of these, and such an item is always kept."""
+    if item.startswith("#"):
+        m = _DEFINE.match(item)
+        return m.group(1) if m else None
+    text = re.sub(r"^template\s*<[^{;]*?>\s*", "", item)
+    m = re.match(r"(?:struct|union|class)\s+(\w+)", text)
+    if m:
+        return m.group(1)
+    head = re.split(r"[{;=]", text, maxsplit=1)[0]
+    depth, end = 0, None
+    for i in range(len(head) - 1, -1, -1):  # (right to left: the parameter list is the last group)
+        if head[i] == ")":
+            end = i if depth == 0 else end
+            depth += 1
+        elif head[i] == "(":
+            depth -= 1
+            if depth == 0:
+                m = re.search(r"(\w+)\s*$", head[:i])
+                return m.group(1) if m else None
+    m = re.search(r"(\w+)\s*(?:\[[^\]]*\]\s*)*$", head)
+    return m.group(1) if m else None
+
+
+def _top_level_items(header: str) -> list[str]:
+    """A compacted header cut into its top-level items: each preprocessor line, and each declaration or
+    definition (a ``template <...>`` line with the one it introduces) up to the ``}`` or ``;`` that closes it."""
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for line in header.splitlines(keepends=True):
+        if not current and line.startswith("#"):
+            items.append(line)
+            continue
+        current.append(line)
+        depth += line.count("{") - line.count("}")
+        if depth == 0 and line.rstrip().endswith(("}", ";")):
+            items.append("".join(current))
+            current = []
+    if current:
+        items.append("".join(current))
+    return items
+
+
+def prune(header: str, body: str) -> str:
+    """``header`` without the definitions that neither ``body`` nor any definition kept uses.
+
+    The included files hold helpers for every variant and weight format (matvec_formats.kern's readers,
+    the LayerNorm moments, the matrix units' staging); a launch uses a few of them, and MLX hashes all of
+    its text at every launch (``compact``). A definition stays where its name occurs as a word in what is
+    kept (the body first, then the kept definitions, until nothing more is added): a local variable of the
+    same name keeps it too, which costs text and never code. Preprocessor lines other than ``#define``,
+    and items whose name this cannot read, always stay.
+    """
+    items = _top_level_items(header)
+    names = [_defined_name(i) for i in items]
+    keep = [n is None or (i.startswith("#") and not _DEFINE.match(i)) for i, n in zip(items, names)]
+    used = set(_IDENT.findall(body))
+    for item, kept in zip(items, keep):
+        if kept:
+            used.update(_IDENT.findall(item))
+    grown = True
+    while grown:
+        grown = False
+        for i, name in enumerate(names):
+            if not keep[i] and name in used:
+                keep[i] = grown = True
+                used.update(_IDENT.findall(items[i]))
+    return "".join(item for item, kept in zip(items, keep) if kept)
+
+
 _SHARED_DECL = re.compile(r"\bSHARED\s+(\w+)\s+(\w+)\s*\[([^\]]+)\]\s*;")
 _CONSTEXPR = re.compile(r"\bconstexpr\s+int\s+(\w+)\s*=\s*([^;]+);")
 _TYPE_BYTES = {"float4": 16, "uint4": 16, "float": 4, "int": 4, "u32": 4, "i32": 4, "f16": 2, "bf16": 2, "u16": 2, "u8": 1, "i8": 1}
@@ -474,7 +575,7 @@ def shared_bytes(name: str, defines: tuple[str, ...], template: tuple[tuple[str,
     for part in [src.header, *(load_kern(i).header for i in src.includes if i not in _BACKEND_PARTS)]:
         if _SHARED_DECL.search(_COMMENT.sub("", part)):  # uncounted there: shared arrays belong in the body
             raise ValueError(f"{name}: a SHARED array in a header; declare it in the kernel body")
-    body = resolve_variants(_COMMENT.sub("", src.body), set(src.variants), set(defines))  # (a variant's own arrays)
+    body = resolve_variants(_COMMENT.sub("", src.body), set(all_variants(src)), set(defines))  # (a variant's own arrays)
     for const, expr in _CONSTEXPR.findall(body):
         try:
             names[const] = _int_expr(expr, names)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .matvec import _KINDS, variant_names
+from .matvec import _KINDS, reader_variants, variant_names
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class KernelInstance:
 def _matvec(scales: str | None, slots: int = 8, x: str = "float32", y: str = "float32", prefetch: bool = False,
             rows_ahead: bool = False, **template) -> KernelInstance:
     # x prev ln_w ln_b mix eps | seg | bias residual | w0..w7 | s0..s7 | z0..z7 (one of each: ONE_SEGMENT;
-    # scales None: no scale or offset slots, NO_SCALES; KINDS without blocks: NO_BLOCKS; MT > 0, the MMA
+    # scales None: no scale or offset slots, NO_SCALES; a READ_ variant for each kind in KINDS; MT > 0, the MMA
     # variant: x alone of the first six, and y without xn_out)
     # KINDS: every reader compiled in (bit k: kind k, kernels/matvec.py _KINDS), unless an entry narrows it
     every_kind = (1 << len(_KINDS)) - 1
@@ -36,8 +36,8 @@ def _matvec(scales: str | None, slots: int = 8, x: str = "float32", y: str = "fl
     mma = t["MT"] > 0
     inputs = (x,) + ("float32",) * (0 if mma else 5) + ("int32",) + ("float32",) * 2 + ("uint8",) * slots
     inputs += (scales,) * (2 * slots) if scales else ()
-    defines = variant_names(slots == 1, scales is not None, t["KINDS"] >> _KINDS["q6_k"] != 0, mma, prefetch,
-                            rows_ahead)
+    kinds = [k for k in _KINDS.values() if t["KINDS"] >> k & 1]
+    defines = variant_names(slots == 1, scales is not None, kinds, t["BITS"], mma, prefetch, rows_ahead)
     return KernelInstance("matvec", inputs, (y,) if mma else (y, "float32"), t, defines)
 
 
@@ -92,11 +92,11 @@ KERNEL_INSTANCES: list[KernelInstance] = [
     _matvec("float32", slots=1, x="float16", prefetch=True, rows_ahead=True, NB=64, RPW=0, MT=4, KT=160, TILED=1,
             BITS=4, EPI=1, KINDS=1 << _KINDS["affine"]),
     # blocks -> float32 or float16 matrix (w, shape): one instance per block type a prompt can expand
-    *(KernelInstance("dequant", ("uint8", "int32"), (out,), {"KIND": k, "BITS": 4}, ("NO_SCALES",))
+    *(KernelInstance("dequant", ("uint8", "int32"), (out,), {"KIND": k, "BITS": 4}, ("NO_SCALES", *reader_variants([k])))
       for k in range(2, len(_KINDS)) for out in ("float32", "float16")),
     # affine codes -> float32 or float16 matrix (w, shape, scales, offsets): CUDA's products of many rows
     *(KernelInstance("dequant", ("uint32", "int32", scale, scale), (out,), {"KIND": _KINDS["affine"], "BITS": bits},
-                     ("NO_BLOCKS",))
+                     reader_variants([_KINDS["affine"]]))
       for bits, scale in ((4, "float32"), (8, "float32"), (5, "float16"), (4, "bfloat16")) for out in ("float32", "float16")),
     # a decode launch's LayerNorm + lerps (x, prev, ln_w, ln_b, mix, eps): r/k/v + LoRA down (6 mixes), FFN key, head
     *(KernelInstance("layernorm_lerp", ("float32",) * 6, ("float32", "float32"), {"K": 2560, "M": m}) for m in (6, 1, 0)),

@@ -113,14 +113,36 @@ def _weights(w) -> _Weights | None:
     return None
 
 
-def variant_names(one_segment: bool, affine: bool, blocks: bool, mma: bool = False,
-                  prefetch: bool = False, rows_ahead: bool = False) -> tuple[str, ...]:
-    """matvec.kern's variants for a launch of one or more matrices, with or without affine ones and GGUF blocks,
-    on CUDA cores or (mma) on the matrix units, there loading the next tile's affine weights (prefetch) or
-    float16 activation rows (rows_ahead) ahead."""
+def reader_variants(kinds) -> tuple[str, ...]:
+    """matvec_formats.kern's READ_ variants for the kernel kinds a launch reads (``_KINDS``' numbers): a reader
+    left out of them is left out of the text too, so they and the KINDS template constant come from here
+    and ``kinds_mask`` only."""
+    return tuple(f"READ_{name.upper()}" for name, k in _KINDS.items() if k in set(kinds))
+
+
+def kinds_mask(kinds) -> int:
+    """The KINDS template constant: bit k for kind k."""
+    return sum(1 << k for k in set(kinds))
+
+
+def _group_rows(kinds, bits: int, q8_paired: bool) -> bool:
+    """Whether a launch on CUDA cores reads some rows a 32-weight group a lane (matvec.kern's GROUPS): every
+    format but dense rows, Q4_K, Q5_K, 4- or 8-bit affine codes and (q8_paired: no row of an odd number of
+    blocks) Q8_0."""
+    chunked = {_KINDS["dense"], _KINDS["q4_k"], _KINDS["q5_k"]} | ({_KINDS["affine"]} if bits in (4, 8) else set())
+    return not set(kinds) <= chunked | ({_KINDS["q8_0"]} if q8_paired else set())
+
+
+def variant_names(one_segment: bool, affine: bool, kinds, bits: int = 0, mma: bool = False,
+                  prefetch: bool = False, rows_ahead: bool = False, q8_paired: bool = False) -> tuple[str, ...]:
+    """matvec.kern's variants for a launch of one or more matrices of the given kinds (affine ones of ``bits``
+    bits; Q8_0 ones all read a pair of blocks a lane where q8_paired), with or without affine ones, on CUDA
+    cores or (mma) on the matrix units, there loading the next tile's affine weights (prefetch) or float16
+    activation rows (rows_ahead) ahead."""
     return (("ONE_SEGMENT",) if one_segment else ()) + (() if affine else ("NO_SCALES",)) + \
-        (() if blocks else ("NO_BLOCKS",)) + (("MMA",) if mma else ()) + (("LOAD_AHEAD",) if prefetch else ()) + \
-        (("ROWS_AHEAD",) if rows_ahead else ())
+        (("MMA",) if mma else ()) + (("LOAD_AHEAD",) if prefetch else ()) + \
+        (("ROWS_AHEAD",) if rows_ahead else ()) + \
+        (("READ_GROUPS",) if not mma and _group_rows(kinds, bits, q8_paired) else ()) + reader_variants(kinds)
 
 
 # Activation rows from which a launch multiplies on the matrix units (matvec.kern's MMA variant: weight
@@ -304,25 +326,25 @@ class MatvecPlan:
         from .dialect import build, placeholder
 
         # One matrix: the ONE_SEGMENT variant, without the seven unused weight slots; no affine matrix:
-        # NO_SCALES, without the scale and offset slots (each input costs host time at every launch); no
-        # GGUF blocks: NO_BLOCKS, without their readers' text (so does each KB of it).
+        # NO_SCALES, without the scale and offset slots (each input costs host time at every launch); the
+        # READ_ variants of its formats, without the other readers' text (so does each KB of it).
         slots = 1 if len(weights) == 1 else MAX_SEGMENTS
         kinds = {_KINDS[w.fmt[0]] for w in weights}
         # LOAD_AHEAD: a variant, not a template constant, so that its code is not in the text MLX hashes at
         # every launch of the others
         prefetch = mma and mma_prefetch() and kinds == {_KINDS["affine"]} and mma_decodes() == 1
         rows_ahead = mma and mma_rows_ahead() and self.x_dtype == mx.float16  # (ROWS_AHEAD reads float16 rows)
-        blocks = max(kinds) >= _KINDS["q6_k"]  # (kinds from 2 on)
-        variants = variant_names(slots == 1, bool(affine), blocks, mma, prefetch, rows_ahead)
-        self.kernel = build("matvec", backend, variants)
         bits = affine[0].fmt[1] if affine else 0
+        q8_paired = all(w.k % 64 == 0 for w in weights if w.fmt[0] == "q8_0")  # (dot_tile's Q8_0 pairs)
+        variants = variant_names(slots == 1, bool(affine), kinds, bits, mma, prefetch, rows_ahead, q8_paired)
+        self.kernel = build("matvec", backend, variants)
         # (the MMA variant decodes whole 32-element groups: any tile of them will do)
         paired = not mma and any(w.fmt[0] in _PAIRED_KINDS for w in weights)
         total = sum(rows)
         chosen = None
         for mt in tilings:  # MMA: the most weight rows a group whose tiles fit and, with parts of K, keep the groups
             template = {"NB": batch, "RPW": rpw, "MT": mt, "PRO": prologue, "EPI": epilogue, "BITS": bits,
-                        "HAS_BIAS": int(bias is not None), "KINDS": sum(1 << k for k in kinds),  # readers compiled in
+                        "HAS_BIAS": int(bias is not None), "KINDS": kinds_mask(kinds),  # readers compiled in
                         "DQ": mma_decodes() if mma else 1}
             kt = tile_length(self.kernel, max(ks), template, 64 if paired else 32)
             # MMA: the staged rows' memory takes the output tile at the end (LDX = KT + 8 >= 2 x 16 MT)
