@@ -217,7 +217,7 @@ def test_a_launch_text_holds_its_own_readers_only(backend):
         return set(re.findall(r"\w+", r.header + r.body)), len(r.header) + len(r.body)
 
     q4_k, q4_k_size = words(("ONE_SEGMENT", "NO_SCALES", "READ_Q4_K"))
-    assert {"k_rows", "k_scale", "stage_tile", "dot_tile"} <= q4_k
+    assert {"k_rows", "k_dm", "stage_tile", "dot_tile"} <= q4_k
     assert not {"decode_q6_k", "decode_q8_0", "q8_pair_rows", "chunk_rows", "group_rows", "decode_affine"} & q4_k
     q6_k, _ = words(("ONE_SEGMENT", "NO_SCALES", "READ_GROUPS", "READ_Q6_K"))
     assert {"decode_q6_k", "group_rows"} <= q6_k and not {"k_rows", "decode_q4_k"} & q6_k
