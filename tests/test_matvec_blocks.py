@@ -175,3 +175,26 @@ def test_affine_codes_expand_for_many_rows(scale_dtype):
             assert half is not None and half.dtype == mx.float16
             np.testing.assert_array_equal(np.array(half), np.array(got).astype(np.float16), err_msg=f"{bits} bits")
 
+
+
+def test_embedding_rows_expand_in_one_launch():
+    """A stored embedding's lookup (one row a decoded token) expands the gathered blocks by one dequant launch,
+    as the gguf package dequantizes those rows. MLX's operations took 57 primitives for a Q4_K row (225 a
+    decoded token in all for a 2.9B Q4_K_M file, against 176 in the affine form: kernel_log step 21)."""
+    from rwkv_mlx.bench.measure import count_primitives
+    from rwkv_mlx.testing.metal_proof.emulate import Emulator
+
+    rng = np.random.default_rng(9)
+    ids = mx.array([[5, 0, 6], [2, 5, 5]], dtype=mx.uint32)
+    for t in sorted(STORED_BLOCK_TYPES):
+        layer, want = block_layer(t, 7, 512, rng)
+        name = quants.BLOCK_TYPES[t].name
+        emu = Emulator()
+        with emu.running():
+            out = layer.rows(ids)
+            ops = count_primitives([out])
+            got = np.array(out)
+        assert sum(ops.values()) <= 4, (name, dict(ops))
+        assert [b.inst.kernel.name for b in emu.built.values()] == [f"rwkv_dequant_no_scales_read_{name.lower()}"]
+        assert got.shape == (2, 3, 512) and got.dtype == np.float32, name
+        np.testing.assert_allclose(got, want[np.array(ids)], rtol=1e-6, atol=1e-30, err_msg=name)
