@@ -200,13 +200,15 @@ def test_prune_drops_what_nothing_uses():
         "__device__ float helper(float x) { return x; }", "__device__ float helper(int x) { return chain(x); }",
         "__device__ float chain(int x) {", "return x;", "}",
         "__device__ float dead(float x) {", "return helper(x);", "}",
-        "struct Kept { int a; };", "struct Dropped { int b; };", "constexpr int TABLE[2] = {1, 2};", ""])
-    body = "USED(1.0f); pick<2>(q); Kept k; out[0] = TABLE[0];\n"
+        "struct Kept { int a; };", "struct Dropped { int b; };", "constexpr int TABLE[2] = {1, 2};",
+        "#define LONG(x) \\", "(x) + helper(1.0f)", "#define GONE(x) \\", "(x)", ""])
+    body = "USED(1.0f); pick<2>(q); Kept k; out[0] = TABLE[0] + LONG(2);\n"
     kept = dialect.prune(header, body).splitlines()
     assert kept == ["#define USED(x) helper(x)", "#include <metal_stdlib>", "template <int N>",
                     "__device__ IN(u8) pick(IN(u8) p) { return p + N; }", "__device__ float helper(float x) { return x; }",
                     "__device__ float helper(int x) { return chain(x); }", "__device__ float chain(int x) {",
-                    "return x;", "}", "struct Kept { int a; };", "constexpr int TABLE[2] = {1, 2};"]
+                    "return x;", "}", "struct Kept { int a; };", "constexpr int TABLE[2] = {1, 2};",
+                    "#define LONG(x) \\", "(x) + helper(1.0f)"]
 
 
 @pytest.mark.parametrize("backend", dialect.BACKENDS)

@@ -487,10 +487,9 @@ def _defined_name(item: str) -> str | None:
     if m:
         return m.group(1)
     head = re.split(r"[{;=]", text, maxsplit=1)[0]
-    depth, end = 0, None
+    depth = 0
     for i in range(len(head) - 1, -1, -1):  # (right to left: the parameter list is the last group)
         if head[i] == ")":
-            end = i if depth == 0 else end
             depth += 1
         elif head[i] == "(":
             depth -= 1
@@ -502,14 +501,20 @@ def _defined_name(item: str) -> str | None:
 
 
 def _top_level_items(header: str) -> list[str]:
-    """A compacted header cut into its top-level items: each preprocessor line, and each declaration or
-    definition (a ``template <...>`` line with the one it introduces) up to the ``}`` or ``;`` that closes it."""
+    """A compacted header cut into its top-level items: each preprocessor line (with the lines a trailing
+    backslash continues it on), and each declaration or definition (a ``template <...>`` line with the one
+    it introduces) up to the ``}`` or ``;`` that closes it."""
     items: list[str] = []
     current: list[str] = []
     depth = 0
+    directive = False  # (inside a directive a backslash continues)
     for line in header.splitlines(keepends=True):
-        if not current and line.startswith("#"):
-            items.append(line)
+        if directive or (not current and line.startswith("#")):
+            if directive:
+                items[-1] += line
+            else:
+                items.append(line)
+            directive = line.rstrip("\n").endswith("\\")
             continue
         current.append(line)
         depth += line.count("{") - line.count("}")
