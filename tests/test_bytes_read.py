@@ -62,9 +62,10 @@ def check_counts(model, plan, stored_type_of) -> dict[int, list[int]]:
     """Every block matrix, the state and the embedding row against the math; returns type -> [plan, gguf]."""
     args = model.args
     assert plan.pure_modules == []  # every block and the head went through the kernels
-    # five launches a block and one for the head, and one more for each LayerNorm prologue (two a block,
-    # the head's) where they run as launches of their own
-    assert plan.launches == 5 * args.n_layer + 1 + (2 * args.n_layer + 1) * separate(plan.backend)
+    # five launches a block and one for the head, one more for each LayerNorm prologue (two a block, the
+    # head's) where they run as launches of their own, and one for a stored embedding's row (the dequant kernel)
+    assert plan.launches == 5 * args.n_layer + 1 + (2 * args.n_layer + 1) * separate(plan.backend) + \
+        isinstance(model.emb, GGMLLinear)
     by_type: dict[int, list[int]] = {}
     for i in range(args.n_layer):
         for m in MATRIX_MODULES:

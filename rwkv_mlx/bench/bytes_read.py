@@ -14,7 +14,8 @@ Metal proof does), decodes one token at batch 1, and sums the inputs every launc
   known by name; inputs that are no parameter are the state, activations and small tables.
 
 What runs outside the kernels is counted from the model: the embedding (one row: a lookup
-reads one row, not the table) and ``ln0``; a block or head whose plan the kernels cannot take
+reads one row, not the table; a row of GGUF blocks is then expanded by a dequant launch, whose
+input, the gathered copy, counts among the tables) and ``ln0``; a block or head whose plan the kernels cannot take
 runs the pure-MLX path, which reads every parameter of it once (listed in ``pure_modules``; on a
 GPU its time mix still goes through the fused WKV kernel, whose launch is counted like the others).
 
