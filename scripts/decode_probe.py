@@ -33,8 +33,9 @@ def decode(model, n_prompt: int, n_tokens: int):
     token = mx.argmax(logits[:, -1], axis=-1)
     step_logits, step_state = model(token[:, None], state, logits="last")
     ops = count_primitives([step_logits, *step_state.arrays()])
-    rows, seconds = greedy_steps(model, token, state, n_tokens)
-    return rows[0], n_tokens / seconds, ops
+    timings: dict = {}
+    rows, seconds = greedy_steps(model, token, state, n_tokens, timings)
+    return rows[0], n_tokens / seconds, ops, timings["host"] / n_tokens
 
 
 def launch_times(model, repeats: int = 50) -> None:
@@ -144,15 +145,17 @@ def main():
     model, tokenizer = rwkv_mlx.load(args.model)
     print(f"load {time.perf_counter() - t:.2f} s  {args.model}")
     decode(model, args.prompt, 4)  # compile kernels
-    toks, tps, ops = decode(model, args.prompt, args.tokens)
-    print(f"kernels : {tps:8.1f} tok/s  primitives/token {sum(ops.values())}  first tokens {toks[:8]}")
+    toks, tps, ops, host = decode(model, args.prompt, args.tokens)
+    # host: what queueing a step took (greedy_steps waits for no token); beside 1 / tok/s it says who sets the pace
+    print(f"kernels : {tps:8.1f} tok/s  primitives/token {sum(ops.values())}  host {host * 1e6:6.0f} us/token "
+          f"(of {1e6 / tps:6.0f})  first tokens {toks[:8]}")
     print("   ", dict(ops.most_common(12)))
     for r in range(args.rounds if args.separate else 0):
         for v in args.separate:
             layernorm_lerp.SEPARATE = v
             model.runtime.invalidate()  # the plans are built again, the prologue as $v says
             decode(model, args.prompt, 4)
-            stoks, stps, sops = decode(model, args.prompt, args.tokens)
+            stoks, stps, sops, _ = decode(model, args.prompt, args.tokens)
             agree = sum(a == b for a, b in zip(toks, stoks))
             print(f"round {r + 1} separate prologue {v}: {stps:8.1f} tok/s  primitives/token {sum(sops.values())}  "
                   f"tokens as above {agree}/{len(toks)}")
@@ -167,7 +170,7 @@ def main():
     if not args.no_reference:
         with kernels_disabled():
             decode(model, args.prompt, 2)
-            ref, rtps, rops = decode(model, args.prompt, args.tokens)
+            ref, rtps, rops, _ = decode(model, args.prompt, args.tokens)
         agree = sum(a == b for a, b in zip(toks, ref))
         print(f"mlx ops : {rtps:8.1f} tok/s  primitives/token {sum(rops.values())}  agree {agree}/{len(ref)}")
 

@@ -95,10 +95,13 @@ def decode_step_primitives(model, token: int = 0, state=None) -> PrimitiveCount:
     return PrimitiveCount.of(count_primitives(outputs), model.args.n_layer)
 
 
-def greedy_steps(model, token: mx.array, state, n_tokens: int) -> tuple[list[list[int]], float]:
-    """``n_tokens`` greedy decode steps from ``token`` [B] and ``state``, the host one step ahead of the device.
+def greedy_steps(model, token: mx.array, state, n_tokens: int,
+                 timings: dict | None = None) -> tuple[list[list[int]], float]:
+    """``n_tokens`` greedy decode steps from ``token`` [B] and ``state``, queued without waiting for the device.
 
-    Returns each row's tokens and the seconds the steps took (the probes' decode loop).
+    Returns each row's tokens and the seconds the steps took (the probes' decode loop). ``timings``, if
+    given, gets ``host``: the seconds the host took to queue every step. No step waits for a token, so where
+    that is close to the whole, the host's work per launch sets the pace, not the GPU's.
     """
     out = []
     tic = time.perf_counter()
@@ -107,6 +110,8 @@ def greedy_steps(model, token: mx.array, state, n_tokens: int) -> tuple[list[lis
         token = mx.argmax(logits, axis=-1)
         mx.async_eval(token, *state.arrays())
         out.append(token)
+    if timings is not None:
+        timings["host"] = time.perf_counter() - tic
     mx.eval(out)
     seconds = time.perf_counter() - tic
     return [[int(t[b].item()) for t in out] for b in range(token.shape[0])], seconds
