@@ -2,7 +2,7 @@
 # Builds the folders scripts/gpu_session.sh carries to the lent GPU machine (all git-ignored):
 #   .mlx-cuda-3/{a,b,c}  MLX's CUDA wheel in three parts of about 31 MB, so that part c, the install
 #                        script, gguf and mlx-lm fit in one call beside the oracle subset (64 MiB a call)
-#   .oracle-1, -2, ...   every oracle file with its ref64 and llama.cpp logits, in parts of at most 36.5 MB
+#   .oracle-1, -2, ...   every oracle file with its ref64 and llama.cpp logits, in parts of at most 30 MB
 #   .gpu-train/          Tiny Shakespeare for scripts/train_demo_model.py
 #   .llama-cpp/          llama.cpp's source trimmed to llama-bench (scripts/prepare_llama_cpp.sh, 2.5 MB), for the
 #                        `llamacpp` step, which builds the llama.cpp peer of scripts/bench_peers.py
