@@ -181,10 +181,15 @@ class GGMLLinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return self.weight.shape[0], self.in_dims
 
+    def _expanded(self, blocks: mx.array, dtype: mx.Dtype) -> mx.array:
+        """Rows of blocks (any number, whole rows) as a matrix in ``dtype``: written so by the dequant kernel
+        where it runs (one launch, no second pass), else MLX's operations and a cast."""
+        fast = BLOCK_EXPANDER(blocks, self.ggml_type, self.in_dims, dtype) if BLOCK_EXPANDER else None
+        return fast if fast is not None else quants.dequantize(blocks, self.ggml_type, xp=mx).astype(dtype)
+
     def dequantized(self, dtype: mx.Dtype = mx.float32) -> mx.array:
-        """W in ``dtype``: written so by the dequant kernel where it runs (no second pass), else cast."""
-        fast = BLOCK_EXPANDER(self.weight, self.ggml_type, self.in_dims, dtype) if BLOCK_EXPANDER else None
-        return fast if fast is not None else quants.dequantize(self.weight, self.ggml_type, xp=mx).astype(dtype)
+        """W in ``dtype``."""
+        return self._expanded(self.weight, dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
         # Decoded tokens reach these blocks through the matvec kernel (kernels/decode.py),
@@ -197,10 +202,7 @@ class GGMLLinear(nn.Module):
         """Dequantized rows (an embedding lookup), float32: the gathered blocks expanded in one launch of the
         dequant kernel where it runs. MLX's operations took about 50 primitives a decoded token for a Q4_K
         embedding (225 a token in all, against 176 for the affine form's; kernel_log step 21)."""
-        blocks = self.weight[ids.reshape(-1)]
-        fast = BLOCK_EXPANDER(blocks, self.ggml_type, self.in_dims, mx.float32) if BLOCK_EXPANDER else None
-        out = fast if fast is not None else quants.dequantize(blocks, self.ggml_type, xp=mx)
-        return out.reshape(*ids.shape, self.in_dims)
+        return self._expanded(self.weight[ids.reshape(-1)], mx.float32).reshape(*ids.shape, self.in_dims)
 
 
 _LINEARS = {"dense": Linear, "affine": AffineLinear, "ggml": GGMLLinear}

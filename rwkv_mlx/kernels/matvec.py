@@ -117,7 +117,8 @@ def reader_variants(kinds) -> tuple[str, ...]:
     """matvec_formats.kern's READ_ variants for the kernel kinds a launch reads (``_KINDS``' numbers): a reader
     left out of them is left out of the text too, so they and the KINDS template constant come from here
     and ``kinds_mask`` only."""
-    return tuple(f"READ_{name.upper()}" for name, k in _KINDS.items() if k in set(kinds))
+    kinds = set(kinds)
+    return tuple(f"READ_{name.upper()}" for name, k in _KINDS.items() if k in kinds)
 
 
 def kinds_mask(kinds) -> int:
