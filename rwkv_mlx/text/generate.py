@@ -34,7 +34,8 @@ DEFAULT_PREFILL_CHUNK = 512  # tokens per evaluated piece: bounds memory for any
 # Decode steps the loop queues ahead of the token it reads. One keeps the device busy while the host's work
 # for a step (building its launches, reading a token, its text) takes less than the device's; with CUDA's
 # 161 launches a 2.9B step the two are close (kernel_log step 14: the step loop 190-259 tok/s between
-# processes, stream_generate 185-200), and a second queued step would absorb the host's jitter. Untimed, so 1.
+# processes, stream_generate 185-200), and a second queued step might absorb the host's jitter. One process
+# on an H100 with 2 gave no gain (187.8 tok/s streamed, beside 200.9 and 220.4 with 1; kernel_log step 21), so 1.
 DECODE_AHEAD = 1
 
 
