@@ -424,3 +424,25 @@ def test_many_rows_on_matrix_units_match_pure_path(name, matrix_units):
     assert np.abs(many - many[:1]).max() == 0
     assert rel_err(many[0], plain[0]) < 5e-3, rel_err(many[0], plain[0])
     assert (many[0].argmax(-1) == plain[0].argmax(-1)).mean() >= 0.9
+
+
+def test_compiled_prompt_chunks_equal_op_by_op(monkeypatch):
+    """prefill's full chunks through one compiled graph a block (the GPUs' default), on the GPU: the same logits and
+    state as the same chunks built op by op, the WKV kernel and the weight expansion inside the graph."""
+    from rwkv_mlx.text.generate import prefill
+
+    model, _ = rwkv_mlx.load(tiny_model_path(), LoadOptions(float_dtype="float32", ggml_native=True))
+    tokens = [int(t) for t in np.random.default_rng(5).integers(0, 256, 70)]
+
+    def run(setting: str):
+        monkeypatch.setenv("RWKV_MLX_COMPILED_PROMPT", setting)
+        model.runtime.invalidate()
+        logits, state = prefill(model, tokens, chunk_size=32)  # 32, 32 and 6 tokens
+        return np.array(logits), [np.array(a) for a in state.arrays()]
+
+    eager_logits, eager_state = run("0")
+    logits, state = run("1")
+    assert len(model.runtime._chunks) == model.args.n_layer
+    assert rel_err(logits, eager_logits) < 1e-5
+    for a, b in zip(state, eager_state):
+        assert rel_err(a, b) < 1e-5

@@ -77,6 +77,16 @@ def test_one_token_at_a_time_and_split_prefill(name):
     assert_exact(np.concatenate([logits_np(first), logits_np(rest)]), ref, f"{name} split prefill")
 
 
+@pytest.mark.parametrize("name", [m for m in MODELS if m.startswith("<") or m.endswith(("f32", "Q4_K_M", "Q8_0"))])
+def test_compiled_prompt_blocks_match_ref64(name, monkeypatch):
+    """The prompt path with each block one compiled graph (the GPUs' default for prefill's chunks)."""
+    monkeypatch.setenv("RWKV_MLX_COMPILED_PROMPT", "1")
+    model, _ = load_cpu(name)
+    logits, _ = model(mx.array([oracle_tokens(name)]), compiled_blocks=True)
+    assert model.runtime._chunks, "no block was compiled: the test would prove nothing"
+    assert_exact(logits_np(logits), oracle_logits(name, "ref64"), f"{name} compiled prompt blocks")
+
+
 @functools.lru_cache(maxsize=1)
 def reference_for(name: str) -> ReferenceRWKV7:
     return ReferenceRWKV7(ORACLE / "models" / f"{name}.gguf")

@@ -174,6 +174,42 @@ def test_cpu_builds_nothing():
     assert model.runtime.cached() == 0 and model.runtime.step(1) is None
 
 
+def test_compiled_prompt_chunks_equal_op_by_op_and_follow_weights(monkeypatch):
+    """prefill's full chunks through one compiled graph a block: the op-by-op result, dropped on weight change."""
+    from rwkv_mlx.text.generate import prefill
+
+    model = fresh_model()
+    tokens = [int(t) for t in np.random.default_rng(3).integers(0, SMALL.vocab_size, 11)]
+
+    def run(setting: str):
+        monkeypatch.setenv("RWKV_MLX_COMPILED_PROMPT", setting)
+        logits, state = prefill(model, tokens, chunk_size=4)  # chunks of 4, 4 and 3 tokens
+        mx.eval(logits, *state.arrays())
+        return np.array(logits), [np.array(a) for a in state.arrays()]
+
+    eager_logits, eager_state = run("0")
+    assert model.runtime.cached() == 0  # op by op: nothing compiled
+    logits, state = run("1")
+    assert len(model.runtime._chunks) == SMALL.n_layer  # one graph a block, for the full chunks only
+    assert np.abs(logits - eager_logits).max() <= 1e-5 * max(1.0, np.abs(eager_logits).max())
+    for a, b in zip(state, eager_state):
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+
+    model.update({"head": {"weight": model.head.weight * 2}, "blocks": [{"ffn": {"x_k": model.blocks[0].ffn.x_k + 0.5}}]})
+    assert model.runtime.cached() == 0
+    changed_eager, _ = run("0")
+    changed, _ = run("1")
+    assert not np.allclose(changed_eager, eager_logits)  # the change reaches the logits
+    assert np.abs(changed - changed_eager).max() <= 1e-5 * max(1.0, np.abs(changed_eager).max())
+
+
+def test_compiled_prompt_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("RWKV_MLX_COMPILED_PROMPT", "yes")
+    model = fresh_model()
+    with pytest.raises(rwkv_mlx.errors.InvalidArgumentError, match="RWKV_MLX_COMPILED_PROMPT"):
+        model(mx.array([[1, 2, 3]]), compiled_blocks=True)
+
+
 @pytest.mark.gpu
 def test_decode_after_weight_change_matches_pure_path():
     """Decode through the fused kernels, change weights, decode again: the pure path's logits, not stale ones."""

@@ -1,8 +1,8 @@
-"""The decode runtime: every kernel launch plan and compiled decode step of one model, in one place.
+"""The decode runtime: every kernel launch plan and compiled step of one model, in one place.
 
 A launch plan holds evaluated views of the weights it was built from
 (kernels/matvec.py ``MatvecPlan``, kernels/decode.py ``BlockPlan``), and a compiled
-step captures the weights as constants, so each is right only while the weights
+step (a decoded token, or a block of a prompt chunk) captures the weights as constants, so each is right only while the weights
 stay as they were.  ``invalidate()`` drops them all; the model calls it whenever
 its weights change through it (``update``, ``update_modules``, ``load_weights``,
 ``keep_tables_on_device``), and the trainer and the LoRA functions call it after
@@ -23,6 +23,7 @@ import mlx.core as mx
 from ..kernels import head_plan, kernel_backend
 from ..kernels.dialect import hook_active
 from ..kernels.decode import BlockPlan
+from ..settings import env_choice
 from .state import State
 
 
@@ -39,6 +40,7 @@ class DecodeRuntime:
         self._blocks: dict[tuple, tuple[object, BlockPlan]] = {}
         self._heads: dict[tuple, tuple[tuple, object]] = {}
         self._steps: dict[tuple, tuple[tuple, Callable]] = {}
+        self._chunks: dict[tuple, tuple[object, Callable]] = {}
         self.invalidations = 0  # how often the weights changed (tests count it)
 
     def invalidate(self) -> None:
@@ -46,11 +48,12 @@ class DecodeRuntime:
         self._blocks.clear()
         self._heads.clear()
         self._steps.clear()
+        self._chunks.clear()
         self.invalidations += 1
 
     def cached(self) -> int:
         """How many plans and compiled steps are held now."""
-        return len(self._blocks) + len(self._heads) + len(self._steps)
+        return len(self._blocks) + len(self._heads) + len(self._steps) + len(self._chunks)
 
     def block_plan(self, layer: int, batch: int) -> BlockPlan | None:
         """The launch plan of block ``layer`` for ``batch`` rows (built on first use), or None on the pure path."""
@@ -68,6 +71,28 @@ class DecodeRuntime:
         """One token through block ``layer`` by the decode kernels: what ``Block.__call__`` returns, or None."""
         plan = self.block_plan(layer, x.shape[0])
         return plan(x, att_shift, ffn_shift, wkv_state, v_first) if plan is not None and plan.ok else None
+
+    def block_chunk(self, layer: int, x, att_shift, ffn_shift, wkv_state, v_first):
+        """A prompt chunk through block ``layer`` as one compiled graph: what ``Block.__call__`` returns, or None.
+
+        Built op by op, a block of a 512-token chunk is about 60 operations of Python and MLX
+        graph work, which the host must finish within the device's time for the block before
+        (about 1 ms on an H100) or the device waits. A compiled graph is replayed instead, its
+        elementwise chains fused. MLX traces it once for each input shape, so the caller passes
+        only chunks of one recurring length (``prefill``'s full chunks), never a prompt's remainder.
+        """
+        default = "1" if kernel_backend() is not None else "0"
+        if env_choice("RWKV_MLX_COMPILED_PROMPT", default, ("0", "1")) == "0" or hook_active():
+            return None
+        block = self._model().blocks[layer]
+        key = (kernel_backend(), layer)
+        entry = self._chunks.get(key)
+        if entry is None or entry[0] is not block:
+            def chunk(x, att_shift, ffn_shift, wkv_state, *v_first):  # layer 0 has no v_first yet
+                return block(x, att_shift, ffn_shift, wkv_state, v_first[0] if v_first else None)
+
+            entry = self._chunks[key] = (block, mx.compile(chunk))
+        return entry[1](x, att_shift, ffn_shift, wkv_state, *(() if v_first is None else (v_first,)))
 
     def head(self, x):
         """logits = head(LayerNorm(x)) for one token in one launch, or None."""

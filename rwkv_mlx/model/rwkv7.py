@@ -170,13 +170,17 @@ class Model(nn.Module):
         return logits, State.from_arrays(arrays, state.model_id)
 
     def __call__(self, tokens: mx.array, state: State | None = None,
-                 logits: Literal["all", "last", "none"] = "all", *, eval_each_block: bool = False):
+                 logits: Literal["all", "last", "none"] = "all", *, eval_each_block: bool = False,
+                 compiled_blocks: bool = False):
         """tokens: int array [B, T] (or [T]); returns (logits [B, T|1, V] float32 or None, new state).
 
         ``eval_each_block`` keeps at most two blocks queued on the device: a GPU holds every
         buffer of the work queued ahead of it, so a prompt chunk queued whole keeps all its
         blocks' temporaries (and, on CUDA, expanded weights) alive at once. The host builds
         block i + 1 while the device runs block i, so the device does not wait for it.
+
+        ``compiled_blocks`` runs each block as a compiled graph (``DecodeRuntime.block_chunk``)
+        where the settings allow: for a chunk length the caller will pass again and again.
         """
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -187,9 +191,12 @@ class Model(nn.Module):
         att_x, ffn_x, wkv = [], [], []
         queued = None
         one_token = tokens.shape[1] == 1 and not self.training
+        chunk = compiled_blocks and tokens.shape[1] > 1 and not self.training
         for i, block in enumerate(self.blocks):
             inputs = (x, state.att_x[i], state.ffn_x[i], state.wkv[i], v_first)
             fused = self.runtime.block_step(i, *inputs) if one_token else None
+            if chunk:
+                fused = self.runtime.block_chunk(i, *inputs)
             x, a, f, s, v_first = fused if fused is not None else block(*inputs)
             if eval_each_block:
                 mx.async_eval(x, a, f, s, v_first)

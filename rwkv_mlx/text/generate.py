@@ -82,7 +82,8 @@ def prefill(model, tokens: Sequence[int], state: State | None = None, *, chunk_s
     for start in range(0, len(tokens), chunk_size):
         piece = mx.array([tokens[start : start + chunk_size]], dtype=mx.uint32)
         last = start + chunk_size >= len(tokens)
-        logits, state = model(piece, state, logits="last" if last else "none", eval_each_block=on_gpu)
+        logits, state = model(piece, state, logits="last" if last else "none", eval_each_block=on_gpu,
+                              compiled_blocks=piece.shape[1] == chunk_size)  # one shape: traced once
         mx.eval(state.arrays() if logits is None else [logits, *state.arrays()])
         if progress:
             progress(min(start + chunk_size, len(tokens)), len(tokens))
