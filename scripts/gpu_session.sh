@@ -82,7 +82,9 @@ case $step in
     esac
     bash "$0" wait $types
     mkdir -p $OUT/results
-    cp results/BENCHMARKS.md results/benchmarks.jsonl results/peers.md $OUT/results/ 2>/dev/null
+    # -n: a second bench call on the same machine appends to the first's entries instead of starting them over
+    # (step 22 lost two types' entries to this copy)
+    cp -n results/BENCHMARKS.md results/benchmarks.jsonl results/peers.md $OUT/results/ 2>/dev/null
     for t in $types; do
       for p in ${lengths:-default}; do
         for _ in $(seq ${PROCESSES:-1}); do  # PROCESSES > 1: bench_peers compares the median of those processes
