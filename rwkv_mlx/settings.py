@@ -27,7 +27,6 @@ SETTINGS = {
     "RWKV_MLX_MMA_PREFETCH": "1: a matrix-unit launch of affine weights loads the next tile's weights while this one multiplies (0 by default)",
     "RWKV_MLX_MMA_ROWS_AHEAD": "1: a matrix-unit launch of float16 rows loads the next tile's rows while this one multiplies (no gain on an H100; 0 by default)",
     "RWKV_MLX_COMPILED_PROMPT": "1: each block of a full prompt chunk runs as one compiled graph; 0: op by op (default: 1 on GPUs, 0 on the CPU)",
-    "RWKV_MLX_CUDA_WEIGHTS": "where CUDA keeps the weights: managed (as loaded, the embedding rewritten by a kernel) or device (every weight rewritten into the device's memory pool)",
     "RWKV_MLX_DECODE_AHEAD": "decode steps queued ahead of the token the host reads (1; 2 or more for the host's jitter: no gain in step 21's one process); constrained rows 1",
 }
 

@@ -14,12 +14,10 @@ from typing import Literal
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
 from ..backend import active_backend
 from ..arch import ModelArgs, matrix_modules
 from ..layers import WeightFormat, make_linear, product
-from ..settings import env_choice
 from .state import State
 from .runtime import DecodeRuntime
 from .wkv import time_mix_core
@@ -140,24 +138,19 @@ class Model(nn.Module):
         return super().update_modules(modules, strict=strict)
 
     def keep_tables_on_device(self) -> None:
-        """Rewrite the embedding table (with ``RWKV_MLX_CUDA_WEIGHTS=device``, every weight) by a device
-        kernel, so that the GPU owns its memory.
+        """Rewrite the embedding table by a device kernel, so that the GPU owns its memory pages.
 
-        MLX's CUDA backend allocates arrays made on the host in managed memory: an array filled on
-        the host moves to the GPU page by page, at first touch. Matrices are read whole by the first
-        token, but the embedding is read a row at a time, so each new token id faulted a page across
-        (three gathers of about 240 us per decoded token on an H200, a tenth of the step). A kernel's
-        output comes from the device's memory pool instead, as llama.cpp's weights do; whether the
-        matrices read faster from there than from migrated managed pages is what the setting times.
+        MLX's CUDA backend allocates managed memory: an array filled on the host moves to the
+        GPU page by page, at first touch. Matrices are read whole by the first token, but the
+        embedding is read a row at a time, so each new token id faulted a page across (three
+        gathers of about 240 us per decoded token on an H200, a tenth of the step).
         """
         if active_backend() != "cuda":
             return
-        everything = env_choice("RWKV_MLX_CUDA_WEIGHTS", "managed", ("managed", "device")) == "device"
         zero = mx.array(0, dtype=mx.uint8)
-        for path, arr in tree_flatten((self if everything else self.emb).parameters()):
-            copy = (arr.view(mx.uint8) + zero).view(arr.dtype)
-            mx.eval(copy)  # one array at a time: memory stays within one array of the model's
-            (self if everything else self.emb).update(tree_unflatten([(path, copy)]), strict=False)
+        for name, arr in self.emb.parameters().items():
+            setattr(self.emb, name, (arr.view(mx.uint8) + zero).view(arr.dtype))
+        mx.eval(self.emb.parameters())
         self.runtime.invalidate()  # a compiled step captured the old arrays
 
     def initial_state(self, batch_size: int = 1) -> State:
