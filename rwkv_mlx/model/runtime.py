@@ -2,15 +2,17 @@
 
 A launch plan holds evaluated views of the weights it was built from
 (kernels/matvec.py ``MatvecPlan``, kernels/decode.py ``BlockPlan``), and a compiled
-step (a decoded token, or a block of a prompt chunk) captures the weights as constants, so each is right only while the weights
-stay as they were.  ``invalidate()`` drops them all; the model calls it whenever
+step (a decoded token, or a block of a prompt chunk) captures the weights as
+constants, so each is right only while the weights stay as they were.
+``invalidate()`` drops them all; the model calls it whenever
 its weights change through it (``update``, ``update_modules``, ``load_weights``,
 ``keep_tables_on_device``), and the trainer and the LoRA functions call it after
 they change weights by other means (a compiled training step, a swapped module).
 Code that assigns a submodule's arrays directly must call it too.
 
 On the CPU backend (or inside ``kernels_disabled()``) nothing is built and every
-call answers None: the pure-MLX path runs.
+call answers None: the pure-MLX path runs (compiled prompt blocks only where
+``RWKV_MLX_COMPILED_PROMPT=1`` asks for them).
 """
 
 from __future__ import annotations
