@@ -146,7 +146,8 @@ def main():
     print(f"load {time.perf_counter() - t:.2f} s  {args.model}")
     decode(model, args.prompt, 4)  # compile kernels
     toks, tps, ops, host = decode(model, args.prompt, args.tokens)
-    # host: what queueing a step took (greedy_steps waits for no token); beside 1 / tok/s it says who sets the pace
+    # host: what queueing a step took (greedy_steps waits for no token, but queueing blocks while the GPU is
+    # behind): well below 1 / tok/s, the GPU sets the pace; close to it, either may
     print(f"kernels : {tps:8.1f} tok/s  primitives/token {sum(ops.values())}  host {host * 1e6:6.0f} us/token "
           f"(of {1e6 / tps:6.0f})  first tokens {toks[:8]}")
     print("   ", dict(ops.most_common(12)))

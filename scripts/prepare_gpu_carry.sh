@@ -44,7 +44,7 @@ touch /tmp/mlxsite/.done
 PYTHONPATH=/tmp/mlxsite python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), 'cuda', mx.cuda.is_available())"
 INNER
 # Every oracle file, packed into parts of at most 30 MB, so that one fits a call beside the checkout (about
-# 33 MB) and .baseline (2.5 MB) within the 64 MiB a call carries: the GPU tests run once per part. The
+# 31 MB) and .baseline (2.5 MB) within the 64 MiB a call carries: the GPU tests run once per part. The
 # files the decode-kernel tests were first run on come first.
 rm -rf .oracle-subset .oracle-[0-9]
 python3 - "$shared/oracle" <<'PACK'

@@ -100,8 +100,10 @@ def greedy_steps(model, token: mx.array, state, n_tokens: int,
     """``n_tokens`` greedy decode steps from ``token`` [B] and ``state``, queued without waiting for the device.
 
     Returns each row's tokens and the seconds the steps took (the probes' decode loop). ``timings``, if
-    given, gets ``host``: the seconds the host took to queue every step. No step waits for a token, so where
-    that is close to the whole, the host's work per launch sets the pace, not the GPU's.
+    given, gets ``host``: the seconds the host took to queue every step. No step waits for a token, but
+    queueing blocks while the GPU is behind (kernel_log step 22: close to the whole in every process while
+    CUPTI counted the GPU busy for as long), so only a host time well below the whole says something: that
+    the GPU sets the pace.
     """
     out = []
     tic = time.perf_counter()

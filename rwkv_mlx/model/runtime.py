@@ -85,11 +85,11 @@ class DecodeRuntime:
         shape, so the caller passes only chunks of one recurring length (``prefill``'s full
         chunks), never a prompt's remainder.
         """
-        default = "1" if kernel_backend() is not None else "0"
-        if env_choice("RWKV_MLX_COMPILED_PROMPT", default, ("0", "1")) == "0" or hook_active():
+        backend = kernel_backend()
+        if env_choice("RWKV_MLX_COMPILED_PROMPT", "0" if backend is None else "1", ("0", "1")) == "0" or hook_active():
             return None
         block = self._model().blocks[layer]
-        key = (kernel_backend(), layer)
+        key = (backend, layer)
         entry = self._chunks.get(key)
         if entry is None or entry[0] is not block:
             def chunk(x, att_shift, ffn_shift, wkv_state, *v_first):  # layer 0 has no v_first yet
