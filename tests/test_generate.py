@@ -156,6 +156,36 @@ def test_one_batched_step_equals_separate_steps():
             assert np.abs(to_np(a) - to_np(b)).max() < 1e-5
 
 
+def test_prompts_of_one_length_read_as_one_batch_equal_each_alone():
+    """prefill with a batch of equal-length prompts (the server's burst of requests): each row's last
+    logits and state equal that prompt read alone, from a zero state or from its own earlier state, and
+    across chunk boundaries. The first row's logits also follow the float64 reference."""
+    model, tokenizer = tiny_model()
+    ids = tokenizer.encode(TEXT)
+    rows = [ids[i:i + 11] for i in (0, 5, 9)]
+    starts = [None, rwkv_mlx.cache_prompt(model, tokenizer, "ROMEO:"), None]
+    batch_state = State.stack([s if s is not None else model.initial_state(1) for s in starts])
+    logits, state = rwkv_mlx.prefill(model, rows, batch_state, chunk_size=4)
+    assert logits.shape == (3, model.args.vocab_size) and state.batch_size == 3
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        one, one_state = rwkv_mlx.prefill(model, r, s, chunk_size=4)
+        assert np.abs(to_np(logits[i]) - to_np(one[0])).max() < 1e-5
+        for a, b in zip(state[i].arrays(), one_state.arrays()):
+            assert np.abs(to_np(a) - to_np(b)).max() < 1e-5
+    want, _ = reference().run(rows[0])
+    assert np.abs(to_np(logits[0]) - want[-1]).max() < 1e-4
+
+
+def test_prompts_read_together_must_match_in_length_and_state_rows():
+    model, tokenizer = tiny_model()
+    with pytest.raises(InvalidArgumentError, match="same number of tokens"):
+        rwkv_mlx.prefill(model, [[1, 2, 3], [4, 5]])
+    with pytest.raises(InvalidArgumentError, match="2 prompts but a state of 3 rows"):
+        rwkv_mlx.prefill(model, [[1, 2], [4, 5]], model.initial_state(3))
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        rwkv_mlx.prefill(model, [[], []])
+
+
 def test_batch_equals_one_at_a_time(ahead):
     """Different prompt lengths, sampling, limits and stop strings per row: token for token."""
     model, tokenizer = tiny_model()

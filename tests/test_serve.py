@@ -200,6 +200,91 @@ def test_padding_rows_and_neighbours_do_not_change_a_row(reference):
     assert all(mx.array_equal(a[0], b[1]).item() for a, b in zip(s1.arrays(), s8.arrays()))
 
 
+def _run_engine(reference, specs: list, monkeypatch, **options) -> tuple[list[dict], list[int]]:
+    """Submit ``specs`` together to an Engine that has not started, then start it: the first loop
+    iteration admits them all at once (no race with arrival times). Returns each request's outcome
+    (text, done event) and the rows of every prompt read (one entry a prefill call)."""
+    from rwkv_mlx.serve import engine as eng
+
+    reads, real = [], eng.prefill
+
+    def counting(model, tokens, state=None, **kw):
+        reads.append(len(tokens) if tokens and not isinstance(tokens[0], int) else 1)
+        return real(model, tokens, state, **kw)
+
+    monkeypatch.setattr(eng, "prefill", counting)
+    outcomes = [{"text": "", "done": None} for _ in specs]
+    finished = threading.Semaphore(0)
+
+    def deliver(i):
+        def on(event):
+            if event.kind == "piece":
+                outcomes[i]["text"] += event.text
+            else:
+                outcomes[i]["done"] = event
+                finished.release()
+        return on
+
+    engine = eng.Engine(lambda: reference, **options)
+    for i, spec in enumerate(specs):
+        engine.submit(eng.Job(spec, deliver(i)))
+    engine.start()
+    try:
+        for _ in specs:
+            assert finished.acquire(timeout=120)
+    finally:
+        engine.stop()
+    return outcomes, reads
+
+
+def test_a_burst_of_equal_length_prompts_is_read_in_one_call(reference, monkeypatch):
+    """Eight completions of 12 prompt tokens each, arriving together, are read as the rows of one prefill
+    call, not one call each; every request's text is still what rwkv_mlx.generate gives it alone. A ninth
+    of another length is read in a call of its own."""
+    from rwkv_mlx.serve.protocol import Spec
+
+    model, tok = reference
+    ids = tok.encode("First Citizen:\nBefore we proceed any further, hear me speak. All: Speak, speak. First "
+                     "Citizen: You are all resolved rather to die than to famish? All: Resolved. resolved. First "
+                     "Citizen: First, you know Caius Marcius is chief enemy to the people.")
+    prompts = [ids[3 * i:3 * i + 12] for i in range(8)] + [ids[:5]]
+    specs = [Spec(kind="completion", prompt_ids=p, sampling=SamplingParams.greedy(), max_tokens=6 + i % 3, stop=[])
+             for i, p in enumerate(prompts)]
+    outcomes, reads = _run_engine(reference, specs, monkeypatch, max_batch=16)
+    assert sorted(reads) == [1, 8]
+    for spec, got in zip(specs, outcomes):
+        assert got["done"].kind == "done"
+        want = rwkv_mlx.generate(model, tok, spec.prompt_ids, max_tokens=spec.max_tokens,
+                                 sampling=SamplingParams.greedy())
+        assert got["text"] == want
+
+
+def test_a_burst_of_chats_reads_their_shared_system_prompt_once(reference, monkeypatch):
+    """Four chats with one system prompt, arriving together: the first reads it and checkpoints it; the
+    others wait for that checkpoint instead of each reading the system prompt, so they report it as cached
+    tokens; then all four messages (of one length) are read in one call. The answers equal a cold
+    rwkv_mlx.generate. (The calls after those read each finished turn's closing tokens.)"""
+    from rwkv_mlx.serve.protocol import parse_chat
+
+    model, tok = reference
+    system = "You are a player in a company of actors. Answer in the words of the play, briefly."
+    users = ["Who are you?", "Where are we?", "What is this?", "Why so sad?"]
+    specs = [parse_chat({"messages": [{"role": "system", "content": system}, {"role": "user", "content": u}],
+                         "max_tokens": 6, **PLAIN_GREEDY}, tok, model_name=NAME, max_tokens_cap=64,
+                        max_prompt_tokens=4096) for u in users]
+    boundary = specs[0].checkpoints[0]
+    assert all(s.checkpoints[0] == boundary and s.prompt_ids[:boundary] == specs[0].prompt_ids[:boundary]
+               for s in specs)
+    outcomes, reads = _run_engine(reference, specs, monkeypatch, max_batch=8)
+    assert [o["done"].cached_tokens for o in outcomes] == [0, boundary, boundary, boundary]
+    lengths = {len(s.prompt_ids) - boundary for s in specs}
+    assert len(lengths) == 1 and reads[:2] == [1, 4]
+    for spec, got in zip(specs, outcomes):
+        want = rwkv_mlx.generate(model, tok, spec.prompt_ids, max_tokens=6, stop=spec.stop,
+                                 sampling=spec.sampling)
+        assert got["text"] == want
+
+
 @pytest.mark.parametrize("warmup", [True, False])
 def test_warmup_steps_every_batch_size_before_the_first_request(reference, warmup):
     """A GPU compiles the decode step once per batch size; with warm-up the server pays that before it

@@ -12,6 +12,8 @@ Each loop iteration of the engine
 3. reads at most ``prefill_chunk`` prompt tokens, oldest request first (cut at
    the message boundaries that the state cache checkpoints), so a long prompt
    never stalls the rows that are decoding and a burst of short ones starts at once;
+   later prompts whose next chunk is as long as the oldest's are read in the same
+   call, as rows of one batch;
 4. runs one decode step for every decoding row together.
 
 The decoding rows live in *slots* of one batched :class:`~rwkv_mlx.model.state.State`
@@ -333,32 +335,76 @@ class Engine:
         """
         budget = self.prefill_chunk
         while self._reading and budget > 0:
-            budget -= self._read_prompt_chunk()
+            budget -= self._read_prompt_chunks(budget)
 
-    def _read_prompt_chunk(self) -> int:
-        """Read the next chunk of the oldest prompt; returns the number of tokens read."""
-        row = self._reading[0]
+    def _chunk_end(self, row: _Row) -> int:
+        """Where the row's next prompt chunk ends: a chunk's length, the prompt's end or a checkpoint."""
         spec = row.job.spec
-        try:
+        return min([row.pos + self.prefill_chunk, len(spec.prompt_ids), *(c for c in spec.checkpoints if c > row.pos)])
+
+    def _awaits_checkpoint(self, row: _Row) -> bool:
+        """Whether an older prompt still being read will checkpoint a state that this unstarted row could
+        continue from (a message boundary both prompts share, from the same initial state). Started now,
+        its cache lookup would miss it: a burst of chats with one system prompt would each read it."""
+        spec = row.job.spec
+        for older in self._reading:
+            if older is row:
+                return False
+            theirs = older.job.spec
+            if theirs.initial_state == spec.initial_state and any(
+                    older.pos < c < len(spec.prompt_ids) and theirs.prompt_ids[:c] == spec.prompt_ids[:c]
+                    for c in theirs.checkpoints):
+                return True
+        return False
+
+    def _read_prompt_chunks(self, budget: int) -> int:
+        """Read the next chunk of the oldest prompt, and in the same call those of later prompts whose next
+        chunk is as long (up to ``budget`` tokens in all); returns the number of tokens read.
+
+        One call for the rows of a burst: a GPU reads a batch of short chunks in about the time of one,
+        where one call a request would keep every other client waiting for its first token.
+        """
+        group, length = [], 0
+        for row in list(self._reading):
+            if group and (len(group) + 1) * length > budget:
+                break
             if row.sampler is None:
-                self._start_row(row)
-        except APIError as e:
-            self._reading.pop(0)
-            row.job.deliver(Event("error", error=e))
-            return 1  # a refused request still costs the turn something: no endless loop on a flood of them
-        ids = spec.prompt_ids
-        start = row.pos
-        end = min([start + self.prefill_chunk, len(ids), *(c for c in spec.checkpoints if c > start)])
+                if group and self._awaits_checkpoint(row):
+                    continue
+                try:
+                    self._start_row(row)
+                except APIError as e:
+                    self._reading.remove(row)
+                    row.job.deliver(Event("error", error=e))
+                    if not group:
+                        return 1  # a refused request still costs the turn something: no endless loop on a flood
+                    continue
+            n = self._chunk_end(row) - row.pos
+            if not group:
+                group, length = [row], n
+            elif n == length:
+                group.append(row)
+        tokens = [r.job.spec.prompt_ids[r.pos:r.pos + length] for r in group]
+        state = None  # every row from the start: the model's zero state
+        if any(r.state is not None for r in group):
+            state = State.stack([r.state if r.state is not None else self.model.initial_state(1) for r in group])
         tic = time.perf_counter()
-        logits, row.state = prefill(self.model, ids[start:end], row.state, chunk_size=self.prefill_chunk)
+        logits, state = prefill(self.model, tokens, state, chunk_size=self.prefill_chunk)
         self.metrics.observe("prefill_chunk_seconds", time.perf_counter() - tic, "time to read one prompt chunk")
-        self.metrics.inc("prompt_tokens_read_total", end - start, help="prompt tokens run through the model")
-        row.pos = end
+        self.metrics.inc("prompt_tokens_read_total", len(group) * length, help="prompt tokens run through the model")
+        for i, row in enumerate(group):
+            self._chunk_read(row, row.pos + length, logits[i:i + 1], own_row(state, i) if len(group) > 1 else state)
+        return len(group) * length
+
+    def _chunk_read(self, row: _Row, end: int, logits: mx.array, state: State) -> None:
+        """A row has read its prompt up to ``end``: checkpoint it there, or sample its first token at the end."""
+        spec = row.job.spec
+        row.pos, row.state = end, state
         if end in spec.checkpoints:
-            self.cache.put(row.origin, ids[:end], row.state)
-        if end < len(ids):
-            return end - start
-        self._reading.pop(0)
+            self.cache.put(row.origin, spec.prompt_ids[:end], row.state)
+        if end < len(spec.prompt_ids):
+            return
+        self._reading.remove(row)
         try:
             token, entries = self._sample_one(row, logits)
             if not self._accept(row, token, entries):
@@ -367,7 +413,6 @@ class Engine:
             log.exception("request failed on its first token")
             self._remove(row)
             row.job.deliver(Event("error", error=internal()))
-        return end - start
 
     # -- sampling and output --------------------------------------------------------------------
 
@@ -434,7 +479,7 @@ class Engine:
         # last token has already read it (see _decode_step); a batch with a constrained row is
         # collected before its next launch, and a row that ends on its first token has no slot.
         read_last = row.slot is not None and fed
-        state = self._batch[row.slot] if row.slot is not None else row.state
+        state = own_row(self._batch, row.slot) if row.slot is not None else row.state
         self._remove(row)
         error = None
         try:
@@ -595,6 +640,13 @@ class _Step:
     logprobs: mx.array
     logits: mx.array
     launched: float
+
+
+def own_row(batch: State, i: int) -> State:
+    """Row ``i`` of a batched state in buffers of its own. ``batch[i]`` is a view: kept by the state
+    cache, it would keep the whole batch's buffers alive (64 rows of the 2.9B model: 1.3 GB) where the
+    cache counts one row's 21 MB. A gather copies."""
+    return batch[[i]]
 
 
 def find_state(directory: Path | None, name: str) -> Path | None:

@@ -65,28 +65,38 @@ def peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
 
-def prefill(model, tokens: Sequence[int], state: State | None = None, *, chunk_size: int = DEFAULT_PREFILL_CHUNK,
+def prefill(model, tokens: Sequence[int] | Sequence[Sequence[int]], state: State | None = None, *,
+            chunk_size: int = DEFAULT_PREFILL_CHUNK,
             progress: Callable[[int, int], None] | None = None) -> tuple[mx.array, State]:
     """Run the prompt through the model in evaluated chunks; return (last logits [B, V], state).
 
-    Memory stays flat in the prompt length: each chunk is evaluated before the
-    next is built, and only the last position's logits are ever computed.
+    ``tokens`` is one prompt, or a batch of prompts of one length read as rows of one batch
+    (``state``, if given, has as many rows). Memory stays flat in the prompt length: each chunk
+    is evaluated before the next is built, and only the last position's logits are ever computed.
     """
-    if not tokens:
+    if isinstance(tokens, (mx.array, np.ndarray)):
+        tokens = tokens.tolist()
+    tokens = list(tokens)
+    rows = [list(r) for r in tokens] if tokens and not isinstance(tokens[0], (int, np.integer)) else [tokens]
+    if len({len(r) for r in rows}) > 1:
+        raise InvalidArgumentError("prompts read together must have the same number of tokens")
+    if not rows[0]:
         raise InvalidArgumentError("prompt is empty: give at least one token (id 0 marks a document start)")
     if state is not None:
         state.check_fits(model)
-    tokens = list(tokens)
+        if state.batch_size != len(rows):
+            raise InvalidArgumentError(f"{len(rows)} prompts but a state of {state.batch_size} rows")
     logits = None
     on_gpu = active_backend() != "cpu"  # see Model.__call__: bounds the memory queued on the device
-    for start in range(0, len(tokens), chunk_size):
-        piece = mx.array([tokens[start : start + chunk_size]], dtype=mx.uint32)
-        last = start + chunk_size >= len(tokens)
+    length = len(rows[0])
+    for start in range(0, length, chunk_size):
+        piece = mx.array([r[start : start + chunk_size] for r in rows], dtype=mx.uint32)
+        last = start + chunk_size >= length
         logits, state = model(piece, state, logits="last" if last else "none", eval_each_block=on_gpu,
                               compiled_blocks=piece.shape[1] == chunk_size)  # one shape: traced once
         mx.eval(state.arrays() if logits is None else [logits, *state.arrays()])
         if progress:
-            progress(min(start + chunk_size, len(tokens)), len(tokens))
+            progress(min(start + chunk_size, length), length)
     return logits[:, -1], state.owned_by(model)
 
 
