@@ -159,18 +159,22 @@ struct MmaTile { float c[4]; };
 struct MmaA { unsigned r[4]; };
 struct MmaB { unsigned r[2]; };
 __device__ __forceinline__ void mma_zero(MmaTile& t) { t.c[0] = t.c[1] = t.c[2] = t.c[3] = 0.0f; }
-__device__ __forceinline__ unsigned rwkv_pair(const __half* p) { return *reinterpret_cast<const unsigned*>(p); }
+// Fragments by ldmatrix: one instruction loads a whole fragment (four or two 8 x 8 matrices, each lane
+// naming one 16-byte matrix row and receiving the PTX layout's elements), where a 32-bit shared load a
+// register took four (A) and two (B); the lanes' rows are LDX apart (matvec.kern pads them onto distinct
+// banks) and 16-byte aligned (LDX a multiple of 8, k a multiple of 16).
+__device__ __forceinline__ unsigned rwkv_smem(const __half* p) { return (unsigned)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void mma_load_a(MmaA& f, const __half* a, int lda) {
-  const int g = (threadIdx.x & 31u) >> 2, q = 2 * (threadIdx.x & 3u);
-  f.r[0] = rwkv_pair(a + g * lda + q);
-  f.r[1] = rwkv_pair(a + (g + 8) * lda + q);
-  f.r[2] = rwkv_pair(a + g * lda + q + 8);
-  f.r[3] = rwkv_pair(a + (g + 8) * lda + q + 8);
+  // lane i: row i % 16 of A, k from 0 or 8 (matrices r[0..3]: rows 0-7 and 8-15 of k 0-7, then of k 8-15)
+  const int i = threadIdx.x & 31u;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(f.r[0]), "=r"(f.r[1]), "=r"(f.r[2]), "=r"(f.r[3]) : "r"(rwkv_smem(a + (i & 15) * lda + (i & 16) / 2)));
 }
 __device__ __forceinline__ void mma_load_b(MmaB& f, const __half* b, int ldb) {
-  const int g = (threadIdx.x & 31u) >> 2, q = 2 * (threadIdx.x & 3u);
-  f.r[0] = rwkv_pair(b + g * ldb + q);
-  f.r[1] = rwkv_pair(b + g * ldb + q + 8);
+  // lanes 0-15: activation row i % 8, k from 0 or 8 (r[0]: k 0-7, r[1]: k 8-15); ldmatrix .x2 reads no other lane's
+  const int i = threadIdx.x & 31u;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+               : "=r"(f.r[0]), "=r"(f.r[1]) : "r"(rwkv_smem(b + (i & 7) * ldb + (i & 8))));
 }
 __device__ __forceinline__ void mma_mul(MmaTile& t, const MmaA& a, const MmaB& b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
