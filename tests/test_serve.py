@@ -237,10 +237,11 @@ def _run_engine(reference, specs: list, monkeypatch, **options) -> tuple[list[di
     return outcomes, reads
 
 
-def test_a_burst_of_equal_length_prompts_is_read_in_one_call(reference, monkeypatch):
+def test_a_burst_of_equal_length_prompts_is_read_in_few_calls(reference, monkeypatch):
     """Eight completions of 12 prompt tokens each, arriving together, are read as the rows of one prefill
-    call, not one call each; every request's text is still what rwkv_mlx.generate gives it alone. A ninth
-    of another length is read in a call of its own."""
+    call, not one call each, and seven as calls of 4, 2 and 1 rows (batch sizes the server runs at, whose
+    kernels its warm-up compiled); every request's text is still what rwkv_mlx.generate gives it alone.
+    A prompt of another length is read in a call of its own."""
     from rwkv_mlx.serve.protocol import Spec
 
     model, tok = reference
@@ -250,13 +251,15 @@ def test_a_burst_of_equal_length_prompts_is_read_in_one_call(reference, monkeypa
     prompts = [ids[3 * i:3 * i + 12] for i in range(8)] + [ids[:5]]
     specs = [Spec(kind="completion", prompt_ids=p, sampling=SamplingParams.greedy(), max_tokens=6 + i % 3, stop=[])
              for i, p in enumerate(prompts)]
+    want = [rwkv_mlx.generate(model, tok, s.prompt_ids, max_tokens=s.max_tokens, sampling=SamplingParams.greedy())
+            for s in specs]
     outcomes, reads = _run_engine(reference, specs, monkeypatch, max_batch=16)
     assert sorted(reads) == [1, 8]
-    for spec, got in zip(specs, outcomes):
-        assert got["done"].kind == "done"
-        want = rwkv_mlx.generate(model, tok, spec.prompt_ids, max_tokens=spec.max_tokens,
-                                 sampling=SamplingParams.greedy())
-        assert got["text"] == want
+    assert all(o["done"].kind == "done" for o in outcomes)
+    assert [o["text"] for o in outcomes] == want
+    outcomes, reads = _run_engine(reference, specs[1:], monkeypatch, max_batch=16)
+    assert sorted(reads) == [1, 1, 2, 4]
+    assert [o["text"] for o in outcomes] == want[1:]
 
 
 def test_a_burst_of_chats_reads_their_shared_system_prompt_once(reference, monkeypatch):

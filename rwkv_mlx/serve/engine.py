@@ -384,6 +384,10 @@ class Engine:
                 group, length = [row], n
             elif n == length:
                 group.append(row)
+        # As many rows as a batch size the server runs at (the rest are read next): the last position's
+        # logits go through the decode head's launch plan for that many rows, which a GPU compiles once a
+        # row count (NVRTC on CUDA), and the warm-up compiled these; another count would stall every row.
+        group = group[:max(b for b in self.buckets if b <= len(group))]
         tokens = [r.job.spec.prompt_ids[r.pos:r.pos + length] for r in group]
         state = None  # every row from the start: the model's zero state
         if any(r.state is not None for r in group):
