@@ -9,6 +9,7 @@ A development aid for kernel work; the numbers that count come from
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import mlx.core as mx
@@ -34,8 +35,22 @@ def decode(model, n_prompt: int, n_tokens: int):
     step_logits, step_state = model(token[:, None], state, logits="last")
     ops = count_primitives([step_logits, *step_state.arrays()])
     timings: dict = {}
+    steal = stolen_seconds()
     rows, seconds = greedy_steps(model, token, state, n_tokens, timings)
-    return rows[0], n_tokens / seconds, ops, timings["host"] / n_tokens
+    timings["steal"] = stolen_seconds() - steal
+    return rows[0], n_tokens / seconds, ops, {k: v / n_tokens for k, v in timings.items()}
+
+
+def stolen_seconds() -> float:
+    """CPU time the hypervisor gave other guests while this machine's CPUs wanted it (/proc/stat "steal", all
+    CPUs; 0 where the file is absent): one-row decode differed by up to 1.6x between processes of one tree on
+    the lent H100s (results/kernel_log.md step 23), and a host that waits for a CPU is one suspect."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def launch_times(model, repeats: int = 50) -> None:
@@ -145,11 +160,12 @@ def main():
     model, tokenizer = rwkv_mlx.load(args.model)
     print(f"load {time.perf_counter() - t:.2f} s  {args.model}")
     decode(model, args.prompt, 4)  # compile kernels
-    toks, tps, ops, host = decode(model, args.prompt, args.tokens)
+    toks, tps, ops, per = decode(model, args.prompt, args.tokens)
     # host: what queueing a step took (greedy_steps waits for no token, but queueing blocks while the GPU is
-    # behind): well below 1 / tok/s, the GPU sets the pace; close to it, either may
-    print(f"kernels : {tps:8.1f} tok/s  primitives/token {sum(ops.values())}  host {host * 1e6:6.0f} us/token "
-          f"(of {1e6 / tps:6.0f})  first tokens {toks[:8]}")
+    # behind): well below 1 / tok/s, the GPU sets the pace; close to it, either may. cpu: the process's CPU
+    # time (every thread); steal: CPU time the machine's CPUs waited for while other guests ran (all CPUs)
+    print(f"kernels : {tps:8.1f} tok/s  primitives/token {sum(ops.values())}  host {per['host'] * 1e6:6.0f} us/token "
+          f"(of {1e6 / tps:6.0f}; cpu {per['cpu'] * 1e6:6.0f}, steal {per['steal'] * 1e6:5.0f})  first tokens {toks[:8]}")
     print("   ", dict(ops.most_common(12)))
     for r in range(args.rounds if args.separate else 0):
         for v in args.separate:

@@ -103,9 +103,11 @@ def greedy_steps(model, token: mx.array, state, n_tokens: int,
     given, gets ``host``: the seconds the host took to queue every step. No step waits for a token, but
     queueing blocks while the GPU is behind (kernel_log step 22: close to the whole in every process while
     CUPTI counted the GPU busy for as long), so only a host time well below the whole says something: that
-    the GPU sets the pace.
+    the GPU sets the pace. It also gets ``cpu``: the CPU seconds the process used meanwhile (every thread);
+    of two processes of one tree, one that takes more wall time for as much CPU time waited for a CPU.
     """
     out = []
+    cpu = time.process_time()
     tic = time.perf_counter()
     for _ in range(n_tokens):
         logits, state = model.step(token, state)
@@ -116,6 +118,8 @@ def greedy_steps(model, token: mx.array, state, n_tokens: int,
         timings["host"] = time.perf_counter() - tic
     mx.eval(out)
     seconds = time.perf_counter() - tic
+    if timings is not None:
+        timings["cpu"] = time.process_time() - cpu
     return [[int(t[b].item()) for t in out] for b in range(token.shape[0])], seconds
 
 
