@@ -13,7 +13,10 @@ benchmark passage, rotated per client so no two prompts are equal) and exactly
 
 * aggregate tok/s: all generated tokens / (last token of any client - the round's start);
 * TTFT: from a client's request to its first streamed token (p50, p99 over clients);
-* inter-token latency: gaps between a client's streamed chunks (p50, p99 over all gaps).
+* inter-token latency: gaps between a client's streamed chunks (p50, p99 over all gaps);
+* where the engine's time went in the round, from the server's /metrics before and after it: prompt
+  calls and their seconds, decode steps and their mean, and calls or steps that took over a second (a
+  stall: on a GPU, most likely a kernel compiled for a shape the warm-up did not meet).
 
 Appends a markdown table to results/serve_bench.md and one JSON line per N to
 results/serve_bench.jsonl, each with the device, command, commit and date.
@@ -63,6 +66,34 @@ async def round_of(url: str, bodies: list[dict], api_key: str | None) -> tuple[f
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one_client(client, url, b) for b in bodies))
     return t0, results
+
+
+def engine_counts(url: str) -> dict[str, float]:
+    """The engine's prompt-chunk and decode-step histograms from /metrics (no key needed): count, sum, and
+    how many took over a second."""
+    import httpx
+
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        for name in ("prefill_chunk_seconds", "decode_step_seconds"):
+            full = "rwkv_serve_" + name
+            if line.startswith(full + "_sum ") or line.startswith(full + "_count "):
+                values[line.split()[0][len("rwkv_serve_"):]] = float(line.split()[1])
+            elif line.startswith(full + '_bucket{le="1"}') or line.startswith(full + '_bucket{le="+Inf"}'):
+                values[name + ("_le1" if 'le="1"' in line else "_all")] = float(line.split()[1])
+    return values
+
+
+def engine_split(before: dict, after: dict) -> dict:
+    """What the engine did between two engine_counts."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    steps = d.get("decode_step_seconds_count", 0.0)
+    return {"prompt_calls": int(d.get("prefill_chunk_seconds_count", 0)),
+            "prompt_seconds": d.get("prefill_chunk_seconds_sum", 0.0),
+            "decode_steps": int(steps),
+            "decode_step_ms": 1e3 * d.get("decode_step_seconds_sum", 0.0) / steps if steps else float("nan"),
+            "over_1s": int(d.get("prefill_chunk_seconds_all", 0) - d.get("prefill_chunk_seconds_le1", 0)
+                           + d.get("decode_step_seconds_all", 0) - d.get("decode_step_seconds_le1", 0))}
 
 
 def summarize(t0: float, results: list[dict]) -> dict:
@@ -129,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in counts:
             asyncio.run(round_of(url, bodies(n, 4), args.api_key))  # warm-up: compile this batch size
+            before = engine_counts(url)
             t0, results = asyncio.run(round_of(url, bodies(n, args.gen_tokens), args.api_key))
-            s = summarize(t0, results)
+            s = {**summarize(t0, results), **engine_split(before, engine_counts(url))}
             if s["tokens"] != n * args.gen_tokens:
                 raise RuntimeError(f"N={n}: {s['tokens']} tokens generated, expected {n * args.gen_tokens}")
             rows.append([n, f"{s['tok_s']:.1f}", f"{s['ttft_p50_ms']:.0f}", f"{s['ttft_p99_ms']:.0f}",
-                         f"{s['itl_p50_ms']:.1f}", f"{s['itl_p99_ms']:.1f}"])
+                         f"{s['itl_p50_ms']:.1f}", f"{s['itl_p99_ms']:.1f}",
+                         f"{s['prompt_calls']} / {s['prompt_seconds']:.2f}", f"{s['decode_steps']} / "
+                         f"{s['decode_step_ms']:.1f}", s["over_1s"]])
             print(" | ".join(map(str, rows[-1])), flush=True)
             lines.append({"date": when.isoformat(timespec="seconds"), "command": command, "clients": n,
                           "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
@@ -144,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
-    table = format_table(["clients", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows)
+    table = format_table(["clients", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
+                          "prompt calls / s", "decode steps / ms each", "over 1 s"], rows)
     first = float(rows[0][1])
     ratios = ", ".join(f"N={r[0]}: {float(r[1]) / first:.1f}x" for r in rows[1:])
     md = args.results_dir / "serve_bench.md"
