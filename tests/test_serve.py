@@ -288,6 +288,24 @@ def test_a_burst_of_chats_reads_their_shared_system_prompt_once(reference, monke
         assert got["text"] == want
 
 
+def test_a_row_kept_from_a_batch_does_not_keep_the_batch(reference):
+    """The engine hands the state cache rows of batched states; a row must own its buffers, or a cached
+    row would keep its whole batch in memory (MLX's slices are views) while the cache counts one row."""
+    from rwkv_mlx.serve.engine import own_row
+
+    model, _ = reference
+    for take, keeps_batch in ((own_row, False), (lambda batch, i: batch[i], True)):
+        batch = model.initial_state(64).map(lambda a: a + 1)
+        mx.eval(*batch.arrays())
+        row = take(batch, 3)
+        mx.eval(*row.arrays())
+        with_batch = mx.get_active_memory()
+        del batch
+        freed = with_batch - mx.get_active_memory()
+        assert (freed < row.nbytes) == keeps_batch, (freed, row.nbytes)
+        assert all(mx.array_equal(a, mx.ones_like(a)).item() for a in row.arrays())
+
+
 @pytest.mark.parametrize("warmup", [True, False])
 def test_warmup_steps_every_batch_size_before_the_first_request(reference, warmup):
     """A GPU compiles the decode step once per batch size; with warm-up the server pays that before it
