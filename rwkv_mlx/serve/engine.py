@@ -483,7 +483,7 @@ class Engine:
         # last token has already read it (see _decode_step); a batch with a constrained row is
         # collected before its next launch, and a row that ends on its first token has no slot.
         read_last = row.slot is not None and fed
-        state = own_row(self._batch, row.slot) if row.slot is not None else row.state
+        state = self._batch[row.slot] if row.slot is not None else row.state
         self._remove(row)
         error = None
         try:
@@ -519,7 +519,10 @@ class Engine:
         if key != read and not spec.save_state:
             return  # the resent conversation would tokenize differently: its state is not this one
         rest = close if read_last else [row.generated[-1], *close]
-        final = prefill(self.model, rest, state, chunk_size=self.prefill_chunk)[1] if rest else state
+        if rest:
+            final = prefill(self.model, rest, state, chunk_size=self.prefill_chunk)[1]
+        else:  # kept as it is: a row of the decode batch must own its buffers (own_row)
+            final = own_row(state, 0)
         mx.eval(final.arrays())
         if key == read:
             self.cache.put(row.origin, key, final)
