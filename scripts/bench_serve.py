@@ -69,31 +69,28 @@ async def round_of(url: str, bodies: list[dict], api_key: str | None) -> tuple[f
 
 
 def engine_counts(url: str) -> dict[str, float]:
-    """The engine's prompt-chunk and decode-step histograms from /metrics (no key needed): count, sum, and
-    how many took over a second."""
+    """Every sample of the server's /metrics (no key needed), by its name and labels as printed."""
     import httpx
 
-    values = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        for name in ("prefill_chunk_seconds", "decode_step_seconds"):
-            full = "rwkv_serve_" + name
-            if line.startswith(full + "_sum ") or line.startswith(full + "_count "):
-                values[line.split()[0][len("rwkv_serve_"):]] = float(line.split()[1])
-            elif line.startswith(full + '_bucket{le="1"}') or line.startswith(full + '_bucket{le="+Inf"}'):
-                values[name + ("_le1" if 'le="1"' in line else "_all")] = float(line.split()[1])
-    return values
+    lines = httpx.get(url + "/metrics", timeout=30).text.splitlines()
+    return {name: float(value) for name, _, value in (line.rpartition(" ") for line in lines if line[:1] != "#")}
 
 
 def engine_split(before: dict, after: dict) -> dict:
-    """What the engine did between two engine_counts."""
-    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    steps = d.get("decode_step_seconds_count", 0.0)
-    return {"prompt_calls": int(d.get("prefill_chunk_seconds_count", 0)),
-            "prompt_seconds": d.get("prefill_chunk_seconds_sum", 0.0),
+    """What the engine did between two engine_counts: its prompt chunks and decode steps (the histograms'
+    counts and sums) and how many of them took over a second."""
+    def d(sample: str) -> float:
+        return after.get("rwkv_serve_" + sample, 0.0) - before.get("rwkv_serve_" + sample, 0.0)
+
+    def over_1s(hist: str) -> int:
+        return int(d(hist + '_bucket{le="+Inf"}') - d(hist + '_bucket{le="1"}'))
+
+    steps = d("decode_step_seconds_count")
+    return {"prompt_calls": int(d("prefill_chunk_seconds_count")),
+            "prompt_seconds": d("prefill_chunk_seconds_sum"),
             "decode_steps": int(steps),
-            "decode_step_ms": 1e3 * d.get("decode_step_seconds_sum", 0.0) / steps if steps else float("nan"),
-            "over_1s": int(d.get("prefill_chunk_seconds_all", 0) - d.get("prefill_chunk_seconds_le1", 0)
-                           + d.get("decode_step_seconds_all", 0) - d.get("decode_step_seconds_le1", 0))}
+            "decode_step_ms": 1e3 * d("decode_step_seconds_sum") / steps if steps else float("nan"),
+            "over_1s": over_1s("prefill_chunk_seconds") + over_1s("decode_step_seconds")}
 
 
 def summarize(t0: float, results: list[dict]) -> dict:
