@@ -21,6 +21,8 @@
 #   prefill  : prompt tok/s at 512 and 4,096 tokens, weights expanded to float32 and to float16
 #   fidelity : prompt logits of the carried oracle part against exact math, per expansion dtype
 #   profile  : GPU time per kernel (CUPTI) of decode and of a 512-token prompt, for each weight form
+#   spread   : one-row decode in $PROCESSES processes (default 4), each timed unprofiled ($REPEAT runs) and then
+#              profiled with CUPTI, with the GPU's clocks before each: why one tree's decode differs between processes
 #   ncu      : Nsight Compute's sections (speed of light, warp stalls, memory, occupancy) of chosen decode launches
 #   compare  : decode probes of this tree and of .baseline/ (an older commit's package, carried), alternating;
 #              make it here with: mkdir .baseline && git archive REV rwkv_mlx custom_kernels scripts | tar -x -C .baseline
@@ -192,6 +194,13 @@ case $step in
       echo "== $1 profile, form $form" | tee -a $OUT/profile.log
       RWKV_MLX_GPU_BLOCKS=$form timeout -s KILL ${PROFILE_LIMIT:-120} python3 scripts/kernel_profile.py /tmp/synth/$1.gguf \
         --tokens 32 2>&1 | grep -v Warning | tee -a $OUT/profile.log
+    done ;;
+  spread)  # is a slow process's host or its GPU work slower? (kernel_log step 23: 194-279 against 301-312 tok/s)
+    bash "$0" wait "$1"
+    for i in $(seq ${PROCESSES:-4}); do
+      echo "== $1 process $i form ${RWKV_MLX_GPU_BLOCKS:-default}: $(nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader)" | tee -a $OUT/spread.log
+      timeout -s KILL ${SPREAD_LIMIT:-90} python3 scripts/kernel_profile.py /tmp/synth/$1.gguf --tokens ${TOKENS:-128} \
+        --repeat ${REPEAT:-3} --no-prefill 2>&1 | grep -E "^(timed|## |\| [^k-])" | head -12 | tee -a $OUT/spread.log
     done ;;
   ncu)  # hardware counters (Nsight Compute; Firecracker machines) of the decode launches named by $KERNELS
     # (a regex of MLX's kernel names; default: the FFN-key matvec of a Q4_K_M file and the time mix).

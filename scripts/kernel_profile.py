@@ -1,6 +1,6 @@
 """GPU time of every kernel in decoded tokens and in a prompt chunk, read with CUPTI.
 
-    python scripts/kernel_profile.py MODEL.gguf [--tokens 16] [--prompt 512] [--batch 1]
+    python scripts/kernel_profile.py MODEL.gguf [--tokens 16] [--prompt 512] [--batch 1] [--repeat 3]
 
 A development aid for kernel work (results/kernel_log.md). MLX has no kernel
 profiler of its own; torch.profiler's CUPTI tracer records every kernel the
@@ -8,6 +8,10 @@ process runs on the device, MLX's included, so this needs a CUDA build of
 torch beside MLX's CUDA backend. Prints, per kernel name, calls per token and
 GPU microseconds, and compares the GPU's busy time with the wall-clock time:
 when busy time is far below wall time, the host sets the pace.
+
+--repeat N first times N unprofiled decode runs in the same process (tok/s, and the process's CPU time a
+token): one tree's one-row decode differed by up to 1.6x between processes (results/kernel_log.md step 23),
+and a slow process's busy time against a fast one's says whether its kernels or its host were slower.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import rwkv_mlx
+from rwkv_mlx.bench.measure import greedy_steps
 from rwkv_mlx.text.generate import prefill
 
 
@@ -41,6 +46,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1, help="decode this many rows at once (model.step's batch)")
+    ap.add_argument("--repeat", type=int, default=0, help="first time this many unprofiled decode runs of --tokens")
+    ap.add_argument("--no-prefill", action="store_true", help="profile decode only")
     args = ap.parse_args()
     torch.cuda.init()
     model, _ = rwkv_mlx.load(args.model)
@@ -52,6 +59,12 @@ def main():
         logits, state = model.step(token, state)
         token = mx.argmax(logits, axis=-1)
         mx.eval(token, *state.arrays())
+    for r in range(args.repeat):
+        timings: dict = {}
+        rows, seconds = greedy_steps(model, token, state, args.tokens, timings)
+        print(f"timed run {r + 1}: {args.batch * args.tokens / seconds:8.1f} tok/s, "
+              f"{seconds / args.tokens * 1e6:7.0f} us a step (cpu {timings['cpu'] / args.tokens * 1e6:6.0f}), "
+              f"first tokens {rows[0][:6]}")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         tic = time.perf_counter()
         for _ in range(args.tokens):
@@ -61,6 +74,8 @@ def main():
         mx.eval(token)
         wall = (time.perf_counter() - tic) * 1e6
     table(prof, args.tokens, wall, f"decode ({args.batch} rows a step)")
+    if args.no_prefill:
+        return
     mx.eval(prefill(model, ids)[0])  # warm
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         tic = time.perf_counter()
