@@ -63,7 +63,7 @@ def recorded() -> Recorder:
     for name in oracle_models():
         record_launches(load(name, LoadOptions.for_backend("metal")), name, rec)
     for name in SCALE_FILES if oracle_models() else []:
-        # affine codes beside Q6_K blocks: the GPUs' affine form (RWKV_MLX_GPU_BLOCKS=affine, CUDA's default)
+        # affine codes beside Q6_K blocks: the GPUs' affine form (RWKV_MLX_GPU_BLOCKS=affine)
         for scale in ("float32", "float16", "bfloat16"):
             model = load(name, LoadOptions.for_backend("metal", scale_dtype=scale, keep_blocks=False))
             record_launches(model, f"{name} scales {scale}", rec)

@@ -44,10 +44,10 @@ F32, F16, BF16 = 0, 1, 30
 # The form of GGUF blocks on a GPU, until $RWKV_MLX_GPU_BLOCKS says otherwise. "stored": the decode kernel
 # reads the file's blocks (1.00x their bytes a token); "affine": MLX's affine codes with float32 scales
 # (about 1.33x for Q4_K, 1.18x for Q8_0: results/bytes_per_token.md). Apple GPUs decode at the speed of
-# memory, so Metal reads the blocks. On CUDA the block readers were slower on an H100 (5.4 against 4.6 ms
-# of GPU time per 2.9B Q4_K_M token, results/kernel_log.md step 12), so CUDA keeps the affine form until
-# `bash scripts/gpu_session.sh forms` shows the blocks as fast.
-GPU_BLOCKS_DEFAULT = {"metal": "stored", "cuda": "affine"}
+# memory, so Metal reads the blocks. On an H100 the blocks decode one row as fast as the affine form and
+# read prompts as fast (results/kernel_log.md step 22), load 8x faster and take 22% less memory, so CUDA
+# reads them too; the affine form was 4% and 12% faster at 16 and 64 rows on the matrix units (step 23).
+GPU_BLOCKS_DEFAULT = {"metal": "stored", "cuda": "stored"}
 FLOAT_TYPES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
 
 
