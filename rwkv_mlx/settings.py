@@ -31,6 +31,11 @@ SETTINGS = {
 }
 
 
+def in_effect() -> dict[str, str]:
+    """The settings this process's environment sets, by name: what a recorded figure was measured under."""
+    return {name: os.environ[name] for name in SETTINGS if os.environ.get(name, "").strip()}
+
+
 def _raw(name: str) -> str | None:
     if name not in SETTINGS:
         raise KeyError(f"{name} is not in settings.SETTINGS")

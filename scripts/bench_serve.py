@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from rwkv_mlx.bench import benchmark_prompt, environment, format_table
     from rwkv_mlx.io import atomic_write_text
+    from rwkv_mlx.bench.record import settings_cell
     from rwkv_mlx.cli.common import resolve_model, select_device
     from rwkv_mlx.serve.app import ServeConfig
     from rwkv_mlx.serve.server import Server
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     header = "# rwkv-mlx serve: concurrent streaming clients\n\nWritten by scripts/bench_serve.py, newest last.\n"
     entry = (f"\n## {when:%Y-%m-%d %H:%M} - {lines[0]['model'].rsplit('/', 1)[-1]} on {env['device']} "
              f"({env['backend']})\n\n- command: `{command}`\n- commit: {env['commit']}"
-             f"{' (modified)' if env['commit_dirty'] else ''}; MLX {env['mlx']}\n"
+             f"{' (modified)' if env['commit_dirty'] else ''}; MLX {env['mlx']}"
+             f"{'; settings ' + settings_cell(env['settings']) if env['settings'] else ''}\n"
              f"- prompt {args.prompt_tokens} tokens, {args.gen_tokens} generated per client, sampling: "
              f"{lines[0]['sampling']}{'; ' + args.note if args.note else ''}\n"
              f"- aggregate tok/s relative to one client: {ratios or '-'}\n\n{table}")

@@ -25,7 +25,7 @@ from reference_rwkv7 import ReferenceRWKV7
 
 import rwkv_mlx
 import rwkv_mlx.model.wkv
-from rwkv_mlx import bench
+from rwkv_mlx import bench, settings
 from rwkv_mlx.backend import device_name
 from rwkv_mlx.cli import run
 from rwkv_mlx.formats.gguf_writer import write_rwkv7_gguf
@@ -306,6 +306,24 @@ def test_peers_mlx_lm_agrees_on_the_float32_oracle(require_oracle, results, caps
     assert line["engine"] == "mlx-lm" and line["agreement_with_reference"] == 16
     assert line["quality_hash"] == line["ours"]["quality_hash"]
     assert "rwkv-mlx / mlx-lm" in (results / "peers.md").read_text()
+
+
+def test_entry_names_the_settings_it_ran_under(synthetic, results, monkeypatch):
+    """A figure taken under $RWKV_MLX_GPU_BLOCKS=affine (say) must say so: the README compares entries."""
+    for name in settings.SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    assert benchmark(synthetic, results, change="plain") == 0
+    monkeypatch.setenv("RWKV_MLX_DECODE_AHEAD", "2")
+    monkeypatch.setenv("RWKV_MLX_GPU_BLOCKS", "affine")
+    monkeypatch.setenv("MLX_UNRELATED", "1")  # not one of ours: not recorded
+    assert benchmark(synthetic, results, change="set") == 0
+    plain, with_settings = parse_log((results / "BENCHMARKS.md").read_text())["T"]
+    assert "Settings" not in plain["rows"]
+    assert with_settings["rows"]["Settings"] == "`RWKV_MLX_GPU_BLOCKS=affine`, `RWKV_MLX_DECODE_AHEAD=2`"
+    lines = [json.loads(l) for l in (results / "benchmarks.jsonl").read_text().splitlines()]
+    assert [line["settings"] for line in lines] == [
+        {}, {"RWKV_MLX_GPU_BLOCKS": "affine", "RWKV_MLX_DECODE_AHEAD": "2"}]
+    assert plain["tokens"] == with_settings["tokens"]  # (two steps queued ahead decode the same tokens)
 
 
 def test_commit_from_the_environment_wins(monkeypatch):

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 import mlx.core as mx
 
+from .. import settings
 from ..backend import active_backend, device_name
 from ..text.generate import stream_generate
 from ..text.sample import Sampler, SamplingParams, token_logprob
@@ -208,7 +209,8 @@ def local_now() -> _dt.datetime:
 
 
 def environment() -> dict:
-    """Where a figure was measured: device, backend, versions, commit, OS."""
+    """Where a figure was measured: device, backend, versions, commit, OS, and the tuning settings the
+    environment sets ($RWKV_MLX_GPU_BLOCKS=affine, ...)."""
     info = {}
     try:  # what the device is; not its serial numbers or momentary free memory
         info = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in mx.device_info().items()
@@ -220,6 +222,7 @@ def environment() -> dict:
         "device": device_name(), "backend": active_backend(), "device_info": info,
         "mlx": mx.__version__, "rwkv_mlx": __version__, "commit": commit, "commit_dirty": dirty,
         "os": platform.platform(), "python": platform.python_version(),
+        "settings": settings.in_effect(),
     }
 
 

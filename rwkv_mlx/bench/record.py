@@ -22,6 +22,11 @@ from .quality import QUALITY_TOKENS, Reference, quality_hash
 MARKDOWN_NAME = "BENCHMARKS.md"
 
 
+def settings_cell(values: dict[str, str]) -> str:
+    """The environment's tuning settings (settings.in_effect) as one line: `NAME=value`, ..."""
+    return ", ".join(f"`{name}={value}`" for name, value in values.items())
+
+
 JSONL_NAME = "benchmarks.jsonl"
 
 
@@ -99,6 +104,7 @@ class BenchmarkResult:
             ("Dispatches / Token", self.dispatch.summary()),
             ("GB read / token", self.bytes_read_cell()),
             ("Backend", f"{self.env['backend']} (MLX {self.env['mlx']})"),
+            *((("Settings", settings_cell(self.env["settings"])),) if self.env.get("settings") else ()),
             ("Runs", f"{len(self.runs)} timed + {self.warmup} warm-up; median, min-max"),
             ("Commit", (self.env.get("commit") or "unknown") + (" (modified)" if self.env.get("commit_dirty") else "")),
             ("Quality Hash", f"`{self.quality_hash}`"),
