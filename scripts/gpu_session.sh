@@ -21,7 +21,7 @@
 #   prefill  : prompt tok/s at 512 and 4,096 tokens, weights expanded to float32 and to float16
 #   fidelity : prompt logits of the carried oracle part against exact math, per expansion dtype
 #   profile  : GPU time per kernel (CUPTI) of decode and of a 512-token prompt, for each weight form
-#   spread   : one-row decode in $PROCESSES processes (default 4), each timed unprofiled ($REPEAT runs) and then
+#   spread   : one-row decode in $PROCESSES processes (default 4), each timed unprofiled ($REPEAT runs, then the host alone) and then
 #              profiled with CUPTI, with the GPU's clocks before each: why one tree's decode differs between processes
 #   ncu      : Nsight Compute's sections (speed of light, warp stalls, memory, occupancy) of chosen decode launches
 #   compare  : decode probes of this tree and of .baseline/ (an older commit's package, carried), alternating;

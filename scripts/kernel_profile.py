@@ -10,8 +10,9 @@ GPU microseconds, and compares the GPU's busy time with the wall-clock time:
 when busy time is far below wall time, the host sets the pace.
 
 --repeat N first times N unprofiled decode runs in the same process (tok/s, and the process's CPU time a
-token): one tree's one-row decode differed by up to 1.6x between processes (results/kernel_log.md step 23),
-and a slow process's busy time against a fast one's says whether its kernels or its host were slower.
+token), then the host's time to queue a step while the GPU is idle: one tree's one-row decode differed by up
+to 1.6x between processes (results/kernel_log.md step 23), and a slow process's busy time against a fast one's
+says whether its kernels or its host were slower.
 """
 
 from __future__ import annotations
@@ -40,6 +41,23 @@ def table(prof, per: int, wall_us: float, what: str) -> None:
               f"{e.device_time_total / max(e.count, 1):.1f} |")
 
 
+def host_alone(model, token, state, n: int) -> None:
+    """The host's own work a decode step: each step is queued after the one before it has finished, so queueing
+    never waits for the device (in a pipelined loop it blocks while the GPU is behind, which hides this)."""
+    queued = cpu = 0.0
+    for _ in range(n):
+        mx.eval(token, *state.arrays())
+        cpu0, tic = time.process_time(), time.perf_counter()
+        logits, state = model.step(token, state)
+        token = mx.argmax(logits, axis=-1)
+        mx.async_eval(token, *state.arrays())
+        queued += time.perf_counter() - tic
+        cpu += time.process_time() - cpu0
+    mx.eval(token)
+    print(f"timed host alone: {queued / n * 1e6:7.0f} us to queue a step with the GPU idle "
+          f"(cpu {cpu / n * 1e6:6.0f})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -65,6 +83,8 @@ def main():
         print(f"timed run {r + 1}: {args.batch * args.tokens / seconds:8.1f} tok/s, "
               f"{seconds / args.tokens * 1e6:7.0f} us a step (cpu {timings['cpu'] / args.tokens * 1e6:6.0f}), "
               f"first tokens {rows[0][:6]}")
+    if args.repeat:
+        host_alone(model, token, state, args.tokens)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         tic = time.perf_counter()
         for _ in range(args.tokens):
