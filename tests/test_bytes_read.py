@@ -108,11 +108,12 @@ ORACLE_FILES = oracle_models()
 
 @pytest.mark.parametrize("name", ORACLE_FILES or [pytest.param("none", marks=pytest.mark.skip(
     reason=f"oracle fixtures not found at {ORACLE} (set RWKV_MLX_ORACLE)"))])
-def test_oracle_file_bytes(name):
+def test_oracle_file_bytes(name, monkeypatch):
+    monkeypatch.delenv("RWKV_MLX_GPU_BLOCKS", raising=False)  # each backend's default form
     path = ORACLE / "models" / f"{name}.gguf"
-    model, _ = load(path, LoadOptions.for_backend("metal"))  # the form a GPU backend loads
     tensors = open_gguf(path).tensors
     for backend in ("metal", "cuda") if name in ("fixa-Q4_K_M", "fixb-Q6_K") else ("metal",):
+        model, _ = load(path, LoadOptions.for_backend(backend))  # the form that backend loads by default
         plan = plan_bytes(model, backend)
         by_type = check_counts(model, plan, lambda p: tensors[module_to_gguf_name(p + ".weight")].ggml_type)
         tb = compare(plan, gguf_bytes(path))  # the counting module's comparison agrees with the math's
