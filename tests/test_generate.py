@@ -213,6 +213,41 @@ def test_batch_equals_one_at_a_time(ahead):
                                    stop=stops) == ["".join(r.text for r in e) for e in expected]
 
 
+def test_prompt_groups_take_one_length_within_a_chunk_in_powers_of_two():
+    from rwkv_mlx.text.generate import prompt_groups
+
+    lengths = [3, 3, 5, 3, 3, 3, 3, 3, 3, 40, 3]
+    assert prompt_groups(lengths, 16) == [[0, 1, 3, 4], [5, 6, 7, 8], [10], [2], [9]]  # 5 of 3 fit: cut to 4
+    assert prompt_groups(lengths, 64) == [[0, 1, 3, 4, 5, 6, 7, 8], [10], [2], [9]]
+    assert prompt_groups([600, 600], 512) == [[0], [1]]  # longer than a chunk: alone, as before
+    assert sorted(i for g in prompt_groups(lengths, 7) for i in g) == list(range(len(lengths)))
+
+
+def test_batch_reads_prompts_of_one_length_together(monkeypatch):
+    """Equal-length prompts share prefill calls, and every row still equals its prompt generated alone
+    (from the start and from a cached state), the rows back in the prompts' order."""
+    from rwkv_mlx.text import generate as gen
+
+    model, tokenizer = tiny_model()
+    ids = tokenizer.encode(TEXT)
+    prompts = [ids[0:6], ids[20:26], ids[3:12], ids[40:46], ids[7:13]]  # four of 6 tokens, one of 9
+    cached = rwkv_mlx.cache_prompt(model, tokenizer, "ROMEO:")
+    states = [None, cached, None, None, cached]
+    alone = [rwkv_mlx.generate(model, tokenizer, p, sampling=GREEDY, max_tokens=6, state=st)
+             for p, st in zip(prompts, states)]
+    calls = []
+    real = gen.prefill
+
+    def counting(model, tokens, state=None, **kw):
+        calls.append(len(tokens) if tokens and not isinstance(tokens[0], int) else 1)
+        return real(model, tokens, state, **kw)
+
+    monkeypatch.setattr(gen, "prefill", counting)
+    batched = rwkv_mlx.batch_generate(model, tokenizer, prompts, states=states, samplings=GREEDY, max_tokens=6)
+    assert batched == alone
+    assert sorted(calls) == [1, 4]  # the four 6-token prompts in one call, the 9-token one alone
+
+
 def test_batch_returns_each_rows_state(ahead):
     model, tokenizer = tiny_model()
     limits = [3, 7, 7]  # row 0 ends while the batch goes on, rows 1 and 2 at the last step

@@ -333,9 +333,9 @@ def stream_batch_generate(
 ) -> Iterator[GenerationResponse]:
     """Generate for several prompts at once; yields pieces tagged with ``row``.
 
-    Each prompt is read alone (any lengths, optionally from its own cached
-    ``states[i]``), then the rows are stacked into one batch and decoded
-    together: one model call per step.  ``samplings``, ``max_tokens`` and
+    Each prompt is read from its own cached ``states[i]`` or from the start (any
+    lengths; prompts of one length as rows of one model call, ``prompt_groups``),
+    then the rows are decoded together as one batch: one model call per step.  ``samplings``, ``max_tokens`` and
     ``stop`` take one value for all rows or one per row.  A row that has
     finished emits nothing more; it keeps riding along in the batch until every
     row is done (its extra tokens are computed and discarded).  With
@@ -359,6 +359,43 @@ def stream_batch_generate(
                        stop_at_end_of_text=stop_at_end_of_text, prefill_chunk=prefill_chunk, return_state=return_state)
 
 
+def prompt_groups(lengths: Sequence[int], chunk_size: int) -> list[list[int]]:
+    """Which prompts are read together, as lists of their indices: prompts of one length, as many a call as
+    keep it within ``chunk_size`` tokens (a single prompt's chunk: the same memory bound), cut to a power
+    of two. A GPU compiles the head's launch plan once for each row count it meets, so few counts it is."""
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    groups = []
+    for n, rows in by_length.items():
+        most = max(1, chunk_size // max(n, 1))  # (an empty prompt goes on to prefill, which refuses it)
+        while rows:
+            take = 1 << (min(len(rows), most).bit_length() - 1)
+            groups.append(rows[:take])
+            rows = rows[take:]
+    return groups
+
+
+def _read_prompts(model, prompt_ids: list[list[int]], states: list[State | None], chunk_size: int,
+                  progress: Callable[[int, int], None] | None) -> tuple[mx.array, State]:
+    """Every prompt read from its own state (None: the start), in few model calls (``prompt_groups``);
+    returns the last logits [B, V] and the state of B rows, in the prompts' order."""
+    order, logits, parts = [], [], []
+    for rows in prompt_groups([len(ids) for ids in prompt_ids], chunk_size):
+        start = None
+        if any(states[i] is not None for i in rows):
+            start = State.stack([model.initial_state(1) if states[i] is None else states[i] for i in rows])
+        row_logits, row_state = prefill(model, [prompt_ids[i] for i in rows], start, chunk_size=chunk_size,
+                                        progress=progress)
+        order += rows
+        logits.append(row_logits)
+        parts.append(row_state)
+    if order == sorted(order):
+        return mx.concatenate(logits) if len(logits) > 1 else logits[0], State.stack(parts)
+    back = np.argsort(order).tolist()  # row i of the batch is the prompt at order[i]
+    return mx.concatenate(logits)[mx.array(back)], State.stack(parts)[back]
+
+
 def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], samplings: list[SamplingParams],
             limits: list[int], stops: list[Sequence[str]], states: list[State | None], *, stop_at_end_of_text: bool,
             prefill_chunk: int, prefill_progress: Callable[[int, int], None] | None = None,
@@ -368,10 +405,7 @@ def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], samplings:
     sample = _RowSamplers(model, tokenizer, samplings, prompt_ids)
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    rows = [prefill(model, ids, s, chunk_size=prefill_chunk, progress=prefill_progress)
-            for ids, s in zip(prompt_ids, states)]
-    logits = mx.concatenate([r[0] for r in rows]) if B > 1 else rows[0][0]
-    state = State.stack([r[1] for r in rows])
+    logits, state = _read_prompts(model, prompt_ids, states, prefill_chunk, prefill_progress)
 
     # A grammar needs token n on the host before it can mask step n+1, so then the
     # pipelined step is only the model call; sampling waits for the host's mask.
