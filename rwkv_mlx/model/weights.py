@@ -46,7 +46,8 @@ F32, F16, BF16 = 0, 1, 30
 # (about 1.33x for Q4_K, 1.18x for Q8_0: results/bytes_per_token.md). Apple GPUs decode at the speed of
 # memory, so Metal reads the blocks. On an H100 the blocks decode one row as fast as the affine form and
 # read prompts as fast (results/kernel_log.md step 22), load 8x faster and take 22% less memory, so CUDA
-# reads them too; the affine form was 4% and 12% faster at 16 and 64 rows on the matrix units (step 23).
+# reads them too. The affine form decodes many rows 4-12% faster on the matrix units (steps 23 and 25):
+# RWKV_MLX_GPU_BLOCKS=affine, for a server that runs full batches.
 GPU_BLOCKS_DEFAULT = {"metal": "stored", "cuda": "stored"}
 FLOAT_TYPES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
 

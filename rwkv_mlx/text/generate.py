@@ -335,8 +335,8 @@ def stream_batch_generate(
 
     Each prompt is read from its own cached ``states[i]`` or from the start (any
     lengths; prompts of one length as rows of one model call, ``prompt_groups``),
-    then the rows are decoded together as one batch: one model call per step.  ``samplings``, ``max_tokens`` and
-    ``stop`` take one value for all rows or one per row.  A row that has
+    then the rows are decoded together as one batch: one model call per step.
+    ``samplings``, ``max_tokens`` and ``stop`` take one value for all rows or one per row.  A row that has
     finished emits nothing more; it keeps riding along in the batch until every
     row is done (its extra tokens are computed and discarded).  With
     ``return_state`` each row's final piece holds that row's state.
