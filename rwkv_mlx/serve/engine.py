@@ -49,7 +49,7 @@ import numpy as np
 
 from ..errors import RwkvMlxError
 from ..model.state import State
-from ..text.generate import DEFAULT_PREFILL_CHUNK, TokenText, prefill, sampler_for
+from ..text.generate import DEFAULT_PREFILL_CHUNK, TokenText, prefill, sampler_for, start_state
 from ..text.sample import log_softmax, token_logprob
 from .batch_sampling import sample_rows
 from .errors import APIError, bad_request, internal, no_state, no_states_dir, queue_full, state_exists, timed_out
@@ -389,11 +389,9 @@ class Engine:
         # row count (NVRTC on CUDA), and the warm-up compiled these; another count would stall every row.
         group = group[:max(b for b in self.buckets if b <= len(group))]
         tokens = [r.job.spec.prompt_ids[r.pos:r.pos + length] for r in group]
-        state = None  # every row from the start: the model's zero state
-        if any(r.state is not None for r in group):
-            state = State.stack([r.state if r.state is not None else self.model.initial_state(1) for r in group])
         tic = time.perf_counter()
-        logits, state = prefill(self.model, tokens, state, chunk_size=self.prefill_chunk)
+        logits, state = prefill(self.model, tokens, start_state(self.model, [r.state for r in group]),
+                                chunk_size=self.prefill_chunk)
         self.metrics.observe("prefill_chunk_seconds", time.perf_counter() - tic, "time to read one prompt chunk")
         self.metrics.inc("prompt_tokens_read_total", len(group) * length, help="prompt tokens run through the model")
         for i, row in enumerate(group):

@@ -100,6 +100,15 @@ def prefill(model, tokens: Sequence[int] | Sequence[Sequence[int]], state: State
     return logits[:, -1], state.owned_by(model)
 
 
+def start_state(model, states: Sequence[State | None]) -> State | None:
+    """The state a batch of prompts is read from (prefill's ``state``): None where every row starts from the
+    beginning (prefill's zero state), else each row's own state stacked, the model's zero state where a row
+    has none."""
+    if all(s is None for s in states):
+        return None
+    return State.stack([model.initial_state(1) if s is None else s for s in states])
+
+
 def cache_prompt(model, tokenizer: Tokenizer, text: str | Sequence[int], state: State | None = None, *,
                  chunk_size: int = DEFAULT_PREFILL_CHUNK,
                  progress: Callable[[int, int], None] | None = None) -> State:
@@ -382,9 +391,7 @@ def _read_prompts(model, prompt_ids: list[list[int]], states: list[State | None]
     returns the last logits [B, V] and the state of B rows, in the prompts' order."""
     order, logits, parts = [], [], []
     for rows in prompt_groups([len(ids) for ids in prompt_ids], chunk_size):
-        start = None
-        if any(states[i] is not None for i in rows):
-            start = State.stack([model.initial_state(1) if states[i] is None else states[i] for i in rows])
+        start = start_state(model, [states[i] for i in rows])
         row_logits, row_state = prefill(model, [prompt_ids[i] for i in rows], start, chunk_size=chunk_size,
                                         progress=progress)
         order += rows
