@@ -206,7 +206,7 @@ case $step in
     # (a regex of MLX's kernel names; default: the FFN-key matvec of a Q4_K_M file and the time mix).
     # BATCH=16: of batched decode instead (scripts/batch_decode.py, kernels route), e.g. the FFN key on the
     # matrix units: KERNELS="mma_read_q4_k_16_0_4_0_1_" SKIP=40 COUNT=1 (a name ends with the formats it reads,
-    # READ_ variants, before the template constants)
+    # READ_ variants, before the template constants). SECTIONS: ncu's sections, if not the five below.
     bash "$0" wait "$1"
     if [ -n "${BATCH:-}" ]; then
       run=(python3 scripts/batch_decode.py /tmp/synth/$1.gguf --batches "$BATCH" --routes kernels --tokens 4)
@@ -214,8 +214,8 @@ case $step in
       run=(python3 scripts/decode_probe.py /tmp/synth/$1.gguf --tokens 8 --no-reference)
     fi
     ${NCU:-ncu} --clock-control none --target-processes all -k "regex:${KERNELS:-matvec_one_segment.*_(affine|q4_k)_1_4_1_1|wkv7_40_64_1_}" \
-      --launch-skip ${SKIP:-300} --launch-count ${COUNT:-2} --section SpeedOfLight --section WarpStateStats \
-      --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+      --launch-skip ${SKIP:-300} --launch-count ${COUNT:-2} \
+      $(for s in ${SECTIONS:-SpeedOfLight WarpStateStats MemoryWorkloadAnalysis LaunchStats Occupancy}; do echo --section $s; done) \
       "${run[@]}" 2>&1 | grep -v Warning | tee -a $OUT/ncu.log ;;
   compare)  # side by side on one machine: .baseline (git archive of an older commit) vs this tree
     # (carry .baseline in the call that runs this step: carried in an earlier call, it was gone by this one)
