@@ -229,6 +229,32 @@ inline void mma_store(thread const MmaTile& t, threadgroup float* c, int ldc) {
 #endif
 """,
     },
+    # copy: 16 bytes from device memory into shared memory, started by copy16_start and complete for the
+    # thread that started it after copies_wait (a barrier must follow before other threads read them). CUDA:
+    # the asynchronous copy unit (cp.async, sm_80 on), so a thread neither waits for the load nor holds the
+    # data in registers, and its copies overlap what it does next (matvec.kern MMA: decoding the weight tile);
+    # before sm_80, and on Metal, a load and a store.
+    "copy": {
+        "cuda": """
+__device__ __forceinline__ void copy16_start(uint4* dst, const uint4* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  *dst = *src;
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+               :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(__cvta_generic_to_global(src)) : "memory");
+#endif
+}
+__device__ __forceinline__ void copies_wait() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+""",
+        "metal": """
+inline void copy16_start(threadgroup uint4* dst, const device uint4* src) { *dst = *src; }
+inline void copies_wait() {}
+""",
+    },
 }
 
 # Identifiers that belong to one backend only: they must never appear in a .kern file.
