@@ -626,7 +626,7 @@ def test_broken_fragment_fails_the_matrix_units(matrix_units):
 @pytest.mark.parametrize("batch", [16, pytest.param(64, marks=pytest.mark.slow)])
 def test_emulated_many_rows_on_matrix_units_match_pure_path(batch, require_oracle, matrix_units):
     """16 and 64 rows of one prompt through the MMA launches (every matvec of the blocks, float16 rows from the
-    split prologues and the FFN key, and the LoRA up-projections as a launch of their own, read by the time-mix
+    split prologues, the time-mix kernel and the FFN key, and the LoRA up-projections as a launch of their own, read by the time-mix
     kernel as its pre-activations): the rows agree exactly, and each is within float16 rounding of the pure path
     (0.4-0.7% of the logits' norm is float16's cost here; a wrong tile is of order one) with the same greedy
     tokens. (Parts of K: test_emulated_matrix_units_prologue_epilogue_and_tiles; this model's rows are short.)"""
@@ -643,6 +643,7 @@ def test_emulated_many_rows_on_matrix_units_match_pure_path(batch, require_oracl
     with emu.running():
         plan = BlockPlan(model.blocks[1], batch, "metal")
     assert plan.ups is not None and plan.value.x_dtype == mx.float16 and plan.proj.inner.x_dtype == mx.float16
+    assert plan.out.x_dtype == mx.float16  # (W_o copies the float16 rows the time-mix launch writes)
     assert np.array_equal(got[0], got[batch - 1])
     plain = plain_logits(model, tokens)
     assert rel_err(got[0, 3:], plain[3:]) < 5e-3 and (got[0].argmax(-1) == plain.argmax(-1)).all()

@@ -63,7 +63,8 @@ class BlockPlan:
                     MatvecPlan(segs, B, backend=backend, dense=dense, **options))
 
         self.proj = plan(segments, prologue=1, ln=block.ln1, mix=att.x_lerp)
-        self.out = plan([Segment(att.output)], epilogue=2, out_shape=(B, 1, C))
+        # On the matrix units W_o stages float16 rows: the time-mix launch writes them so (the rounding staging did)
+        self.out = plan([Segment(att.output)], epilogue=2, out_shape=(B, 1, C), half_input=True)
         # On the matrix units the FFN value stages float16 rows (half the bytes): the key launch writes them so
         self.value = plan([Segment(ffn.value)], epilogue=2, out_shape=(B, 1, C), half_input=True)
         self.key = plan([Segment(ffn.key)], prologue=1, epilogue=1, ln=block.ln2, mix=ffn.x_k.reshape(1, -1),
@@ -105,7 +106,7 @@ class BlockPlan:
             self.lora = [mx.zeros((4, 3), dtype=mx.int32)] + [placeholder(mx.uint8)] * 4
         self.channel = [att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias]
         mx.eval(self.dummy, self.bias0, *self.lora)
-        signature = (tuple(self.wkv_template), tuple(str(a.dtype) for a in self.lora))
+        signature = (tuple(self.wkv_template), tuple(str(a.dtype) for a in self.lora), str(self.out.x_dtype))
         self.ok = launches(self.wkv, signature, lambda: self._time_mix(
             mx.zeros((B, self.proj.out_shapes[0][-1])), mx.zeros((B, 1, C)), mx.zeros((B, self.H, N, N))))
 
@@ -119,7 +120,7 @@ class BlockPlan:
             grid=(B * H * 4 * N, 1, 1),
             threadgroup=(4 * N, 1, 1),
             output_shapes=[(B, C), (B, H, N, N), (B * H * 10 * N,)],
-            output_dtypes=[mx.float32, mx.float32, mx.float32],
+            output_dtypes=[self.out.x_dtype, mx.float32, mx.float32],
         )
         return y, wkv_state
 
