@@ -288,10 +288,12 @@ UP_RANKS = [{"w": 32, "a": 32, "v": 16, "g": 64}, {"w": 20, "a": 36, "v": 24, "g
 UP_RANK_IDS = ["rows-of-16-bytes", "odd-rows", "ranks-2.9B"]
 
 
-def up_projection_case(ranks: dict, backend: str):
+def up_projection_case(ranks: dict, backend: str, one_token: bool = True):
     """The time-mix kernel in decode mode (UP 1) computing the LoRA up-projections from the down outputs written
     after r|k|v (tanh for w, sigmoid for g; float32, float16 and bfloat16 matrices) and mixing v with v_first, on
-    ``backend``, beside the pure reference on the same inputs: (y, state, y_ref, state_ref)."""
+    ``backend``, beside the pure reference on the same inputs: (y, state, y_ref, state_ref). ``one_token``: the
+    ONE_TOKEN variant decode launches (each token's vectors in shared memory), else the prompts' text (scratch in
+    device memory)."""
     from rwkv_mlx.kernels import wkv7
     from rwkv_mlx.kernels.dialect import build, placeholder
 
@@ -312,14 +314,15 @@ def up_projection_case(ranks: dict, backend: str):
         info.append([r, col, codes[dtypes[n]]])
         col += r
     bias0 = mx.concatenate([bias["w"], bias["a"], bias["v"], mx.zeros((C,))])
-    kernel = build("wkv7", backend)
-    y, s, _ = kernel(
+    kernel = build("wkv7", backend, ("ONE_TOKEN",) if one_token else ())
+    outputs = 2 if one_token else 3
+    y, s = kernel(
         inputs=[proj, placeholder(), v_first.reshape(B, C), mx.array(info, dtype=mx.int32),
                 *(up[n].view(mx.uint8) for n in ranks), bias0, chan["k_k"], chan["k_a"], chan["r_k"], chan["ln_w"],
                 chan["ln_b"], state],
         template=wkv7.template(kernel, H, N, up=True, mix_v=True, max_down=col), grid=(B * H * 4 * N, 1, 1),
-        threadgroup=(4 * N, 1, 1), output_shapes=[(B, C), (B, H, N, N), (B * H * 10 * N,)],
-        output_dtypes=[mx.float32] * 3)
+        threadgroup=(4 * N, 1, 1), output_shapes=[(B, C), (B, H, N, N), (B * H * 10 * N,)][:outputs],
+        output_dtypes=[mx.float32] * outputs)[:2]
     mm = lambda x, w: x @ w.astype(mx.float32).T
     w_raw = bias["w"] + mm(mx.tanh(down["w"]), up["w"])
     a_raw = bias["a"] + mm(down["a"], up["a"])

@@ -69,11 +69,12 @@ def test_wkv7_kernel_state_carries_across_calls():
     assert rel_err(s_k, s_r) < 1e-5
 
 
+@pytest.mark.parametrize("one_token", [True, False], ids=["one_token", "scratch"])
 @pytest.mark.parametrize("ranks", UP_RANKS, ids=UP_RANK_IDS)
-def test_wkv7_kernel_up_projections_and_value_mix(ranks):
+def test_wkv7_kernel_up_projections_and_value_mix(ranks, one_token):
     """Decode mode: the kernel computes the LoRA up-projections from the down outputs written after
     r|k|v (tanh for w, sigmoid for g, float32 and float16 matrices) and mixes v with v_first."""
-    y, s, y_ref, s_ref = up_projection_case(ranks, BACKEND)
+    y, s, y_ref, s_ref = up_projection_case(ranks, BACKEND, one_token)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 

@@ -112,7 +112,8 @@ def test_recording_covers_every_case(recorded):
     matvecs = {"rwkv_matvec", "rwkv_matvec_no_scales", "rwkv_matvec_one_segment", "rwkv_matvec_one_segment_no_scales"}
     mma = {"rwkv_matvec_no_scales_mma", "rwkv_matvec_one_segment_no_scales_mma",  # blocks as stored, F16
            "rwkv_matvec_mma", "rwkv_matvec_one_segment_mma"}  # affine codes (beside Q6_K blocks in one launch)
-    assert shapes == matvecs | mma | {"rwkv_wkv7", "rwkv_dequant_no_scales", "rwkv_layernorm_lerp"}, shapes
+    wkv = {"rwkv_wkv7", "rwkv_wkv7_one_token"}  # prompts; decode (each token's vectors in shared memory)
+    assert shapes == matvecs | mma | wkv | {"rwkv_dequant_no_scales", "rwkv_layernorm_lerp"}, shapes
     # (NO_SCALES: no affine matrix in the launch; rwkv_dequant_no_scales: the prompts' products of GGUF blocks kept
     # as stored (Metal's default; its affine variant serves CUDA only, tests/test_matvec_blocks.py runs its Metal
     # text); rwkv_layernorm_lerp: the decode prologues as launches of their own (a setting)). The formats: the
@@ -299,13 +300,14 @@ MODELS = oracle_models() or ["<oracle missing>"]
 
 
 @needs_emulator
+@pytest.mark.parametrize("one_token", [True, False], ids=["one_token", "scratch"])
 @pytest.mark.parametrize("ranks", UP_RANKS, ids=UP_RANK_IDS)
-def test_emulated_time_mix_up_projections(ranks):
+def test_emulated_time_mix_up_projections(ranks, one_token):
     """The time-mix kernel's LoRA up-projections in decode (UP 1, below the matrix units' rows): rows of whole
     16-byte pieces split over a column's four threads (the 2.9B's ranks: three batches of loads a thread, LoRAs
     split between threads), and rows that are not, read a weight at a time, against the pure reference."""
     with Emulator().running():
-        y, s, y_ref, s_ref = up_projection_case(ranks, "metal")
+        y, s, y_ref, s_ref = up_projection_case(ranks, "metal", one_token)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 

@@ -92,7 +92,7 @@ class BlockPlan:
                                    dense=dense))
             if not self.ups.ok:  # (ranks that are not whole 32-element groups): the kernel's own up-projections
                 self.ups = None
-        self.wkv = build("wkv7", backend)
+        self.wkv = build("wkv7", backend, ("ONE_TOKEN",))  # (a token a row: its vectors in shared memory)
         self.wkv_template = wkv7.template(self.wkv, self.H, N, up=self.ups is None, mix_v=self.mix_v,
                                           max_down=column if self.ups is None else 1, tokens=1)
         self.ok = self.ok and self.wkv_template is not None
@@ -113,14 +113,14 @@ class BlockPlan:
     def _time_mix(self, proj, v_first, wkv_state):
         B, C, H, N = self.B, self.C, self.H, self.N
         pre = self.dummy if self.ups is None else self.ups(proj)
-        y, wkv_state, _ = self.wkv(
+        y, wkv_state = self.wkv(
             inputs=[proj, pre, v_first if self.mix_v else self.dummy, *self.lora, self.bias0, *self.channel,
                     wkv_state],
             template=self.wkv_template,
             grid=(B * H * 4 * N, 1, 1),
             threadgroup=(4 * N, 1, 1),
-            output_shapes=[(B, C), (B, H, N, N), (B * H * 10 * N,)],
-            output_dtypes=[self.out.x_dtype, mx.float32, mx.float32],
+            output_shapes=[(B, C), (B, H, N, N)],
+            output_dtypes=[self.out.x_dtype, mx.float32],
         )
         return y, wkv_state
 

@@ -41,18 +41,21 @@ def _matvec(scales: str | None, slots: int = 8, x: str = "float32", y: str = "fl
     return KernelInstance("matvec", inputs, (y,) if mma else (y, "float32"), t, defines)
 
 
-def _wkv7(**template) -> KernelInstance:
-    # proj pre v_first | up_info | w_up a_up v_up g_up | bias0 k_k k_a r_k ln_w ln_b state_in
+def _wkv7(one_token: bool = False, y: str = "float32", **template) -> KernelInstance:
+    # proj pre v_first | up_info | w_up a_up v_up g_up | bias0 k_k k_a r_k ln_w ln_b state_in; ONE_TOKEN: no scratch
     inputs = ("float32",) * 3 + ("int32",) + ("uint8",) * 4 + ("float32",) * 7
     template = {"H": 40, "N": 64, "UP": 1, "MIX_V": 1, "MAX_DOWN": 576, "TB": 16, "IL": 1, **template}
-    return KernelInstance("wkv7", inputs, ("float32",) * 3, template)
+    outputs = (y, "float32") + (() if one_token else ("float32",))
+    return KernelInstance("wkv7", inputs, outputs, template, ("ONE_TOKEN",) if one_token else ())
 
 
 KERNEL_INSTANCES: list[KernelInstance] = [
     _wkv7(),
     _wkv7(H=2, UP=0, MIX_V=0, MAX_DOWN=1),
     _wkv7(H=3, N=128, UP=0, MIX_V=0, MAX_DOWN=1, TB=8, IL=0),
-    _wkv7(H=2, UP=0, MIX_V=1, MAX_DOWN=1, TB=1),  # decode's
+    _wkv7(H=2, UP=0, MIX_V=1, MAX_DOWN=1, TB=1),
+    _wkv7(True, TB=1),  # decode's: one row
+    _wkv7(True, "float16", H=2, UP=0, MIX_V=1, MAX_DOWN=1, TB=1),  # decode's: many rows, on the matrix units
     _matvec("float32", PRO=1, RPW=1),
     _matvec("float32", PRO=0, EPI=2, NB=2),
     _matvec("float32", HAS_BIAS=1),
