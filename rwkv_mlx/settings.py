@@ -13,8 +13,7 @@ from .errors import InvalidArgumentError
 
 # name -> what it sets (README's "Environment settings" lists the same names; a test keeps them equal)
 SETTINGS = {
-    "RWKV_MLX_KERNEL_MAX_BATCH": "decoded rows above which a block's products are MLX's (0: no bound; "
-                                 "CUDA's default: 0 for quantized blocks, 16 for float ones)",
+    "RWKV_MLX_KERNEL_MAX_BATCH": "decoded rows above which a block's products are MLX's (0, the default: no bound)",
     "RWKV_MLX_CUDA_DEQUANT_MIN_ROWS": "rows from which CUDA expands quantized weights for a product (0: never)",
     "RWKV_MLX_CUDA_EXPAND_DTYPE": "the dtype of those expanded weights: float16 (tensor cores) or float32 (exact)",
     "RWKV_MLX_SEPARATE_PROLOGUE": "1: a decode launch's LayerNorm and lerps run once, in a launch of their own; 0: in every group",

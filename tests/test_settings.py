@@ -28,7 +28,7 @@ def test_defaults_and_overrides(monkeypatch):
     for name in settings.SETTINGS:
         monkeypatch.delenv(name, raising=False)
     assert matvec.max_batch("cuda") == matvec.MAX_BATCH_DEFAULT["cuda", "quantized"] == 0
-    assert matvec.max_batch("cuda", dense=True) == matvec.MAX_BATCH_DEFAULT["cuda", "dense"] == 16
+    assert matvec.max_batch("cuda", dense=True) == matvec.MAX_BATCH_DEFAULT["cuda", "dense"] == 0
     assert matvec.max_batch("metal") == matvec.max_batch("metal", dense=True) == 0
     assert layers.cuda_dequant_min_rows() == 16
     monkeypatch.setenv("RWKV_MLX_KERNEL_MAX_BATCH", "4")

@@ -46,10 +46,11 @@ MAX_SEGMENTS = 8
 # units (MMA) won at 16 rows (Q4_K_M 1,405 tok/s against 966, Q8_0 1,326 against 603, kernel_log step 16).
 # Quantized weights: MLX's products dequantize every matrix at every step (11.2 of 26.5 ms a 64-row step, Q4_K_M);
 # the matrix units gave 3,776 and 5,464 tok/s at 32 and 64 rows against the products' 1,665 and 2,036 (Q4_K_M,
-# kernel_log step 20), so no bound. Dense weights reach cuBLAS as they are; at 64 rows the matrix units (4,547
-# tok/s for F16, step 18) have not been timed against products that share the faster time-mix launch, so CUDA
-# keeps 16 there. Apple GPUs are not measured, so Metal keeps the kernels at every batch size. 0: no bound.
-MAX_BATCH_DEFAULT = {("cuda", "dense"): 16, ("cuda", "quantized"): 0, ("metal", "dense"): 0, ("metal", "quantized"): 0}
+# kernel_log step 20), so no bound. Dense weights reach cuBLAS as they are, and still the matrix units won at 64
+# rows: F16 5,906 tok/s against the products' 4,576, one process each at a098b0d (kernel_log step 26; 32 rows not
+# timed), so no bound either. Apple GPUs are not measured, so Metal keeps the kernels at every batch size. 0: no
+# bound. (The form stays a key: a bound measured for one form need not hold for the other.)
+MAX_BATCH_DEFAULT = {("cuda", "dense"): 0, ("cuda", "quantized"): 0, ("metal", "dense"): 0, ("metal", "quantized"): 0}
 MAX_BATCH: int | None = None  # set by scripts and tests; None: $RWKV_MLX_KERNEL_MAX_BATCH or the default
 
 
