@@ -27,6 +27,7 @@ from conftest import (ORACLE, ORACLE_MISSING, UP_RANK_IDS, UP_RANKS, half_rounde
 import rwkv_mlx
 from rwkv_mlx.bench.measure import count_primitives
 from rwkv_mlx.kernels import kernels_disabled, layernorm_lerp
+from rwkv_mlx.kernels import dialect
 from rwkv_mlx.kernels.dialect import Kernel, Launch, parse_kern, render
 from rwkv_mlx.testing.metal_proof import Recorder, record_launches
 from rwkv_mlx.testing.metal_proof.compile import APPLE_THREADS_PER_GROUP, check, check_all, prepare
@@ -135,6 +136,15 @@ def test_recording_covers_every_case(recorded):
 
 def test_no_launch_refused_by_its_plan(recorded):
     assert not recorded.refused, recorded.refused
+
+
+def test_no_kernel_input_lives_in_the_small_pool(recorded):
+    """Every input of every launch a model makes (prompts and decode, every shape and oracle file) is over 8 bytes:
+    on CUDA a kernel reading a constant from MLX's pool of small arrays waits for its pages whenever the CPU has
+    written another scalar (an eps as 1 float and the dequant shape as 2 ints did; kernel_log step 26)."""
+    small = {(i.kernel.name, n, d, s) for i in recorded.instantiations.values() for n, d, s in i.inputs
+             if int(np.prod(s)) * np.dtype(d if d != "bfloat16" else "float16").itemsize <= dialect.SMALL_POOL_BYTES}
+    assert not small, small
 
 
 def test_every_instantiation_compiles_under_metal_rules(compiled):

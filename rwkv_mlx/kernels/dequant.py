@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .. import quants
-from .dialect import build, launches
+from .dialect import build, device_constant, launches
 from .matvec import STORED_BLOCK_TYPES, _KINDS, kind_number, reader_variants
 
 THREADS = 256  # threads per group: dequant.kern's THREADS
@@ -22,10 +22,21 @@ GROUP = 32  # weights per thread: one block group, or one affine group (the only
 OUT_DTYPES = (mx.float32, mx.float16)  # what dequant.kern writes (its store_group overloads)
 
 
+_DIMS: dict[tuple[int, int], mx.array] = {}  # (rows, in_dims) -> the dims input, made once a shape
+
+
+def _dims(rows: int, in_dims: int) -> mx.array:
+    """The launch's (rows, in_dims) input, kept: made anew at each call, it was an 8-byte array the CPU had just
+    written, in MLX's read-mostly pool of small arrays on CUDA (dialect.device_constant)."""
+    if (rows, in_dims) not in _DIMS:
+        _DIMS[rows, in_dims] = device_constant([rows, in_dims], mx.int32)
+    return _DIMS[rows, in_dims]
+
+
 def _expand(kernel, inputs: list, template: list, rows: int, in_dims: int, dtype: mx.Dtype) -> mx.array | None:
     """One launch, a thread per group of 32 weights; None if this instantiation doesn't build here."""
     groups = rows * in_dims // GROUP
-    inputs = [inputs[0], mx.array([rows, in_dims], dtype=mx.int32), *inputs[1:]]
+    inputs = [inputs[0], _dims(rows, in_dims), *inputs[1:]]
 
     def run():
         return kernel(inputs=inputs, template=template, grid=(-(-groups // THREADS) * THREADS, 1, 1),

@@ -38,6 +38,9 @@ LIMITS = {
 # A stand-in for an absent input (an unused weight slot, a missing LoRA) is this long, so that
 # MLX gives it the `device` address space like the real inputs it stands for.
 PLACEHOLDER_ELEMENTS = max(lim.device_min_elements for lim in LIMITS.values())
+# MLX's CUDA backend keeps every array of this many bytes or fewer in one pool of managed memory advised
+# read-mostly (device_constant says why no kernel input may live there).
+SMALL_POOL_BYTES = 8
 
 
 def kernel_dir() -> Path:
@@ -619,11 +622,35 @@ def shared_bytes(name: str, defines: tuple[str, ...], template: tuple[tuple[str,
     return sum(_TYPE_BYTES[t] * _int_expr(n, names) for t, _, n in _SHARED_DECL.findall(body))
 
 
+def _elements(dtype) -> int:
+    """How long a stand-in or a few constants of ``dtype`` are: a device buffer on Metal, and over
+    SMALL_POOL_BYTES on CUDA."""
+    return PLACEHOLDER_ELEMENTS * -(-(SMALL_POOL_BYTES + 1) // (PLACEHOLDER_ELEMENTS * dtype.size))
+
+
 def placeholder(dtype=None):
-    """The stand-in for an absent input: PLACEHOLDER_ELEMENTS zeros, so Metal sees a device buffer."""
+    """The stand-in for an absent input: zeros enough that Metal sees a device buffer (and CUDA keeps them
+    out of MLX's pool of small arrays)."""
     import mlx.core as mx
 
-    return mx.zeros((PLACEHOLDER_ELEMENTS,), dtype=dtype if dtype is not None else mx.float32)
+    dtype = dtype if dtype is not None else mx.float32
+    return mx.zeros((_elements(dtype),), dtype=dtype)
+
+
+def device_constant(values, dtype):
+    """A few constants a kernel reads by index (an eps, a matrix's shape), padded with zeros as a
+    placeholder is and written by a GPU operation: evaluated once, they stay where the GPU reads them.
+
+    MLX's CUDA backend puts every array of 8 bytes or less in one pool of managed memory advised read-mostly,
+    so each new scalar the CPU writes (or reads back) takes the pool's pages from the GPU, and a kernel's next
+    read of a constant kept there waits for them to come back (mlx/backend/cuda/allocator.cpp, as read; the
+    64-row split prologue, which reads its eps from there, took 16-17 us in a decode step and 6.3 us on its own,
+    results/kernel_log.md step 26). An array the CPU wrote would wait for the GPU's first read the same way.
+    """
+    import mlx.core as mx
+
+    n = max(_elements(dtype), len(values))
+    return mx.array(list(values) + [0] * (n - len(values)), dtype=dtype) + mx.zeros((n,), dtype=dtype)
 
 
 class LaunchError(ValueError):

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..settings import env_int
-from .dialect import build, launches, placeholder
+from .dialect import build, device_constant, launches, placeholder
 
 WARPS = 8  # layernorm_lerp.kern's WARPS: a group is 32 * WARPS threads, a thread per element of a row
 # Whether a launch's LayerNorm prologue runs as a launch of its own (1) or in every group (0).
@@ -57,7 +57,7 @@ class LayerNormLerpPlan:
         self.template = [("K", self.K), ("M", self.M)]
         self.consts = [ln.weight.astype(mx.float32), ln.bias.astype(mx.float32),
                        placeholder() if mix is None else mix.reshape(self.M, K).astype(mx.float32),
-                       mx.array([ln.eps], dtype=mx.float32)]
+                       device_constant([ln.eps], mx.float32)]
         mx.eval(*self.consts)
         self.ok = self.K % 32 == 0 and launches(self.kernel, (tuple(self.template), str(xin_dtype)), lambda: self(
             mx.zeros((batch, self.K)), mx.zeros((batch, self.K))))

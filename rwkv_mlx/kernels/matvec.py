@@ -325,7 +325,7 @@ class MatvecPlan:
         self.ok = bool(tilings) and rpw is not None and all(k % 32 == 0 for k in ks)
         if not self.ok:
             return
-        from .dialect import build, placeholder
+        from .dialect import build, device_constant, placeholder
 
         # One matrix: the ONE_SEGMENT variant, without the seven unused weight slots; no affine matrix:
         # NO_SCALES, without the scale and offset slots (each input costs host time at every launch); the
@@ -379,7 +379,7 @@ class MatvecPlan:
             "ln_w": ln.weight if ln is not None else self.dummy,
             "ln_b": ln.bias if ln is not None else self.dummy,
             "mix": mix.astype(mx.float32) if mix is not None else self.dummy,
-            "eps": mx.array([ln.eps if ln is not None else 0.0], dtype=mx.float32),
+            "eps": device_constant([ln.eps if ln is not None else 0.0], mx.float32),
             "seg": mx.array(table, dtype=mx.int32),
             "bias": bias.astype(mx.float32) if bias is not None else self.dummy,
         }
