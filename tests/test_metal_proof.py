@@ -112,7 +112,8 @@ def test_recording_covers_every_case(recorded):
     shapes = {n.split("_read_")[0] for n in names}
     matvecs = {"rwkv_matvec", "rwkv_matvec_no_scales", "rwkv_matvec_one_segment", "rwkv_matvec_one_segment_no_scales"}
     mma = {"rwkv_matvec_no_scales_mma", "rwkv_matvec_one_segment_no_scales_mma",  # blocks as stored, F16
-           "rwkv_matvec_mma", "rwkv_matvec_one_segment_mma"}  # affine codes (beside Q6_K blocks in one launch)
+           "rwkv_matvec_mma", "rwkv_matvec_one_segment_mma",  # affine codes (beside Q6_K blocks in one launch)
+           "rwkv_matvec_one_segment_no_scales_mma_half_tiles"}  # float16 matrices, copied into the tile
     wkv = {"rwkv_wkv7", "rwkv_wkv7_one_token"}  # prompts; decode (each token's vectors in shared memory)
     assert shapes == matvecs | mma | wkv | {"rwkv_dequant_no_scales", "rwkv_layernorm_lerp"}, shapes
     # (NO_SCALES: no affine matrix in the launch; rwkv_dequant_no_scales: the prompts' products of GGUF blocks kept

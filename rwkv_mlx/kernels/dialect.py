@@ -232,7 +232,7 @@ inline void mma_store(thread const MmaTile& t, threadgroup float* c, int ldc) {
 #endif
 """,
     },
-    # copy: 16 bytes from device memory into shared memory, started by copy16_start and complete for the
+    # copy: 16 bytes (or 64, copy64_start) from device memory into shared memory, started by copy16_start and complete for the
     # thread that started it after copies_wait (a barrier must follow before other threads read them). CUDA:
     # the asynchronous copy unit (cp.async, sm_80 on), so a thread neither waits for the load nor holds the
     # data in registers, and its copies overlap what it does next (matvec.kern MMA: decoding the weight tile);
@@ -247,6 +247,15 @@ __device__ __forceinline__ void copy16_start(uint4* dst, const uint4* src) {
                :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(__cvta_generic_to_global(src)) : "memory");
 #endif
 }
+__device__ __forceinline__ void copy64_start(uint4* dst, const uint4* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  for (int i = 0; i < 4; ++i) dst[i] = src[i];
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16; cp.async.cg.shared.global [%0+16], [%1+16], 16; "
+               "cp.async.cg.shared.global [%0+32], [%1+32], 16; cp.async.cg.shared.global [%0+48], [%1+48], 16;"
+               :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(__cvta_generic_to_global(src)) : "memory");
+#endif
+}
 __device__ __forceinline__ void copies_wait() {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;" ::: "memory");
@@ -255,6 +264,7 @@ __device__ __forceinline__ void copies_wait() {
 """,
         "metal": """
 inline void copy16_start(threadgroup uint4* dst, const device uint4* src) { *dst = *src; }
+inline void copy64_start(threadgroup uint4* dst, const device uint4* src) { for (int i = 0; i < 4; ++i) dst[i] = src[i]; }
 inline void copies_wait() {}
 """,
     },

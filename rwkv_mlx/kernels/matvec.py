@@ -136,14 +136,15 @@ def _group_rows(kinds, bits: int, q8_paired: bool) -> bool:
 
 
 def variant_names(one_segment: bool, affine: bool, kinds, bits: int = 0, mma: bool = False,
-                  prefetch: bool = False, rows_ahead: bool = False, q8_paired: bool = False) -> tuple[str, ...]:
+                  prefetch: bool = False, rows_ahead: bool = False, q8_paired: bool = False,
+                  half_tiles: bool = False) -> tuple[str, ...]:
     """matvec.kern's variants for a launch of one or more matrices of the given kinds (affine ones of ``bits``
     bits; Q8_0 ones all read a pair of blocks a lane where q8_paired), with or without affine ones, on CUDA
     cores or (mma) on the matrix units, there loading the next tile's affine weights (prefetch) or float16
-    activation rows (rows_ahead) ahead."""
+    activation rows (rows_ahead) ahead, or copying float16 weights as they are (half_tiles: every matrix is)."""
     return (("ONE_SEGMENT",) if one_segment else ()) + (() if affine else ("NO_SCALES",)) + \
         (("MMA",) if mma else ()) + (("LOAD_AHEAD",) if prefetch else ()) + \
-        (("ROWS_AHEAD",) if rows_ahead else ()) + \
+        (("ROWS_AHEAD",) if rows_ahead else ()) + (("HALF_TILES",) if mma and half_tiles else ()) + \
         (("READ_GROUPS",) if not mma and _group_rows(kinds, bits, q8_paired) else ()) + reader_variants(kinds)
 
 
@@ -338,7 +339,10 @@ class MatvecPlan:
         rows_ahead = mma and mma_rows_ahead() and self.x_dtype == mx.float16  # (ROWS_AHEAD reads float16 rows)
         bits = affine[0].fmt[1] if affine else 0
         q8_paired = all(w.k % 64 == 0 for w in weights if w.fmt[0] == "q8_0")  # (dot_tile's Q8_0 pairs)
-        variants = variant_names(slots == 1, bool(affine), kinds, bits, mma, prefetch, rows_ahead, q8_paired)
+        # HALF_TILES: every matrix float16, the weight tile's own format, so its groups are copied, not decoded
+        half_tiles = all(w.fmt[0] == "dense" and w.wtype == 1 for w in weights)
+        variants = variant_names(slots == 1, bool(affine), kinds, bits, mma, prefetch, rows_ahead, q8_paired,
+                                 half_tiles)
         self.kernel = build("matvec", backend, variants)
         # (the MMA variant decodes whole 32-element groups: any tile of them will do)
         paired = not mma and any(w.fmt[0] in _PAIRED_KINDS for w in weights)
