@@ -232,8 +232,8 @@ inline void mma_store(thread const MmaTile& t, threadgroup float* c, int ldc) {
 #endif
 """,
     },
-    # copy: 16 bytes (or 64, copy64_start) from device memory into shared memory, started by copy16_start and complete for the
-    # thread that started it after copies_wait (a barrier must follow before other threads read them). CUDA:
+    # copy: 16 bytes (copy16_start) or 64 (copy64_start) from device memory into shared memory, complete for the
+    # thread that started them after copies_wait (a barrier must follow before other threads read them). CUDA:
     # the asynchronous copy unit (cp.async, sm_80 on), so a thread neither waits for the load nor holds the
     # data in registers, and its copies overlap what it does next (matvec.kern MMA: decoding the weight tile);
     # before sm_80, and on Metal, a load and a store.
@@ -264,7 +264,9 @@ __device__ __forceinline__ void copies_wait() {
 """,
         "metal": """
 inline void copy16_start(threadgroup uint4* dst, const device uint4* src) { *dst = *src; }
-inline void copy64_start(threadgroup uint4* dst, const device uint4* src) { for (int i = 0; i < 4; ++i) dst[i] = src[i]; }
+inline void copy64_start(threadgroup uint4* dst, const device uint4* src) {
+  for (int i = 0; i < 4; ++i) dst[i] = src[i];
+}
 inline void copies_wait() {}
 """,
     },
