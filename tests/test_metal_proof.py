@@ -26,8 +26,7 @@ from conftest import (ORACLE, ORACLE_MISSING, UP_RANK_IDS, UP_RANKS, half_rounde
 
 import rwkv_mlx
 from rwkv_mlx.bench.measure import count_primitives
-from rwkv_mlx.kernels import kernels_disabled, layernorm_lerp
-from rwkv_mlx.kernels import dialect
+from rwkv_mlx.kernels import dialect, kernels_disabled, layernorm_lerp
 from rwkv_mlx.kernels.dialect import Kernel, Launch, parse_kern, render
 from rwkv_mlx.testing.metal_proof import Recorder, record_launches
 from rwkv_mlx.testing.metal_proof.compile import APPLE_THREADS_PER_GROUP, check, check_all, prepare
