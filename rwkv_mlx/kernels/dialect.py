@@ -99,6 +99,7 @@ _PRELUDES = {
 #define F32(x) static_cast<float>(x)
 #define HALF_BITS(u) __half2float(__ushort_as_half(static_cast<unsigned short>(u)))
 #define FLOAT_BITS(u) __uint_as_float(static_cast<unsigned int>(u))
+#define BYTE_FLOAT(v, k) __uint_as_float(__byte_perm(static_cast<unsigned int>(v), 0x4B000000u, 0x7440u | (k)))
 #define BITS_HALF(x) static_cast<unsigned int>(__half_as_ushort(__float2half_rn(x)))
 #define LOCAL_PTR(T) T*
 #define EXP(x) expf(x)
@@ -128,6 +129,7 @@ __device__ __forceinline__ float rwkv_warp_max(float x) {
 #define F32(x) static_cast<float>(x)
 #define HALF_BITS(u) float(as_type<half>(static_cast<ushort>(u)))
 #define FLOAT_BITS(u) as_type<float>(static_cast<uint>(u))
+#define BYTE_FLOAT(v, k) as_type<float>(0x4B000000u | ((static_cast<uint>(v) >> (8 * (k))) & 255u))
 #define BITS_HALF(x) static_cast<uint>(as_type<ushort>(static_cast<half>(x)))
 #define LOCAL_PTR(T) thread T*
 #define EXP(x) metal::exp(x)
@@ -281,7 +283,7 @@ BACKEND_ONLY = {
               "bfloat16_t", "[[", "uint3"],
 }
 DIALECT_WORDS = ["THREAD_ID", "GROUP_ID", "LANE_ID", "WARP_ID", "DEVICE", "SHARED", "IN", "OUT", "SHARED_PTR",
-                 "BARRIER", "WARP_SUM", "WARP_MAX", "SHFL_XOR", "F32", "HALF_BITS", "FLOAT_BITS", "BITS_HALF", "LOCAL_PTR", "EXP", "LOG", "TANH",
+                 "BARRIER", "WARP_SUM", "WARP_MAX", "SHFL_XOR", "F32", "HALF_BITS", "FLOAT_BITS", "BYTE_FLOAT", "BITS_HALF", "LOCAL_PTR", "EXP", "LOG", "TANH",
                  "SQRT", "RSQRT", "FMAX", "FMIN"]
 
 
