@@ -1,6 +1,6 @@
 """Batched decode throughput: total tok/s of ``model.step`` for B rows at once, tokens checked.
 
-    python scripts/batch_decode.py MODEL.gguf [--batches 1 4 16 64] [--tokens 64] [--routes kernels matmul]
+    python scripts/batch_decode.py MODEL.gguf [--batches 1 4 16 64] [--tokens 128] [--routes kernels matmul]
 
 Each row decodes greedily from its own prompt. Row 0's tokens at every B (the prompt's first
 greedy token, then one a step) must equal those of the same prompt decoded alone, or else, fed
@@ -8,7 +8,10 @@ the alone tokens (teacher forcing), row 0's logits must stay within
 ``measure.ROW0_LOGIT_TOLERANCE`` of the alone logits at every step: the differing token was then
 a near-tie that float16 rounding flipped, and the table says so. Otherwise the batch size
 reports no speed.
-"x one stream" divides by the median of three one-stream runs of the same length, in the same process.
+"x one stream" divides by the median of three one-stream runs of the same length, in the same process (the
+table's first line gives it). Runs shorter than the default mislead: in one process, Q4_K_M's one stream ran at
+243-253 tok/s in runs of 64 tokens and at 348 in runs of 128, and 16 rows at 2,085-2,164 against 3,358 (an H100,
+results/kernel_log.md step 27).
 Each batch size is measured by every route asked for:
 
 * kernels:  the decode kernels (kernels/decode.py), the usual plan;
@@ -121,7 +124,7 @@ def main():
     ap.add_argument("--suggest", metavar="FILE", help="print the settings --json FILE's lines favour for MODEL, "
                     "as NAME=VALUE pairs for the shell, and exit")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--routes", nargs="+", choices=ROUTES, default=["kernels"])
     ap.add_argument("--json", help="append one JSON line per (route, batch) to this file")
     args = ap.parse_args()
@@ -135,7 +138,8 @@ def main():
     # step 20, and every ratio of the table divides by it)
     one_tps = statistics.median([one_tps] + [run(model, 1, args.tokens)[1] for _ in range(2)])
     alone_logits = None  # (computed once, when a batch size's row 0 first differs)
-    print(f"| {args.model} | route | B | total tok/s | x one stream | row 0 = alone |")
+    print(f"| {args.model} (one stream: {one_tps:,.1f} tok/s, {args.tokens} tokens) | route | B | total tok/s "
+          "| x one stream | row 0 = alone |")
     print("|---|---|---|---|---|---|")
     for batch in args.batches:
         for name in args.routes:

@@ -240,7 +240,8 @@ case $step in
     done ;;
   ab)  # one tree, settings A/B in separate processes (an in-process alternation may bias: kernel_log step 13):
     # AB="VAR=a VAR=b,OTHER=c" (each word one process's environment, its assignments joined by commas),
-    # ROUNDS (default 2), TOKENS (one-row decode, default 128), BATCHES (batched decode, default none) by
+    # ROUNDS (default 2), TOKENS (one-row decode, default 128), BATCHES (batched decode, default none; BATCH_TOKENS
+    # a run, default 128: runs of 64 put Q4_K_M at 29x, runs of 128 at 21.5x, results/kernel_log.md step 27) by
     # ROUTES (scripts/batch_decode.py's, default kernels; its lines also go to $OUT/ab.jsonl, with the process's
     # one-stream tok/s), PROBE=0 (no one-row decode_probe: batch_decode's one-stream run is the reference),
     # STREAM=1 (decode_probe also times stream_generate, what the benchmark times: e.g. RWKV_MLX_DECODE_AHEAD),
@@ -261,7 +262,7 @@ case $step in
             $([ "${STREAM:-0}" = 1 ] && echo --stream) 2>&1 | grep -E "^(kernels|stream)" | tee -a $OUT/ab.log
           [ -n "${BATCHES:-}" ] || continue
           env ${setting//,/ } PYTHONPATH=/tmp/mlxsite:$tree "${pin[@]}" timeout -s KILL 150 python3 $tree/scripts/batch_decode.py /tmp/synth/$t.gguf \
-            --batches $BATCHES --routes ${ROUTES:-kernels} --tokens ${BATCH_TOKENS:-32} --json $OUT/ab.jsonl 2>&1 \
+            --batches $BATCHES --routes ${ROUTES:-kernels} --tokens ${BATCH_TOKENS:-128} --json $OUT/ab.jsonl 2>&1 \
             | grep "^|" | tee -a $OUT/ab.log
         done
       done
