@@ -169,18 +169,28 @@ __device__ __forceinline__ void mma_zero(MmaTile& t) { t.c[0] = t.c[1] = t.c[2] 
 // register took four (A) and two (B); the lanes' rows are LDX apart (matvec.kern pads them onto distinct
 // banks) and 16-byte aligned (LDX a multiple of 8, k a multiple of 16).
 __device__ __forceinline__ unsigned rwkv_smem(const __half* p) { return (unsigned)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mma_load_a(MmaA& f, const __half* a, int lda) {
+// mma_row_a/b: the row of A or B this lane names (a shared-memory address), taken once so that a loop over k adds
+// only k to it (mma_load_a_at/b_at); taken from the pointer at every load, sm_90 SASS spent two instructions a load.
+typedef unsigned MmaRow;
+__device__ __forceinline__ MmaRow mma_row_a(const __half* a, int lda) {
   // lane i: row i % 16 of A, k from 0 or 8 (matrices r[0..3]: rows 0-7 and 8-15 of k 0-7, then of k 8-15)
   const int i = threadIdx.x & 31u;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(f.r[0]), "=r"(f.r[1]), "=r"(f.r[2]), "=r"(f.r[3]) : "r"(rwkv_smem(a + (i & 15) * lda + (i & 16) / 2)));
+  return rwkv_smem(a + (i & 15) * lda + (i & 16) / 2);
 }
-__device__ __forceinline__ void mma_load_b(MmaB& f, const __half* b, int ldb) {
+__device__ __forceinline__ MmaRow mma_row_b(const __half* b, int ldb) {
   // lanes 0-15: activation row i % 8, k from 0 or 8 (r[0]: k 0-7, r[1]: k 8-15); ldmatrix .x2 reads no other lane's
   const int i = threadIdx.x & 31u;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
-               : "=r"(f.r[0]), "=r"(f.r[1]) : "r"(rwkv_smem(b + (i & 7) * ldb + (i & 8))));
+  return rwkv_smem(b + (i & 7) * ldb + (i & 8));
 }
+__device__ __forceinline__ void mma_load_a_at(MmaA& f, MmaRow row, int k, int lda) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(f.r[0]), "=r"(f.r[1]), "=r"(f.r[2]), "=r"(f.r[3]) : "r"(row + 2u * k));
+}
+__device__ __forceinline__ void mma_load_b_at(MmaB& f, MmaRow row, int k, int ldb) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(f.r[0]), "=r"(f.r[1]) : "r"(row + 2u * k));
+}
+__device__ __forceinline__ void mma_load_a(MmaA& f, const __half* a, int lda) { mma_load_a_at(f, mma_row_a(a, lda), 0, lda); }
+__device__ __forceinline__ void mma_load_b(MmaB& f, const __half* b, int ldb) { mma_load_b_at(f, mma_row_b(b, ldb), 0, ldb); }
 __device__ __forceinline__ void mma_mul(MmaTile& t, const MmaA& a, const MmaB& b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
@@ -221,6 +231,11 @@ inline void mma_load_b(thread MmaB& f, threadgroup half* b, int ldb) {
   simdgroup_load(f.b0, b, ldb, ulong2(0), true);
   simdgroup_load(f.b1, b + 8, ldb, ulong2(0), true);
 }
+typedef threadgroup half* MmaRow;
+inline MmaRow mma_row_a(threadgroup half* a, int lda) { return a; }
+inline MmaRow mma_row_b(threadgroup half* b, int ldb) { return b; }
+inline void mma_load_a_at(thread MmaA& f, MmaRow row, int k, int lda) { mma_load_a(f, row + k, lda); }
+inline void mma_load_b_at(thread MmaB& f, MmaRow row, int k, int ldb) { mma_load_b(f, row + k, ldb); }
 inline void mma_mul(thread MmaTile& t, thread const MmaA& a, thread const MmaB& b) {
   simdgroup_multiply_accumulate(t.lo, a.a00, b.b0, t.lo);
   simdgroup_multiply_accumulate(t.lo, a.a01, b.b1, t.lo);
