@@ -245,6 +245,23 @@ def test_matrix_units_match_rounded_operands(kind, B, matrix_units):
     assert rel_err(y, want) < 1e-5 and rel_err(y, exact) < 2e-3, (rel_err(y, want), rel_err(y, exact))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("B", [16, 64])
+def test_matrix_units_take_float16_copies_of_bare_arrays(dtype, B, matrix_units):
+    """A bare float32 or bfloat16 array (the LoRA matrices) given to the matrix units as a float16 copy
+    (matvec.HalfCopies, tiles copied): bit for bit the products of the same weights in a layer, which the tile
+    rounds at every launch (as tests/test_metal_proof.py holds the Metal text to)."""
+    from rwkv_mlx.kernels.matvec import HalfCopies, MatvecPlan
+
+    rng = np.random.default_rng(B)
+    layer, _ = make_layer(dtype, 128, 512, rng)
+    x = mx.array(rng.standard_normal((B, 512)).astype(np.float32))
+    in_tile = MatvecPlan([Segment(layer)], B, backend=BACKEND, x_stride=512)
+    copied = MatvecPlan([Segment(layer.weight)], B, backend=BACKEND, x_stride=512, halves=HalfCopies())
+    assert "HALF_TILES" in copied.kernel.defines and "HALF_TILES" not in in_tile.kernel.defines
+    assert np.array_equal(np.array(copied(x)), np.array(in_tile(x)))
+
+
 @pytest.mark.parametrize("kind", ["float16", "q8_0", "q4_k"])
 @pytest.mark.parametrize("B", [9, 16, 64])
 def test_matrix_units_read_half_rows(kind, B, matrix_units):

@@ -112,7 +112,8 @@ def test_recording_covers_every_case(recorded):
     matvecs = {"rwkv_matvec", "rwkv_matvec_no_scales", "rwkv_matvec_one_segment", "rwkv_matvec_one_segment_no_scales"}
     mma = {"rwkv_matvec_no_scales_mma", "rwkv_matvec_one_segment_no_scales_mma",  # blocks as stored, F16
            "rwkv_matvec_mma", "rwkv_matvec_one_segment_mma",  # affine codes (beside Q6_K blocks in one launch)
-           "rwkv_matvec_one_segment_no_scales_mma_half_tiles"}  # float16 matrices, copied into the tile
+           "rwkv_matvec_one_segment_no_scales_mma_half_tiles",  # float16 matrices, copied into the tile
+           "rwkv_matvec_no_scales_mma_half_tiles"}  # float16 LoRA copies (up-projections; an F16 file's r/k/v too)
     wkv = {"rwkv_wkv7", "rwkv_wkv7_one_token"}  # prompts; decode (each token's vectors in shared memory)
     assert shapes == matvecs | mma | wkv | {"rwkv_dequant_no_scales", "rwkv_layernorm_lerp"}, shapes
     # (NO_SCALES: no affine matrix in the launch; rwkv_dequant_no_scales: the prompts' products of GGUF blocks kept
@@ -560,6 +561,32 @@ def test_emulated_matrix_units_read_half_rows(kind, B, matrix_units):
 
 
 @needs_emulator
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_matrix_units_take_float16_copies_of_bare_arrays(dtype, matrix_units):
+    """A bare float32 or bfloat16 array (the LoRA matrices) reaches the matrix units as a float16 copy
+    (matvec.HalfCopies): the launch copies its tiles (HALF_TILES) and gives, bit for bit, the products of the same
+    weights in a layer, whose tile rounds them at every launch (weights include float16 ties: to even). One copy
+    serves plans of two batch sizes."""
+    from rwkv_mlx.kernels.matvec import HalfCopies, MatvecPlan, Segment
+
+    rng = np.random.default_rng(5)
+    layer, _ = make_layer(dtype, 64, 256, rng)
+    w = np.array(layer.weight.astype(mx.float32))
+    w[0, :4] = [1 + 2.0**-11, 1 + 3 * 2.0**-11, -(1 + 2.0**-11), 2.0**-20]  # ties, and below float16's normals
+    layer.weight = mx.array(w).astype(getattr(mx, dtype))
+    halves = HalfCopies()
+    for B in (16, 9):
+        x = mx.array(rng.standard_normal((B, 256)).astype(np.float32))
+        with Emulator().running():
+            in_tile = MatvecPlan([Segment(layer)], B, backend="metal", x_stride=256)
+            copied = MatvecPlan([Segment(layer.weight)], B, backend="metal", x_stride=256, halves=halves)
+            assert in_tile.ok and copied.ok and "half_tiles" in copied.kernel.name, copied.kernel.name
+            assert "half_tiles" not in in_tile.kernel.name and copied.consts["w0"].size == 64 * 256 * 2
+            assert np.array_equal(np.array(copied(x)), np.array(in_tile(x)))
+    assert len(halves) == 1
+
+
+@needs_emulator
 @pytest.mark.parametrize("kind,B,mt", [("q4_k", 16, 4), ("float16", 16, 4), ("q6_k", 64, 2), ("affine-4-float16", 9, 4),
                                        ("q8_0", 17, 4)])
 def test_emulated_matrix_units_taller_groups(kind, B, mt, matrix_units, monkeypatch):
@@ -648,10 +675,15 @@ def test_emulated_many_rows_on_matrix_units_match_pure_path(batch, require_oracl
     tokens = oracle_tokens("fixb-Q4_K_M")[:6]
     emu = Emulator()
     got = emulated_logits(model, tokens, decoded=3, batch=batch, emu=emu)
-    # r/k/v + LoRA down, the FFN and output launches, and the up-projections (dense only: no blocks)
+    # r/k/v + LoRA down, the FFN and output launches, and the up-projections (float16 copies of the LoRA
+    # matrices, matvec.HalfCopies: tiles copied, HALF_TILES)
     # (this file's r, k and v are Q5_0: the launch with the LoRA down-projections reads dense and Q5_0 rows)
     assert {"rwkv_matvec_no_scales_mma_read_dense_read_q5_0", "rwkv_matvec_one_segment_no_scales_mma_read_q4_k",
-            "rwkv_matvec_no_scales_mma_read_dense"} <= {b.inst.kernel.name for b in emu.built.values()}
+            "rwkv_matvec_no_scales_mma_half_tiles_read_dense"} <= {b.inst.kernel.name for b in emu.built.values()}
+    # one float16 copy of each LoRA matrix (loaded as float32) for the whole model, whatever the batch sizes
+    loras = [getattr(b.att, n) for b in model.blocks for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+             if hasattr(b.att, n)]
+    assert all(w.dtype == mx.float32 for w in loras) and len(model.runtime._halves) == len(loras)
     with emu.running():
         plan = BlockPlan(model.blocks[1], batch, "metal")
     assert plan.ups is not None and plan.value.x_dtype == mx.float16 and plan.proj.inner.x_dtype == mx.float16

@@ -28,7 +28,7 @@ import mlx.core as mx
 
 from . import matvec, wkv7
 from .dialect import build, launches, placeholder
-from .matvec import _DENSE_CODES, MatvecPlan, Segment
+from .matvec import _DENSE_CODES, HalfCopies, MatvecPlan, Segment
 from .products import ProductPlan
 
 LERP_R, LERP_W, LERP_K, LERP_V, LERP_A, LERP_G = range(6)
@@ -41,12 +41,14 @@ class BlockPlan:
     """The five launches of one block for one batch size (above ``matvec.max_batch(backend, dense)`` rows
     launches 1, 3, 4 and 5 are MLX's products, kernels/products.py). On the matrix units (from
     ``matvec.mma_min_rows()`` rows) and above the bound, the LoRA up-projections are a sixth, ``ups``: a
-    matrix-unit launch, or MLX's products."""
+    matrix-unit launch, or MLX's products. ``halves``: the float16 copies its matrix-unit launches take of the
+    LoRA matrices (matvec.HalfCopies; the decode runtime shares one between the plans of every batch size)."""
 
-    def __init__(self, block, batch: int, backend: str):
+    def __init__(self, block, batch: int, backend: str, halves: HalfCopies | None = None):
         att, ffn = block.att, block.ffn
         C, N = att.w0.shape[0], att.head_size
         B = batch
+        halves = halves if halves is not None else HalfCopies()  # (one cache for the plans below)
         self.mix_v = hasattr(att, "v1")
         self.C, self.N, self.H, self.B = C, N, C // N, B
         downs = [(att.w1, LERP_W), (att.a1, LERP_A), (att.v1 if self.mix_v else None, LERP_V), (att.g1, LERP_G)]
@@ -60,7 +62,7 @@ class BlockPlan:
 
         def plan(segs, **options):
             return (ProductPlan(segs, B, **options) if products else
-                    MatvecPlan(segs, B, backend=backend, dense=dense, **options))
+                    MatvecPlan(segs, B, backend=backend, dense=dense, halves=halves, **options))
 
         self.proj = plan(segments, prologue=1, ln=block.ln1, mix=att.x_lerp)
         # On the matrix units W_o stages float16 rows: the time-mix launch writes them so (the rounding staging did)
@@ -89,7 +91,7 @@ class BlockPlan:
             bias = mx.concatenate([self.bias0[i * C:(i + 1) * C] for _, i in present])
             self.ups = (ProductPlan(segs, B, bias=bias) if products else
                         MatvecPlan(segs, B, backend=backend, x_stride=self.proj.out_shapes[0][-1], bias=bias,
-                                   dense=dense))
+                                   dense=dense, halves=halves))
             if not self.ups.ok:  # (ranks that are not whole 32-element groups): the kernel's own up-projections
                 self.ups = None
         self.wkv = build("wkv7", backend, ("ONE_TOKEN",))  # (a token a row: its vectors in shared memory)

@@ -15,7 +15,7 @@ evaluated once, so a decoded token adds the kernel call and nothing else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -92,6 +92,33 @@ class _Weights:
     rows: int
     k: int
     wtype: int
+
+
+class HalfCopies:
+    """Float16 copies of the bare float arrays of matrix-unit launches (the LoRA matrices, kernels/decode.py).
+
+    The matrix units multiply float16 operands: every tile rounds a float32 or bfloat16 weight to float16 (to
+    nearest, half8) at every launch. Given the copy, rounded once the same way, a launch computes the same
+    products from half the bytes, and one whose matrices are then all float16 copies its tiles (HALF_TILES)
+    instead of decoding them. Only bare arrays: layers keep their own weights (an F32 file's matrices would
+    take half as much memory again). Each copy is made once and shared by the plans of every batch size that
+    hold this cache (the model's decode runtime, which drops it when the weights change).
+    """
+
+    def __init__(self):
+        self._copies: dict[int, tuple[mx.array, mx.array]] = {}
+
+    def __call__(self, w: mx.array) -> mx.array:
+        if w.dtype == mx.float16:
+            return w
+        entry = self._copies.get(id(w))
+        if entry is None or entry[0] is not w:  # (the array is held with its copy: its id is not reused)
+            entry = self._copies[id(w)] = (w, w.astype(mx.float16))
+            mx.eval(entry[1])
+        return entry[1]
+
+    def __len__(self) -> int:
+        return len(self._copies)
 
 
 def kind_number(ggml_type: int) -> int:
@@ -289,20 +316,23 @@ class MatvecPlan:
     ``prev`` by ``mix[mode]``; the call then also returns the normalized x
     (the next token-shift state). Where ``layernorm_lerp.separate`` says so, that
     prologue is a launch of its own ahead of a PRO 0 launch (``pre``, ``inner``).
+    On the matrix units a bare float array (a LoRA matrix) is read as its float16 copy from ``halves``
+    (``HalfCopies``; one of the plan's own where none is given).
     ``ok`` is False when these weights do not fit the kernel; callers then use plain MLX ops.
     """
 
     def __init__(self, segments: list[Segment], batch: int, *, backend: str, prologue: int = 0, epilogue: int = 0,
                  bias: mx.array | None = None, ln: nn.LayerNorm | None = None, mix: mx.array | None = None,
                  x_stride: int | None = None, out_shape: tuple[int, ...] | None = None,
-                 half_input: bool = False, out_dtype: mx.Dtype = mx.float32, dense: bool | None = None):
+                 half_input: bool = False, out_dtype: mx.Dtype = mx.float32, dense: bool | None = None,
+                 halves: HalfCopies | None = None):
         self.prologue, self.pre, self.out_dtype, self.x_dtype = prologue, None, out_dtype, mx.float32
         # (dense: the bound of max_batch for these weights; a block's plans share their block's)
         dense = all_dense(s.weight for s in segments) if dense is None else dense
         # The matrix-unit variant stages PRO 0 rows only: every group would normalize all rows again (579
         # against 723 tok/s at 16 rows, Q4_K_M on an H100, results/kernel_log.md step 15).
         if prologue == 1 and (separate(backend) or (uses_mma(batch) and kernel_rows(batch, backend, dense))):
-            self._split(segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype, dense)
+            self._split(segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype, dense, halves)
             return
         weights = [_weights(s.weight) for s in segments]
         self.ok = (all(w is not None for w in weights) and len(weights) <= MAX_SEGMENTS
@@ -322,6 +352,11 @@ class MatvecPlan:
         mma = uses_mma(batch) and prologue == 0 and all(v % 4 == 0 for v in starts)
         if mma and half_input and all(v % 8 == 0 for v in starts) and all(s.mode == 0 for s in segments):
             self.x_dtype = mx.float16
+        if mma and any(isinstance(s.weight, mx.array) and s.weight.dtype != mx.float16 for s in segments):
+            halves = halves if halves is not None else HalfCopies()  # (HalfCopies: the tiles' own rounding)
+            segments = [replace(s, weight=halves(s.weight)) if isinstance(s.weight, mx.array) else s
+                        for s in segments]
+            weights = [_weights(s.weight) for s in segments]
         tilings, rpw = (_mma_tiles(rows), 0) if mma else ([0], _rows_per_warp(rows, batch))
         self.ok = bool(tilings) and rpw is not None and all(k % 32 == 0 for k in ks)
         if not self.ok:
@@ -412,13 +447,14 @@ class MatvecPlan:
             mx.zeros((batch, x_stride), dtype=self.x_dtype), mx.zeros((batch, ks[0])) if prologue == 1 else None,
             mx.zeros(self.out_shapes[0]) if epilogue == 2 else None))
 
-    def _split(self, segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype, dense) -> None:
+    def _split(self, segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype, dense, halves) -> None:
         """The prologue as a launch of its own: each segment reads its lerp's row of the prologue's output
         (float16 where the matvec launch multiplies on the matrix units)."""
         M, K = prologue_shape(ln, mix)
         rows = [Segment(s.weight, x_offset=lerp_row(s.mode, M) * K) for s in segments]
         self.inner = MatvecPlan(rows, batch, backend=backend, epilogue=epilogue, bias=bias, x_stride=(M + 1) * K,
-                                out_shape=out_shape, half_input=True, out_dtype=out_dtype, dense=dense)
+                                out_shape=out_shape, half_input=True, out_dtype=out_dtype, dense=dense,
+                                halves=halves)
         self.pre = LayerNormLerpPlan(ln, mix, batch, backend, xin_dtype=self.inner.x_dtype)
         self.ok = self.pre.ok and self.inner.ok
         if self.ok:

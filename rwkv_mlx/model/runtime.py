@@ -25,6 +25,7 @@ import mlx.core as mx
 from ..kernels import head_plan, kernel_backend
 from ..kernels.dialect import hook_active
 from ..kernels.decode import BlockPlan
+from ..kernels.matvec import HalfCopies
 from ..settings import env_choice
 from .state import State
 
@@ -43,6 +44,7 @@ class DecodeRuntime:
         self._heads: dict[tuple, tuple[tuple, object]] = {}
         self._steps: dict[tuple, tuple[tuple, Callable]] = {}
         self._chunks: dict[tuple, tuple[object, Callable]] = {}
+        self._halves = HalfCopies()  # float16 LoRA matrices of the matrix-unit plans, one copy for every batch size
         self.invalidations = 0  # how often the weights changed (tests count it)
 
     def invalidate(self) -> None:
@@ -51,6 +53,7 @@ class DecodeRuntime:
         self._heads.clear()
         self._steps.clear()
         self._chunks.clear()
+        self._halves = HalfCopies()
         self.invalidations += 1
 
     def cached(self) -> int:
@@ -66,7 +69,7 @@ class DecodeRuntime:
         key = (backend, layer, batch)
         entry = self._blocks.get(key)
         if entry is None or entry[0] is not block:
-            entry = self._blocks[key] = (block, BlockPlan(block, batch, backend))
+            entry = self._blocks[key] = (block, BlockPlan(block, batch, backend, self._halves))
         return entry[1]
 
     def block_step(self, layer: int, x, att_shift, ffn_shift, wkv_state, v_first):
