@@ -8,10 +8,12 @@ the alone tokens (teacher forcing), row 0's logits must stay within
 ``measure.ROW0_LOGIT_TOLERANCE`` of the alone logits at every step: the differing token was then
 a near-tie that float16 rounding flipped, and the table says so. Otherwise the batch size
 reports no speed.
-"x one stream" divides by the median of three one-stream runs of the same length, in the same process (the
-table's first line gives it). Runs shorter than the default mislead: in one process, Q4_K_M's one stream ran at
-243-253 tok/s in runs of 64 tokens and at 348 in runs of 128, and 16 rows at 2,085-2,164 against 3,358 (an H100,
-results/kernel_log.md step 27).
+Every figure is the median of ``--runs`` runs (default three) of the same length in the same process, each
+from its prompts again, and the table shows their range: one run of 16 rows gave 2,286-2,442 tok/s in some
+processes of one tree and 3,167-3,491 in others, and one stream 232-364, on one H100 (results/kernel_log.md
+step 28). "x one stream" divides by the one-stream median (the table's first line gives it). Runs shorter than
+the default mislead: in one process, Q4_K_M's one stream ran at 243-253 tok/s in runs of 64 tokens and at 348
+in runs of 128, and 16 rows at 2,085-2,164 against 3,358 (an H100, results/kernel_log.md step 27).
 Each batch size is measured by every route asked for:
 
 * kernels:  the decode kernels (kernels/decode.py), the usual plan;
@@ -87,6 +89,24 @@ def run(model, batch: int, n_tokens: int):
     return [[int(token[b].item())] + r for b, r in enumerate(rows)], batch * n_tokens / seconds
 
 
+def runs(model, batch: int, n_tokens: int, n_runs: int):
+    """``run`` n_runs times: (the first run's rows, the median tok/s, every run's tok/s). A run whose tokens
+    differ from the first's fails: greedy decoding of the same prompts is deterministic."""
+    rows, first = run(model, batch, n_tokens)
+    all_tps = [first]
+    for _ in range(n_runs - 1):
+        again, tps = run(model, batch, n_tokens)
+        if again != rows:
+            raise SystemExit(f"batch_decode: {batch} rows decoded other tokens in a second run")
+        all_tps.append(tps)
+    return rows, statistics.median(all_tps), all_tps
+
+
+def spread(values) -> str:
+    """The range of runs' tok/s, as the table shows it."""
+    return f"{min(values):,.0f}-{max(values):,.0f}"
+
+
 def row0_reference(model, batch: int, n_tokens: int, forced=None):
     """Row 0's logits at the prompt's end and at each step ([n_tokens + 1, V]); ``forced``: row 0 fed
     these tokens (its first, then one a step) instead of its own (teacher forcing)."""
@@ -125,6 +145,7 @@ def main():
                     "as NAME=VALUE pairs for the shell, and exit")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3, help="runs a batch size (and one stream); the median counts")
     ap.add_argument("--routes", nargs="+", choices=ROUTES, default=["kernels"])
     ap.add_argument("--json", help="append one JSON line per (route, batch) to this file")
     args = ap.parse_args()
@@ -133,20 +154,19 @@ def main():
             print(suggest([json.loads(line) for line in f if line.strip()], args.model))
         return
     model, _ = rwkv_mlx.load(args.model)
-    alone, one_tps = run(model, 1, args.tokens)  # the usual plan, one stream: the reference of the ratios
-    # (the median of three runs: one run of 32 tokens gave 236 to 314 tok/s in processes of one tree, kernel_log
-    # step 20, and every ratio of the table divides by it)
-    one_tps = statistics.median([one_tps] + [run(model, 1, args.tokens)[1] for _ in range(2)])
+    # the usual plan, one stream: the reference of the ratios (one run of 32 tokens gave 236 to 314 tok/s in
+    # processes of one tree, kernel_log step 20, and every ratio of the table divides by it)
+    alone, one_tps, one_runs = runs(model, 1, args.tokens, args.runs)
     alone_logits = None  # (computed once, when a batch size's row 0 first differs)
-    print(f"| {args.model} (one stream: {one_tps:,.1f} tok/s, {args.tokens} tokens) | route | B | total tok/s "
-          "| x one stream | row 0 = alone |")
-    print("|---|---|---|---|---|---|")
+    print(f"| {args.model} (one stream: {one_tps:,.1f} tok/s, runs {spread(one_runs)}; {args.tokens} tokens) "
+          "| route | B | total tok/s | runs | x one stream | row 0 = alone |")
+    print("|---|---|---|---|---|---|---|")
     for batch in args.batches:
         for name in args.routes:
             if name.startswith("matmul") and batch == 1:
                 continue  # MAX_BATCH can't refuse one row
             with route(model, name, batch):
-                rows, tps = run(model, batch, args.tokens)
+                rows, tps, all_tps = runs(model, batch, args.tokens, args.runs)
                 forced = None
                 if rows[0] != alone[0]:  # teacher forcing: does row 0 stay within rounding of the alone logits?
                     forced = row0_reference(model, batch, args.tokens, forced=alone[0])
@@ -154,11 +174,12 @@ def main():
                 alone_logits = row0_reference(model, 1, args.tokens)
             ok, said = row0_agreement(alone[0], rows[0], alone_logits, forced)
             speed = f"{tps:,.1f}" if ok else "(tokens differ: no speed)"
-            print(f"| | {name} | {batch} | {speed} | {tps / one_tps:.1f} | {said} |", flush=True)
+            print(f"| | {name} | {batch} | {speed} | {spread(all_tps)} | {tps / one_tps:.1f} | {said} |", flush=True)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps({"model": args.model, "route": name, "batch": batch,
-                                        "tps": tps if ok else None, "one_stream": one_tps,
+                                        "tps": tps if ok else None, "runs": all_tps if ok else None,
+                                        "one_stream": one_tps, "one_stream_runs": one_runs,
                                         "same": sum(a == b for a, b in zip(rows[0], alone[0])),
                                         "tokens": len(alone[0]), "row0": said}) + "\n")
 
