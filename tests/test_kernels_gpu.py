@@ -262,6 +262,30 @@ def test_matrix_units_take_float16_copies_of_bare_arrays(dtype, B, matrix_units)
     assert np.array_equal(np.array(copied(x)), np.array(in_tile(x)))
 
 
+@pytest.mark.parametrize("P,B", [(4, 64), (2, 16)])
+def test_prologue_adds_the_parts(P, B):
+    """The LayerNorm launch that adds W_o's parts of K and the residual (RWKV_MLX_PARTS_IN_PROLOGUE): its sum, its
+    normalized row and its float16 lerps bit for bit those of matvec.add_parts followed by the WHOLE launch."""
+    import mlx.nn as nn
+
+    from rwkv_mlx.kernels.layernorm_lerp import LayerNormLerpPlan
+    from rwkv_mlx.kernels.matvec import add_parts
+
+    rng = np.random.default_rng(P + B)
+    K = 2560
+    raw, res, prev = (mx.array(rng.standard_normal(shape).astype(np.float32)) for shape in ((P * B, K), (B, K), (B, K)))
+    mix = mx.array(rng.uniform(0, 1, (1, K)).astype(np.float32))
+    ln = nn.LayerNorm(K)
+    ln.weight = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32))
+    whole = LayerNormLerpPlan(ln, mix, B, BACKEND, xin_dtype=mx.float16)
+    summed = LayerNormLerpPlan(ln, mix, B, BACKEND, xin_dtype=mx.float16, parts=P)
+    assert whole.ok and summed.ok
+    x = add_parts(raw, P, None, 2, res, (B, K), mx.float32)
+    want = [np.array(a) for a in (*whole(x, prev), x)]
+    got = [np.array(a) for a in summed(raw, prev, residual=res)]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
 @pytest.mark.parametrize("kind", ["float16", "q8_0", "q4_k"])
 @pytest.mark.parametrize("B", [9, 16, 64])
 def test_matrix_units_read_half_rows(kind, B, matrix_units):

@@ -26,7 +26,7 @@ from conftest import (ORACLE, ORACLE_MISSING, UP_RANK_IDS, UP_RANKS, half_rounde
 
 import rwkv_mlx
 from rwkv_mlx.bench.measure import count_primitives
-from rwkv_mlx.kernels import dialect, kernels_disabled, layernorm_lerp
+from rwkv_mlx.kernels import decode, dialect, kernels_disabled, layernorm_lerp
 from rwkv_mlx.kernels.dialect import Kernel, Launch, parse_kern, render
 from rwkv_mlx.testing.metal_proof import Recorder, record_launches
 from rwkv_mlx.testing.metal_proof.compile import APPLE_THREADS_PER_GROUP, check, check_all, prepare
@@ -82,12 +82,14 @@ def recorded() -> Recorder:
     head = shaped_model(synth.G1B_2_9B, "Q4_K_M", n_layer=1, vocab=65536)
     record_launches(head, "2.9B vocab 65536", rec, prefill_batches=(), decode_batches=(1,))
     layernorm_lerp.SEPARATE = 1  # RWKV_MLX_SEPARATE_PROLOGUE=1 (the default is 0): prologues as launches of their own
+    decode.PARTS_IN_PROLOGUE = 1  # RWKV_MLX_PARTS_IN_PROLOGUE=1 (the default is 0): W_o's parts added by the FFN key's
     try:
         for file_type in ("Q4_K_M", "F16"):
             record_launches(shaped_model(synth.G1B_2_9B, file_type), f"2.9B {file_type} separate prologue", rec,
-                            prefill_batches=())
+                            prefill_batches=(), decode_batches=(1, 2, 4, 16, 64))
     finally:
         layernorm_lerp.SEPARATE = None
+        decode.PARTS_IN_PROLOGUE = None
     return rec
 
 
@@ -115,10 +117,12 @@ def test_recording_covers_every_case(recorded):
            "rwkv_matvec_one_segment_no_scales_mma_half_tiles",  # float16 matrices, copied into the tile
            "rwkv_matvec_no_scales_mma_half_tiles"}  # float16 LoRA copies (up-projections; an F16 file's r/k/v too)
     wkv = {"rwkv_wkv7", "rwkv_wkv7_one_token"}  # prompts; decode (each token's vectors in shared memory)
-    assert shapes == matvecs | mma | wkv | {"rwkv_dequant_no_scales", "rwkv_layernorm_lerp"}, shapes
+    prologues = {"rwkv_layernorm_lerp_whole", "rwkv_layernorm_lerp"}  # a row as given; W_o's parts added first
+    assert shapes == matvecs | mma | wkv | prologues | {"rwkv_dequant_no_scales"}, shapes
     # (NO_SCALES: no affine matrix in the launch; rwkv_dequant_no_scales: the prompts' products of GGUF blocks kept
     # as stored (Metal's default; its affine variant serves CUDA only, tests/test_matvec_blocks.py runs its Metal
-    # text); rwkv_layernorm_lerp: the decode prologues as launches of their own (a setting)). The formats: the
+    # text); rwkv_layernorm_lerp_whole: the decode prologues as launches of their own (many rows, or a setting);
+    # rwkv_layernorm_lerp: the FFN key's, adding W_o's parts of K (a setting)). The formats: the
     # oracle files hold every block type, and a launch of affine codes beside Q6_K blocks reads both.
     read = {k: set().union(*(n.split("_read_")[1:] for n in names if n.startswith(f"rwkv_{k}_")))
             for k in ("matvec", "dequant")}
@@ -748,11 +752,69 @@ def test_emulated_prologue_fused_or_separate(B, separate, monkeypatch):
                           prologue=1, ln=ln, mix=mx.array(mix))
         assert plan.ok
         y, xn = (np.array(a) for a in plan(mx.array(x), mx.array(prev)))
-    assert ("rwkv_layernorm_lerp" in {b.inst.kernel.name for b in emu.built.values()}) == bool(separate)
+    assert ("rwkv_layernorm_lerp_whole" in {b.inst.kernel.name for b in emu.built.values()}) == bool(separate)
     norm = layer_norm64(x, ln)
     inputs = [norm if m < 0 else norm + (prev - norm) * mix[m] for m in modes]
     want = np.concatenate([inp @ w.T for inp, (_, w) in zip(inputs, layers)], axis=1)
     assert rel_err(xn, norm) < 1e-5 and rel_err(y, want) < 1e-5
+
+
+@needs_emulator
+@pytest.mark.parametrize("P,B,M", [(4, 16, 1), (2, 3, 6)])
+def test_emulated_prologue_adds_the_parts(P, B, M):
+    """layernorm_lerp.kern without WHOLE: the row is P parts of K and a residual, added in matvec.add_parts' order.
+    The sum it returns is add_parts' own bit for bit, and its LayerNorm and lerps those of the WHOLE launch on
+    add_parts' output; both against float64 too."""
+    from rwkv_mlx.kernels.layernorm_lerp import LayerNormLerpPlan
+    from rwkv_mlx.kernels.matvec import add_parts
+
+    rng = np.random.default_rng(P * 10 + B)
+    K = 640  # (three groups a row, the last one partly idle)
+    raw = rng.standard_normal((P * B, K)).astype(np.float32)
+    res = rng.standard_normal((B, K)).astype(np.float32)
+    _, prev, mix, ln = lerp_inputs(rng, B, K, M)
+    with Emulator().running():
+        whole = LayerNormLerpPlan(ln, mx.array(mix), B, "metal", xin_dtype=mx.float16)
+        summed = LayerNormLerpPlan(ln, mx.array(mix), B, "metal", xin_dtype=mx.float16, parts=P)
+        assert whole.ok and summed.ok
+        x = add_parts(mx.array(raw), P, None, 2, mx.array(res), (B, K), mx.float32)
+        want = [np.array(a) for a in (*whole(x, mx.array(prev)), x)]
+        got = [np.array(a) for a in summed(mx.array(raw), mx.array(prev), residual=mx.array(res))]
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and np.array_equal(g, w)
+    exact = raw.astype(np.float64).reshape(P, B, K).sum(0) + res
+    assert rel_err(got[2], exact) < 1e-6 and rel_err(got[0], layer_norm64(exact.astype(np.float32), ln)) < 1e-5
+
+
+@needs_emulator
+@pytest.mark.slow
+def test_emulated_block_adds_w_o_parts_in_the_ffn_prologue(tmp_path, matrix_units, monkeypatch):
+    """RWKV_MLX_PARTS_IN_PROLOGUE=1: a block's W_o parts of K (two, at 64 rows of a 768-wide block under Apple's
+    32 KB) added by the FFN key's LayerNorm launch, one launch fewer: the block's outputs and state bit for bit
+    those of the parts added by MLX operations (matvec.add_parts)."""
+    from rwkv_mlx.kernels.decode import BlockPlan
+    from rwkv_mlx.testing.synthetic import make_synthetic_model, synthetic_args
+
+    path = tmp_path / "block.gguf"
+    make_synthetic_model(path, "Q4_K_M", synthetic_args(2, 768, 768, (32, 32, 32, 32), vocab=1024), seed=4)
+    model = rwkv_mlx.load(path, EXACT)[0]
+    B, C = 64, 768
+    rng = np.random.default_rng(4)
+    x, att_shift, ffn_shift, v_first = (mx.array(rng.standard_normal(shape).astype(np.float32))
+                                        for shape in ((B, 1, C), (B, C), (B, C), (B, 1, C)))
+    wkv = mx.array(rng.standard_normal((B, C // 64, 64, 64)).astype(np.float32) * 0.1)
+    outs, launched = {}, {}
+    for on in (0, 1):
+        monkeypatch.setattr(decode, "PARTS_IN_PROLOGUE", on)
+        emu = Emulator()
+        with emu.running():
+            plan = BlockPlan(model.blocks[1], B, "metal")
+            assert plan.ok and plan.out.parts == 2 and (plan.ffn_pre is not None) == bool(on)
+            outs[on] = [np.array(a) for a in plan(x, att_shift, ffn_shift, wkv, v_first)]
+        launched[on] = {b.inst.kernel.name for b in emu.built.values()}
+    assert "rwkv_layernorm_lerp" in launched[1] and "rwkv_layernorm_lerp" not in launched[0]
+    for a, b in zip(outs[0], outs[1]):
+        assert np.array_equal(a, b)
 
 
 @needs_emulator
@@ -765,7 +827,7 @@ def test_emulated_separate_prologue_model(require_oracle, monkeypatch):
     plain = plain_logits(model, tokens)
     emu = Emulator()
     got = emulated_logits(model, tokens, decoded=2, emu=emu)[0]
-    assert "rwkv_layernorm_lerp" in {b.inst.kernel.name for b in emu.built.values()}
+    assert "rwkv_layernorm_lerp_whole" in {b.inst.kernel.name for b in emu.built.values()}
     assert rel_err(got, plain) < 1e-5
 
     def turn_lerp(source: str) -> str:

@@ -27,7 +27,9 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import matvec, wkv7
+from ..settings import env_int
 from .dialect import build, launches, placeholder
+from .layernorm_lerp import LayerNormLerpPlan
 from .matvec import _DENSE_CODES, HalfCopies, MatvecPlan, Segment
 from .products import ProductPlan
 
@@ -35,6 +37,16 @@ LERP_R, LERP_W, LERP_K, LERP_V, LERP_A, LERP_G = range(6)
 # the activation of each LoRA's down output before its up-projection (w, a, v, g), as matvec.kern's PRO 0
 # modes: 1 tanh, 0 as is, 2 sigmoid (the time-mix kernel applies the same ones with UP)
 UP_MODES = (1, 0, 0, 2)
+# Whether W_o's parts of K (a matrix-unit launch's, kernels/matvec.py k_parts) are added in the FFN key's LayerNorm
+# launch (layernorm_lerp.kern without WHOLE) rather than by matvec.add_parts in a launch of their own: a launch a
+# block fewer for the host to queue, where at 16 rows on an H100 the host took 4.0 ms to queue a step and the GPU
+# 4.5 ms to run it (results/kernel_log.md step 28). The same values either way (tests). Untimed, so off by
+# default. None: $RWKV_MLX_PARTS_IN_PROLOGUE or 0.
+PARTS_IN_PROLOGUE: int | None = None
+
+
+def parts_in_prologue() -> bool:
+    return bool(env_int("RWKV_MLX_PARTS_IN_PROLOGUE", 0, override=PARTS_IN_PROLOGUE))
 
 
 class BlockPlan:
@@ -72,6 +84,14 @@ class BlockPlan:
         self.key = plan([Segment(ffn.key)], prologue=1, epilogue=1, ln=block.ln2, mix=ffn.x_k.reshape(1, -1),
                         out_dtype=self.value.x_dtype)
         self.ok = wkv7.supports(N, backend) and all(p.ok for p in (self.proj, self.out, self.key, self.value))
+        # W_o's parts added by the FFN key's prologue launch (PARTS_IN_PROLOGUE): it normalizes their sum with the
+        # residual and returns that sum too, the FFN value's residual
+        self.ffn_pre = None
+        if (self.ok and parts_in_prologue() and isinstance(self.out, MatvecPlan) and self.out.parts > 1
+                and self.out.bias is None and self.out.out_dtype == mx.float32 and self.key.pre is not None):
+            pre = LayerNormLerpPlan(block.ln2, ffn.x_k.reshape(1, -1), B, backend, xin_dtype=self.key.inner.x_dtype,
+                                    parts=self.out.parts)
+            self.ffn_pre = pre if pre.ok else None
 
         # The time-mix kernel reads the LoRA down outputs where launch 1 wrote them (after r|k|v).
         info, column = [], 0
@@ -134,6 +154,11 @@ class BlockPlan:
             # slice of many rows for each of them (31 copies of a 2.9B step in a CUPTI profile at 16 rows)
             v_first = mx.contiguous(proj[:, 2 * C : 3 * C]).reshape(B, 1, C)
         y, wkv_state = self._time_mix(proj, v_first, wkv_state)
-        x = self.out(y, residual=x)
-        h, xf = self.key(x, ffn_shift)
+        if self.ffn_pre is not None:
+            xf, xin, x = self.ffn_pre(self.out.launch(y)[0], ffn_shift, residual=x)
+            h = self.key.inner(xin)
+            x = x.reshape(B, 1, C)
+        else:
+            x = self.out(y, residual=x)
+            h, xf = self.key(x, ffn_shift)
         return self.value(h, residual=x), xn, xf, wkv_state, v_first

@@ -102,6 +102,11 @@ KERNEL_INSTANCES: list[KernelInstance] = [
                      reader_variants([_KINDS["affine"]]))
       for bits, scale in ((4, "float32"), (8, "float32"), (5, "float16"), (4, "bfloat16")) for out in ("float32", "float16")),
     # a decode launch's LayerNorm + lerps (x, prev, ln_w, ln_b, mix, eps): r/k/v + LoRA down (6 mixes), FFN key, head
-    *(KernelInstance("layernorm_lerp", ("float32",) * 6, ("float32", "float32"), {"K": 2560, "M": m}) for m in (6, 1, 0)),
-    KernelInstance("layernorm_lerp", ("float32",) * 6, ("float32", "float16"), {"K": 2560, "M": 6}),  # for MMA
+    *(KernelInstance("layernorm_lerp", ("float32",) * 6, ("float32", "float32"), {"K": 2560, "M": m, "P": 0, "NB": 0},
+                     ("WHOLE",)) for m in (6, 1, 0)),
+    KernelInstance("layernorm_lerp", ("float32",) * 6, ("float32", "float16"), {"K": 2560, "M": 6, "P": 0, "NB": 0},
+                   ("WHOLE",)),  # for MMA
+    # W_o's four parts of K and the residual added in the FFN key's (x, residual, prev, ...; xsum out)
+    KernelInstance("layernorm_lerp", ("float32",) * 7, ("float32", "float16", "float32"),
+                   {"K": 2560, "M": 1, "P": 4, "NB": 64}),
 ]

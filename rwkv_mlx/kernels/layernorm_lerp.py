@@ -47,28 +47,36 @@ def shape(ln: nn.LayerNorm, mix: mx.array | None) -> tuple[int, int]:
 class LayerNormLerpPlan:
     """``(x [B, K], prev [B, K]) -> (xn [B, K], xin [B, M + 1, K])`` in one launch, for a fixed B
     (``mix`` [M, K]; None for a LayerNorm alone, as the head's: M = 0). ``xin_dtype`` float16: the rows
-    rounded for a launch on the matrix units, which would round them the same way when staging them."""
+    rounded for a launch on the matrix units, which would round them the same way when staging them.
+
+    ``parts`` P > 0: x is a matvec launch's raw sums of P parts of K (``x [P * B, K]``, part p's rows first, as
+    matvec.add_parts takes them) and the call also takes their residual [B, K]: the row normalized is
+    ``add_parts``' sum, ((x_0 + x_1) + ...) + residual in float32, which the call returns third
+    (``xsum`` [B, K]). So a block's W_o parts are added in its FFN key's prologue launch, not one of their own."""
 
     def __init__(self, ln: nn.LayerNorm, mix: mx.array | None, batch: int, backend: str,
-                 xin_dtype: mx.Dtype = mx.float32):
+                 xin_dtype: mx.Dtype = mx.float32, parts: int = 0):
         M, K = shape(ln, mix)
-        self.K, self.M, self.B, self.xin_dtype = K, M, batch, xin_dtype
-        self.kernel = build("layernorm_lerp", backend)
-        self.template = [("K", self.K), ("M", self.M)]
+        self.K, self.M, self.B, self.xin_dtype, self.parts = K, M, batch, xin_dtype, parts
+        self.kernel = build("layernorm_lerp", backend, () if parts else ("WHOLE",))
+        # (P and NB serve only the parts: 0 for a whole row, so one text serves every batch size)
+        self.template = [("K", self.K), ("M", self.M), ("P", parts), ("NB", batch if parts else 0)]
         self.consts = [ln.weight.astype(mx.float32), ln.bias.astype(mx.float32),
                        placeholder() if mix is None else mix.reshape(self.M, K).astype(mx.float32),
                        device_constant([ln.eps], mx.float32)]
         mx.eval(*self.consts)
+        rows = max(parts, 1) * batch
         self.ok = self.K % 32 == 0 and launches(self.kernel, (tuple(self.template), str(xin_dtype)), lambda: self(
-            mx.zeros((batch, self.K)), mx.zeros((batch, self.K))))
+            mx.zeros((rows, self.K)), mx.zeros((batch, self.K)), mx.zeros((batch, self.K)) if parts else None))
 
-    def __call__(self, x: mx.array, prev: mx.array | None):
+    def __call__(self, x: mx.array, prev: mx.array | None, residual: mx.array | None = None):
         B, K, M = self.B, self.K, self.M
+        given = [x] + ([residual] if self.parts else [])
         return self.kernel(
-            inputs=[x, self.consts[2] if prev is None else prev, *self.consts],  # (no prev: M = 0, never read)
+            inputs=[*given, self.consts[2] if prev is None else prev, *self.consts],  # (no prev: M = 0, never read)
             template=self.template,
             grid=(B * -(-K // (32 * WARPS)) * 32 * WARPS, 1, 1),  # a thread per element, whole groups
             threadgroup=(32 * WARPS, 1, 1),
-            output_shapes=[(B, K), (B, (M + 1) * K)],
-            output_dtypes=[mx.float32, self.xin_dtype],
+            output_shapes=[(B, K), (B, (M + 1) * K)] + ([(B, K)] if self.parts else []),
+            output_dtypes=[mx.float32, self.xin_dtype] + ([mx.float32] if self.parts else []),
         )

@@ -465,9 +465,18 @@ class MatvecPlan:
         if self.pre is not None:
             xn, xin = self.pre(x, prev)
             return self.inner(xin, residual=residual), xn
+        outs = self.launch(x, prev, residual)
+        if self.parts > 1:
+            return add_parts(outs[0], self.parts, self.bias, self.epilogue, residual, self.out_shapes[0],
+                             self.out_dtype)
+        return (outs[0], outs[1]) if self.prologue == 1 else outs[0]
+
+    def launch(self, x: mx.array, prev: mx.array | None = None, residual: mx.array | None = None) -> list[mx.array]:
+        """The kernel's outputs as it writes them: with parts of K, their raw sums ([parts * B, rows], part p's
+        rows first), before ``add_parts`` (a launch without a prologue of its own)."""
         given = {"x": x, "prev": prev if prev is not None else self.dummy,
                  "residual": residual if residual is not None else self.dummy}
-        outs = self.kernel(
+        return self.kernel(
             inputs=[given[n] if n in given else self.consts[n] for n in self.kernel.rendered.inputs],
             template=self.template,
             grid=self.grid,
@@ -475,10 +484,6 @@ class MatvecPlan:
             output_shapes=self.kernel_shapes,
             output_dtypes=self.kernel_dtypes,
         )
-        if self.parts > 1:
-            return add_parts(outs[0], self.parts, self.bias, self.epilogue, residual, self.out_shapes[0],
-                             self.out_dtype)
-        return (outs[0], outs[1]) if self.prologue == 1 else outs[0]
 
 
 def add_parts(raw: mx.array, parts: int, bias: mx.array | None, epilogue: int, residual: mx.array | None,
