@@ -286,6 +286,33 @@ def test_prologue_adds_the_parts(P, B):
     assert all(np.array_equal(g, w) for g, w in zip(got, want))
 
 
+def test_prologues_add_the_parts_in_the_compiled_step(tmp_path, matrix_units, monkeypatch):
+    """RWKV_MLX_PARTS_IN_PROLOGUE=1 through model.step (the compiled graph), 64 rows of a 1024-wide model whose W_o
+    and FFN value take 2 and 4 parts of K on CUDA: the parts added by the next prologue launch give the logits
+    and state of add_parts, bit for bit, over three steps."""
+    from rwkv_mlx.kernels import decode
+    from rwkv_mlx.testing.synthetic import make_synthetic_model, synthetic_args
+
+    B = 64
+    path = tmp_path / "wide.gguf"
+    make_synthetic_model(path, "Q4_K_M", synthetic_args(3, 1024, 2048, (32, 32, 32, 64), vocab=1024), seed=5)
+    model = rwkv_mlx.load(path)[0]
+    tokens = mx.array([(37 * b + 5) % 1024 for b in range(B)], dtype=mx.uint32)
+    runs = {}
+    for on in (0, 1):
+        monkeypatch.setattr(decode, "PARTS_IN_PROLOGUE", on)
+        model.runtime.invalidate()
+        plan = model.runtime.block_plan(1, B)
+        assert plan.ok and (plan.ln1_pre is not None) == bool(on), (plan.out.parts, plan.value.parts)
+        state, token, seen = model.initial_state(B), tokens, []
+        for _ in range(3):
+            logits, state = model.step(token, state)
+            token = mx.argmax(logits, axis=-1).astype(mx.uint32)
+            seen += [np.array(logits)] + [np.array(a) for a in state.arrays()]
+        runs[on] = seen
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0], runs[1]))
+
+
 @pytest.mark.parametrize("kind", ["float16", "q8_0", "q4_k"])
 @pytest.mark.parametrize("B", [9, 16, 64])
 def test_matrix_units_read_half_rows(kind, B, matrix_units):

@@ -788,31 +788,39 @@ def test_emulated_prologue_adds_the_parts(P, B, M):
 
 @needs_emulator
 @pytest.mark.slow
-def test_emulated_block_adds_w_o_parts_in_the_ffn_prologue(tmp_path, matrix_units, monkeypatch):
-    """RWKV_MLX_PARTS_IN_PROLOGUE=1: a block's W_o parts of K (two, at 64 rows of a 768-wide block under Apple's
-    32 KB) added by the FFN key's LayerNorm launch, one launch fewer: the block's outputs and state bit for bit
-    those of the parts added by MLX operations (matvec.add_parts)."""
+def test_emulated_prologues_add_the_parts_in_a_decode_step(tmp_path, matrix_units, monkeypatch):
+    """RWKV_MLX_PARTS_IN_PROLOGUE=1, a decoded token of 64 rows through a two-block model 768 wide (whose W_o
+    and FFN value take two parts of K there under Apple's 32 KB): W_o's parts added by each block's FFN key
+    prologue launch, block 0's FFN value parts by block 1's r/k/v prologue launch, block 1's by MLX
+    operations for the head. The logits and the state bit for bit those of every part added by
+    matvec.add_parts."""
     from rwkv_mlx.kernels.decode import BlockPlan
     from rwkv_mlx.testing.synthetic import make_synthetic_model, synthetic_args
 
-    path = tmp_path / "block.gguf"
+    path = tmp_path / "wide.gguf"
     make_synthetic_model(path, "Q4_K_M", synthetic_args(2, 768, 768, (32, 32, 32, 32), vocab=1024), seed=4)
     model = rwkv_mlx.load(path, EXACT)[0]
-    B, C = 64, 768
-    rng = np.random.default_rng(4)
-    x, att_shift, ffn_shift, v_first = (mx.array(rng.standard_normal(shape).astype(np.float32))
-                                        for shape in ((B, 1, C), (B, C), (B, C), (B, 1, C)))
-    wkv = mx.array(rng.standard_normal((B, C // 64, 64, 64)).astype(np.float32) * 0.1)
-    outs, launched = {}, {}
+    B = 64
+    tokens = mx.array([(37 * b + 5) % 1024 for b in range(B)], dtype=mx.uint32)[:, None]
+    state = model.initial_state(B)
+    rng = np.random.default_rng(4)  # (a state of its own, so that every input of a block matters)
+    state = type(state)(*([mx.array(rng.standard_normal(a.shape).astype(np.float32) * 0.3) for a in arrays]
+                          for arrays in (state.att_x, state.ffn_x, state.wkv)), state.model_id)
+    outs, prologues = {}, {}
     for on in (0, 1):
         monkeypatch.setattr(decode, "PARTS_IN_PROLOGUE", on)
+        model.runtime.invalidate()
         emu = Emulator()
         with emu.running():
             plan = BlockPlan(model.blocks[1], B, "metal")
-            assert plan.ok and plan.out.parts == 2 and (plan.ffn_pre is not None) == bool(on)
-            outs[on] = [np.array(a) for a in plan(x, att_shift, ffn_shift, wkv, v_first)]
-        launched[on] = {b.inst.kernel.name for b in emu.built.values()}
-    assert "rwkv_layernorm_lerp" in launched[1] and "rwkv_layernorm_lerp" not in launched[0]
+            assert plan.ok and plan.out.parts == 2 and plan.value.parts == 2
+            assert (plan.ffn_pre is not None) == (plan.ln1_pre is not None) == bool(on)
+            logits, after = model(tokens, state)
+            outs[on] = [np.array(a) for a in (logits, *after.arrays())]
+        prologues[on] = sorted((dict(b.inst.template)["M"], dict(b.inst.template)["P"]) for b in emu.built.values()
+                               if b.inst.kernel.name.startswith("rwkv_layernorm_lerp"))
+    # the parts added by the FFN key's (M 1) and r/k/v's (M 6) prologue launches; the head's (M 0) takes x whole
+    assert (1, 2) in prologues[1] and (6, 2) in prologues[1] and all(p == 0 for _, p in prologues[0])
     for a, b in zip(outs[0], outs[1]):
         assert np.array_equal(a, b)
 

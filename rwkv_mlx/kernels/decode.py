@@ -37,11 +37,12 @@ LERP_R, LERP_W, LERP_K, LERP_V, LERP_A, LERP_G = range(6)
 # the activation of each LoRA's down output before its up-projection (w, a, v, g), as matvec.kern's PRO 0
 # modes: 1 tanh, 0 as is, 2 sigmoid (the time-mix kernel applies the same ones with UP)
 UP_MODES = (1, 0, 0, 2)
-# Whether W_o's parts of K (a matrix-unit launch's, kernels/matvec.py k_parts) are added in the FFN key's LayerNorm
-# launch (layernorm_lerp.kern without WHOLE) rather than by matvec.add_parts in a launch of their own: a launch a
-# block fewer for the host to queue, where at 16 rows on an H100 the host took 4.0 ms to queue a step and the GPU
-# 4.5 ms to run it (results/kernel_log.md step 28). The same values either way (tests). Untimed, so off by
-# default. None: $RWKV_MLX_PARTS_IN_PROLOGUE or 0.
+# Whether the parts of K of W_o and of the FFN value (matrix-unit launches', kernels/matvec.py k_parts) are added
+# in the LayerNorm launch that reads their sum (layernorm_lerp.kern without WHOLE: the FFN key's, and the next
+# block's r/k/v) rather than by matvec.add_parts in a launch of their own: two launches a block fewer for the host
+# to queue, where at 16 rows on an H100 the host took 4.0 ms to queue a step and the GPU 4.5 ms to run it
+# (results/kernel_log.md step 28). The same values either way (tests). Untimed, so off by default.
+# None: $RWKV_MLX_PARTS_IN_PROLOGUE or 0.
 PARTS_IN_PROLOGUE: int | None = None
 
 
@@ -84,14 +85,19 @@ class BlockPlan:
         self.key = plan([Segment(ffn.key)], prologue=1, epilogue=1, ln=block.ln2, mix=ffn.x_k.reshape(1, -1),
                         out_dtype=self.value.x_dtype)
         self.ok = wkv7.supports(N, backend) and all(p.ok for p in (self.proj, self.out, self.key, self.value))
-        # W_o's parts added by the FFN key's prologue launch (PARTS_IN_PROLOGUE): it normalizes their sum with the
-        # residual and returns that sum too, the FFN value's residual
-        self.ffn_pre = None
-        if (self.ok and parts_in_prologue() and isinstance(self.out, MatvecPlan) and self.out.parts > 1
-                and self.out.bias is None and self.out.out_dtype == mx.float32 and self.key.pre is not None):
-            pre = LayerNormLerpPlan(block.ln2, ffn.x_k.reshape(1, -1), B, backend, xin_dtype=self.key.inner.x_dtype,
-                                    parts=self.out.parts)
-            self.ffn_pre = pre if pre.ok else None
+        # PARTS_IN_PROLOGUE: W_o's parts added by the FFN key's prologue launch, which normalizes their sum with the
+        # residual and returns that sum too (the FFN value's residual); and the FFN value's parts handed to the next
+        # block (``step``), whose r/k/v prologue launch adds them the same way (``ln1_pre``: for parts as many as
+        # this block's value has, as a block before it of the same formats gives)
+        def summing(launch, key, ln, mix):
+            if not (self.ok and parts_in_prologue() and isinstance(launch, MatvecPlan) and launch.parts > 1
+                    and launch.bias is None and launch.out_dtype == mx.float32 and key.pre is not None):
+                return None
+            pre = LayerNormLerpPlan(ln, mix, B, backend, xin_dtype=key.inner.x_dtype, parts=launch.parts)
+            return pre if pre.ok else None
+
+        self.ffn_pre = summing(self.out, self.key, block.ln2, ffn.x_k.reshape(1, -1))
+        self.ln1_pre = summing(self.value, self.proj, block.ln1, att.x_lerp)
 
         # The time-mix kernel reads the LoRA down outputs where launch 1 wrote them (after r|k|v).
         info, column = [], 0
@@ -147,8 +153,20 @@ class BlockPlan:
         return y, wkv_state
 
     def __call__(self, x, att_shift, ffn_shift, wkv_state, v_first):
+        return self.step(x, att_shift, ffn_shift, wkv_state, v_first)[0]
+
+    def step(self, x, att_shift, ffn_shift, wkv_state, v_first, parts_of_x=None):
+        """(what ``Block.__call__`` returns, ``(raw, residual, parts)`` or None). ``parts_of_x``: the block
+        before's FFN value parts that x (computed lazily by add_parts) sums, which this block's prologue
+        launch adds itself where ``ln1_pre`` takes as many parts; x is then never computed unless something
+        else reads it. The second item hands this block's own value parts on the same way
+        (PARTS_IN_PROLOGUE)."""
         B, C = self.B, self.C
-        proj, xn = self.proj(x, att_shift)
+        if parts_of_x is not None and self.ln1_pre is not None and parts_of_x[2] == self.ln1_pre.parts:
+            xn, xin, x = self.ln1_pre(parts_of_x[0], att_shift, residual=parts_of_x[1])
+            proj, x = self.proj.inner(xin), x.reshape(B, 1, C)
+        else:
+            proj, xn = self.proj(x, att_shift)
         if not self.mix_v:
             # made contiguous once: every later block's time-mix launch reads it, and MLX copied the strided
             # slice of many rows for each of them (31 copies of a 2.9B step in a CUPTI profile at 16 rows)
@@ -161,4 +179,7 @@ class BlockPlan:
         else:
             x = self.out(y, residual=x)
             h, xf = self.key(x, ffn_shift)
-        return self.value(h, residual=x), xn, xf, wkv_state, v_first
+        if self.ln1_pre is None:
+            return (self.value(h, residual=x), xn, xf, wkv_state, v_first), None
+        raw = self.value.launch(h)[0]
+        return (self.value.finish(raw, x), xn, xf, wkv_state, v_first), (raw, x, self.value.parts)

@@ -106,7 +106,8 @@ KERNEL_INSTANCES: list[KernelInstance] = [
                      ("WHOLE",)) for m in (6, 1, 0)),
     KernelInstance("layernorm_lerp", ("float32",) * 6, ("float32", "float16"), {"K": 2560, "M": 6, "P": 0, "NB": 0},
                    ("WHOLE",)),  # for MMA
-    # W_o's four parts of K and the residual added in the FFN key's (x, residual, prev, ...; xsum out)
-    KernelInstance("layernorm_lerp", ("float32",) * 7, ("float32", "float16", "float32"),
-                   {"K": 2560, "M": 1, "P": 4, "NB": 64}),
+    # parts of K and the residual added first (x, residual, prev, ...; xsum out): W_o's in the FFN key's, the FFN
+    # value's in the next block's r/k/v
+    *(KernelInstance("layernorm_lerp", ("float32",) * 7, ("float32", "float16", "float32"),
+                     {"K": 2560, "M": m, "P": 4, "NB": 64}) for m in (1, 6)),
 ]

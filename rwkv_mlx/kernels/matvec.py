@@ -467,9 +467,13 @@ class MatvecPlan:
             return self.inner(xin, residual=residual), xn
         outs = self.launch(x, prev, residual)
         if self.parts > 1:
-            return add_parts(outs[0], self.parts, self.bias, self.epilogue, residual, self.out_shapes[0],
-                             self.out_dtype)
+            return self.finish(outs[0], residual)
         return (outs[0], outs[1]) if self.prologue == 1 else outs[0]
+
+    def finish(self, raw: mx.array, residual: mx.array | None = None) -> mx.array:
+        """The launch's output from its raw sums of K's parts (``launch``): add_parts with its bias, epilogue
+        and output dtype."""
+        return add_parts(raw, self.parts, self.bias, self.epilogue, residual, self.out_shapes[0], self.out_dtype)
 
     def launch(self, x: mx.array, prev: mx.array | None = None, residual: mx.array | None = None) -> list[mx.array]:
         """The kernel's outputs as it writes them: with parts of K, their raw sums ([parts * B, rows], part p's

@@ -45,6 +45,10 @@ class DecodeRuntime:
         self._steps: dict[tuple, tuple[tuple, Callable]] = {}
         self._chunks: dict[tuple, tuple[object, Callable]] = {}
         self._halves = HalfCopies()  # float16 LoRA matrices of the matrix-unit plans, one copy for every batch size
+        # (x, raw parts, residual, parts): the last block step's output x and the FFN value parts it sums, for the
+        # next block's prologue launch to add itself (kernels/decode.py PARTS_IN_PROLOGUE); x is held, so an
+        # array that merely reuses its id never matches
+        self._handed: tuple | None = None
         self.invalidations = 0  # how often the weights changed (tests count it)
 
     def invalidate(self) -> None:
@@ -54,6 +58,7 @@ class DecodeRuntime:
         self._steps.clear()
         self._chunks.clear()
         self._halves = HalfCopies()
+        self._handed = None
         self.invalidations += 1
 
     def cached(self) -> int:
@@ -73,9 +78,20 @@ class DecodeRuntime:
         return entry[1]
 
     def block_step(self, layer: int, x, att_shift, ffn_shift, wkv_state, v_first):
-        """One token through block ``layer`` by the decode kernels: what ``Block.__call__`` returns, or None."""
+        """One token through block ``layer`` by the decode kernels: what ``Block.__call__`` returns, or None.
+
+        Where the block before handed on its FFN value's parts of K (``BlockPlan.step``) and x is the sum
+        they make, this block's prologue launch adds them itself; the last block hands nothing on, so the
+        head and every other reader get x as an array."""
         plan = self.block_plan(layer, x.shape[0])
-        return plan(x, att_shift, ffn_shift, wkv_state, v_first) if plan is not None and plan.ok else None
+        handed, self._handed = self._handed, None
+        if plan is None or not plan.ok:
+            return None
+        parts_of_x = handed[1:] if handed is not None and handed[0] is x else None
+        out, parts = plan.step(x, att_shift, ffn_shift, wkv_state, v_first, parts_of_x)
+        if parts is not None and layer + 1 < len(self._model().blocks):
+            self._handed = (out[0], *parts)
+        return out
 
     def block_chunk(self, layer: int, x, att_shift, ffn_shift, wkv_state, v_first):
         """A prompt chunk through block ``layer`` as one compiled graph: what ``Block.__call__`` returns, or None.
