@@ -38,10 +38,12 @@ import contextlib
 import json
 import statistics
 
+from pathlib import Path
+
 import mlx.core as mx
 
 import rwkv_mlx
-from rwkv_mlx import layers
+from rwkv_mlx import layers, settings
 from rwkv_mlx.bench.measure import greedy_steps, row0_agreement, row0_logits
 from rwkv_mlx.kernels import kernels_disabled, matvec
 
@@ -138,17 +140,60 @@ def suggest(lines: list[dict], model: str) -> str:
     return f"RWKV_MLX_KERNEL_MAX_BATCH={max_batch} RWKV_MLX_CUDA_DEQUANT_MIN_ROWS={dequant}"
 
 
+# Issue 14's bars: aggregate tok/s at B rows at least this many times one stream's.
+BARS = {16: 8, 64: 24}
+
+
+def bars(lines: list[dict]) -> str:
+    """Issue 14's bars as a table, from --json lines of the kernels route (one or more processes a model):
+    each batch size's medians, divided by their own process's one-stream median and, the strict reading,
+    the slowest process's median by the fastest process's one-stream median."""
+    out = ["| model | B | total tok/s (a process each) | one stream (every run) | x own one stream "
+           "| slowest / fastest one stream | bar | met |", "|---|---|---|---|---|---|---|---|"]
+
+    def key(line):  # (a file's lines from several trees or settings, as scripts/gpu_session.sh ab writes them)
+        return line["model"], line.get("tree", ""), json.dumps(line.get("settings", {}), sort_keys=True)
+
+    trees = {line.get("tree", "") for line in lines}
+    for model, tree, env in sorted({key(line) for line in lines}, key=lambda k: (k[0], k[1], k[2] != "{}", k[2])):
+        mine = [line for line in lines if key(line) == (model, tree, env) and line["route"] == "kernels"]
+        if not mine:
+            continue
+        label = model + "".join(f" {k}={v}" for k, v in json.loads(env).items())
+        label += f" ({tree})" if len(trees) > 1 else ""
+        ones = sorted({tuple(line.get("one_stream_runs") or [line["one_stream"]]) for line in mine})
+        fastest = max(line["one_stream"] for line in mine)
+        for batch in sorted({line["batch"] for line in mine} & set(BARS)):
+            timed = [line for line in mine if line["batch"] == batch and line["tps"] is not None]
+            if not timed:
+                continue
+            tps = [line["tps"] for line in timed]
+            own = [line["tps"] / line["one_stream"] for line in timed]
+            strict = min(tps) / fastest
+            out.append(f"| {label} | {batch} | {', '.join(f'{v:,.0f}' for v in tps)} "
+                       f"| {min(min(r) for r in ones):,.0f}-{max(max(r) for r in ones):,.0f} "
+                       f"| {min(own):.1f}-{max(own):.1f}x "
+                       f"| {strict:.1f}x | {BARS[batch]}x | {'yes' if strict >= BARS[batch] else 'no'} |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--suggest", metavar="FILE", help="print the settings --json FILE's lines favour for MODEL, "
                     "as NAME=VALUE pairs for the shell, and exit")
+    ap.add_argument("--bars", metavar="FILE", help="print issue 14's bars (B = 16 and 64 against one stream) from "
+                    "--json FILE's lines, every model in it (MODEL is not read), and exit")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3, help="runs a batch size (and one stream); the median counts")
     ap.add_argument("--routes", nargs="+", choices=ROUTES, default=["kernels"])
     ap.add_argument("--json", help="append one JSON line per (route, batch) to this file")
     args = ap.parse_args()
+    if args.bars:
+        with open(args.bars) as f:
+            print(bars([json.loads(line) for line in f if line.strip()]))
+        return
     if args.suggest:
         with open(args.suggest) as f:
             print(suggest([json.loads(line) for line in f if line.strip()], args.model))
@@ -180,6 +225,7 @@ def main():
                     f.write(json.dumps({"model": args.model, "route": name, "batch": batch,
                                         "tps": tps if ok else None, "runs": all_tps if ok else None,
                                         "one_stream": one_tps, "one_stream_runs": one_runs,
+                                        "settings": settings.in_effect(), "tree": str(Path(rwkv_mlx.__file__).parents[1]),
                                         "same": sum(a == b for a, b in zip(rows[0], alone[0])),
                                         "tokens": len(alone[0]), "row0": said}) + "\n")
 

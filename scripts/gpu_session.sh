@@ -266,6 +266,8 @@ case $step in
             | grep "^|" | tee -a $OUT/ab.log
         done
       done
-    done ;;
+    done
+    # issue 14's bars from every batched line so far, a row per model, tree and settings
+    [ -z "${BATCHES:-}" ] || python3 scripts/batch_decode.py - --bars $OUT/ab.jsonl | tee -a $OUT/ab.log ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

@@ -370,3 +370,29 @@ def test_row0_agreement_counts_a_near_tie_only_within_the_tolerance():
     far[2] += 2 * ROW0_LOGIT_TOLERANCE * np.linalg.norm(alone[2])  # (one step is enough to refuse)
     ok, said = row0_agreement([1, 2, 3, 4], [1, 2, 5, 6], alone, far)
     assert not ok and "from alone's" in said, said
+
+
+def test_batch_decode_states_the_bars_strictly(tmp_path):
+    """scripts/batch_decode.py --bars: issue 14's bars from --json lines of two processes. Each batch size's
+    medians against their own process's one stream, and the slowest against the fastest process's one stream
+    (16 rows: 2,400 / 350 = 6.9x, 3,400 / 280 = 12.1x, strictly 6.9x < 8; 64 rows: 8,400 / 350 = 24.0x, strictly
+    24.0x, met; a batch size whose tokens differed has no speed and is left out; other settings, a row of their
+    own: 9,000 / 350 = 25.7x)."""
+    def line(batch, tps, one, runs):
+        return {"model": "q4.gguf", "route": "kernels", "batch": batch, "tps": tps, "one_stream": one,
+                "one_stream_runs": runs}
+
+    first, second = (350.0, [340.0, 350.0, 360.0]), (280.0, [270.0, 280.0, 290.0])
+    lines = [line(16, 2400.0, *first), line(64, 8400.0, *first), line(16, 3400.0, *second),
+             line(64, 8700.0, *second), line(64, None, *second), {**line(64, 1.0, *first), "route": "matmul"},
+             {**line(64, 9000.0, *first), "settings": {"RWKV_MLX_PARTS_IN_PROLOGUE": "1"}}]  # (a row of its own)
+    path = tmp_path / "ab.jsonl"
+    path.write_text("".join(json.dumps(v) + "\n" for v in lines))
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "batch_decode.py"), "-", "--bars", str(path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = done.stdout.splitlines()
+    assert rows[2] == "| q4.gguf | 16 | 2,400, 3,400 | 270-360 | 6.9-12.1x | 6.9x | 8x | no |"
+    assert rows[3] == "| q4.gguf | 64 | 8,400, 8,700 | 270-360 | 24.0-31.1x | 24.0x | 24x | yes |"
+    assert rows[4] == "| q4.gguf RWKV_MLX_PARTS_IN_PROLOGUE=1 | 64 | 9,000 | 340-360 | 25.7-25.7x | 25.7x | 24x | yes |"
+    assert len(rows) == 5
