@@ -249,6 +249,38 @@ def rounded_products(inputs, weights) -> np.ndarray:
     return np.concatenate([half_rounded(v) @ half_rounded(w).T for v, w in zip(inputs, weights)], axis=1)
 
 
+def lerp_inputs(rng, B: int, K: int, mixes: int):
+    """x, prev [B, K], mix [mixes, K] and a LayerNorm of K, drawn from rng in that order."""
+    import mlx.nn as nn
+
+    x, prev = (rng.standard_normal((B, K)).astype(np.float32) for _ in range(2))
+    mix = rng.uniform(0, 1, (mixes, K)).astype(np.float32)
+    ln = nn.LayerNorm(K)
+    ln.weight = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32))
+    ln.bias = mx.array(rng.standard_normal(K).astype(np.float32))
+    return x, prev, mix, ln
+
+
+def parts_prologue_case(P: int, B: int, K: int, M: int, backend: str, seed: int):
+    """The LayerNorm launch that adds a matvec launch's P parts of K and their residual first (layernorm_lerp.kern
+    without WHOLE), beside the WHOLE launch on matvec.add_parts' sum of the same, on ``backend``, float16 lerps:
+    (got, want, raw, residual, ln), got and want each (xn, xin, xsum) as numpy."""
+    from rwkv_mlx.kernels.layernorm_lerp import LayerNormLerpPlan
+    from rwkv_mlx.kernels.matvec import add_parts
+
+    rng = np.random.default_rng(seed)
+    raw = rng.standard_normal((P * B, K)).astype(np.float32)
+    res = rng.standard_normal((B, K)).astype(np.float32)
+    _, prev, mix, ln = lerp_inputs(rng, B, K, M)
+    whole = LayerNormLerpPlan(ln, mx.array(mix), B, backend, xin_dtype=mx.float16)
+    summed = LayerNormLerpPlan(ln, mx.array(mix), B, backend, xin_dtype=mx.float16, parts=P)
+    assert whole.ok and summed.ok
+    x = add_parts(mx.array(raw), P, None, 2, mx.array(res), (B, K), mx.float32)
+    want = [np.array(a) for a in (*whole(x, mx.array(prev)), x)]
+    got = [np.array(a) for a in summed(mx.array(raw), mx.array(prev), residual=mx.array(res))]
+    return got, want, raw, res, ln
+
+
 def layer_norm64(x: np.ndarray, ln) -> np.ndarray:
     """LayerNorm of float32 rows in float64 numpy (eps 1e-5), the reference for the kernels' prologue."""
     xd = x.astype(np.float64)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import (ORACLE, UP_RANK_IDS, UP_RANKS, half_rounded, layer_norm64, make_layer, oracle_logits, oracle_models,
-                      oracle_tokens, rounded_products, run_core, tiny_model_path, up_projection_case, wkv_inputs)
+                      oracle_tokens, parts_prologue_case, rounded_products, run_core, tiny_model_path,
+                      up_projection_case, wkv_inputs)
 
 import rwkv_mlx
 from rwkv_mlx.kernels import fused_time_mix, kernel_backend, kernels_disabled
@@ -266,23 +267,7 @@ def test_matrix_units_take_float16_copies_of_bare_arrays(dtype, B, matrix_units)
 def test_prologue_adds_the_parts(P, B):
     """The LayerNorm launch that adds W_o's parts of K and the residual (RWKV_MLX_PARTS_IN_PROLOGUE): its sum, its
     normalized row and its float16 lerps bit for bit those of matvec.add_parts followed by the WHOLE launch."""
-    import mlx.nn as nn
-
-    from rwkv_mlx.kernels.layernorm_lerp import LayerNormLerpPlan
-    from rwkv_mlx.kernels.matvec import add_parts
-
-    rng = np.random.default_rng(P + B)
-    K = 2560
-    raw, res, prev = (mx.array(rng.standard_normal(shape).astype(np.float32)) for shape in ((P * B, K), (B, K), (B, K)))
-    mix = mx.array(rng.uniform(0, 1, (1, K)).astype(np.float32))
-    ln = nn.LayerNorm(K)
-    ln.weight = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32))
-    whole = LayerNormLerpPlan(ln, mix, B, BACKEND, xin_dtype=mx.float16)
-    summed = LayerNormLerpPlan(ln, mix, B, BACKEND, xin_dtype=mx.float16, parts=P)
-    assert whole.ok and summed.ok
-    x = add_parts(raw, P, None, 2, res, (B, K), mx.float32)
-    want = [np.array(a) for a in (*whole(x, prev), x)]
-    got = [np.array(a) for a in summed(raw, prev, residual=res)]
+    got, want, *_ = parts_prologue_case(P, B, 2560, 1, BACKEND, seed=P + B)
     assert all(np.array_equal(g, w) for g, w in zip(got, want))
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import platform
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
-from conftest import layer_norm64
+from conftest import layer_norm64, lerp_inputs
 
 from rwkv_mlx import quants
 from rwkv_mlx.kernels.matvec import STORED_BLOCK_TYPES, MatvecPlan, Segment
@@ -103,11 +102,7 @@ def test_block_types_with_layernorm_prologue_in_one_launch():
     K, B = 256, 2
     types = [t for t in NEW_TYPES if t != 23][:8]  # eight slots; IQ4_XS shares IQ4_NL's levels
     layers = [block_layer(t, 32, K, rng) for t in types]
-    x, prev = (rng.standard_normal((B, K)).astype(np.float32) for _ in range(2))
-    mix = rng.uniform(0, 1, (len(types), K)).astype(np.float32)
-    ln = nn.LayerNorm(K)
-    ln.weight = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32))
-    ln.bias = mx.array(rng.standard_normal(K).astype(np.float32))
+    x, prev, mix, ln = lerp_inputs(rng, B, K, len(types))
     with Emulator().running():
         plan = MatvecPlan([Segment(layer, mode=i) for i, (layer, _) in enumerate(layers)], B, backend="metal",
                           prologue=1, ln=ln, mix=mx.array(mix))

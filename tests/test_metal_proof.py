@@ -21,8 +21,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import (ORACLE, ORACLE_MISSING, UP_RANK_IDS, UP_RANKS, half_rounded, layer_norm64, make_layer,
-                      oracle_logits, oracle_models, oracle_tokens, rounded_products, up_projection_case)
+from conftest import (ORACLE, ORACLE_MISSING, UP_RANK_IDS, UP_RANKS, half_rounded, layer_norm64, lerp_inputs,
+                      make_layer, oracle_logits, oracle_models, oracle_tokens, parts_prologue_case, rounded_products,
+                      up_projection_case)
 
 import rwkv_mlx
 from rwkv_mlx.bench.measure import count_primitives
@@ -697,18 +698,6 @@ def test_emulated_many_rows_on_matrix_units_match_pure_path(batch, require_oracl
     assert rel_err(got[0, 3:], plain[3:]) < 5e-3 and (got[0].argmax(-1) == plain.argmax(-1)).all()
 
 
-def lerp_inputs(rng, B: int, K: int, mixes: int):
-    """x, prev [B, K], mix [mixes, K] and a LayerNorm of K, drawn from rng in that order."""
-    import mlx.nn as nn
-
-    x, prev = (rng.standard_normal((B, K)).astype(np.float32) for _ in range(2))
-    mix = rng.uniform(0, 1, (mixes, K)).astype(np.float32)
-    ln = nn.LayerNorm(K)
-    ln.weight = mx.array(rng.uniform(0.5, 1.5, K).astype(np.float32))
-    ln.bias = mx.array(rng.standard_normal(K).astype(np.float32))
-    return x, prev, mix, ln
-
-
 @needs_emulator
 @pytest.mark.parametrize("kind,B", [("float16", 1), ("affine-4-float32", 1), ("q6_k", 1), ("q4_k", 2), ("q5_k", 4),
                                     ("q8_0", 1), ("q8_0", 4)])
@@ -765,21 +754,9 @@ def test_emulated_prologue_adds_the_parts(P, B, M):
     """layernorm_lerp.kern without WHOLE: the row is P parts of K and a residual, added in matvec.add_parts' order.
     The sum it returns is add_parts' own bit for bit, and its LayerNorm and lerps those of the WHOLE launch on
     add_parts' output; both against float64 too."""
-    from rwkv_mlx.kernels.layernorm_lerp import LayerNormLerpPlan
-    from rwkv_mlx.kernels.matvec import add_parts
-
-    rng = np.random.default_rng(P * 10 + B)
     K = 640  # (three groups a row, the last one partly idle)
-    raw = rng.standard_normal((P * B, K)).astype(np.float32)
-    res = rng.standard_normal((B, K)).astype(np.float32)
-    _, prev, mix, ln = lerp_inputs(rng, B, K, M)
     with Emulator().running():
-        whole = LayerNormLerpPlan(ln, mx.array(mix), B, "metal", xin_dtype=mx.float16)
-        summed = LayerNormLerpPlan(ln, mx.array(mix), B, "metal", xin_dtype=mx.float16, parts=P)
-        assert whole.ok and summed.ok
-        x = add_parts(mx.array(raw), P, None, 2, mx.array(res), (B, K), mx.float32)
-        want = [np.array(a) for a in (*whole(x, mx.array(prev)), x)]
-        got = [np.array(a) for a in summed(mx.array(raw), mx.array(prev), residual=mx.array(res))]
+        got, want, raw, res, ln = parts_prologue_case(P, B, K, M, "metal", seed=P * 10 + B)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and np.array_equal(g, w)
     exact = raw.astype(np.float64).reshape(P, B, K).sum(0) + res
