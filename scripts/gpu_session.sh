@@ -29,6 +29,8 @@
 #              && rm .baseline/rwkv_mlx/data/*.gguf && echo REV > .baseline/COMMIT  (and /.baseline/ in .git/info/exclude);
 #              ROUNDS=1: one round only; PREFILL="512 4096" also times both trees' prompts (weights expanded to float16) in round 1
 #   ab       : one tree, settings side by side in separate processes (AB="VAR=a VAR=b", ROUNDS, BATCHES)
+#   pace     : scripts/decode_pace.py in a process per setting (PACE="X=1 VAR=b", SEQ batch sizes, PIN), the GPU's
+#              clocks sampled meanwhile into $OUT/pace-clocks.csv: what sets each batch size's pace
 set -uo pipefail
 ab_tree() {  # the tree an `ab` setting runs from: this one, TREE=DIR's (.baseline), or a copy with its KERN_NAME=V defines applied
   local defs=() a; for a in ${1//,/ }; do [[ $a == KERN_* ]] && defs+=("${a#KERN_}"); [[ $a == TREE=* ]] && { echo "$PWD/${a#TREE=}"; return; }; done
@@ -269,5 +271,20 @@ case $step in
     done
     # issue 14's bars from every batched line so far, a row per model, tree and settings
     [ -z "${BATCHES:-}" ] || python3 scripts/batch_decode.py - --bars $OUT/ab.jsonl | tee -a $OUT/ab.log ;;
+  pace)
+    [ -n "${PACE:-}" ] || { echo "pace: set PACE, e.g. PACE=\"X=1 RWKV_MLX_PARTS_IN_PROLOGUE=1\""; exit 2; }
+    bash "$0" wait "$@"
+    pin=(); [ -n "${PIN:-}" ] && pin=(taskset -c "$PIN")
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu,temperature.gpu --format=csv \
+      -lms 250 >> $OUT/pace-clocks.csv 2>&1 & smi=$!
+    for t in "$@"; do
+      for setting in $PACE; do
+        echo "== $t $setting ($(date -u +%T))" | tee -a $OUT/pace.log
+        env ${setting//,/ } PYTHONPATH=/tmp/mlxsite:$PWD "${pin[@]}" timeout -s KILL 200 python3 scripts/decode_pace.py \
+          /tmp/synth/$t.gguf --sequence ${SEQ:-1 16 1 16 1 16 64} --tokens ${BATCH_TOKENS:-128} 2>&1 \
+          | grep -E "^\||^host|Error" | grep -v "^|---" | tee -a $OUT/pace.log
+      done
+    done
+    kill $smi ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

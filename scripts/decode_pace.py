@@ -1,0 +1,112 @@
+"""What sets a decode step's pace, step by step: the host's replay and queueing of each step, in one process.
+
+    python scripts/decode_pace.py MODEL.gguf [--sequence 1 16 1 16] [--tokens 128] [--alone 16]
+
+A development aid for issue 14's bars (results/kernel_log.md step 29). One tree's 16-row decode ran at
+2,213-2,442 tok/s in some processes and 3,167-3,491 in others, while its one stream ran fastest in the
+processes where 16 rows ran slowest (step 28). This runs the batch sizes of ``--sequence`` one after the
+other in one process, the same greedy loop as batch_decode (no step waits for a token), and prints for each
+run: the wall time a step; the host's time a step to replay the compiled step (``model.step``) and to queue
+it (``mx.async_eval``: it blocks while MLX has more than ten command buffers in flight, so a queue time far
+above the host-alone one is time spent waiting for the GPU); the CPU time a step; the process's context
+switches a step (involuntary ones: the thread waited for a CPU); the CPU the main thread ran on. Then, for
+each batch size, the host alone: each step queued after the one before it finished (kernel_profile's
+"host alone"). Where host alone is well below the wall time a step, the GPU sets the pace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import mlx.core as mx
+
+import rwkv_mlx
+from batch_decode import start  # (run as scripts/decode_pace.py: scripts/ is on the path)
+
+
+def cpu_now() -> int:
+    """The CPU the calling thread last ran on (/proc's stat, field 39), or -1."""
+    try:
+        with open("/proc/thread-self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def paced_run(model, batch: int, n_tokens: int) -> dict:
+    """One run of n_tokens pipelined greedy steps of ``batch`` rows, timed step by step."""
+    _, token, state = start(model, batch)
+    for _ in range(3):  # compile and warm the step for this batch size
+        logits, after = model.step(token, state)
+        mx.eval(logits, *after.arrays())
+    cpu0, usage0, first_cpu = time.process_time(), resource.getrusage(resource.RUSAGE_SELF), cpu_now()
+    replay, queue, out = [], [], []
+    tic = prev = time.perf_counter()
+    for _ in range(n_tokens):
+        logits, state = model.step(token, state)
+        mid = time.perf_counter()
+        token = mx.argmax(logits, axis=-1)
+        mx.async_eval(token, *state.arrays())
+        out.append(token)
+        now = time.perf_counter()
+        replay.append(mid - prev)
+        queue.append(now - mid)
+        prev = now
+    mx.eval(out)
+    wall = time.perf_counter() - tic
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    med_queue = statistics.median(queue)
+    return {"batch": batch, "tps": batch * n_tokens / wall, "wall_us": wall / n_tokens * 1e6,
+            "replay_us": statistics.median(replay) * 1e6, "queue_us": med_queue * 1e6,
+            "queue_p90_us": statistics.quantiles(queue, n=10)[-1] * 1e6,
+            "host_us": (sum(replay) + sum(queue)) / n_tokens * 1e6,
+            "cpu_us": (time.process_time() - cpu0) / n_tokens * 1e6,
+            "nvcsw": (usage.ru_nvcsw - usage0.ru_nvcsw) / n_tokens,
+            "nivcsw": (usage.ru_nivcsw - usage0.ru_nivcsw) / n_tokens,
+            "cpus": f"{first_cpu}->{cpu_now()}",
+            "first": [int(t) for t in out[0].tolist()[:4]]}
+
+
+def host_alone(model, batch: int, n: int) -> tuple[float, float]:
+    """(replay us, queue us) a step, each step queued after the one before it has finished."""
+    _, token, state = start(model, batch)
+    replay = queue = 0.0
+    for _ in range(n + 2):
+        mx.eval(token, *state.arrays())
+        tic = time.perf_counter()
+        logits, state = model.step(token, state)
+        mid = time.perf_counter()
+        token = mx.argmax(logits, axis=-1)
+        mx.async_eval(token, *state.arrays())
+        if n + 2 - _ <= n:  # (the first two steps compile and warm)
+            replay, queue = replay + mid - tic, queue + time.perf_counter() - mid
+    mx.eval(token)
+    return replay / n * 1e6, queue / n * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--sequence", type=int, nargs="+", default=[1, 16, 1, 16, 1, 16])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--alone", type=int, default=16, help="steps of host alone a batch size (0: none)")
+    args = ap.parse_args()
+    model, _ = rwkv_mlx.load(args.model)
+    print(f"| {args.model} | B | tok/s | wall us a step | replay us | queue us (p90) | host us | cpu us "
+          "| ctx switches (invol.) a step | CPU | first tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for batch in args.sequence:
+        r = paced_run(model, batch, args.tokens)
+        print(f"| | {batch} | {r['tps']:,.1f} | {r['wall_us']:,.0f} | {r['replay_us']:,.0f} "
+              f"| {r['queue_us']:,.0f} ({r['queue_p90_us']:,.0f}) | {r['host_us']:,.0f} | {r['cpu_us']:,.0f} "
+              f"| {r['nvcsw']:.1f} ({r['nivcsw']:.2f}) | {r['cpus']} | {r['first']} |", flush=True)
+    for batch in sorted(set(args.sequence)) if args.alone else ():
+        replay, queue = host_alone(model, batch, args.alone)
+        print(f"host alone, {batch} rows: replay {replay:,.0f} us + queue {queue:,.0f} us a step", flush=True)
+
+
+if __name__ == "__main__":
+    main()
