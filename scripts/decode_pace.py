@@ -93,12 +93,17 @@ def main():
     ap.add_argument("--sequence", type=int, nargs="+", default=[1, 16, 1, 16, 1, 16])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--alone", type=int, default=16, help="steps of host alone a batch size (0: none)")
+    ap.add_argument("--clear-cache", action="store_true", help="empty MLX's buffer cache before each run: on CUDA "
+                    "a buffer the host has read is moved to managed memory, and the cache hands it to any later "
+                    "array of its size, a GPU kernel's output included (mlx/backend/cuda/allocator.cpp)")
     args = ap.parse_args()
     model, _ = rwkv_mlx.load(args.model)
     print(f"| {args.model} | B | tok/s | wall us a step | replay us | queue us (p90) | host us | cpu us "
           "| ctx switches (invol.) a step | CPU | first tokens |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for batch in args.sequence:
+        if args.clear_cache:
+            mx.clear_cache()
         r = paced_run(model, batch, args.tokens)
         print(f"| | {batch} | {r['tps']:,.1f} | {r['wall_us']:,.0f} | {r['replay_us']:,.0f} "
               f"| {r['queue_us']:,.0f} ({r['queue_p90_us']:,.0f}) | {r['host_us']:,.0f} | {r['cpu_us']:,.0f} "

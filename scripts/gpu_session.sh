@@ -29,7 +29,7 @@
 #              && rm .baseline/rwkv_mlx/data/*.gguf && echo REV > .baseline/COMMIT  (and /.baseline/ in .git/info/exclude);
 #              ROUNDS=1: one round only; PREFILL="512 4096" also times both trees' prompts (weights expanded to float16) in round 1
 #   ab       : one tree, settings side by side in separate processes (AB="VAR=a VAR=b", ROUNDS, BATCHES)
-#   pace     : scripts/decode_pace.py in a process per setting (PACE="X=1 VAR=b", SEQ batch sizes, PIN), the GPU's
+#   pace     : scripts/decode_pace.py in a process per setting (PACE="X=1 VAR=b", SEQ batch sizes, PIN, PACE_ARGS), the GPU's
 #              clocks sampled meanwhile into $OUT/pace-clocks.csv: what sets each batch size's pace
 set -uo pipefail
 ab_tree() {  # the tree an `ab` setting runs from: this one, TREE=DIR's (.baseline), or a copy with its KERN_NAME=V defines applied
@@ -281,7 +281,7 @@ case $step in
       for setting in $PACE; do
         echo "== $t $setting ($(date -u +%T))" | tee -a $OUT/pace.log
         env ${setting//,/ } PYTHONPATH=/tmp/mlxsite:$PWD "${pin[@]}" timeout -s KILL 200 python3 scripts/decode_pace.py \
-          /tmp/synth/$t.gguf --sequence ${SEQ:-1 16 1 16 1 16 64} --tokens ${BATCH_TOKENS:-128} 2>&1 \
+          /tmp/synth/$t.gguf --sequence ${SEQ:-1 16 1 16 1 16 64} --tokens ${BATCH_TOKENS:-128} ${PACE_ARGS:-} 2>&1 \
           | grep -E "^\||^host|Error" | grep -v "^|---" | tee -a $OUT/pace.log
       done
     done
