@@ -83,7 +83,7 @@ def recorded() -> Recorder:
     head = shaped_model(synth.G1B_2_9B, "Q4_K_M", n_layer=1, vocab=65536)
     record_launches(head, "2.9B vocab 65536", rec, prefill_batches=(), decode_batches=(1,))
     layernorm_lerp.SEPARATE = 1  # RWKV_MLX_SEPARATE_PROLOGUE=1 (the default is 0): prologues as launches of their own
-    decode.PARTS_IN_PROLOGUE = 1  # RWKV_MLX_PARTS_IN_PROLOGUE=1 (the default is 0): W_o's parts added by the FFN key's
+    decode.PARTS_IN_PROLOGUE = 0  # RWKV_MLX_PARTS_IN_PROLOGUE=0 (the default is 1, which SHAPES records): parts added apart
     try:
         for file_type in ("Q4_K_M", "F16"):
             record_launches(shaped_model(synth.G1B_2_9B, file_type), f"2.9B {file_type} separate prologue", rec,
