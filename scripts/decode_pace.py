@@ -9,7 +9,8 @@ other in one process, the same greedy loop as batch_decode (no step waits for a 
 run: the wall time a step; the host's time a step to replay the compiled step (``model.step``) and to queue
 it (``mx.async_eval``: it blocks while MLX has more than ten command buffers in flight, so a queue time far
 above the host-alone one is time spent waiting for the GPU); the CPU time a step; the process's context
-switches a step (involuntary ones: the thread waited for a CPU); the CPU the main thread ran on. Then, for
+switches a step (involuntary ones: the thread waited for a CPU); the CPU the main thread ran on; the time the
+hypervisor stole from the process's CPUs (every CPU it may run on, summed; /proc/stat). Then, for
 each batch size, the host alone: each step queued after the one before it finished (kernel_profile's
 "host alone"). Where host alone is well below the wall time a step, the GPU sets the pace.
 """
@@ -17,6 +18,7 @@ each batch size, the host alone: each step queued after the one before it finish
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import time
@@ -36,13 +38,28 @@ def cpu_now() -> int:
         return -1
 
 
+def steal_ticks() -> dict[int, int]:
+    """Each CPU's stolen time so far (/proc/stat, clock ticks): time the hypervisor ran something else while
+    this VM's CPU had work. Empty where /proc/stat has no such column."""
+    out = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name != "cpu" and len(fields) >= 8:
+                    out[int(name[3:])] = int(fields[7])
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 def paced_run(model, batch: int, n_tokens: int) -> dict:
     """One run of n_tokens pipelined greedy steps of ``batch`` rows, timed step by step."""
     _, token, state = start(model, batch)
     for _ in range(3):  # compile and warm the step for this batch size
         logits, after = model.step(token, state)
         mx.eval(logits, *after.arrays())
-    cpu0, usage0, first_cpu = time.process_time(), resource.getrusage(resource.RUSAGE_SELF), cpu_now()
+    cpu0, usage0, first_cpu, steal0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF), cpu_now(), steal_ticks()
     replay, queue, out = [], [], []
     tic = prev = time.perf_counter()
     for _ in range(n_tokens):
@@ -57,7 +74,9 @@ def paced_run(model, batch: int, n_tokens: int) -> dict:
         prev = now
     mx.eval(out)
     wall = time.perf_counter() - tic
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    usage, steal = resource.getrusage(resource.RUSAGE_SELF), steal_ticks()
+    mine = os.sched_getaffinity(0)
+    stolen = sum(steal.get(c, 0) - steal0.get(c, 0) for c in mine) / os.sysconf("SC_CLK_TCK")
     med_queue = statistics.median(queue)
     return {"batch": batch, "tps": batch * n_tokens / wall, "wall_us": wall / n_tokens * 1e6,
             "replay_us": statistics.median(replay) * 1e6, "queue_us": med_queue * 1e6,
@@ -67,6 +86,7 @@ def paced_run(model, batch: int, n_tokens: int) -> dict:
             "nvcsw": (usage.ru_nvcsw - usage0.ru_nvcsw) / n_tokens,
             "nivcsw": (usage.ru_nivcsw - usage0.ru_nivcsw) / n_tokens,
             "cpus": f"{first_cpu}->{cpu_now()}",
+            "steal_ms": stolen / n_tokens * 1e3,
             "first": [int(t) for t in out[0].tolist()[:4]]}
 
 
@@ -99,15 +119,15 @@ def main():
     args = ap.parse_args()
     model, _ = rwkv_mlx.load(args.model)
     print(f"| {args.model} | B | tok/s | wall us a step | replay us | queue us (p90) | host us | cpu us "
-          "| ctx switches (invol.) a step | CPU | first tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ctx switches (invol.) a step | CPU | stolen ms a step | first tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for batch in args.sequence:
         if args.clear_cache:
             mx.clear_cache()
         r = paced_run(model, batch, args.tokens)
         print(f"| | {batch} | {r['tps']:,.1f} | {r['wall_us']:,.0f} | {r['replay_us']:,.0f} "
               f"| {r['queue_us']:,.0f} ({r['queue_p90_us']:,.0f}) | {r['host_us']:,.0f} | {r['cpu_us']:,.0f} "
-              f"| {r['nvcsw']:.1f} ({r['nivcsw']:.2f}) | {r['cpus']} | {r['first']} |", flush=True)
+              f"| {r['nvcsw']:.1f} ({r['nivcsw']:.2f}) | {r['cpus']} | {r['steal_ms']:.2f} | {r['first']} |", flush=True)
     for batch in sorted(set(args.sequence)) if args.alone else ():
         replay, queue = host_alone(model, batch, args.alone)
         print(f"host alone, {batch} rows: replay {replay:,.0f} us + queue {queue:,.0f} us a step", flush=True)
