@@ -129,7 +129,8 @@ def main():
         r = paced_run(model, batch, args.tokens)
         print(f"| | {batch} | {r['tps']:,.1f} | {r['wall_us']:,.0f} | {r['replay_us']:,.0f} "
               f"| {r['queue_us']:,.0f} ({r['queue_p90_us']:,.0f}) | {r['host_us']:,.0f} | {r['cpu_us']:,.0f} "
-              f"| {r['nvcsw']:.1f} ({r['nivcsw']:.2f}) | {r['cpus']} | {r['steal_ms']:.2f} | {r['first']} |", flush=True)
+              f"| {r['nvcsw']:.1f} ({r['nivcsw']:.2f}) | {r['cpus']} | {r['steal_ms']:.2f} | {r['first']} |",
+              flush=True)
     for batch in sorted(set(args.sequence)) if args.alone else ():
         replay, queue = host_alone(model, batch, args.alone)
         print(f"host alone, {batch} rows: replay {replay:,.0f} us + queue {queue:,.0f} us a step", flush=True)
