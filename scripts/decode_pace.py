@@ -12,7 +12,7 @@ above the host-alone one is time spent waiting for the GPU); the CPU time a step
 switches a step (involuntary ones: the thread waited for a CPU); the CPU the main thread ran on; the time the
 hypervisor stole from the process's CPUs (every CPU it may run on, summed; /proc/stat). Then, for
 each batch size, the host alone: each step queued after the one before it finished (kernel_profile's
-"host alone"). Where host alone is well below the wall time a step, the GPU sets the pace; but on an H100 host
+"host alone", measure.host_alone). Where host alone is well below the wall time a step, the GPU sets the pace; but on an H100 host
 alone came out longer than the pipelined steps at 16 rows (step 29), so it is not the host's work alone either.
 """
 
@@ -22,11 +22,11 @@ import argparse
 import os
 import resource
 import statistics
-import time
 
 import mlx.core as mx
 
 import rwkv_mlx
+from rwkv_mlx.bench.measure import greedy_steps, host_alone
 from batch_decode import start  # (run as scripts/decode_pace.py: scripts/ is on the path)
 
 
@@ -55,58 +55,24 @@ def steal_ticks() -> dict[int, int]:
 
 
 def paced_run(model, batch: int, n_tokens: int) -> dict:
-    """One run of n_tokens pipelined greedy steps of ``batch`` rows, timed step by step."""
+    """One run of n_tokens pipelined greedy steps of ``batch`` rows (batch_decode's loop), timed step by step."""
     _, token, state = start(model, batch)
     for _ in range(3):  # compile and warm the step for this batch size
         logits, after = model.step(token, state)
         mx.eval(logits, *after.arrays())
-    cpu0, usage0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
-    first_cpu, steal0 = cpu_now(), steal_ticks()
-    replay, queue, out = [], [], []
-    tic = prev = time.perf_counter()
-    for _ in range(n_tokens):
-        logits, state = model.step(token, state)
-        mid = time.perf_counter()
-        token = mx.argmax(logits, axis=-1)
-        mx.async_eval(token, *state.arrays())
-        out.append(token)
-        now = time.perf_counter()
-        replay.append(mid - prev)
-        queue.append(now - mid)
-        prev = now
-    mx.eval(out)
-    wall = time.perf_counter() - tic
+    usage0, first_cpu, steal0, timings = resource.getrusage(resource.RUSAGE_SELF), cpu_now(), steal_ticks(), {}
+    rows, wall = greedy_steps(model, token, state, n_tokens, timings)
     usage, steal = resource.getrusage(resource.RUSAGE_SELF), steal_ticks()
-    mine = os.sched_getaffinity(0)
-    stolen = sum(steal.get(c, 0) - steal0.get(c, 0) for c in mine) / os.sysconf("SC_CLK_TCK")
-    med_queue = statistics.median(queue)
+    stolen = sum(steal.get(c, 0) - steal0.get(c, 0) for c in os.sched_getaffinity(0)) / os.sysconf("SC_CLK_TCK")
+    replay, queue = zip(*timings["steps"])
     return {"batch": batch, "tps": batch * n_tokens / wall, "wall_us": wall / n_tokens * 1e6,
-            "replay_us": statistics.median(replay) * 1e6, "queue_us": med_queue * 1e6,
+            "replay_us": statistics.median(replay) * 1e6, "queue_us": statistics.median(queue) * 1e6,
             "queue_p90_us": statistics.quantiles(queue, n=10)[-1] * 1e6,
-            "host_us": (sum(replay) + sum(queue)) / n_tokens * 1e6,
-            "cpu_us": (time.process_time() - cpu0) / n_tokens * 1e6,
+            "host_us": timings["host"] / n_tokens * 1e6, "cpu_us": timings["cpu"] / n_tokens * 1e6,
             "nvcsw": (usage.ru_nvcsw - usage0.ru_nvcsw) / n_tokens,
             "nivcsw": (usage.ru_nivcsw - usage0.ru_nivcsw) / n_tokens,
-            "cpus": f"{first_cpu}->{cpu_now()}",
-            "steal_ms": stolen / n_tokens * 1e3,
-            "first": [int(t) for t in out[0].tolist()[:4]]}
-
-
-def host_alone(model, batch: int, n: int) -> tuple[float, float]:
-    """(replay us, queue us) a step, each step queued after the one before it has finished."""
-    _, token, state = start(model, batch)
-    replay = queue = 0.0
-    for i in range(n + 2):
-        mx.eval(token, *state.arrays())
-        tic = time.perf_counter()
-        logits, state = model.step(token, state)
-        mid = time.perf_counter()
-        token = mx.argmax(logits, axis=-1)
-        mx.async_eval(token, *state.arrays())
-        if i >= 2:  # (the first two steps compile and warm)
-            replay, queue = replay + mid - tic, queue + time.perf_counter() - mid
-    mx.eval(token)
-    return replay / n * 1e6, queue / n * 1e6
+            "cpus": f"{first_cpu}->{cpu_now()}", "steal_ms": stolen / n_tokens * 1e3,
+            "first": [r[0] for r in rows[:4]]}
 
 
 def main():
@@ -132,8 +98,10 @@ def main():
               f"| {r['nvcsw']:.1f} ({r['nivcsw']:.2f}) | {r['cpus']} | {r['steal_ms']:.2f} | {r['first']} |",
               flush=True)
     for batch in sorted(set(args.sequence)) if args.alone else ():
-        replay, queue = host_alone(model, batch, args.alone)
-        print(f"host alone, {batch} rows: replay {replay:,.0f} us + queue {queue:,.0f} us a step", flush=True)
+        _, token, state = start(model, batch)
+        alone = host_alone(model, token, state, args.alone, warm=2)
+        print(f"host alone, {batch} rows: replay {alone['replay'] * 1e6:,.0f} us + queue {alone['queue'] * 1e6:,.0f} "
+              "us a step", flush=True)
 
 
 if __name__ == "__main__":

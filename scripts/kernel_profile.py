@@ -25,7 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import rwkv_mlx
-from rwkv_mlx.bench.measure import greedy_steps
+from rwkv_mlx.bench.measure import greedy_steps, host_alone
 from rwkv_mlx.text.generate import prefill
 
 
@@ -39,23 +39,6 @@ def table(prof, per: int, wall_us: float, what: str) -> None:
     for e in rows[:25]:
         print(f"| {e.key[:90]} | {e.count / per:.1f} | {e.device_time_total / per:.1f} | "
               f"{e.device_time_total / max(e.count, 1):.1f} |")
-
-
-def host_alone(model, token, state, n: int) -> None:
-    """The host's own work a decode step: each step is queued after the one before it has finished, so queueing
-    never waits for the device (in a pipelined loop it blocks while the GPU is behind, which hides this)."""
-    queued = cpu = 0.0
-    for _ in range(n):
-        mx.eval(token, *state.arrays())
-        cpu0, tic = time.process_time(), time.perf_counter()
-        logits, state = model.step(token, state)
-        token = mx.argmax(logits, axis=-1)
-        mx.async_eval(token, *state.arrays())
-        queued += time.perf_counter() - tic
-        cpu += time.process_time() - cpu0
-    mx.eval(token)
-    print(f"timed host alone: {queued / n * 1e6:7.0f} us to queue a step with the GPU idle "
-          f"(cpu {cpu / n * 1e6:6.0f})")
 
 
 def main():
@@ -83,8 +66,10 @@ def main():
         print(f"timed run {r + 1}: {args.batch * args.tokens / seconds:8.1f} tok/s, "
               f"{seconds / args.tokens * 1e6:7.0f} us a step (cpu {timings['cpu'] / args.tokens * 1e6:6.0f}), "
               f"first tokens {rows[0][:6]}")
-    if args.repeat:
-        host_alone(model, token, state, args.tokens)
+    if args.repeat:  # (each step after the one before finished: queueing never waits for the device)
+        alone = host_alone(model, token, state, args.tokens)
+        print(f"timed host alone: {(alone['replay'] + alone['queue']) * 1e6:7.0f} us to queue a step with the GPU "
+              f"idle (cpu {alone['cpu'] * 1e6:6.0f})")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         tic = time.perf_counter()
         for _ in range(args.tokens):

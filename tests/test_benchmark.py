@@ -396,3 +396,20 @@ def test_batch_decode_states_the_bars_strictly(tmp_path):
     assert rows[3] == "| q4.gguf | 64 | 8,400, 8,700 | 270-360 | 24.0-31.1x | 24.0x | 24x | yes |"
     assert rows[4] == "| q4.gguf RWKV_MLX_PARTS_IN_PROLOGUE=1 | 64 | 9,000 | 340-360 | 25.7-25.7x | 25.7x | 24x | yes |"
     assert len(rows) == 5
+
+
+def test_greedy_steps_times_each_step_without_changing_its_tokens():
+    """greedy_steps' ``timings``: one (replay, queue) pair a step, whose sum is the host's time, and the same
+    tokens as a run without timings."""
+    from rwkv_mlx.bench.measure import greedy_steps
+
+    model, _ = rwkv_mlx.load(REPO / "rwkv_mlx" / "data" / "rwkv7-demo-shakespeare.gguf")
+    _, state = model(mx.array([[5, 17, 30], [60, 7, 19]]), logits="last")
+    t0 = mx.array([7, 3], dtype=mx.uint32)
+    plain, _ = greedy_steps(model, t0, state, 4)
+    timings: dict = {}
+    timed, seconds = greedy_steps(model, t0, state, 4, timings)
+    assert timed == plain and len(timings["steps"]) == 4
+    assert all(r > 0 and q > 0 for r, q in timings["steps"])
+    assert sum(r + q for r, q in timings["steps"]) == pytest.approx(timings["host"], rel=1e-9)
+    assert timings["host"] <= seconds

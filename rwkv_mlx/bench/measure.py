@@ -105,23 +105,49 @@ def greedy_steps(model, token: mx.array, state, n_tokens: int,
     queueing blocks while the GPU is behind (kernel_log step 22: close to the whole in every process while
     CUPTI counted the GPU busy for as long), so only a host time well below the whole says something: that
     the GPU sets the pace. It also gets ``cpu``: the CPU seconds the process used meanwhile (every thread);
-    of two processes of one tree, one that takes more wall time for as much CPU time waited for a CPU.
+    of two processes of one tree, one that takes more wall time for as much CPU time waited for a CPU. And
+    ``steps``: each step's (replay, queue) seconds, ``model.step`` (the graph built on the CPU: nothing there
+    waits for the GPU) and the argmax and ``mx.async_eval`` after it (where the blocking is).
     """
-    out = []
+    out, steps = [], []
     cpu = time.process_time()
-    tic = time.perf_counter()
+    tic = prev = time.perf_counter()
     for _ in range(n_tokens):
         logits, state = model.step(token, state)
+        mid = time.perf_counter()
         token = mx.argmax(logits, axis=-1)
         mx.async_eval(token, *state.arrays())
         out.append(token)
+        now = time.perf_counter()
+        steps.append((mid - prev, now - mid))
+        prev = now
     if timings is not None:
-        timings["host"] = time.perf_counter() - tic
+        timings["host"], timings["steps"] = prev - tic, steps
     mx.eval(out)
     seconds = time.perf_counter() - tic
     if timings is not None:
         timings["cpu"] = time.process_time() - cpu
     return [[int(t[b].item()) for t in out] for b in range(token.shape[0])], seconds
+
+
+def host_alone(model, token: mx.array, state, n_steps: int, warm: int = 0) -> dict[str, float]:
+    """The host's own work a decode step, in seconds: ``replay`` (``model.step``), ``queue`` (the argmax and
+    ``mx.async_eval``) and ``cpu`` (the process's CPU time), each step queued after the one before it has
+    finished, so that queueing never waits for the device (in ``greedy_steps``' loop it blocks while the GPU is
+    behind, which hides this). ``warm``: steps run first and not counted (the step compiled and warmed)."""
+    replay = queue = cpu = 0.0
+    for i in range(warm + n_steps):
+        mx.eval(token, *state.arrays())
+        cpu0, tic = time.process_time(), time.perf_counter()
+        logits, state = model.step(token, state)
+        mid = time.perf_counter()
+        token = mx.argmax(logits, axis=-1)
+        mx.async_eval(token, *state.arrays())
+        if i >= warm:
+            replay, queue = replay + mid - tic, queue + time.perf_counter() - mid
+            cpu += time.process_time() - cpu0
+    mx.eval(token)
+    return {"replay": replay / n_steps, "queue": queue / n_steps, "cpu": cpu / n_steps}
 
 
 # How far row 0 of a batched decode may be from the same prompt decoded alone, under teacher forcing: the
