@@ -123,7 +123,7 @@ def test_recording_covers_every_case(recorded):
     # (NO_SCALES: no affine matrix in the launch; rwkv_dequant_no_scales: the prompts' products of GGUF blocks kept
     # as stored (Metal's default; its affine variant serves CUDA only, tests/test_matvec_blocks.py runs its Metal
     # text); rwkv_layernorm_lerp_whole: the decode prologues as launches of their own (many rows, or a setting);
-    # rwkv_layernorm_lerp: the FFN key's, adding W_o's parts of K (a setting)). The formats: the
+    # rwkv_layernorm_lerp: the FFN key's and r/k/v's, adding the parts of K before them (the default)). The formats: the
     # oracle files hold every block type, and a launch of affine codes beside Q6_K blocks reads both.
     read = {k: set().union(*(n.split("_read_")[1:] for n in names if n.startswith(f"rwkv_{k}_")))
             for k in ("matvec", "dequant")}
