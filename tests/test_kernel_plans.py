@@ -225,3 +225,30 @@ def test_parts_are_added_in_one_fused_kernel(parts, epilogue):
     want = want.reshape(B, 1, R) + (res if epilogue == 2 else 0)
     assert y.dtype == mx.float16 and y.shape == (B, 1, R)
     assert np.abs(np.array(y.astype(mx.float32)) - want).max() <= 1e-3 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K_M", "Q8_0", "F16"])
+def test_key_takes_parts_from_its_rows(fmt, monkeypatch):
+    """RWKV_MLX_KEY_PARTS_FROM_ROWS: below it the FFN key's matrix-unit launch takes no parts of K (its relu² then
+    in its own epilogue, no sum to launch), and keeps the groups CUDA wants by shorter groups; from it, parts as
+    every other launch; the other launches' parts never change."""
+    from rwkv_mlx.kernels import decode, matvec
+
+    blk = block("2.9B", FORMATS[fmt])
+
+    def plans(batch):
+        with dialect.launch_hook(Recorder()), forced_backend("cuda"):
+            plan = BlockPlan(blk, batch, "cuda")
+        assert plan.ok
+        return {k: getattr(plan, k).inner if k == "key" else getattr(plan, k) for k in ("key", "value", "out")}
+
+    before = {b: plans(b) for b in (16, 32)}
+    assert before[16]["key"].parts == 2  # (the default: parts at every batch size)
+    monkeypatch.setattr(decode, "KEY_PARTS_FROM_ROWS", 32)
+    for batch in (16, 32):
+        after = plans(batch)
+        key = after["key"]
+        assert key.parts == (1 if batch < 32 else before[batch]["key"].parts)
+        assert key.grid[0] // key.threadgroup[0] >= matvec.mma_min_groups("cuda")
+        assert key.epilogue == 1 and dict(key.template)["EPI"] == 1  # (relu² in the launch itself)
+        assert [after[k].parts for k in ("value", "out")] == [before[batch][k].parts for k in ("value", "out")]

@@ -50,6 +50,19 @@ def parts_in_prologue() -> bool:
     return bool(env_int("RWKV_MLX_PARTS_IN_PROLOGUE", 1, override=PARTS_IN_PROLOGUE))
 
 
+# The fewest activation rows from which the FFN key's matrix-unit launch may split K into parts. Its relu² needs
+# their sum, so with parts it waits for an elementwise launch of its own (add_parts), 32 of a 2.9B step's launches;
+# at 16 rows on an H100 the host, which queues every launch, took 4.0 ms a step and the GPU 4.5 ms to run it
+# (results/kernel_log.md step 28), and without parts anywhere (RWKV_MLX_MMA_K_PARTS=1) 16 rows ran at 3,217 tok/s
+# against 2,810 (step 29, one process each). Below it the key takes taller groups or fewer of them instead.
+# None: $RWKV_MLX_KEY_PARTS_FROM_ROWS or 1 (parts at every batch size, as before; being timed).
+KEY_PARTS_FROM_ROWS: int | None = None
+
+
+def key_parts_from_rows() -> int:
+    return env_int("RWKV_MLX_KEY_PARTS_FROM_ROWS", 1, minimum=1, override=KEY_PARTS_FROM_ROWS)
+
+
 class BlockPlan:
     """The five launches of one block for one batch size (above ``matvec.max_batch(backend, dense)`` rows
     launches 1, 3, 4 and 5 are MLX's products, kernels/products.py). On the matrix units (from
@@ -73,9 +86,9 @@ class BlockPlan:
         dense = matvec.all_dense([att.receptance, att.key, att.value, att.output, ffn.key, ffn.value])
         products = not matvec.kernel_rows(B, backend, dense)
 
-        def plan(segs, **options):
+        def plan(segs, max_parts=None, **options):
             return (ProductPlan(segs, B, **options) if products else
-                    MatvecPlan(segs, B, backend=backend, dense=dense, halves=halves, **options))
+                    MatvecPlan(segs, B, backend=backend, dense=dense, halves=halves, max_parts=max_parts, **options))
 
         self.proj = plan(segments, prologue=1, ln=block.ln1, mix=att.x_lerp)
         # On the matrix units W_o stages float16 rows: the time-mix launch writes them so (the rounding staging did)
@@ -83,7 +96,7 @@ class BlockPlan:
         # On the matrix units the FFN value stages float16 rows (half the bytes): the key launch writes them so
         self.value = plan([Segment(ffn.value)], epilogue=2, out_shape=(B, 1, C), half_input=True)
         self.key = plan([Segment(ffn.key)], prologue=1, epilogue=1, ln=block.ln2, mix=ffn.x_k.reshape(1, -1),
-                        out_dtype=self.value.x_dtype)
+                        out_dtype=self.value.x_dtype, max_parts=None if B >= key_parts_from_rows() else 1)
         self.ok = wkv7.supports(N, backend) and all(p.ok for p in (self.proj, self.out, self.key, self.value))
         # PARTS_IN_PROLOGUE: W_o's parts added by the FFN key's prologue launch, which normalizes their sum with the
         # residual and returns that sum too (the FFN value's residual); and the FFN value's parts handed to the next

@@ -248,11 +248,11 @@ def mma_rows_ahead() -> bool:
     return bool(env_int("RWKV_MLX_MMA_ROWS_AHEAD", 0, minimum=0, override=MMA_ROWS_AHEAD))
 
 
-def k_parts(groups: int, tiles: int, backend: str) -> tuple[int, bool]:
+def k_parts(groups: int, tiles: int, backend: str, most: int | None = None) -> tuple[int, bool]:
     """Parts of K for an MMA launch of ``groups`` groups whose rows take ``tiles`` tiles: the fewest (a power
     of two) that give ``mma_min_groups(backend)`` groups with two tiles or more each, and True; where none does, the
-    most allowed and False."""
-    most = env_int("RWKV_MLX_MMA_K_PARTS", 4, minimum=1, override=MMA_K_PARTS)
+    most allowed (``most`` where the caller bounds it further) and False."""
+    most = min(env_int("RWKV_MLX_MMA_K_PARTS", 4, minimum=1, override=MMA_K_PARTS), most or 1 << 30)
     parts = 1
     while groups * parts < mma_min_groups(backend):
         if 2 * parts > most or tiles < 4 * parts:
@@ -317,7 +317,8 @@ class MatvecPlan:
     (the next token-shift state). Where ``layernorm_lerp.separate`` says so, that
     prologue is a launch of its own ahead of a PRO 0 launch (``pre``, ``inner``).
     On the matrix units a bare float array (a LoRA matrix) is read as its float16 copy from ``halves``
-    (``HalfCopies``; one of the plan's own where none is given).
+    (``HalfCopies``; one of the plan's own where none is given). ``max_parts`` bounds its parts of K below
+    ``$RWKV_MLX_MMA_K_PARTS`` (``k_parts``).
     ``ok`` is False when these weights do not fit the kernel; callers then use plain MLX ops.
     """
 
@@ -325,14 +326,15 @@ class MatvecPlan:
                  bias: mx.array | None = None, ln: nn.LayerNorm | None = None, mix: mx.array | None = None,
                  x_stride: int | None = None, out_shape: tuple[int, ...] | None = None,
                  half_input: bool = False, out_dtype: mx.Dtype = mx.float32, dense: bool | None = None,
-                 halves: HalfCopies | None = None):
+                 halves: HalfCopies | None = None, max_parts: int | None = None):
         self.prologue, self.pre, self.out_dtype, self.x_dtype = prologue, None, out_dtype, mx.float32
         # (dense: the bound of max_batch for these weights; a block's plans share their block's)
         dense = all_dense(s.weight for s in segments) if dense is None else dense
         # The matrix-unit variant stages PRO 0 rows only: every group would normalize all rows again (579
         # against 723 tok/s at 16 rows, Q4_K_M on an H100, results/kernel_log.md step 15).
         if prologue == 1 and (separate(backend) or (uses_mma(batch) and kernel_rows(batch, backend, dense))):
-            self._split(segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype, dense, halves)
+            self._split(segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype, dense, halves,
+                        max_parts)
             return
         weights = [_weights(s.weight) for s in segments]
         self.ok = (all(w is not None for w in weights) and len(weights) <= MAX_SEGMENTS
@@ -392,7 +394,7 @@ class MatvecPlan:
             if kt is None or kt + 8 < 32 * mt:
                 continue
             groups = total // (16 * mt) if mma else 0
-            parts, enough = k_parts(groups, -(-max(ks) // kt), backend) if mma else (1, True)
+            parts, enough = k_parts(groups, -(-max(ks) // kt), backend, max_parts) if mma else (1, True)
             chosen = template, kt, groups, parts
             if enough:
                 break
@@ -447,14 +449,15 @@ class MatvecPlan:
             mx.zeros((batch, x_stride), dtype=self.x_dtype), mx.zeros((batch, ks[0])) if prologue == 1 else None,
             mx.zeros(self.out_shapes[0]) if epilogue == 2 else None))
 
-    def _split(self, segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype, dense, halves) -> None:
+    def _split(self, segments, batch, backend, epilogue, bias, ln, mix, out_shape, out_dtype, dense, halves,
+               max_parts) -> None:
         """The prologue as a launch of its own: each segment reads its lerp's row of the prologue's output
         (float16 where the matvec launch multiplies on the matrix units)."""
         M, K = prologue_shape(ln, mix)
         rows = [Segment(s.weight, x_offset=lerp_row(s.mode, M) * K) for s in segments]
         self.inner = MatvecPlan(rows, batch, backend=backend, epilogue=epilogue, bias=bias, x_stride=(M + 1) * K,
                                 out_shape=out_shape, half_input=True, out_dtype=out_dtype, dense=dense,
-                                halves=halves)
+                                halves=halves, max_parts=max_parts)
         self.pre = LayerNormLerpPlan(ln, mix, batch, backend, xin_dtype=self.inner.x_dtype)
         self.ok = self.pre.ok and self.inner.ok
         if self.ok:
