@@ -54,7 +54,7 @@ def parts_in_prologue() -> bool:
 # their sum, so with parts it waits for an elementwise launch of its own (add_parts), 32 of a 2.9B step's launches;
 # at 16 rows on an H100 the host, which queues every launch, took 4.0 ms a step and the GPU 4.5 ms to run it
 # (results/kernel_log.md step 28), and without parts anywhere (RWKV_MLX_MMA_K_PARTS=1) 16 rows ran at 3,217 tok/s
-# against 2,810 (step 29, one process each). Below it the key takes taller groups or fewer of them instead.
+# against 2,810 (step 29, one process each). Below it the key keeps its groups by shorter ones (the 2.9B key: MT 2).
 # None: $RWKV_MLX_KEY_PARTS_FROM_ROWS or 1 (parts at every batch size, as before; being timed).
 KEY_PARTS_FROM_ROWS: int | None = None
 
