@@ -278,6 +278,8 @@ def parts_prologue_case(P: int, B: int, K: int, M: int, backend: str, seed: int)
     x = add_parts(mx.array(raw), P, None, 2, mx.array(res), (B, K), mx.float32)
     want = [np.array(a) for a in (*whole(x, mx.array(prev)), x)]
     got = [np.array(a) for a in summed(mx.array(raw), mx.array(prev), residual=mx.array(res))]
+    assert got[2].shape == (B, 1, K)  # (xsum: shaped as a block's x)
+    got[2] = got[2].reshape(B, K)
     return got, want, raw, res, ln
 
 

@@ -177,7 +177,7 @@ class BlockPlan:
         B, C = self.B, self.C
         if parts_of_x is not None and self.ln1_pre is not None and parts_of_x[2] == self.ln1_pre.parts:
             xn, xin, x = self.ln1_pre(parts_of_x[0], att_shift, residual=parts_of_x[1])
-            proj, x = self.proj.inner(xin), x.reshape(B, 1, C)
+            proj = self.proj.inner(xin)
         else:
             proj, xn = self.proj(x, att_shift)
         if not self.mix_v:
@@ -188,7 +188,6 @@ class BlockPlan:
         if self.ffn_pre is not None:
             xf, xin, x = self.ffn_pre(self.out.launch(y)[0], ffn_shift, residual=x)
             h = self.key.inner(xin)
-            x = x.reshape(B, 1, C)
         else:
             x = self.out(y, residual=x)
             h, xf = self.key(x, ffn_shift)

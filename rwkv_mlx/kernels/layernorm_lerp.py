@@ -52,7 +52,9 @@ class LayerNormLerpPlan:
     ``parts`` P > 0: x is a matvec launch's raw sums of P parts of K (``x [P * B, K]``, part p's rows first, as
     matvec.add_parts takes them) and the call also takes their residual [B, K]: the row normalized is
     ``add_parts``' sum, ((x_0 + x_1) + ...) + residual in float32, which the call returns third
-    (``xsum`` [B, K]). So a block's W_o parts are added in its FFN key's prologue launch, not one of their own."""
+    (``xsum`` [B, 1, K], shaped as the block's x it is: a reshape is one more primitive for the host to replay
+    and queue a block). So a block's W_o parts are added in its FFN key's prologue launch, not one of their
+    own."""
 
     def __init__(self, ln: nn.LayerNorm, mix: mx.array | None, batch: int, backend: str,
                  xin_dtype: mx.Dtype = mx.float32, parts: int = 0):
@@ -77,6 +79,6 @@ class LayerNormLerpPlan:
             template=self.template,
             grid=(B * -(-K // (32 * WARPS)) * 32 * WARPS, 1, 1),  # a thread per element, whole groups
             threadgroup=(32 * WARPS, 1, 1),
-            output_shapes=[(B, K), (B, (M + 1) * K)] + ([(B, K)] if self.parts else []),
+            output_shapes=[(B, K), (B, (M + 1) * K)] + ([(B, 1, K)] if self.parts else []),
             output_dtypes=[mx.float32, self.xin_dtype] + ([mx.float32] if self.parts else []),
         )
