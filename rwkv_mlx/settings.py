@@ -25,7 +25,7 @@ SETTINGS = {
     "RWKV_MLX_MMA_DECODES": "weight groups a thread of a matrix-unit launch decodes at once (their loads in flight together)",
     "RWKV_MLX_MMA_PREFETCH": "1: a matrix-unit launch of affine weights loads the next tile's weights while this one multiplies (0 by default)",
     "RWKV_MLX_MMA_ROWS_AHEAD": "1: a matrix-unit launch of float16 rows loads the next tile's rows while this one multiplies (no gain on an H100; 0 by default)",
-    "RWKV_MLX_KEY_PARTS_FROM_ROWS": "the fewest decoded rows from which the FFN key's matrix-unit launch splits K into parts (their sum, before its relu², a launch of its own)",
+    "RWKV_MLX_KEY_PARTS_FROM_ROWS": "the fewest decoded rows from which the FFN key's matrix-unit launch splits K into parts (their sum, before its relu², a launch of its own; 32 by default)",
     "RWKV_MLX_PARTS_IN_PROLOGUE": "1 (default): W_o's and the FFN value's parts of K are added in the LayerNorm launch after them, not a launch of their own; 0: apart",
     "RWKV_MLX_COMPILED_PROMPT": "1: each block of a full prompt chunk runs as one compiled graph; 0: op by op (default: 1 on GPUs, 0 on the CPU)",
     "RWKV_MLX_DECODE_AHEAD": "decode steps queued ahead of the token the host reads (1; 2 or more for the host's jitter: no gain in step 21's one process); constrained rows 1",

@@ -229,9 +229,9 @@ def test_parts_are_added_in_one_fused_kernel(parts, epilogue):
 
 @pytest.mark.parametrize("fmt", ["Q4_K_M", "Q8_0", "F16"])
 def test_key_takes_parts_from_its_rows(fmt, monkeypatch):
-    """RWKV_MLX_KEY_PARTS_FROM_ROWS: below it the FFN key's matrix-unit launch takes no parts of K (its relu² then
-    in its own epilogue, no sum to launch), and keeps the groups CUDA wants by shorter groups; from it, parts as
-    every other launch; the other launches' parts never change."""
+    """RWKV_MLX_KEY_PARTS_FROM_ROWS (default 32): below it the FFN key's matrix-unit launch takes no parts of K (its
+    relu² then in its own epilogue, no sum to launch), and keeps the groups CUDA wants by shorter groups; from it,
+    parts as every other launch; the other launches' parts never change."""
     from rwkv_mlx.kernels import decode, matvec
 
     blk = block("2.9B", FORMATS[fmt])
@@ -242,13 +242,14 @@ def test_key_takes_parts_from_its_rows(fmt, monkeypatch):
         assert plan.ok
         return {k: getattr(plan, k).inner if k == "key" else getattr(plan, k) for k in ("key", "value", "out")}
 
-    before = {b: plans(b) for b in (16, 32)}
-    assert before[16]["key"].parts == 2  # (the default: parts at every batch size)
-    monkeypatch.setattr(decode, "KEY_PARTS_FROM_ROWS", 32)
+    monkeypatch.setattr(decode, "KEY_PARTS_FROM_ROWS", 1)  # parts at every batch size
+    everywhere = {b: plans(b) for b in (16, 32)}
+    assert everywhere[16]["key"].parts == everywhere[32]["key"].parts == 2
+    monkeypatch.setattr(decode, "KEY_PARTS_FROM_ROWS", None)  # the default
     for batch in (16, 32):
         after = plans(batch)
         key = after["key"]
-        assert key.parts == (1 if batch < 32 else before[batch]["key"].parts)
+        assert key.parts == (1 if batch < 32 else 2)
         assert key.grid[0] // key.threadgroup[0] >= matvec.mma_min_groups("cuda")
         assert key.epilogue == 1 and dict(key.template)["EPI"] == 1  # (relu² in the launch itself)
-        assert [after[k].parts for k in ("value", "out")] == [before[batch][k].parts for k in ("value", "out")]
+        assert [after[k].parts for k in ("value", "out")] == [everywhere[batch][k].parts for k in ("value", "out")]

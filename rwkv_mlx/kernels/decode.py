@@ -51,16 +51,17 @@ def parts_in_prologue() -> bool:
 
 
 # The fewest activation rows from which the FFN key's matrix-unit launch may split K into parts. Its relu² needs
-# their sum, so with parts it waits for an elementwise launch of its own (add_parts), 32 of a 2.9B step's launches;
-# at 16 rows on an H100 the host, which queues every launch, took 4.0 ms a step and the GPU 4.5 ms to run it
-# (results/kernel_log.md step 28), and without parts anywhere (RWKV_MLX_MMA_K_PARTS=1) 16 rows ran at 3,217 tok/s
-# against 2,810 (step 29, one process each). Below it the key keeps its groups by shorter ones (the 2.9B key: MT 2).
-# None: $RWKV_MLX_KEY_PARTS_FROM_ROWS or 1 (parts at every batch size, as before; being timed).
+# their sum, so with parts it waits for an elementwise launch of its own (add_parts: a Compiled primitive, two
+# Slices and two Reshapes a block, each one more for the host to replay and queue), and at 16 rows the host sets
+# the pace (results/kernel_log.md steps 28-29). Below it the key keeps its groups by shorter ones (the 2.9B key:
+# MT 2 without parts instead of MT 4 in two). On an H100, Q4_K_M at 16 rows: 3,904.6 and 3,811.5 tok/s in two
+# processes against 3,653.4 with parts (results/kernel_log.md step 30); 64 rows (parts kept) as before.
+# None: $RWKV_MLX_KEY_PARTS_FROM_ROWS or 32 (1: parts at every batch size).
 KEY_PARTS_FROM_ROWS: int | None = None
 
 
 def key_parts_from_rows() -> int:
-    return env_int("RWKV_MLX_KEY_PARTS_FROM_ROWS", 1, minimum=1, override=KEY_PARTS_FROM_ROWS)
+    return env_int("RWKV_MLX_KEY_PARTS_FROM_ROWS", 32, minimum=1, override=KEY_PARTS_FROM_ROWS)
 
 
 class BlockPlan:
