@@ -246,6 +246,7 @@ def test_key_takes_parts_from_its_rows(fmt, monkeypatch):
     everywhere = {b: plans(b) for b in (16, 32)}
     assert everywhere[16]["key"].parts == everywhere[32]["key"].parts == 2
     monkeypatch.setattr(decode, "KEY_PARTS_FROM_ROWS", None)  # the default
+    monkeypatch.delenv("RWKV_MLX_KEY_PARTS_FROM_ROWS", raising=False)
     for batch in (16, 32):
         after = plans(batch)
         key = after["key"]
