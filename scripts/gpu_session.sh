@@ -47,9 +47,11 @@ export PYTHONPATH=/tmp/mlxsite:$PWD PYTHONUNBUFFERED=1 MLX_ENABLE_TF32=0
 OUT=${OUT:-/tmp/out}
 step=$1; shift
 case $step in
-  install)
+  install)  # (a call without .mlx-cuda-3/c carried once sat out its whole limit in `wait`: say so and stop)
+    [ -f .mlx-cuda-3/c/install.sh ] || { echo "install: .mlx-cuda-3/c is not here: carry it in this call"; exit 2; }
     bash .mlx-cuda-3/c/install.sh && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv ;;
   synth)
+    python3 -c "import mlx.core" 2>/dev/null || { echo "synth: MLX does not import: run install first"; exit 2; }
     mkdir -p /tmp/synth
     for t in "$@"; do
       [ -f /tmp/synth/$t.gguf ] || setsid nohup python3 scripts/make_synthetic_model.py --out /tmp/synth/$t.gguf --type $t --quiet \
@@ -64,7 +66,12 @@ case $step in
   wait)  # the writer renames its temporary file at the end: the name appears when the model is whole.
     # (pgrep -f on the path matched the calling shell whenever the call's command line named the file.)
     for t in "$@"; do
-      for _ in $(seq 200); do [ -f /tmp/synth/$t.gguf ] && break; sleep 3; done
+      [ -f /tmp/synth/$t.log ] || { echo "wait: no writer was started for $t (synth $t first)"; exit 2; }
+      for _ in $(seq 200); do
+        [ -f /tmp/synth/$t.gguf ] && break
+        grep -qiE "traceback|error" /tmp/synth/$t.log && { tail -3 /tmp/synth/$t.log; exit 2; }  # (the writer failed)
+        sleep 3
+      done
       tail -2 /tmp/synth/$t.log
     done ;;
   probe)
@@ -111,14 +118,14 @@ case $step in
       done
     done ;;
   costs)  # host and device time per launch (scripts/launch_cost.py), prefill routes and the WKV share
-    bash "$0" wait "$@"
+    bash "$0" wait "$@" || exit 2
     python3 scripts/launch_cost.py 2>&1 | tee -a $OUT/costs.log
     python3 scripts/kernel_profile.py /tmp/synth/$1.gguf 2>&1 | grep -v Warning | tee -a $OUT/costs.log
     for t in "$@"; do
       python3 scripts/decode_probe.py /tmp/synth/$t.gguf --no-reference --tokens 32 --prefill 512 2>&1 | tee -a $OUT/costs.log
     done ;;
   explore)  # decode probe per MLX_MAX_OPS_PER_BUFFER (kernels per CUDA graph), prefill routes, WKV share
-    bash "$0" wait "$@"
+    bash "$0" wait "$@" || exit 2
     for t in "$@"; do
       python3 scripts/decode_probe.py /tmp/synth/$t.gguf --no-reference --launches --stream --prefill 512 2>&1 \
         | tee -a $OUT/explore.log
@@ -132,7 +139,7 @@ case $step in
     MLX_USE_CUDA_GRAPHS=0 python3 scripts/decode_probe.py /tmp/synth/$1.gguf --no-reference --stream 2>&1 \
       | tee -a $OUT/explore.log ;;
   scaling)
-    bash "$0" wait "$@"
+    bash "$0" wait "$@" || exit 2
     for t in "$@"; do
       routes="matmul matmul-q kernels"; [ "$t" = F16 ] && routes="matmul kernels"  # (dense: no quantized product)
       timeout -s KILL ${SCALING_LIMIT:-240} python3 scripts/batch_decode.py /tmp/synth/$t.gguf --batches ${BATCHES:-1 4 16 32 64} \
@@ -153,7 +160,7 @@ case $step in
         --tokens ${TOKENS:-32} --json $OUT/mma.jsonl 2>&1 | grep -v Warning | tee -a $OUT/mma.log
     done ;;
   serve)
-    bash "$0" wait "$@"
+    bash "$0" wait "$@" || exit 2
     mkdir -p $OUT/results
     for t in "$@"; do
       settings=$(python3 scripts/batch_decode.py /tmp/synth/$t.gguf --suggest $OUT/scaling.jsonl 2>/dev/null)
@@ -167,7 +174,7 @@ case $step in
     timeout -s KILL ${GRAMMAR_LIMIT:-200} python3 scripts/grammar_cost.py /tmp/synth/$1.gguf 2>&1 | grep -v Warning \
       | tee -a $OUT/grammar.log ;;
   forms)  # GGUF blocks as stored vs MLX's affine form (RWKV_MLX_GPU_BLOCKS), alternating, one tree: decode and prefill
-    bash "$0" wait "$@"
+    bash "$0" wait "$@" || exit 2
     for t in "$@"; do
       for round in 1 2; do
         for form in affine stored; do
@@ -180,7 +187,7 @@ case $step in
     done ;;
   prefill)  # prompt tok/s at 512 and 4,096 tokens ($LENGTHS), weights expanded to float32 and to float16 ($EXPAND;
     # RWKV_MLX_CUDA_EXPAND_DTYPE), per prompt chunk length ($CHUNKS: CUDA expands each quantized matrix once a chunk)
-    bash "$0" wait "$@"
+    bash "$0" wait "$@" || exit 2
     for t in "$@"; do
       echo "== $t prefill, form ${RWKV_MLX_GPU_BLOCKS:-default}" | tee -a $OUT/prefill.log
       timeout -s KILL ${PREFILL_LIMIT:-150} python3 scripts/decode_probe.py /tmp/synth/$t.gguf --tokens 16 --no-reference \
@@ -222,7 +229,7 @@ case $step in
   compare)  # side by side on one machine: .baseline (git archive of an older commit) vs this tree
     # (carry .baseline in the call that runs this step: carried in an earlier call, it was gone by this one)
     [ -f .baseline/scripts/decode_probe.py ] || { echo "compare: no .baseline/ here: carry it in this call"; exit 2; }
-    bash "$0" wait "$@"
+    bash "$0" wait "$@" || exit 2
     for t in "$@"; do
       for round in ${ROUNDS:-1 2}; do
         for tree in .baseline .; do
@@ -252,7 +259,7 @@ case $step in
     # the tree (/tmp/ab/...), and that setting runs from the copy; TREE=.baseline runs that setting from the
     # carried older tree (see compare).
     [ -n "${AB:-}" ] || { echo "ab: set AB, e.g. AB=\"RWKV_MLX_SEPARATE_PROLOGUE=0 RWKV_MLX_SEPARATE_PROLOGUE=1\""; exit 2; }
-    bash "$0" wait "$@"
+    bash "$0" wait "$@" || exit 2
     pin=(); [ -n "${PIN:-}" ] && pin=(taskset -c "$PIN")
     for t in "$@"; do
       for round in $(seq ${ROUNDS:-2}); do
@@ -273,7 +280,7 @@ case $step in
     [ -z "${BATCHES:-}" ] || python3 scripts/batch_decode.py - --bars $OUT/ab.jsonl | tee -a $OUT/ab.log ;;
   pace)
     [ -n "${PACE:-}" ] || { echo "pace: set PACE, e.g. PACE=\"X=1 RWKV_MLX_PARTS_IN_PROLOGUE=1\""; exit 2; }
-    bash "$0" wait "$@"
+    bash "$0" wait "$@" || exit 2
     pin=(); [ -n "${PIN:-}" ] && pin=(taskset -c "$PIN")
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu,temperature.gpu --format=csv \
       -lms 250 >> $OUT/pace-clocks.csv 2>&1 & smi=$!
