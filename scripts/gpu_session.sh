@@ -66,10 +66,10 @@ case $step in
   wait)  # the writer renames its temporary file at the end: the name appears when the model is whole.
     # (pgrep -f on the path matched the calling shell whenever the call's command line named the file.)
     for t in "$@"; do
-      [ -f /tmp/synth/$t.log ] || { echo "wait: no writer was started for $t (synth $t first)"; exit 2; }
+      [ -f /tmp/synth/$t.log ] || { echo "wait: no writer was started for $t (synth $t first)" >&2; exit 2; }
       for _ in $(seq 200); do
         [ -f /tmp/synth/$t.gguf ] && break
-        grep -qiE "traceback|error" /tmp/synth/$t.log && { tail -3 /tmp/synth/$t.log; exit 2; }  # (the writer failed)
+        grep -qiE "traceback|error" /tmp/synth/$t.log && { tail -3 /tmp/synth/$t.log >&2; exit 2; }  # (the writer failed)
         sleep 3
       done
       tail -2 /tmp/synth/$t.log
@@ -146,7 +146,7 @@ case $step in
         --routes $routes --json $OUT/scaling.jsonl 2>&1 | grep -v Warning | tee -a $OUT/scaling.log
     done ;;
   mma)
-    bash "$0" wait "$@" >/dev/null
+    bash "$0" wait "$@" >/dev/null || exit 2
     for t in "$@"; do
       for parts in ${PARTS:-4 1}; do
         echo "== $t kernels (MMA from ${RWKV_MLX_MMA_MIN_ROWS:-8} rows), RWKV_MLX_MMA_K_PARTS=$parts" | tee -a $OUT/mma.log
