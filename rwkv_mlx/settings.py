@@ -22,6 +22,7 @@ SETTINGS = {
     "RWKV_MLX_MMA_MIN_ROWS": "activation rows from which a decode launch multiplies on the matrix units (float16 operands); 0: never",
     "RWKV_MLX_MMA_MIN_GROUPS": "groups a matrix-unit launch should keep (by its groups' weight rows and parts of K)",
     "RWKV_MLX_MMA_K_PARTS": "the most parts a matrix-unit launch splits its rows' K into, added afterwards (1: none)",
+    "RWKV_MLX_MMA_WAVE": "groups one wave of a matrix-unit launch holds (SMs x groups resident an SM); set, each launch takes the weight rows a group and the parts of K (any count) that fill one wave best (0, the default: off)",
     "RWKV_MLX_MMA_DECODES": "weight groups a thread of a matrix-unit launch decodes at once (their loads in flight together)",
     "RWKV_MLX_MMA_PREFETCH": "1: a matrix-unit launch of affine weights loads the next tile's weights while this one multiplies (0 by default)",
     "RWKV_MLX_MMA_ROWS_AHEAD": "1: a matrix-unit launch of float16 rows loads the next tile's rows while this one multiplies (no gain on an H100; 0 by default)",

@@ -263,7 +263,7 @@ def test_matrix_units_take_float16_copies_of_bare_arrays(dtype, B, matrix_units)
     assert np.array_equal(np.array(copied(x)), np.array(in_tile(x)))
 
 
-@pytest.mark.parametrize("P,B", [(4, 64), (2, 16)])
+@pytest.mark.parametrize("P,B", [(4, 64), (2, 16), (13, 64)])  # (13: RWKV_MLX_MMA_WAVE=528's FFN value)
 def test_prologue_adds_the_parts(P, B):
     """The LayerNorm launch that adds W_o's parts of K and the residual (RWKV_MLX_PARTS_IN_PROLOGUE): its sum, its
     normalized row and its float16 lerps bit for bit those of matvec.add_parts followed by the WHOLE launch."""

@@ -549,6 +549,26 @@ def test_emulated_matrix_units_next_tile_ahead(kind, B, parts, prefetch, rows_ah
 
 
 @needs_emulator
+def test_emulated_matrix_units_parts_that_fill_a_wave(matrix_units, monkeypatch):
+    """RWKV_MLX_MMA_WAVE: parts of K in any count, here three (not a power of two) over seven tiles (K = 1280, tiles of
+    192 under Apple's 32 KB), so the last part is shorter: the same products. Of the tilings, MT 4 (3 groups, 3 parts) fills a
+    wave of 9 groups; MT 2 (6 groups, 1 part) and MT 1 (12 groups, over the wave) fill it less."""
+    from rwkv_mlx.kernels import matvec
+    from rwkv_mlx.kernels.matvec import MatvecPlan
+
+    monkeypatch.setattr(matvec, "MMA_WAVE", 9)
+    monkeypatch.setattr(matvec, "MMA_K_PARTS", 16)
+    segs, x, weights = two_segments("q4_k", 16, (64, 128), K=1280)
+    with Emulator().running():
+        plan = MatvecPlan(segs, 16, backend="metal", x_stride=x.shape[1])
+        t = dict(plan.template)
+        tiles = -(-1280 // t["KT"])
+        assert plan.ok and plan.parts == 3 and t["MT"] == 4 and tiles % 3 != 0, (plan.template, plan.parts)
+        y = np.array(plan(mx.array(x)))
+    assert rel_err(y, rounded_products([x[:, :1280], np.tanh(x[:, 1280:])], weights)) < 2e-5
+
+
+@needs_emulator
 @pytest.mark.parametrize("kind,B", [("q4_k", 16), ("float16", 64), ("q8_0", 9)])
 def test_emulated_matrix_units_read_half_rows(kind, B, matrix_units):
     """Rows given as float16 (the launch before wrote them so: a split prologue, the FFN key), staged eight
@@ -749,7 +769,7 @@ def test_emulated_prologue_fused_or_separate(B, separate, monkeypatch):
 
 
 @needs_emulator
-@pytest.mark.parametrize("P,B,M", [(4, 16, 1), (2, 3, 6)])
+@pytest.mark.parametrize("P,B,M", [(4, 16, 1), (2, 3, 6), (3, 5, 1)])
 def test_emulated_prologue_adds_the_parts(P, B, M):
     """layernorm_lerp.kern without WHOLE: the row is P parts of K and a residual, added in matvec.add_parts' order.
     The sum it returns is add_parts' own bit for bit, and its LayerNorm and lerps those of the WHOLE launch on
