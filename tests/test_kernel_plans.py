@@ -244,45 +244,45 @@ def test_key_takes_parts_from_its_rows(fmt, monkeypatch):
 
     monkeypatch.setattr(decode, "KEY_PARTS_FROM_ROWS", 1)  # parts at every batch size
     everywhere = {b: plans(b) for b in (16, 32)}
-    assert everywhere[16]["key"].parts == everywhere[32]["key"].parts == 2
+    assert everywhere[16]["key"].parts == everywhere[32]["key"].parts == 3  # (160 groups of 64 rows: matvec.MMA_WAVE)
     monkeypatch.setattr(decode, "KEY_PARTS_FROM_ROWS", None)  # the default
     monkeypatch.delenv("RWKV_MLX_KEY_PARTS_FROM_ROWS", raising=False)
     for batch in (16, 32):
         after = plans(batch)
         key = after["key"]
-        assert key.parts == (1 if batch < 32 else 2)
+        assert key.parts == (1 if batch < 32 else 3)
         assert key.grid[0] // key.threadgroup[0] >= matvec.mma_min_groups("cuda")
         assert key.epilogue == 1 and dict(key.template)["EPI"] == 1  # (relu² in the launch itself)
         assert [after[k].parts for k in ("value", "out")] == [everywhere[batch][k].parts for k in ("value", "out")]
 
 
-def test_parts_fill_one_wave_when_asked(monkeypatch):
-    """RWKV_MLX_MMA_WAVE=528 (an H100: 132 SMs x 4 groups) at 64 rows of the 2.9B, by the rule stated at
-    matvec.MMA_WAVE: each launch the most parts (any count, two tiles of K each at least) within one wave, and the
-    MT that fills it most. The FFN key: 160 groups of 64 rows x 3 parts (480; MT 2's 320 groups take 1). The
-    FFN value: 40 x 13 (520; MT 2, 80 x 6 = 480). W_o: MT 4 has 16 tiles, so 40 x 8 = 320; MT 2, 80 x 6 = 480.
-    The r/k/v launch (a 32-row LoRA segment: MT 2 at most): 258 x 2 = 516. The LoRA ups (one tile, no parts):
-    MT 2's 320 groups, as MT 1's 640 exceed the wave. Unset: as before (powers of two, 256 groups)."""
-    from rwkv_mlx.kernels import matvec
-
+def test_parts_fill_one_wave(monkeypatch):
+    """RWKV_MLX_MMA_WAVE (528 on CUDA) at 64 rows of the 2.9B, by the rule stated at matvec.MMA_WAVE:
+    each launch the most parts (any count, two tiles of K each at least) within one wave, and the MT that fills it
+    most. The FFN key: 160 groups of 64 rows x 3 parts (480; MT 2's 320 groups take 1). The FFN value: 40 x 13
+    (520; MT 2, 80 x 6 = 480). W_o: MT 4 has 16 tiles, so 40 x 8 = 320; MT 2, 80 x 6 = 480. The r/k/v launch
+    (a 32-row LoRA segment: MT 2 at most): 258 x 2 = 516. The LoRA ups (one tile, no parts): MT 2's 320 groups,
+    as MT 1's 640 exceed the wave. With 0: powers of two up to 4 parts for 256 groups, as before."""
+    for name in ("RWKV_MLX_MMA_WAVE", "RWKV_MLX_MMA_K_PARTS", "RWKV_MLX_MMA_MIN_GROUPS"):
+        monkeypatch.delenv(name, raising=False)
     blk = block("2.9B", FORMATS["Q4_K_M"])
 
-    def plans():
+    def plans(batch):
         with dialect.launch_hook(Recorder()), forced_backend("cuda"):
-            plan = BlockPlan(blk, 64, "cuda")
+            plan = BlockPlan(blk, batch, "cuda")
         assert plan.ok
         launches = {k: getattr(plan, k) for k in ("proj", "out", "value", "key", "ups")}
         launches = {k: p.inner if p.pre is not None else p for k, p in launches.items()}
         return {k: (dict(p.template)["MT"], p.grid[0] // p.threadgroup[0] // p.parts, p.parts)
                 for k, p in launches.items()}
 
-    monkeypatch.setattr(matvec, "MMA_K_PARTS", 16)
-    monkeypatch.setattr(matvec, "MMA_WAVE", 528)
-    assert plans() == {"key": (4, 160, 3), "value": (4, 40, 13), "out": (2, 80, 6), "proj": (2, 258, 2),
-                       "ups": (2, 320, 1)}
-    monkeypatch.setattr(matvec, "MMA_K_PARTS", None)
-    monkeypatch.setattr(matvec, "MMA_WAVE", None)
-    monkeypatch.delenv("RWKV_MLX_MMA_WAVE", raising=False)
-    monkeypatch.delenv("RWKV_MLX_MMA_K_PARTS", raising=False)
-    assert plans() == {"key": (4, 160, 2), "value": (2, 80, 4), "out": (2, 80, 4), "proj": (2, 258, 1),
-                       "ups": (2, 320, 1)}
+    assert plans(64) == {"key": (4, 160, 3), "value": (4, 40, 13), "out": (2, 80, 6), "proj": (2, 258, 2),
+                         "ups": (2, 320, 1)}
+    before = {"key": (4, 160, 2), "value": (2, 80, 4), "out": (2, 80, 4), "proj": (2, 258, 1), "ups": (2, 320, 1)}
+    monkeypatch.setenv("RWKV_MLX_MMA_WAVE", "0")
+    assert plans(64) == before
+    monkeypatch.delenv("RWKV_MLX_MMA_WAVE")
+    # 16 rows: the FFN key takes no parts there (RWKV_MLX_KEY_PARTS_FROM_ROWS), so MT 2's 320 groups; the FFN
+    # value's 36 tiles of 288 in 13 parts would be 3 a part, which 12 parts give (none is left empty)
+    assert plans(16) == {"key": (2, 320, 1), "value": (4, 40, 12), "out": (1, 160, 2), "proj": (2, 258, 2),
+                         "ups": (2, 320, 1)}

@@ -322,6 +322,7 @@ def test_matrix_units_taller_groups(kind, B, matrix_units, monkeypatch):
     from rwkv_mlx.kernels.matvec import MatvecPlan
 
     monkeypatch.setattr(matvec_module, "MMA_MIN_GROUPS", 1)
+    monkeypatch.setattr(matvec_module, "MMA_WAVE", 0)  # (the powers-of-two rule, whose MIN_GROUPS this sets)
     segs, x, bias, parts, weights = three_segments(kind, B)
     plan = MatvecPlan(segs, B, backend=BACKEND, bias=mx.array(bias), x_stride=x.shape[1])
     assert plan.ok and dict(plan.template)["MT"] == 4, plan.template
@@ -365,6 +366,7 @@ def test_matrix_units_next_tile_ahead(kind, prefetch, rows_ahead, B, parts, matr
     monkeypatch.setattr(matvec_module, "MMA_ROWS_AHEAD", rows_ahead)
     monkeypatch.setattr(matvec_module, "MMA_MIN_GROUPS", 1 if parts == 1 else 10**6)
     monkeypatch.setattr(matvec_module, "MMA_K_PARTS", parts)
+    monkeypatch.setattr(matvec_module, "MMA_WAVE", 0)  # (the powers-of-two rule, whose MIN_GROUPS this sets)
     rng = np.random.default_rng(B + parts)
     layer, w = make_layer(kind, 256, 10240, rng)
     x = rng.standard_normal((B, 10240)).astype(np.float32)

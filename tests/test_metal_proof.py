@@ -556,7 +556,7 @@ def test_emulated_matrix_units_parts_that_fill_a_wave(matrix_units, monkeypatch)
     from rwkv_mlx.kernels import matvec
     from rwkv_mlx.kernels.matvec import MatvecPlan
 
-    monkeypatch.setattr(matvec, "MMA_WAVE", 9)
+    monkeypatch.setattr(matvec, "MMA_WAVE", 9)  # (Metal's default is 0)
     monkeypatch.setattr(matvec, "MMA_K_PARTS", 16)
     segs, x, weights = two_segments("q4_k", 16, (64, 128), K=1280)
     with Emulator().running():

@@ -54,8 +54,9 @@ def parts_in_prologue() -> bool:
 # their sum, so with parts it waits for an elementwise launch of its own (add_parts: a Compiled primitive, two
 # Slices and two Reshapes a block, each one more for the host to replay and queue), and at 16 rows the host sets
 # the pace (results/kernel_log.md steps 28-29). Below it the key keeps its groups by shorter ones (the 2.9B key:
-# MT 2 without parts instead of MT 4 in two). On an H100, Q4_K_M at 16 rows: 3,904.6 and 3,811.5 tok/s in two
-# processes against 3,653.4 with parts (results/kernel_log.md step 30); 64 rows (parts kept) as before.
+# MT 2 without parts instead of MT 4 in two, three under matvec.MMA_WAVE). On an H100, Q4_K_M at 16 rows: 3,904.6 and
+# 3,811.5 tok/s in two processes against 3,653.4 with parts (results/kernel_log.md step 30); at 64 rows the key
+# without parts (65) lost 4%: 8,267 against 8,622 (step 31, before the wave was the default).
 # None: $RWKV_MLX_KEY_PARTS_FROM_ROWS or 32 (1: parts at every batch size).
 KEY_PARTS_FROM_ROWS: int | None = None
 

@@ -248,36 +248,44 @@ def mma_rows_ahead() -> bool:
     return bool(env_int("RWKV_MLX_MMA_ROWS_AHEAD", 0, minimum=0, override=MMA_ROWS_AHEAD))
 
 
-# Groups one wave of an MMA launch holds on this GPU (RWKV_MLX_MMA_WAVE; 0, the default: not used): SMs x groups
-# resident an SM (an H100: 132 x 4 at 64 registers a thread and 44 KB of shared memory a group). A launch of 320
-# groups, as every 64-row launch of the 2.9B is by MMA_MIN_GROUPS, leaves 2 or 3 on an SM where 4 fit, and each
-# walks its tiles one memory round trip after another: more, shorter groups in the same wave might hide those
-# round trips better (and K_PARTS=1, half as many groups, lost 25% at 64 rows). Set, a launch takes the parts of K
-# (any count, not only powers of two) that fill one wave most, and of the weight rows a group, MT, those that
-# fill it most with them (the tallest of equals: taller groups stage the activation rows for more weights; a
-# launch whose groups alone fill a wave keeps the tallest). Untimed, so off by default.
+# Groups one wave of an MMA launch holds (RWKV_MLX_MMA_WAVE; 0: not used): SMs x groups resident an SM (an H100 or
+# H200: 132 x 4, at up to 64 registers a thread and 44 KB of shared memory a group). By MMA_MIN_GROUPS every 64-row
+# launch of the 2.9B had 258-320 groups, 2 or 3 on an SM where 4 fit, each walking its tiles one memory round trip
+# after another. With the wave, a launch takes the most parts of K (any count, not only powers of two) that keep
+# its groups within one wave, and of the weight rows a group, MT, those that fill it most with them (the tallest of
+# equals: taller groups stage the activation rows for more weights; a launch whose groups alone fill a wave keeps
+# the tallest): 480-520 groups a 64-row launch. On an H100, Q4_K_M at 64 rows: 9,279, 9,047 and 9,268 tok/s in
+# three processes against 8,622 and 8,619 without (+7.6% in the same lease; bounding the parts at 8: 9,058;
+# MMA_MIN_GROUPS=512, 640 groups a launch, more than a wave: 8,641), results/kernel_log.md step 31. At 16 rows, where
+# the host sets the pace, it gave 10.7x and 11.5x each process's one stream (not timed beside the rule before).
+# Apple GPUs are not measured: 0 there. None: $RWKV_MLX_MMA_WAVE or the backend's default.
+MMA_WAVE_DEFAULT = {"cuda": 528, "metal": 0}
 MMA_WAVE: int | None = None
+# The most parts of K under the wave (RWKV_MLX_MMA_K_PARTS bounds both rules): the 2.9B FFN value takes 13.
+WAVE_MAX_PARTS = 16
 
 
-def mma_wave() -> int:
-    return env_int("RWKV_MLX_MMA_WAVE", 0, override=MMA_WAVE)
+def mma_wave(backend: str) -> int:
+    """The wave a matrix-unit launch fills (0: the powers-of-two rule of ``k_parts``)."""
+    return env_int("RWKV_MLX_MMA_WAVE", MMA_WAVE_DEFAULT[backend], override=MMA_WAVE)
 
 
-def wave_parts(groups: int, tiles: int, most: int | None = None) -> int:
-    """With ``mma_wave()`` set: the most parts of K (two tiles or more each, at most ``k_parts``' bound) that keep
-    ``groups`` groups of ``tiles`` tiles within one wave; 1 where the groups alone fill it. A part takes
-    ceil(tiles / parts) tiles (matvec.kern), so the count is the fewest that give that: none is left empty."""
-    bound = min(env_int("RWKV_MLX_MMA_K_PARTS", 4, minimum=1, override=MMA_K_PARTS), most or 1 << 30)
-    parts = max(1, min(bound, mma_wave() // max(groups, 1), tiles // 2))
+def wave_parts(groups: int, tiles: int, wave: int, most: int | None = None) -> int:
+    """The most parts of K (two tiles or more each, at most WAVE_MAX_PARTS or $RWKV_MLX_MMA_K_PARTS and ``most``)
+    that keep ``groups`` groups of ``tiles`` tiles within a ``wave``; 1 where the groups alone fill it. A part
+    takes ceil(tiles / parts) tiles (matvec.kern), so the count is the fewest that give that: none is left empty."""
+    bound = min(env_int("RWKV_MLX_MMA_K_PARTS", WAVE_MAX_PARTS, minimum=1, override=MMA_K_PARTS), most or 1 << 30)
+    parts = max(1, min(bound, wave // max(groups, 1), tiles // 2))
     return -(-tiles // -(-tiles // parts))
 
 
-def k_parts(groups: int, tiles: int, backend: str, most: int | None = None) -> tuple[int, bool]:
+def k_parts(groups: int, tiles: int, backend: str, most: int | None = None,
+            wave: int = 0) -> tuple[int, bool]:
     """Parts of K for an MMA launch of ``groups`` groups whose rows take ``tiles`` tiles: the fewest (a power
     of two) that give ``mma_min_groups(backend)`` groups with two tiles or more each, and True; where none does, the
-    most allowed (``most`` where the caller bounds it further) and False. (With ``mma_wave()`` set: ``wave_parts``.)"""
-    if mma_wave():
-        parts = wave_parts(groups, tiles, most)
+    most allowed (``most`` where the caller bounds it further) and False. (Under a wave: ``wave_parts``.)"""
+    if wave:
+        parts = wave_parts(groups, tiles, wave, most)
         return parts, groups * parts >= mma_min_groups(backend)
     most = min(env_int("RWKV_MLX_MMA_K_PARTS", 4, minimum=1, override=MMA_K_PARTS), most or 1 << 30)
     parts = 1
@@ -412,6 +420,7 @@ class MatvecPlan:
         paired = not mma and any(w.fmt[0] in _PAIRED_KINDS for w in weights)
         total = sum(rows)
         chosen, best = None, None
+        wave = mma_wave(backend) if mma else 0
         for mt in tilings:  # MMA: the most weight rows a group whose tiles fit and, with parts of K, keep the groups
             template = {"NB": batch, "RPW": rpw, "MT": mt, "PRO": prologue, "EPI": epilogue, "BITS": bits,
                         "HAS_BIAS": int(bias is not None), "KINDS": kinds_mask(kinds),  # readers compiled in
@@ -422,9 +431,9 @@ class MatvecPlan:
                 continue
             groups = total // (16 * mt) if mma else 0
             tiles = -(-max(ks) // kt)
-            parts, enough = k_parts(groups, tiles, backend, max_parts) if mma else (1, True)
-            if mma and mma_wave():  # (the tiling whose groups fill a wave most, see MMA_WAVE)
-                filled = min(groups * parts, mma_wave()) if groups <= mma_wave() else 0
+            parts, enough = k_parts(groups, tiles, backend, max_parts, wave) if mma else (1, True)
+            if mma and wave:  # (the tiling whose groups fill a wave most, see MMA_WAVE)
+                filled = min(groups * parts, wave) if groups <= wave else 0
                 if best is None or filled > best:
                     chosen, best = (template, kt, groups, parts), filled
                 continue
