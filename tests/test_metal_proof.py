@@ -550,9 +550,9 @@ def test_emulated_matrix_units_next_tile_ahead(kind, B, parts, prefetch, rows_ah
 
 @needs_emulator
 def test_emulated_matrix_units_parts_that_fill_a_wave(matrix_units, monkeypatch):
-    """RWKV_MLX_MMA_WAVE: parts of K in any count, here three (not a power of two) over seven tiles (K = 1280, tiles of
-    192 under Apple's 32 KB), so the last part is shorter: the same products. Of the tilings, MT 4 (3 groups, 3 parts) fills a
-    wave of 9 groups; MT 2 (6 groups, 1 part) and MT 1 (12 groups, over the wave) fill it less."""
+    """RWKV_MLX_MMA_WAVE: parts of K in any count, here three (not a power of two) over seven tiles (K = 1280, tiles
+    of 192 under Apple's 32 KB), so the last part is shorter: the same products. Of the tilings, MT 4 (3 groups, 3
+    parts) fills a wave of 9 groups; MT 2 (6 groups, 1 part) and MT 1 (12 groups, over the wave) fill it less."""
     from rwkv_mlx.kernels import matvec
     from rwkv_mlx.kernels.matvec import MatvecPlan
 
