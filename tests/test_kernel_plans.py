@@ -54,6 +54,12 @@ class Recorder:
         return [mx.zeros(s, dtype=d) for s, d in zip(launch.output_shapes, launch.output_dtypes)]
 
 
+def planned(blk: Block, batch: int, backend: str = "cuda") -> BlockPlan:
+    """The block's plan for ``batch`` rows on ``backend``, its launches caught by a Recorder."""
+    with dialect.launch_hook(Recorder()), forced_backend(backend):
+        return BlockPlan(blk, batch, backend)
+
+
 @pytest.mark.parametrize("split", [0, 1])  # RWKV_MLX_SEPARATE_PROLOGUE
 @pytest.mark.parametrize("backend", dialect.BACKENDS)
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
@@ -92,14 +98,12 @@ def test_default_bound_keeps_the_kernels(fmt, batch, monkeypatch):
     monkeypatch.setattr(matvec, "MAX_BATCH", None)
     blk = block("2.9B", FORMATS[fmt])
     for backend in ("cuda", "metal"):
-        with dialect.launch_hook(Recorder()), forced_backend(backend):
-            plan = BlockPlan(blk, batch, backend)
+        plan = planned(blk, batch, backend)
         assert plan.ok
         kinds = {type(p).__name__ for p in (plan.proj, plan.key, plan.value, plan.out, plan.ups)}
         assert kinds == {"MatvecPlan"}, (backend, kinds)
     monkeypatch.setenv("RWKV_MLX_KERNEL_MAX_BATCH", "16")
-    with dialect.launch_hook(Recorder()), forced_backend("cuda"):
-        plan = BlockPlan(blk, batch, "cuda")
+    plan = planned(blk, batch)
     kinds = {type(p).__name__ for p in (plan.proj, plan.key, plan.value, plan.out, plan.ups)}
     assert kinds == {"ProductPlan" if batch > 16 else "MatvecPlan"}, kinds
 
@@ -237,8 +241,7 @@ def test_key_takes_parts_from_its_rows(fmt, monkeypatch):
     blk = block("2.9B", FORMATS[fmt])
 
     def plans(batch):
-        with dialect.launch_hook(Recorder()), forced_backend("cuda"):
-            plan = BlockPlan(blk, batch, "cuda")
+        plan = planned(blk, batch)
         assert plan.ok
         return {k: getattr(plan, k).inner if k == "key" else getattr(plan, k) for k in ("key", "value", "out")}
 
@@ -268,8 +271,7 @@ def test_parts_fill_one_wave(monkeypatch):
     blk = block("2.9B", FORMATS["Q4_K_M"])
 
     def plans(batch):
-        with dialect.launch_hook(Recorder()), forced_backend("cuda"):
-            plan = BlockPlan(blk, batch, "cuda")
+        plan = planned(blk, batch)
         assert plan.ok
         launches = {k: getattr(plan, k) for k in ("proj", "out", "value", "key", "ups")}
         launches = {k: p.inner if p.pre is not None else p for k, p in launches.items()}

@@ -270,24 +270,25 @@ def mma_wave(backend: str) -> int:
     return env_int("RWKV_MLX_MMA_WAVE", MMA_WAVE_DEFAULT[backend], override=MMA_WAVE)
 
 
+def parts_bound(default: int, most: int | None) -> int:
+    """The most parts of K a launch may take: $RWKV_MLX_MMA_K_PARTS or ``default`` (its rule's), and at most ``most``
+    where the caller bounds it further."""
+    return min(env_int("RWKV_MLX_MMA_K_PARTS", default, minimum=1, override=MMA_K_PARTS), most or 1 << 30)
+
+
 def wave_parts(groups: int, tiles: int, wave: int, most: int | None = None) -> int:
-    """The most parts of K (two tiles or more each, at most WAVE_MAX_PARTS or $RWKV_MLX_MMA_K_PARTS and ``most``)
-    that keep ``groups`` groups of ``tiles`` tiles within a ``wave``; 1 where the groups alone fill it. A part
-    takes ceil(tiles / parts) tiles (matvec.kern), so the count is the fewest that give that: none is left empty."""
-    bound = min(env_int("RWKV_MLX_MMA_K_PARTS", WAVE_MAX_PARTS, minimum=1, override=MMA_K_PARTS), most or 1 << 30)
-    parts = max(1, min(bound, wave // max(groups, 1), tiles // 2))
+    """The most parts of K (two tiles or more each, at most ``parts_bound(WAVE_MAX_PARTS, most)``) that keep
+    ``groups`` groups of ``tiles`` tiles within a ``wave``; 1 where the groups alone fill it. A part takes
+    ceil(tiles / parts) tiles (matvec.kern), so the count is the fewest that give that: none is left empty."""
+    parts = max(1, min(parts_bound(WAVE_MAX_PARTS, most), wave // max(groups, 1), tiles // 2))
     return -(-tiles // -(-tiles // parts))
 
 
-def k_parts(groups: int, tiles: int, backend: str, most: int | None = None,
-            wave: int = 0) -> tuple[int, bool]:
-    """Parts of K for an MMA launch of ``groups`` groups whose rows take ``tiles`` tiles: the fewest (a power
-    of two) that give ``mma_min_groups(backend)`` groups with two tiles or more each, and True; where none does, the
-    most allowed (``most`` where the caller bounds it further) and False. (Under a wave: ``wave_parts``.)"""
-    if wave:
-        parts = wave_parts(groups, tiles, wave, most)
-        return parts, groups * parts >= mma_min_groups(backend)
-    most = min(env_int("RWKV_MLX_MMA_K_PARTS", 4, minimum=1, override=MMA_K_PARTS), most or 1 << 30)
+def k_parts(groups: int, tiles: int, backend: str, most: int | None = None) -> tuple[int, bool]:
+    """Parts of K for an MMA launch of ``groups`` groups whose rows take ``tiles`` tiles where no wave is set: the
+    fewest (a power of two) that give ``mma_min_groups(backend)`` groups with two tiles or more each, and True; where
+    none does, the most allowed (``parts_bound(4, most)``) and False."""
+    most = parts_bound(4, most)
     parts = 1
     while groups * parts < mma_min_groups(backend):
         if 2 * parts > most or tiles < 4 * parts:
@@ -353,7 +354,7 @@ class MatvecPlan:
     prologue is a launch of its own ahead of a PRO 0 launch (``pre``, ``inner``).
     On the matrix units a bare float array (a LoRA matrix) is read as its float16 copy from ``halves``
     (``HalfCopies``; one of the plan's own where none is given). ``max_parts`` bounds its parts of K below
-    ``$RWKV_MLX_MMA_K_PARTS`` (``k_parts``).
+    ``$RWKV_MLX_MMA_K_PARTS`` (``parts_bound``).
     ``ok`` is False when these weights do not fit the kernel; callers then use plain MLX ops.
     """
 
@@ -431,12 +432,13 @@ class MatvecPlan:
                 continue
             groups = total // (16 * mt) if mma else 0
             tiles = -(-max(ks) // kt)
-            parts, enough = k_parts(groups, tiles, backend, max_parts, wave) if mma else (1, True)
-            if mma and wave:  # (the tiling whose groups fill a wave most, see MMA_WAVE)
+            if wave:  # (the tiling whose groups fill a wave most, see MMA_WAVE)
+                parts = wave_parts(groups, tiles, wave, max_parts)
                 filled = min(groups * parts, wave) if groups <= wave else 0
                 if best is None or filled > best:
                     chosen, best = (template, kt, groups, parts), filled
                 continue
+            parts, enough = k_parts(groups, tiles, backend, max_parts) if mma else (1, True)
             chosen = template, kt, groups, parts
             if enough:
                 break
